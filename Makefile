@@ -1,0 +1,42 @@
+# The two commands: `make demo` and `make test` set everything up from a fresh clone.
+# Overridable: PYTHON (to create the venv), TORCH_SPEC, TORCHVISION_SPEC, FASTAD_CUDA (auto|on|off).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1
+TORCHVISION_SPEC ?= torchvision==0.29.1
+FASTAD_CUDA ?= auto
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.fastad-deps
+
+# nvcc on PATH may be a wrapper script; CMake asks nvcc itself for its toolkit (cmake/cuda.cmake).
+export FASTAD_CUDA
+
+.PHONY: demo test bench install deps clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml Makefile
+	$(PIP) install --quiet "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)"
+	$(PIP) install --quiet "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja numpy \
+	    pytest psutil pytest-benchmark faiss-cpu
+	touch $(STAMP)
+
+deps: $(STAMP)
+
+# Built against the torch in the venv: no build isolation, or pip would fetch a second torch.
+install: $(STAMP)
+	$(PIP) install --quiet --no-build-isolation --no-deps .
+
+demo: install
+	$(PY) -m fastad.demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds
+
+clean:
+	rm -rf build

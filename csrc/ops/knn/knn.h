@@ -1,0 +1,44 @@
+// fastad::knn — exact k nearest neighbours in Euclidean distance.
+//
+//   knn(query, bank, k, squared) -> (distances, indices)
+//
+//   query      (M, D)  float32 | float16 | bfloat16, any strides; M may be 0
+//   bank       (N, D)  same dtype and device as query; N >= 1
+//   k          int, 1 <= k <= N
+//   squared    bool: return squared distances instead of plain ones
+//   distances  (M, k)  float32, ascending along each row, never negative
+//   indices    (M, k)  int64 rows of `bank`; equal distances are ordered by the lower index
+//
+// Computation is float32 (half inputs are widened). Working memory is one tile of the distance
+// matrix plus O((M + N) * D) packed copies; the M x N matrix is never materialised.
+// Non-finite inputs give unspecified distances, but indices stay within [0, N).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "fastad/checks.h"
+
+namespace fastad {
+
+// Validates the arguments of knn the same way on every device.
+inline void check_knn_args(const at::Tensor& query, const at::Tensor& bank, int64_t k) {
+  check_dims(query, "query", 2, "(M, D)");
+  check_dims(bank, "bank", 2, "(N, D)");
+  check_same_device(query, "query", bank, "bank");
+  check_float_input(query, "query");
+  check_same_dtype(query, "query", bank, "bank");
+  TORCH_CHECK(query.size(1) == bank.size(1), "query and bank must have the same feature size D, got ",
+              "query D = ", query.size(1), " and bank D = ", bank.size(1));
+  TORCH_CHECK(bank.size(0) >= 1, "bank must hold at least one row, got N = 0");
+  TORCH_CHECK(k >= 1 && k <= bank.size(0), "k must be between 1 and the number of bank rows (",
+              bank.size(0), "), got k = ", k);
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& bank,
+                                           int64_t k, bool squared);
+std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query, const at::Tensor& bank,
+                                            int64_t k, bool squared);
+
+}  // namespace fastad

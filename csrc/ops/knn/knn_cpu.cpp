@@ -1,0 +1,169 @@
+// CPU kNN: validation, path choice, the float32 GEMM-tile path and the shared finishing step.
+// The faster screened path (int8 first pass + exact re-ranking) lives in knn_cpu_screened.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "fastad/topk.h"
+#include "knn.h"
+#include "knn_cpu_internal.h"
+
+namespace fastad {
+namespace knn_detail {
+
+__attribute__((target("avx2,fma"))) static float squared_distance_avx2(const float* a,
+                                                                      const float* b, int64_t d) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    const __m256 x0 = _mm256_sub_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j));
+    const __m256 x1 = _mm256_sub_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8));
+    s0 = _mm256_fmadd_ps(x0, x0, s0);
+    s1 = _mm256_fmadd_ps(x1, x1, s1);
+  }
+  for (; j + 8 <= d; j += 8) {
+    const __m256 x0 = _mm256_sub_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j));
+    s0 = _mm256_fmadd_ps(x0, x0, s0);
+  }
+  s0 = _mm256_add_ps(s0, s1);
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+  const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  float s = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+  for (; j < d; ++j) {
+    const float x = a[j] - b[j];
+    s += x * x;
+  }
+  return s;
+}
+
+static float squared_distance_portable(const float* a, const float* b, int64_t d) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8)
+    for (int l = 0; l < 8; ++l) {
+      const float x = a[j + l] - b[j + l];
+      s[l] += x * x;
+    }
+  float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; j < d; ++j) {
+    const float x = a[j] - b[j];
+    t += x * x;
+  }
+  return t;
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+float squared_distance(const float* a, const float* b, int64_t d) {
+  return cpu_has_avx2_fma() ? squared_distance_avx2(a, b, d) : squared_distance_portable(a, b, d);
+}
+
+// Squared norms accumulated in double: they enter every distance, so their error must not.
+std::vector<float> squared_row_norms(const float* x, int64_t rows, int64_t d) {
+  std::vector<float> out(rows);
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = x + r * d;
+      double s = 0.0;
+      for (int64_t j = 0; j < d; ++j) s += static_cast<double>(row[j]) * row[j];
+      out[r] = static_cast<float>(s);
+    }
+  });
+  return out;
+}
+
+void finish_rows(int64_t m, int64_t k, bool squared, float* dist, int64_t* idx) {
+  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<float, int64_t>> row(k);
+    for (int64_t r = begin; r < end; ++r) {
+      float* dr = dist + r * k;
+      int64_t* ir = idx + r * k;
+      for (int64_t j = 0; j < k; ++j) row[j] = {dr[j], ir[j]};
+      std::sort(row.begin(), row.end());
+      for (int64_t j = 0; j < k; ++j) {
+        const float v = std::max(row[j].first, 0.0f);
+        dr[j] = squared ? v : std::sqrt(v);
+        ir[j] = row[j].second;
+      }
+    }
+  });
+}
+
+// The float32 path: norms + one BLAS GEMM per (query block, bank tile) into a reused tile, then
+// a parallel screen that rejects most entries with one comparison against the row's k-th best.
+// A float32 dot product of length d is off by at most about d * 2^-24 * |q| |b|, which the
+// slack on |q|^2 + |b|^2 covers, so every possible member of the result gets re-ranked exactly.
+void knn_gemm_tiles(const float* q, int64_t m, const float* b, int64_t n, int64_t d, int64_t k,
+                    float* dist, int64_t* idx) {
+  const float slack = 1.0f - static_cast<float>(d + 8) * 1.2e-7f;
+  auto qn = squared_row_norms(q, m, d);
+  auto bn = squared_row_norms(b, n, d);
+  for (auto& v : qn) v *= slack;
+  for (auto& v : bn) v *= slack;
+  const int64_t mt = std::min<int64_t>(m, 1024);
+  const int64_t nt = std::min<int64_t>(n, 4096);
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor Q = at::from_blob(const_cast<float*>(q), {m, d}, opts);
+  at::Tensor B = at::from_blob(const_cast<float*>(b), {n, d}, opts);
+  at::Tensor tile_storage = at::empty({mt * nt}, opts);
+
+  for (int64_t m0 = 0; m0 < m; m0 += mt) {
+    const int64_t mb = std::min(mt, m - m0);
+    CandidateRows rows(q, b, d, k, m0, mb, dist + m0 * k, idx + m0 * k);
+    for (int64_t n0 = 0; n0 < n; n0 += nt) {
+      const int64_t nb = std::min(nt, n - n0);
+      at::Tensor tile = tile_storage.narrow(0, 0, mb * nb).view({mb, nb});
+      at::mm_out(tile, Q.narrow(0, m0, mb), B.narrow(0, n0, nb).t());
+      const float* t = tile.data_ptr<float>();
+      at::parallel_for(0, mb, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const float* tr = t + r * nb;
+          const float qr = qn[m0 + r];
+          for (int64_t c = 0; c < nb; ++c) {
+            const float lower = qr + bn[n0 + c] - 2.0f * tr[c];
+            // Written so that NaN passes: it is re-ranked as +inf, never left as a sentinel.
+            if (!(lower > rows.threshold(r))) rows.add(r, n0 + c);
+          }
+          rows.rerank(r);
+        }
+      });
+    }
+  }
+}
+
+}  // namespace knn_detail
+
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& bank,
+                                           int64_t k, bool squared) {
+  check_knn_args(query, bank, k);
+  const int64_t m = query.size(0), n = bank.size(0), d = query.size(1);
+  at::Tensor dist = at::empty({m, k}, query.options().dtype(at::kFloat));
+  at::Tensor idx = at::empty({m, k}, query.options().dtype(at::kLong));
+  if (m == 0) return {dist, idx};
+
+  const at::Tensor q = query.to(at::kFloat).contiguous();
+  const at::Tensor b = bank.to(at::kFloat).contiguous();
+  const float* qp = q.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* dp = dist.data_ptr<float>();
+  int64_t* ip = idx.data_ptr<int64_t>();
+
+  const bool screened = knn_detail::knn_screened_int8(qp, m, bp, n, d, k, dp, ip);
+  if (!screened) knn_detail::knn_gemm_tiles(qp, m, bp, n, d, k, dp, ip);
+  knn_detail::finish_rows(m, k, squared, dp, ip);
+  return {dist, idx};
+}
+
+TORCH_LIBRARY_IMPL(fastad, CPU, m) { m.impl("knn", &knn_cpu); }
+
+}  // namespace fastad

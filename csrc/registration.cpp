@@ -1,0 +1,8 @@
+// The one place where fastad's operators are declared: this file reads as the op API.
+// Each op's shapes and dtypes are in csrc/ops/<op>/<op>.h, its meaning in python/fastad/reference.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastad, m) {
+  // Exact k nearest bank rows of every query row: (distances (M,k) float32 ascending, indices (M,k) int64).
+  m.def("knn(Tensor query, Tensor bank, int k, bool squared=False) -> (Tensor, Tensor)");
+}

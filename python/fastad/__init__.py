@@ -1,0 +1,29 @@
+"""fastad: visual anomaly detection with pretrained deep features, on C++/CUDA kernels
+registered as PyTorch operators (``torch.ops.fastad.*``)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _loader
+
+_C = _loader.load_compiled_library()
+
+from . import ops, reference  # noqa: E402  (the ops need the library loaded first)
+
+__version__ = _C.build_info()["version"]
+
+
+def build_info() -> dict:
+    """How this fastad was built and what it can use now.
+
+    Keys: ``version``, ``torch_version`` (torch it was built against), ``cuda`` (CUDA kernels
+    compiled), ``cuda_archs`` (TORCH_CUDA_ARCH_LIST used), ``openmp``, ``threads`` (intra-op
+    threads), ``parallel_info`` (ATen's description), ``cuda_available`` (a usable GPU now).
+    """
+    info = dict(_C.build_info())
+    info["cuda_available"] = bool(info["cuda"] and torch.cuda.is_available())
+    return info
+
+
+__all__ = ["build_info", "ops", "reference", "__version__"]

@@ -1,0 +1,51 @@
+"""Python entry points of fastad's operators, and their fake kernels for torch.compile.
+
+Each function is a thin wrapper over ``torch.ops.fastad.<op>``; the C++ kernel validates its
+arguments (one place for every device). The meaning of each op is in :mod:`fastad.reference`,
+its shapes and dtypes in ``csrc/ops/<op>/<op>.h``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def knn(query: Tensor, bank: Tensor, k: int, *, squared: bool = False) -> tuple[Tensor, Tensor]:
+    """Exact k nearest rows of ``bank`` for every row of ``query`` in Euclidean distance.
+
+    Args:
+        query: (M, D) float32 (float16/bfloat16 are computed in float32).
+        bank: (N, D), same dtype and device as ``query``.
+        k: number of neighbours, 1 <= k <= N.
+        squared: return squared distances.
+
+    Returns:
+        ``(distances, indices)``: (M, k) float32 ascending per row, and (M, k) int64 rows of
+        ``bank``; equal distances are ordered by the lower index. Non-finite inputs give
+        unspecified distances (indices stay valid). Memory: one tile, never an M x N matrix.
+    """
+    return torch.ops.fastad.knn(query, bank, _check_int(k, "k"), bool(squared))
+
+
+@torch.library.register_fake("fastad::knn")
+def _knn_fake(query, bank, k, squared=False):
+    torch._check(query.dim() == 2, lambda: f"query must be 2-D (M, D), got {query.dim()}-D")
+    torch._check(bank.dim() == 2, lambda: f"bank must be 2-D (N, D), got {bank.dim()}-D")
+    torch._check(query.shape[1] == bank.shape[1], lambda: "query and bank must have the same D")
+    torch._check(1 <= k, lambda: f"k must be at least 1, got {k}")
+    torch._check(k <= bank.shape[0], lambda: f"k must be at most N = {bank.shape[0]}, got {k}")
+    m = query.shape[0]
+    return (
+        query.new_empty((m, k), dtype=torch.float32),
+        query.new_empty((m, k), dtype=torch.int64),
+    )
+
+
+__all__ = ["knn"]

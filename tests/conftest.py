@@ -1,0 +1,41 @@
+"""Shared fixtures: the devices every op test runs on.
+
+CUDA cases are always collected, and skip with the reason when there is no GPU or fastad was
+built without its CUDA kernels, so a CPU-only run still shows what it did not check.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+import torch
+
+import fastad
+
+
+def _cuda_skip_reason() -> str | None:
+    if not fastad.build_info()["cuda"]:
+        return "fastad was built without CUDA kernels (CPU-only torch, FASTAD_CUDA=off or no nvcc)"
+    if not torch.cuda.is_available():
+        return "no CUDA device available"
+    return None
+
+
+CUDA_SKIP = _cuda_skip_reason()
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(CUDA_SKIP is not None, reason=CUDA_SKIP or "")),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    """A generator with a fresh seed each run, printed on failure so a case can be replayed."""
+    seed = secrets.randbelow(2**31 - 1)
+    return torch.Generator().manual_seed(seed)  # gen.initial_seed() gives it back

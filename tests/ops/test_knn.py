@@ -1,0 +1,210 @@
+"""fastad.ops.knn against the float64 definition in fastad.reference, on fresh random inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastad
+from fastad import reference
+
+# (M, N, D, k). The CPU kernel has two paths: an int8-screened one (D >= 32, N >= 1024,
+# 32 k <= N) and a float32 GEMM one (everything else); the shapes below exercise both, with sizes
+# that are not multiples of any tile (4 query rows, 16 bank columns, 64-row blocks, 512-column
+# chunks, 1024 x 4096 GEMM tiles).
+SHAPES = [
+    (1, 1, 1, 1),
+    (1, 7, 3, 7),  # k = N
+    (5, 1, 4, 1),
+    (33, 100, 1, 5),  # D = 1
+    (50, 500, 64, 9),  # float32 path
+    (10, 200, 50, 200),  # k = N, float32 path
+    (1030, 4500, 20, 4),  # several GEMM tiles
+    (70, 1030, 384, 9),  # screened path, ragged tails
+    (3, 2000, 1536, 3),  # D = 1536, few rows (bank split across threads)
+    (130, 5000, 100, 64),  # screened, large k
+]
+
+
+def random_inputs(m, n, d, gen, device, dtype=torch.float32):
+    q = torch.randn(m, d, generator=gen)
+    b = torch.randn(n, d, generator=gen)
+    return q.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+
+
+def assert_knn_correct(query, bank, k, squared, dist, idx, seed=None):
+    """Distances equal the float64 ones; indices equal the reference except among near-ties,
+    where the chosen rows must be at the reported distance."""
+    m = query.shape[0]
+    assert dist.shape == (m, k) and idx.shape == (m, k)
+    assert dist.dtype == torch.float32 and idx.dtype == torch.int64
+    assert dist.device == query.device and idx.device == query.device
+    dist, idx = dist.cpu(), idx.cpu()
+    q, b = query.cpu().double(), bank.cpu().double()
+    ref_d, ref_i = reference.knn(q, b, k, squared=squared)
+    ref_d = ref_d.double()
+    scale = float(b.square().sum(1).max().sqrt()) + float(q.square().sum(1).max().sqrt()) + 1e-6
+    atol = 1e-4 * (scale**2 if squared else scale)
+    msg = f"seed {seed}"
+    assert torch.all(idx >= 0) and torch.all(idx < bank.shape[0]), msg
+    assert all(len(set(row.tolist())) == k for row in idx), msg + ": repeated index in a row"
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-4, atol=atol, msg=msg)
+    assert torch.all(dist[:, 1:] >= dist[:, :-1]), msg + ": distances not ascending"
+    # Each returned row really is at the returned distance.
+    own = (q[:, None, :] - b[idx]).square().sum(-1)
+    own = own if squared else own.sqrt()
+    torch.testing.assert_close(dist.double(), own, rtol=1e-4, atol=atol, msg=msg)
+    # Where the reference's neighbours are well separated, the indices are the same.
+    full = torch.cat([ref_d, torch.full((m, 1), float("inf"), dtype=torch.float64)], 1)
+    gaps = torch.minimum(
+        torch.cat([torch.full((m, 1), float("inf"), dtype=torch.float64), full[:, 1:-1] - full[:, :-2]], 1),
+        full[:, 1:] - full[:, :-1],
+    )
+    clear = gaps > 4 * atol
+    assert torch.equal(idx[clear], ref_i[clear]), msg
+
+
+@pytest.mark.parametrize("squared", [False, True], ids=["plain", "squared"])
+@pytest.mark.parametrize("m,n,d,k", SHAPES)
+def test_matches_float64_reference(m, n, d, k, squared, device, rng):
+    q, b = random_inputs(m, n, d, rng, device)
+    dist, idx = fastad.ops.knn(q, b, k, squared=squared)
+    assert_knn_correct(q, b, k, squared, dist, idx, rng.initial_seed())
+
+
+@pytest.mark.parametrize("n,d", [(600, 64), (1500, 64), (1200, 8)])
+@pytest.mark.parametrize("k", [1, 3])
+def test_exact_duplicates_lowest_index_first(n, d, k, device, rng):
+    x = torch.randn(n // 3, d, generator=rng)
+    bank = torch.cat([x, x, x]).to(device)
+    query = x[::7].to(device)
+    dist, idx = fastad.ops.knn(query, bank, k)
+    rows = torch.arange(0, n // 3, 7, device=device)
+    expected = torch.stack([rows + j * (n // 3) for j in range(3)], 1)[:, :k]
+    assert torch.equal(idx, expected)
+    assert torch.all(dist == 0)
+
+
+def test_clustered_data_with_many_near_ties(device, rng):
+    # Coarse values give many exactly equal distances: ties must follow index order.
+    q = torch.randint(-2, 3, (200, 48), generator=rng).float().to(device)
+    b = torch.randint(-2, 3, (3000, 48), generator=rng).float().to(device)
+    dist, idx = fastad.ops.knn(q, b, 9, squared=True)
+    ref_d, ref_i = reference.knn(q.cpu(), b.cpu(), 9, squared=True)
+    assert torch.equal(dist.cpu(), ref_d)
+    assert torch.equal(idx.cpu(), ref_i)
+
+
+def test_non_contiguous_inputs(device, rng):
+    qbig = torch.randn(80, 128, generator=rng).to(device)
+    bt = torch.randn(64, 1500, generator=rng).to(device)
+    q, b = qbig[::2, ::2], bt.t()  # strided rows and a transposed bank
+    assert not q.is_contiguous() and not b.is_contiguous()
+    dist, idx = fastad.ops.knn(q, b, 5)
+    assert_knn_correct(q, b, 5, False, dist, idx, rng.initial_seed())
+
+
+def test_empty_query(device):
+    dist, idx = fastad.ops.knn(torch.empty(0, 8, device=device), torch.randn(10, 8, device=device), 3)
+    assert dist.shape == (0, 3) and idx.shape == (0, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_float32(dtype, device, rng):
+    q, b = random_inputs(40, 2100, 64, rng, device, dtype)
+    dist, idx = fastad.ops.knn(q, b, 4)
+    assert dist.dtype == torch.float32
+    assert_knn_correct(q.float(), b.float(), 4, False, dist, idx, rng.initial_seed())
+
+
+@pytest.mark.parametrize("where", ["query", "bank"])
+def test_non_finite_values_never_give_bad_indices(where, device, rng):
+    q, b = random_inputs(20, 2000, 64, rng, device)
+    t = q if where == "query" else b
+    t[3, 5] = float("nan")
+    t[7, 1] = float("inf")
+    t[11] = float("nan")
+    dist, idx = fastad.ops.knn(q, b, 5)
+    assert torch.all(idx >= 0) and torch.all(idx < b.shape[0])
+
+
+BAD_INPUTS = [
+    (lambda dev: (torch.randn(4, device=dev), torch.randn(5, 4, device=dev), 1), "query must be a 2-D"),
+    (lambda dev: (torch.randn(4, 3, device=dev), torch.randn(5, 4, 1, device=dev), 1), "bank must be a 2-D"),
+    (lambda dev: (torch.randn(4, 3, device=dev), torch.randn(5, 4, device=dev), 1), "same feature size D"),
+    (lambda dev: (torch.randn(4, 3, device=dev), torch.randn(5, 3, device=dev), 0), "k must be between 1"),
+    (lambda dev: (torch.randn(4, 3, device=dev), torch.randn(5, 3, device=dev), 6), "k must be between 1"),
+    (lambda dev: (torch.randn(4, 3, device=dev), torch.randn(0, 3, device=dev), 1), "at least one row"),
+    (lambda dev: (torch.randn(4, 3, device=dev).double(), torch.randn(5, 3, device=dev).double(), 1), "float32"),
+    (lambda dev: (torch.ones(4, 3, dtype=torch.int64, device=dev), torch.ones(5, 3, dtype=torch.int64, device=dev), 1), "float32"),
+    (lambda dev: (torch.randn(4, 3, device=dev), torch.randn(5, 3, device=dev).half(), 1), "same dtype"),
+]
+
+
+@pytest.mark.parametrize("make,message", BAD_INPUTS)
+def test_bad_input_raises_clear_error(make, message, device):
+    q, b, k = make(device)
+    with pytest.raises(RuntimeError, match=message):
+        fastad.ops.knn(q, b, k)
+
+
+def test_inputs_on_different_devices():
+    if not (fastad.build_info()["cuda"] and torch.cuda.is_available()):
+        pytest.skip("needs a CUDA device and fastad's CUDA kernels")
+    with pytest.raises(RuntimeError, match="same device"):
+        fastad.ops.knn(torch.randn(4, 3), torch.randn(5, 3, device="cuda"), 1)
+
+
+@pytest.mark.parametrize("k", [1.5, True, "3"])
+def test_k_must_be_an_int(k):
+    with pytest.raises(TypeError, match="k must be an int"):
+        fastad.ops.knn(torch.randn(4, 3), torch.randn(5, 3), k)
+
+
+def test_opcheck(device, rng):
+    q, b = random_inputs(12, 40, 8, rng, device)
+    for squared in (False, True):
+        torch.library.opcheck(torch.ops.fastad.knn.default, (q, b, 3, squared))
+
+
+def test_torch_compile_fullgraph(device, rng):
+    @torch.compile(fullgraph=True)
+    def nearest_distance_score(query, bank):
+        dist, _ = fastad.ops.knn(query, bank, 3)
+        return dist.mean(dim=1) * 2.0
+
+    q, b = random_inputs(16, 64, 8, rng, device)
+    expected = fastad.ops.knn(q, b, 3)[0].mean(dim=1) * 2.0
+    torch.testing.assert_close(nearest_distance_score(q, b), expected)
+
+
+_MEMORY_PROBE = textwrap.dedent(
+    """
+    import resource, sys, torch, fastad
+    d = int(sys.argv[1])
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(50_000, d, generator=g)
+    b = torch.randn(50_000, d, generator=g)
+    fastad.ops.knn(q[:10], b[:2000], 1)  # load everything lazily loaded
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    dist, idx = fastad.ops.knn(q, b, 1)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert idx.shape == (50_000, 1)
+    print((after - before) * 1024)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d", [64, 16], ids=["screened-path", "float32-path"])
+def test_memory_stays_one_tile_at_50k_by_50k(d):
+    # A full 50,000 x 50,000 float32 distance matrix is 10 GB; the op must need a tile of it.
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(d)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    grown = int(out.stdout.strip().splitlines()[-1])
+    assert grown < 256 * 2**20, f"peak memory grew by {grown / 2**20:.0f} MiB"
