@@ -68,9 +68,19 @@ def assert_knn_correct(query, bank, k, squared, dist, idx, seed=None):
     assert torch.equal(idx[clear], ref_i[clear]), msg
 
 
+@pytest.fixture(params=["auto", "gemm"])
+def cpu_path(request, device, monkeypatch):
+    """Runs a CPU case through the automatic path choice and through the float32 GEMM path."""
+    if request.param == "gemm":
+        if device != "cpu":
+            pytest.skip("the float32 GEMM path switch is a CPU kernel knob")
+        monkeypatch.setenv("FASTAD_KNN_CPU_PATH", "gemm")
+    return request.param
+
+
 @pytest.mark.parametrize("squared", [False, True], ids=["plain", "squared"])
 @pytest.mark.parametrize("m,n,d,k", SHAPES)
-def test_matches_float64_reference(m, n, d, k, squared, device, rng):
+def test_matches_float64_reference(m, n, d, k, squared, device, cpu_path, rng):
     q, b = random_inputs(m, n, d, rng, device)
     dist, idx = fastad.ops.knn(q, b, k, squared=squared)
     assert_knn_correct(q, b, k, squared, dist, idx, rng.initial_seed())
@@ -78,7 +88,7 @@ def test_matches_float64_reference(m, n, d, k, squared, device, rng):
 
 @pytest.mark.parametrize("n,d", [(600, 64), (1500, 64), (1200, 8)])
 @pytest.mark.parametrize("k", [1, 3])
-def test_exact_duplicates_lowest_index_first(n, d, k, device, rng):
+def test_exact_duplicates_lowest_index_first(n, d, k, device, cpu_path, rng):
     x = torch.randn(n // 3, d, generator=rng)
     bank = torch.cat([x, x, x]).to(device)
     query = x[::7].to(device)
@@ -89,7 +99,7 @@ def test_exact_duplicates_lowest_index_first(n, d, k, device, rng):
     assert torch.all(dist == 0)
 
 
-def test_clustered_data_with_many_near_ties(device, rng):
+def test_clustered_data_with_many_near_ties(device, cpu_path, rng):
     # Coarse values give many exactly equal distances: ties must follow index order.
     q = torch.randint(-2, 3, (200, 48), generator=rng).float().to(device)
     b = torch.randint(-2, 3, (3000, 48), generator=rng).float().to(device)
@@ -97,6 +107,18 @@ def test_clustered_data_with_many_near_ties(device, rng):
     ref_d, ref_i = reference.knn(q.cpu(), b.cpu(), 9, squared=True)
     assert torch.equal(dist.cpu(), ref_d)
     assert torch.equal(idx.cpu(), ref_i)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0, 1000.0])
+def test_tight_cluster_far_from_origin(offset, device, cpu_path, rng):
+    # Distances tiny next to the norms: the case where norm-expanded float32 distances cancel.
+    centre = offset * torch.randn(96, generator=rng)
+    q = (centre + 0.01 * torch.randn(40, 96, generator=rng)).to(device)
+    b = (centre + 0.01 * torch.randn(2500, 96, generator=rng)).to(device)
+    dist, idx = fastad.ops.knn(q, b, 7, squared=True)
+    ref_d, ref_i = reference.knn(q.cpu(), b.cpu(), 7, squared=True)
+    torch.testing.assert_close(dist.cpu(), ref_d, rtol=1e-4, atol=1e-7)
+    assert (idx.cpu() == ref_i).float().mean() > 0.99  # the rest are float32 near-ties
 
 
 def test_non_contiguous_inputs(device, rng):

@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "fastad/topk.h"
@@ -158,7 +160,10 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Te
   float* dp = dist.data_ptr<float>();
   int64_t* ip = idx.data_ptr<int64_t>();
 
-  const bool screened = knn_detail::knn_screened_int8(qp, m, bp, n, d, k, dp, ip);
+  // FASTAD_KNN_CPU_PATH=gemm forces the float32 path (tests and benchmarks compare the two).
+  const char* forced = std::getenv("FASTAD_KNN_CPU_PATH");
+  const bool allow_screen = forced == nullptr || std::string(forced) != "gemm";
+  const bool screened = allow_screen && knn_detail::knn_screened_int8(qp, m, bp, n, d, k, dp, ip);
   if (!screened) knn_detail::knn_gemm_tiles(qp, m, bp, n, d, k, dp, ip);
   knn_detail::finish_rows(m, k, squared, dp, ip);
   return {dist, idx};

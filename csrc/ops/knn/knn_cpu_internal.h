@@ -33,12 +33,15 @@ class CandidateRows {
                 float* dist, int64_t* idx)
       : q_(q), b_(b), d_(d), k_(k), row0_(row0), dist_(dist), idx_(idx),
         cand_(static_cast<size_t>(rows * kCapacity)), count_(rows, 0),
-        thr_(rows, std::numeric_limits<float>::infinity()) {
+        thr_(rows, std::numeric_limits<float>::infinity()),
+        inflate_(1.0f + static_cast<float>(d + 8) * 1.2e-7f) {
     for (int64_t r = 0; r < rows; ++r) heap(r).reset();
   }
 
-  // A bank row whose lower bound exceeds this cannot enter row r's result.
-  float threshold(int64_t r) const { return thr_[r]; }
+  // A bank row whose lower bound exceeds this cannot enter row r's result. The k-th distance
+  // is inflated by the rounding of a direct float32 sum of d squares, so a row whose exact
+  // distance ties the k-th within that rounding is still re-ranked.
+  float threshold(int64_t r) const { return thr_[r] * inflate_; }
 
   void add(int64_t r, int64_t j) {
     cand_[r * kCapacity + count_[r]++] = j;
@@ -70,6 +73,7 @@ class CandidateRows {
   std::vector<int64_t> cand_;
   std::vector<int64_t> count_;
   std::vector<float> thr_;
+  float inflate_;
 };
 
 // Float32 path: a norm-expanded GEMM screen whose bound is float32 rounding alone. Fills dist/idx

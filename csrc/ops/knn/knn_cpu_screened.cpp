@@ -5,7 +5,7 @@
 // instruction where an FP32 FMA does 8, so the first pass costs about half an FP32 GEMM, and the
 // re-ranking touches only a few hundred rows per query.
 //
-// The bound. Each row x is coded as x = s*c + e with a per-row scale s = max|x| / 63, 7-bit codes
+// The bound. Rows are first centred on the bank's mean (distances are unchanged). Each row x is coded as x = s*c + e with a per-row scale s = max|x| / 63, 7-bit codes
 // c in [-63, 63] and a residual e. For a query q and a bank row b, with q^ = s_q*c_q and
 // b^ = s_b*c_b, Cauchy-Schwarz gives
 //     |q.b - q^.b^| <= |e_q| |b^| + |q^| |e_b| + |e_q| |e_b| =: delta
@@ -50,10 +50,13 @@ struct RowCodes {
   std::vector<int32_t> code_sum;
 };
 
-// Codes every row and records the facts the bound needs. `store(r, j, code)` writes code j of
-// row r wherever the caller's layout wants it. Returns false if any value is not finite.
+// Codes every row of x - center and records the facts the bound needs. Work is in double so
+// that centring loses nothing: the bound must hold for the float inputs taken as exact values.
+// `store(r, j, code)` writes code j of row r wherever the caller's layout wants it. Returns false
+// if any value is not finite.
 template <typename Store>
-bool code_rows(const float* x, int64_t rows, int64_t d, RowCodes& out, Store store) {
+bool code_rows(const float* x, int64_t rows, int64_t d, const double* center, RowCodes& out,
+               Store store) {
   out.scale.resize(rows);
   out.norm2.resize(rows);
   out.hat_norm.resize(rows);
@@ -61,43 +64,65 @@ bool code_rows(const float* x, int64_t rows, int64_t d, RowCodes& out, Store sto
   out.code_sum.resize(rows);
   std::atomic<bool> finite{true};
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<double> v(d);
     for (int64_t r = begin; r < end; ++r) {
       const float* row = x + r * d;
-      float amax = 0.0f;
-      bool ok = true;
+      double amax = 0.0;
       for (int64_t j = 0; j < d; ++j) {
-        const float a = std::fabs(row[j]);
-        ok &= a <= FLT_MAX;  // false for inf and NaN
-        amax = std::max(amax, a);
+        v[j] = static_cast<double>(row[j]) - center[j];
+        amax = std::max(amax, std::fabs(v[j]));
       }
-      if (!ok) {
+      if (!(amax <= DBL_MAX)) {  // inf or NaN somewhere in the row
         finite.store(false, std::memory_order_relaxed);
         continue;
       }
-      const float scale = amax > 0.0f ? amax / kCodeMax : 1.0f;
+      const float scale = amax > 0.0 ? static_cast<float>(amax / kCodeMax) : 1.0f;
       double n2 = 0.0, h2 = 0.0, e2 = 0.0;
       int32_t sum = 0;
       for (int64_t j = 0; j < d; ++j) {
-        int c = static_cast<int>(std::nearbyint(row[j] / scale));
+        int c = static_cast<int>(std::nearbyint(v[j] / scale));
         c = std::clamp(c, -kCodeMax, kCodeMax);
-        const double v = row[j];
         const double hat = static_cast<double>(scale) * c;
-        n2 += v * v;
+        n2 += v[j] * v[j];
         h2 += hat * hat;
-        e2 += (v - hat) * (v - hat);
+        e2 += (v[j] - hat) * (v[j] - hat);
         sum += c;
         store(r, j, c);
       }
-      if (!std::isfinite(n2)) finite.store(false, std::memory_order_relaxed);
+      if (!(n2 <= DBL_MAX)) finite.store(false, std::memory_order_relaxed);
       out.scale[r] = scale;
+      // Round the bound's ingredients in the safe direction so float storage never shrinks it.
       out.norm2[r] = static_cast<float>(n2);
-      // Round the bound's ingredients up so float storage never shrinks the bound.
       out.hat_norm[r] = static_cast<float>(std::sqrt(h2) * (1.0 + 1e-6));
       out.err_norm[r] = static_cast<float>(std::sqrt(e2) * (1.0 + 1e-6));
       out.code_sum[r] = sum;
     }
   });
   return finite.load();
+}
+
+// Mean of the bank rows in double. Distances do not change when both sides are centred, but the
+// bound does: it scales with the norms, and features far from the origin (post-ReLU CNN
+// activations, a cluster around one point) have norms much larger than their distances.
+std::vector<double> column_means(const float* x, int64_t rows, int64_t d) {
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 256));
+  std::vector<std::vector<double>> partial(blocks, std::vector<double>(d, 0.0));
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = rows * blk / blocks, r1 = rows * (blk + 1) / blocks;
+      double* acc = partial[blk].data();
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < d; ++j) acc[j] += x[r * d + j];
+    }
+  });
+  std::vector<double> mean(d, 0.0);
+  for (const auto& p : partial)
+    for (int64_t j = 0; j < d; ++j) mean[j] += p[j];
+  for (auto& v : mean) v /= static_cast<double>(rows);
+  // A NaN mean would hide nothing (code_rows reports the non-finite row) but keep it tidy.
+  for (auto& v : mean)
+    if (!std::isfinite(v)) v = 0.0;
+  return mean;
 }
 
 // Everything the tasks read; built once per call.
@@ -129,15 +154,16 @@ bool build_screen(Screen& s) {
   s.qcodes.assign(static_cast<size_t>(s.m * s.dp), 0);
   s.bpacked.assign(static_cast<size_t>(s.np * s.dp), 0);
 
+  const std::vector<double> center = column_means(s.b, s.n, s.d);
   RowCodes qc, bc;
   const int64_t dp = s.dp, panel_bytes = s.groups * kPanel * kGroup;
   uint8_t* qcodes = s.qcodes.data();
   int8_t* packed = s.bpacked.data();
-  if (!code_rows(s.q, s.m, s.d, qc, [&](int64_t r, int64_t j, int c) {
+  if (!code_rows(s.q, s.m, s.d, center.data(), qc, [&](int64_t r, int64_t j, int c) {
         qcodes[r * dp + j] = static_cast<uint8_t>(c + kQueryOffset);
       }))
     return false;
-  if (!code_rows(s.b, s.n, s.d, bc, [&](int64_t r, int64_t j, int c) {
+  if (!code_rows(s.b, s.n, s.d, center.data(), bc, [&](int64_t r, int64_t j, int c) {
         packed[(r / kPanel) * panel_bytes + (j / kGroup) * (kPanel * kGroup) +
                (r % kPanel) * kGroup + (j % kGroup)] = static_cast<int8_t>(c);
       }))
