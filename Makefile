@@ -36,7 +36,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 bench: install
-	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds
+	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,max,rounds
 
 clean:
 	rm -rf build

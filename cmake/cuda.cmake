@@ -1,8 +1,8 @@
-# Decide whether the CUDA kernels are built, and prepare the toolkit so that torch's own CMake
-# config (which uses the old FindCUDA and CUDAToolkit modules) finds every piece it needs.
+# Decide whether the CUDA kernels are built, and if so enable CUDA and make fastad::torch_cuda.
 #
-# In:  FASTAD_CUDA (auto|on|off), TORCH_CUDA_VERSION ("" for a CPU-only torch), _site_packages
-# Out: FASTAD_WITH_CUDA (ON/OFF), FASTAD_CUDA_ARCHS (the TORCH_CUDA_ARCH_LIST used)
+# In:  FASTAD_CUDA (auto|on|off), TORCH_CUDA_VERSION, TORCH_SITE_PACKAGES, TORCH_LIB_DIR
+# Out: FASTAD_WITH_CUDA (ON/OFF), FASTAD_CUDA_ARCHS (TORCH_CUDA_ARCH_LIST as used),
+#      FASTAD_CMAKE_CUDA_ARCHS (the same in CMake's CUDA_ARCHITECTURES syntax)
 
 set(FASTAD_WITH_CUDA OFF)
 set(FASTAD_CUDA_ARCHS "")
@@ -23,14 +23,16 @@ if(NOT TORCH_CUDA_VERSION)
   return()
 endif()
 
-# Find nvcc: CUDA_HOME, then CMAKE_CUDA_COMPILER, then PATH and the usual places.
+# nvcc: $CUDA_HOME/bin, then CUDACXX / CMAKE_CUDA_COMPILER, then PATH.
 set(_nvcc "")
 if(DEFINED ENV{CUDA_HOME} AND EXISTS "$ENV{CUDA_HOME}/bin/nvcc")
   set(_nvcc "$ENV{CUDA_HOME}/bin/nvcc")
+elseif(DEFINED ENV{CUDACXX} AND EXISTS "$ENV{CUDACXX}")
+  set(_nvcc "$ENV{CUDACXX}")
 elseif(CMAKE_CUDA_COMPILER AND EXISTS "${CMAKE_CUDA_COMPILER}")
   set(_nvcc "${CMAKE_CUDA_COMPILER}")
 else()
-  find_program(_fastad_nvcc nvcc PATHS /usr/local/cuda/bin NO_CACHE)
+  find_program(_fastad_nvcc nvcc NO_CACHE)
   if(_fastad_nvcc)
     set(_nvcc "${_fastad_nvcc}")
   endif()
@@ -44,50 +46,57 @@ endif()
 file(WRITE "${CMAKE_BINARY_DIR}/fastad_probe.cu" "__global__ void fastad_probe() {}\n")
 execute_process(COMMAND "${_nvcc}" -v --dryrun -c "${CMAKE_BINARY_DIR}/fastad_probe.cu"
                 -o "${CMAKE_BINARY_DIR}/fastad_probe.o"
-                ERROR_VARIABLE _nvcc_out OUTPUT_VARIABLE _nvcc_out2 RESULT_VARIABLE _nvcc_rc)
-string(REGEX MATCH "#\\$ TOP=([^\n]*)" _top "${_nvcc_out}${_nvcc_out2}")
+                ERROR_VARIABLE _nvcc_err OUTPUT_VARIABLE _nvcc_out RESULT_VARIABLE _nvcc_rc)
+string(REGEX MATCH "#\\$ TOP=([^\n]*)" _top "${_nvcc_err}${_nvcc_out}")
 if(NOT _nvcc_rc EQUAL 0 OR NOT CMAKE_MATCH_1)
-  _fastad_no_cuda("${_nvcc} did not run (${_nvcc_rc})")
+  _fastad_no_cuda("${_nvcc} did not run (exit code ${_nvcc_rc})")
   return()
 endif()
 file(REAL_PATH "${CMAKE_MATCH_1}" _cuda_root)
 message(STATUS "fastad: CUDA toolkit at ${_cuda_root} (from ${_nvcc})")
+set(CMAKE_CUDA_COMPILER "${_cuda_root}/bin/nvcc")
 
-set(CUDA_TOOLKIT_ROOT_DIR "${_cuda_root}" CACHE PATH "" FORCE)
-set(CUDAToolkit_ROOT "${_cuda_root}")
-set(CMAKE_CUDA_COMPILER "${_cuda_root}/bin/nvcc" CACHE FILEPATH "" FORCE)
-set(ENV{CUDA_HOME} "${_cuda_root}")
-
-# A toolkit with only nvcc + cudart: take nvrtc and cuBLAS from torch's nvidia wheels.
-file(GLOB _wheel_cuda_dirs "${_site_packages}/nvidia/cu[0-9]*" "${_site_packages}/nvidia/cuda_nvrtc")
-set(FASTAD_WHEEL_CUDA_INCLUDES "")
-foreach(_lib nvrtc cublas cublasLt)
-  find_library(_probe_${_lib} ${_lib} PATHS "${_cuda_root}/lib64" "${_cuda_root}/lib" NO_DEFAULT_PATH NO_CACHE)
-  if(NOT _probe_${_lib})
-    foreach(_d ${_wheel_cuda_dirs})
-      file(GLOB _cand "${_d}/lib/lib${_lib}.so*")
-      list(FILTER _cand EXCLUDE REGEX "builtins|alt")
-      if(_cand)
-        list(GET _cand 0 _first)
-        set(CUDA_${_lib}_LIBRARY "${_first}" CACHE FILEPATH "" FORCE)
-        list(APPEND FASTAD_WHEEL_CUDA_INCLUDES "${_d}/include")
-        break()
-      endif()
-    endforeach()
+# Architectures: TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX" or "8.0 9.0+PTX"), as torch extensions do.
+if(DEFINED ENV{TORCH_CUDA_ARCH_LIST} AND NOT "$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL "")
+  set(FASTAD_CUDA_ARCHS "$ENV{TORCH_CUDA_ARCH_LIST}")
+else()
+  set(FASTAD_CUDA_ARCHS "8.0;9.0+PTX")
+endif()
+string(REPLACE " " ";" FASTAD_CUDA_ARCHS "${FASTAD_CUDA_ARCHS}")
+set(FASTAD_CMAKE_CUDA_ARCHS "")
+foreach(_a ${FASTAD_CUDA_ARCHS})
+  if(NOT _a MATCHES "^([0-9]+)\\.([0-9]+)([a-z]?)(\\+PTX)?$")
+    message(FATAL_ERROR "fastad: cannot read '${_a}' in TORCH_CUDA_ARCH_LIST (expected e.g. 8.0 or 9.0+PTX)")
+  endif()
+  set(_sm "${CMAKE_MATCH_1}${CMAKE_MATCH_2}${CMAKE_MATCH_3}")
+  list(APPEND FASTAD_CMAKE_CUDA_ARCHS "${_sm}-real")
+  if(CMAKE_MATCH_4)
+    list(APPEND FASTAD_CMAKE_CUDA_ARCHS "${_sm}-virtual")
   endif()
 endforeach()
-list(REMOVE_DUPLICATES FASTAD_WHEEL_CUDA_INCLUDES)
-
-# torch's config ignores CMAKE_CUDA_ARCHITECTURES and reads TORCH_CUDA_ARCH_LIST.
-if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} OR "$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL "")
-  set(ENV{TORCH_CUDA_ARCH_LIST} "8.0;9.0+PTX")
-endif()
-set(FASTAD_CUDA_ARCHS "$ENV{TORCH_CUDA_ARCH_LIST}")
+set(CMAKE_CUDA_ARCHITECTURES "${FASTAD_CMAKE_CUDA_ARCHS}")
 enable_language(CUDA)
-# enable_language fills CMAKE_CUDA_ARCHITECTURES, which torch's config warns about and ignores.
-unset(CMAKE_CUDA_ARCHITECTURES)
-unset(CMAKE_CUDA_ARCHITECTURES CACHE)
 set(CMAKE_CUDA_STANDARD 20)
 set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+
+# torch's CUDA libraries, and the cuBLAS headers ATen's CUDA headers include: from the toolkit,
+# or else from torch's nvidia-* wheels (a toolkit may ship only nvcc and cudart).
+add_library(fastad_torch_cuda INTERFACE)
+add_library(fastad::torch_cuda ALIAS fastad_torch_cuda)
+foreach(_lib c10_cuda torch_cuda)
+  find_library(FASTAD_LIB_${_lib} ${_lib} PATHS "${TORCH_LIB_DIR}" NO_DEFAULT_PATH REQUIRED)
+  target_link_libraries(fastad_torch_cuda INTERFACE "${FASTAD_LIB_${_lib}}")
+endforeach()
+if(NOT EXISTS "${_cuda_root}/include/cublas_v2.h")
+  file(GLOB _wheel_includes "${TORCH_SITE_PACKAGES}/nvidia/cu[0-9]*/include" "${TORCH_SITE_PACKAGES}/nvidia/cublas/include")
+  foreach(_inc ${_wheel_includes})
+    if(EXISTS "${_inc}/cublas_v2.h")
+      # AFTER: the toolkit's own CUDA runtime headers keep precedence.
+      target_include_directories(fastad_torch_cuda SYSTEM AFTER INTERFACE "${_inc}")
+      break()
+    endif()
+  endforeach()
+endif()
 set(FASTAD_WITH_CUDA ON)
-message(STATUS "fastad: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST=${FASTAD_CUDA_ARCHS}")
+string(REPLACE ";" " " _shown "${FASTAD_CUDA_ARCHS}")
+message(STATUS "fastad: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST=\"${_shown}\"")

@@ -1,0 +1,33 @@
+"""The ways people find nearest neighbours without fastad, as benchmark contenders."""
+
+from __future__ import annotations
+
+import torch
+
+
+def cdist_topk(query, bank, k):
+    """torch.cdist then topk: the full M x N matrix at once."""
+    return torch.cdist(query, bank).topk(k, dim=1, largest=False)
+
+
+def chunked_matmul_topk(query, bank, k, chunk=4096):
+    """anomalib's way: |q|^2 - 2 q b^T + |b|^2 by matmul, clamp, sqrt, topk; chunked over query
+    rows here so that memory stays bounded."""
+    bank_sq = bank.square().sum(1)
+    dists, idxs = [], []
+    for start in range(0, query.shape[0], chunk):
+        q = query[start : start + chunk]
+        d2 = q.square().sum(1, keepdim=True) - 2.0 * q @ bank.T + bank_sq
+        top = d2.clamp_min_(0).sqrt_().topk(k, dim=1, largest=False)
+        dists.append(top.values)
+        idxs.append(top.indices)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+def faiss_flat_l2(query, bank, k):
+    """faiss-cpu IndexFlatL2 (BLAS GEMM + its own selection); returns squared distances."""
+    import faiss
+
+    index = faiss.IndexFlatL2(bank.shape[1])
+    index.add(bank.numpy())
+    return index.search(query.numpy(), k)

@@ -1,0 +1,95 @@
+"""kNN: fastad.ops.knn against torch.cdist + topk, chunked matmul + topk, and faiss IndexFlatL2.
+
+Run with `make bench` (or `pytest benchmarks -k knn --benchmark-only`). Inputs are standard
+normal ("random") or clustered, non-negative features like a CNN's ("clustered").
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import fastad
+
+from .baselines import cdist_topk, chunked_matmul_topk, faiss_flat_l2
+
+HAS_FAISS = importlib.util.find_spec("faiss") is not None
+CUDA_OK = fastad.build_info()["cuda"] and torch.cuda.is_available()
+
+CPU_SHAPES = [
+    # (M, N, D, k): the acceptance shape (PatchCore-like: 8 images of 28x28 patches vs a bank)
+    (6272, 65536, 384, 9),
+    # one image's patches against a wide-feature bank (inline inspection latency)
+    (784, 16384, 1536, 1),
+]
+
+
+def clustered(n, d, gen):
+    centres = 2.0 * torch.randn(512, d, generator=gen)
+    mix = torch.randn(d, d, generator=gen) / d**0.5
+    pick = torch.randint(0, 512, (n,), generator=gen)
+    return torch.relu(centres[pick] @ mix + 0.5 * torch.randn(n, d, generator=gen)).contiguous()
+
+
+def make_inputs(kind, m, n, d, device="cpu"):
+    gen = torch.Generator().manual_seed(0)
+    if kind == "random":
+        q, b = torch.randn(m, d, generator=gen), torch.randn(n, d, generator=gen)
+    else:
+        q, b = clustered(m, d, gen), clustered(n, d, gen)
+    return q.to(device), b.to(device)
+
+
+CONTENDERS = {
+    "fastad.ops.knn": lambda q, b, k: fastad.ops.knn(q, b, k),
+    "faiss IndexFlatL2": faiss_flat_l2,
+    "torch.cdist + topk": cdist_topk,
+    "chunked matmul + topk": chunked_matmul_topk,
+}
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+@pytest.mark.parametrize("m,n,d,k", CPU_SHAPES, ids=[f"M{m}-N{n}-D{d}-k{k}" for m, n, d, k in CPU_SHAPES])
+@pytest.mark.parametrize("contender", list(CONTENDERS))
+def test_knn_cpu(benchmark, record, contender, m, n, d, k, kind):
+    from .conftest import sgemm_rate
+
+    if contender.startswith("faiss") and not HAS_FAISS:
+        pytest.skip("faiss-cpu is not installed (pip install faiss-cpu)")
+    if kind == "clustered" and (m, n) != CPU_SHAPES[0][:2]:
+        pytest.skip("clustered data only at the acceptance shape")
+    sgemm_rate("cpu")
+    q, b = make_inputs(kind, m, n, d)
+    fn = CONTENDERS[contender]
+    benchmark.group = f"knn cpu {kind} M={m} N={n} D={d} k={k}"
+    benchmark.pedantic(fn, args=(q, b, k), rounds=3, iterations=1, warmup_rounds=1)
+    record(benchmark, benchmark.group, contender, 2.0 * m * n * d)
+
+
+CUDA_SHAPES = [(6272, 65536, 384, 9), (100_000, 1_000_000, 384, 9)]
+
+
+def _cuda_sync_call(fn):
+    def run(*args):
+        out = fn(*args)
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and fastad's CUDA kernels")
+@pytest.mark.parametrize("m,n,d,k", CUDA_SHAPES, ids=[f"M{m}-N{n}-D{d}-k{k}" for m, n, d, k in CUDA_SHAPES])
+@pytest.mark.parametrize("contender", ["fastad.ops.knn", "chunked matmul + topk"])
+def test_knn_cuda(benchmark, record, contender, m, n, d, k):
+    from .conftest import sgemm_rate
+
+    sgemm_rate("cuda")
+    q, b = make_inputs("random", m, n, d, "cuda")
+    fn = _cuda_sync_call(CONTENDERS[contender] if contender.startswith("fastad")
+                         else lambda q, b, k: chunked_matmul_topk(q, b, k, chunk=2048))
+    benchmark.group = f"knn cuda random M={m} N={n} D={d} k={k}"
+    benchmark.pedantic(fn, args=(q, b, k), rounds=3, iterations=1, warmup_rounds=1)
+    record(benchmark, benchmark.group, contender, 2.0 * m * n * d)
