@@ -1,5 +1,6 @@
 # The two commands: `make demo` and `make test` set everything up from a fresh clone.
-# Overridable: PYTHON (to create the venv), TORCH_SPEC, TORCHVISION_SPEC, FASTAD_CUDA (auto|on|off).
+# Overridable: PYTHON (to create the venv), VENV, TORCH_SPEC, TORCHVISION_SPEC (empty for none),
+# FASTAD_CUDA (auto|on|off). A CPU-only run: make test VENV=.venv-cpu TORCH_SPEC=torch==2.13.0 TORCHVISION_SPEC=
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
@@ -18,7 +19,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) pyproject.toml Makefile
-	$(PIP) install --quiet "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)"
+	$(PIP) install --quiet $(TORCH_SPEC) $(TORCHVISION_SPEC)
 	$(PIP) install --quiet "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja numpy \
 	    pytest psutil pytest-benchmark faiss-cpu
 	touch $(STAMP)
@@ -26,8 +27,9 @@ $(STAMP): $(PY) pyproject.toml Makefile
 deps: $(STAMP)
 
 # Built against the torch in the venv: no build isolation, or pip would fetch a second torch.
+# One CMake build folder per venv, so that venvs with different torches never share objects.
 install: $(STAMP)
-	$(PIP) install --quiet --no-build-isolation --no-deps .
+	$(PIP) install --quiet --no-build-isolation --no-deps -Cbuild-dir=build/$(notdir $(abspath $(VENV))) .
 
 demo: install
 	$(PY) -m fastad.demo

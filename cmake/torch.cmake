@@ -32,7 +32,7 @@ target_include_directories(fastad_torch SYSTEM INTERFACE
   "${_torch_dir}/include" "${_torch_dir}/include/torch/csrc/api/include")
 target_compile_definitions(fastad_torch INTERFACE _GLIBCXX_USE_CXX11_ABI=${_torch_abi})
 foreach(_lib c10 torch_cpu torch torch_python)
-  find_library(FASTAD_LIB_${_lib} ${_lib} PATHS "${TORCH_LIB_DIR}" NO_DEFAULT_PATH REQUIRED)
+  find_library(FASTAD_LIB_${_lib} ${_lib} PATHS "${TORCH_LIB_DIR}" NO_DEFAULT_PATH NO_CACHE REQUIRED)
   target_link_libraries(fastad_torch INTERFACE "${FASTAD_LIB_${_lib}}")
 endforeach()
 message(STATUS "fastad: torch ${FASTAD_TORCH_VERSION} at ${_torch_dir}")
