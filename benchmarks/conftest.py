@@ -23,7 +23,7 @@ def sgemm_rate(device: str = "cpu") -> float:
     whose work is a matrix product."""
     if device in _GEMM_RATE:
         return _GEMM_RATE[device]
-    n = 4096 if device == "cuda" else 2048
+    n = 8192 if device == "cuda" else 2048
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     best = float("inf")
@@ -63,7 +63,7 @@ def pytest_terminal_summary(terminalreporter):
     for group, rows in _RESULTS.items():
         device = "cuda" if "cuda" in group else "cpu"
         rate = _GEMM_RATE.get(device)
-        ours = next((t for n, t, _ in rows if n.startswith("fastad")), None)
+        ours = next((t for n, t, _ in rows if n.startswith("fastad") and "(" not in n), None)
         tr.write_line(f"\n{group}")
         for name, best, flops in sorted(rows, key=lambda r: r[1]):
             gf = flops / best / 1e9

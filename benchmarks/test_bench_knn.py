@@ -82,8 +82,11 @@ def _cuda_sync_call(fn):
 
 @pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and fastad's CUDA kernels")
 @pytest.mark.parametrize("m,n,d,k", CUDA_SHAPES, ids=[f"M{m}-N{n}-D{d}-k{k}" for m, n, d, k in CUDA_SHAPES])
+@pytest.mark.parametrize("precision", ["highest", "high"], ids=["fp32-matmul", "tf32-matmul"])
 @pytest.mark.parametrize("contender", ["fastad.ops.knn", "chunked matmul + topk"])
-def test_knn_cuda(benchmark, record, contender, m, n, d, k):
+def test_knn_cuda(benchmark, record, contender, m, n, d, k, precision):
+    """With precision "high" torch's float32 matmuls may use TF32: fastad's screen then widens its
+    error bound and stays exact, while the chunked baseline's distances lose precision."""
     from .conftest import sgemm_rate
 
     sgemm_rate("cuda")
@@ -91,5 +94,11 @@ def test_knn_cuda(benchmark, record, contender, m, n, d, k):
     fn = _cuda_sync_call(CONTENDERS[contender] if contender.startswith("fastad")
                          else lambda q, b, k: chunked_matmul_topk(q, b, k, chunk=2048))
     benchmark.group = f"knn cuda random M={m} N={n} D={d} k={k}"
-    benchmark.pedantic(fn, args=(q, b, k), rounds=3, iterations=1, warmup_rounds=1)
-    record(benchmark, benchmark.group, contender, 2.0 * m * n * d)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        benchmark.pedantic(fn, args=(q, b, k), rounds=3, iterations=1, warmup_rounds=1)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    label = contender if precision == "highest" else f"{contender} (TF32 matmul)"
+    record(benchmark, benchmark.group, label, 2.0 * m * n * d)

@@ -12,6 +12,8 @@ import torch
 import fastad
 from fastad import reference
 
+from ..conftest import CUDA_SKIP
+
 # (M, N, D, k). The CPU kernel has two paths: an int8-screened one (D >= 32, N >= 1024,
 # 32 k <= N) and a float32 GEMM one (everything else); the shapes below exercise both, with sizes
 # that are not multiples of any tile (4 query rows, 16 bank columns, 64-row blocks, 512-column
@@ -119,6 +121,27 @@ def test_tight_cluster_far_from_origin(offset, device, cpu_path, rng):
     ref_d, ref_i = reference.knn(q.cpu(), b.cpu(), 7, squared=True)
     torch.testing.assert_close(dist.cpu(), ref_d, rtol=1e-4, atol=1e-7)
     assert (idx.cpu() == ref_i).float().mean() > 0.99  # the rest are float32 near-ties
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_exact_when_float32_matmuls_may_use_tf32_or_bf16(precision, rng):
+    # The CUDA screen's GEMM follows the user's float32 matmul precision; its error bound must too.
+    if CUDA_SKIP is not None:
+        pytest.skip(CUDA_SKIP)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        q, b = random_inputs(300, 9000, 128, rng, "cuda")
+        dist, idx = fastad.ops.knn(q, b, 9)
+        assert_knn_correct(q, b, 9, False, dist, idx, rng.initial_seed())
+        centre = 30.0 * torch.randn(96, generator=rng)
+        qc = (centre + 0.01 * torch.randn(40, 96, generator=rng)).cuda()
+        bc = (centre + 0.01 * torch.randn(2500, 96, generator=rng)).cuda()
+        dist, idx = fastad.ops.knn(qc, bc, 7, squared=True)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    ref_d, _ = reference.knn(qc.cpu(), bc.cpu(), 7, squared=True)
+    torch.testing.assert_close(dist.cpu(), ref_d, rtol=1e-4, atol=1e-7)
 
 
 def test_non_contiguous_inputs(device, rng):

@@ -1,24 +1,29 @@
-// CUDA kNN: the GPU twin of knn_cpu.cpp's float32 GEMM-tile path.
+// CUDA kNN: the GPU twin of the CPU kernel's design (knn_cpu_internal.h): a cheap screen with a
+// proven error bound, and exact re-ranking of every bank row the screen cannot rule out.
 //
 // Why this shape:
 //  * Memory is bounded: the M x N distance matrix is never built. Query blocks (<= 8192 rows)
 //    meet bank tiles (<= 8192 rows) one at a time; the cross term q.b of each pair is one cuBLAS
-//    GEMM into a reused float32 tile (<= 256 MB), turned into d = |q|^2 + |b|^2 - 2 q.b on the fly.
-//  * The GEMM is where the FLOPs are, so it goes to cuBLAS. It runs in float32 without TF32
-//    (PyTorch's default for matmul), because TF32's 10-bit mantissa would change which rows win.
-//  * Half/bfloat16 inputs are widened per block/tile only, so the extra memory stays O(tile * D).
-//  * Selection is one warp per query row. Almost every tile entry loses against the row's current
-//    k-th best, so the common path is one comparison plus a warp ballot; the rare survivors are
-//    sorted within the warp and merged into a sorted (dist, index) list of length k kept in global
-//    memory across tiles. Global lists make any runtime k (up to N) work with the same code.
-//  * The norm expansion loses precision to cancellation when points are close relative to their
-//    norms, so the k winners' distances are recomputed directly as sums of squared differences
-//    from the original rows and then re-sorted; only the choice of the k rows relies on the GEMM.
+//    GEMM (at::mm) into a reused float32 tile (<= 256 MB).
+//  * Both sides are centred on the bank's mean before the GEMM. Distances do not change, but the
+//    norms shrink, and with them the cancellation error of d ~ |q|^2 + |b|^2 - 2 q.b: CNN features
+//    are non-negative and sit far from the origin.
+//  * The screen: each tile entry gives a lower bound d - eps (|q|^2 + |b|^2) on the squared
+//    distance, where eps bounds the float32 rounding of centring, norms, GEMM and expansion (and
+//    of TF32/bf16 inputs when the user's float32 matmul precision allows them). A row whose bound
+//    exceeds the query's current k-th exact distance cannot enter; almost all rows fail here with
+//    one comparison and a warp ballot.
+//  * Survivors get their distance computed directly from the original rows (sum of squared
+//    differences, one warp per survivor) and compete in (distance, index) order for a sorted list
+//    of length k per query row, kept in global memory across tiles. So the result is exact whatever
+//    the GEMM's precision, ties between duplicate rows included, and any runtime k (up to N) works.
 //  * Order is (distance, index) lexicographic with NaN as +inf, exactly as fastad/topk.h. Lists
 //    start as (+inf, INT64_MAX) sentinels that every real candidate beats, so with k <= N all
 //    returned indices are real rows in [0, N), whatever the inputs hold.
-//  * Everything is enqueued on the current stream: no host synchronisation anywhere.
+//  * Half/bfloat16 inputs are widened per block/tile only, so extra memory stays O(tile * D).
+//  * Everything is enqueued on the current stream under a device guard: no host synchronisation.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -42,9 +47,9 @@ constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr int64_t kQueryBlock = 8192;  // Mt: query rows per GEMM
 constexpr int64_t kBankTile = 8192;    // Nt: bank rows per GEMM; tile <= 8192^2 floats = 256 MB
-// Rows with k up to this are re-sorted by one thread each (insertion sort, the list is nearly
-// sorted already); longer rows go to PyTorch's segmented sort, which has no k^2 worst case.
-constexpr int64_t kInsertionSortMaxK = 64;
+// Each lane loads this many tile entries before screening them, so that a warp has several loads
+// in flight: with few query rows there are too few warps per SM to hide latency otherwise.
+constexpr int kUnroll = 4;
 // Grid-stride kernels need no more blocks than this to fill any current GPU.
 constexpr int64_t kMaxBlocks = 65535;
 
@@ -63,24 +68,39 @@ int64_t blocks_for(int64_t work_items, int64_t items_per_block) {
   return std::max<int64_t>(1, std::min(kMaxBlocks, (work_items + items_per_block - 1) / items_per_block));
 }
 
-// Squared L2 norm of every row of x (rows, d), read with its own strides and dtype; one warp per
-// row. Accumulated in double like the CPU path: the norms enter every approximate distance.
-template <typename scalar_t>
-__global__ void row_sq_norms_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t d,
-                                    int64_t s0, int64_t s1, float* __restrict__ out) {
+// Squared L2 norm of every row of a contiguous float (rows, d) block; one warp per row,
+// accumulated in double so that the norms' own rounding is one float rounding.
+__global__ void row_sq_norms_kernel(const float* __restrict__ x, int64_t rows, int64_t d,
+                                    float* __restrict__ out) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
        r < rows; r += warps) {
-    const scalar_t* row = x + r * s0;
+    const float* row = x + r * d;
     double acc = 0.0;
     for (int64_t c = lane; c < d; c += kWarp) {
-      const double v = static_cast<float>(row[c * s1]);
+      const double v = row[c];
       acc += v * v;
     }
     for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(kFullMask, acc, off);
     if (lane == 0) out[r] = static_cast<float>(acc);
   }
+}
+
+// Sum of squared differences of two rows read with their own strides and dtype, widened to
+// float; every lane returns the total. The summation order depends only on d, so one pair always
+// gets the same value: ties between duplicate rows stay exact ties.
+template <typename scalar_t>
+__device__ __forceinline__ float warp_sq_dist(const scalar_t* __restrict__ a, int64_t as,
+                                              const scalar_t* __restrict__ b, int64_t bs,
+                                              int64_t d, int lane) {
+  float acc = 0.0f;
+  for (int64_t c = lane; c < d; c += kWarp) {
+    const float x = static_cast<float>(a[c * as]) - static_cast<float>(b[c * bs]);
+    acc = fmaf(x, x, acc);
+  }
+  for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(kFullMask, acc, off);
+  return acc;
 }
 
 // Sorts one (dist, idx) pair per lane ascending across the warp (bitonic network, 15 steps).
@@ -159,102 +179,106 @@ __device__ void warp_merge_into_list(float* ld, int64_t* li, int64_t k, float nd
   __syncwarp();  // the list is complete and visible to the whole warp
 }
 
-// Offers one tile of approximate distances to the rows' top-k lists; one warp per query row.
-//   tile   (mb, nb) row-major cross terms q.b for query rows m0.. and bank rows n0..
-//   qn, bn squared norms, already offset to m0 and n0
-//   ld, li (mb, k) lists, already offset to row m0
-__global__ void __launch_bounds__(kThreads)
-    select_tile_kernel(const float* __restrict__ tile, int64_t mb, int64_t nb,
-                       const float* __restrict__ qn, const float* __restrict__ bn, int64_t n0,
-                       int64_t k, float* ld_all, int64_t* li_all) {
+// Where the screen of one tile reads its inputs and the exact re-ranking its rows.
+template <typename scalar_t>
+struct TileArgs {
+  const float* tile;  // (mb, nb) row-major cross terms of the centred rows
+  int64_t mb, nb;
+  const float* qn;  // (mb) squared norms of the centred query rows
+  const float* bn;  // (nb) squared norms of the centred bank rows
+  int64_t n0;       // bank row of tile column 0
+  int64_t k;
+  float eps;      // lower bound = d_approx - eps * (|q|^2 + |b|^2)
+  float inflate;  // the k-th exact distance is inflated by the rounding of a direct sum
+  const scalar_t* q;  // original query, already offset to the block's first row
+  int64_t qs0, qs1;
+  const scalar_t* b;  // original bank
+  int64_t bs0, bs1, d;
+  float* ld_all;  // (mb, k) sorted lists, already offset to the block's first row
+  int64_t* li_all;
+};
+
+// Screens one tile against each query row's k best and re-ranks the survivors exactly; one warp
+// per query row.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) screen_tile_kernel(const TileArgs<scalar_t> a) {
   __shared__ int64_t counts[kWarpsPerBlock][kWarp];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
-  if (row >= mb) return;  // whole warp leaves together
+  if (row >= a.mb) return;  // whole warp leaves together
 
-  const float* trow = tile + row * nb;
-  const float q2 = qn[row];
-  float* ld = ld_all + row * k;
-  int64_t* li = li_all + row * k;
-  float kth_d = ld[k - 1];
-  int64_t kth_i = li[k - 1];
+  const float* trow = a.tile + row * a.nb;
+  const float q2 = a.qn[row];
+  const scalar_t* qrow = a.q + row * a.qs0;
+  float* ld = a.ld_all + row * a.k;
+  int64_t* li = a.li_all + row * a.k;
+  float kth_d = ld[a.k - 1];
+  int64_t kth_i = li[a.k - 1];
+  float bound = kth_d * a.inflate;
 
-  for (int64_t c0 = 0; c0 < nb; c0 += kWarp) {
-    const int64_t c = c0 + lane;
-    float d = kInf;
-    int64_t i = kSentinelIndex;
-    bool enters = false;
-    if (c < nb) {
-      d = nan_to_inf(q2 + bn[c] - 2.0f * trow[c]);
-      i = n0 + c;
-      enters = ranks_before(d, i, kth_d, kth_i);
+  for (int64_t c0 = 0; c0 < a.nb; c0 += kUnroll * kWarp) {
+    float t[kUnroll], bq[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + u * kWarp + lane;
+      t[u] = c < a.nb ? trow[c] : 0.0f;
+      bq[u] = c < a.nb ? a.bn[c] : kInf;
     }
-    const unsigned ballot = __ballot_sync(kFullMask, enters);
-    if (ballot == 0) continue;  // the common case once the list has filled with good rows
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + u * kWarp + lane;
+      const float s = q2 + bq[u];
+      const float lower = (s - 2.0f * t[u]) - a.eps * s;
+      // NaN bounds pass: a non-finite row is re-ranked rather than trusted.
+      const bool pass = c < a.nb && !(lower > bound);
+      const unsigned ballot = __ballot_sync(kFullMask, pass);
+      if (ballot == 0) continue;  // the common case once the list holds good rows
 
-    if (!enters) {  // losers sort to the back, behind every survivor
-      d = kInf;
-      i = kSentinelIndex;
-    }
-    warp_sort_pairs(d, i, lane);
-    warp_merge_into_list(ld, li, k, d, i, __popc(ballot), lane, counts[warp]);
-    kth_d = ld[k - 1];
-    kth_i = li[k - 1];
-  }
-}
-
-// Replaces each selected distance by the direct sum of squared differences of the original rows
-// (read with their own strides and dtype); one warp per (query row, list entry).
-template <typename scalar_t>
-__global__ void recompute_distances_kernel(const scalar_t* __restrict__ q, int64_t qs0,
-                                           int64_t qs1, const scalar_t* __restrict__ b,
-                                           int64_t bs0, int64_t bs1, int64_t m, int64_t k,
-                                           int64_t d, float* __restrict__ dist,
-                                           const int64_t* __restrict__ idx) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  const int64_t total = m * k;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-       e < total; e += warps) {
-    const scalar_t* qr = q + (e / k) * qs0;
-    const scalar_t* br = b + idx[e] * bs0;
-    float acc = 0.0f;
-    for (int64_t c = lane; c < d; c += kWarp) {
-      const float x = static_cast<float>(qr[c * qs1]) - static_cast<float>(br[c * bs1]);
-      acc = fmaf(x, x, acc);
-    }
-    for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(kFullMask, acc, off);
-    if (lane == 0) dist[e] = nan_to_inf(acc);
-  }
-}
-
-// Short rows: one thread re-sorts its row by (dist, index), then clamps and takes the root.
-// Recomputation only reorders near-ties, so insertion sort does little work here.
-__global__ void sort_finish_kernel(float* __restrict__ dist, int64_t* __restrict__ idx, int64_t m,
-                                   int64_t k, bool squared) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < m;
-       r += stride) {
-    float* d = dist + r * k;
-    int64_t* ix = idx + r * k;
-    for (int64_t j = 1; j < k; ++j) {
-      const float dj = d[j];
-      const int64_t ij = ix[j];
-      int64_t p = j;
-      while (p > 0 && ranks_before(dj, ij, d[p - 1], ix[p - 1])) {
-        d[p] = d[p - 1];
-        ix[p] = ix[p - 1];
-        --p;
+      float e = kInf;
+      for (unsigned bits = ballot; bits != 0; bits &= bits - 1) {
+        const int src = __ffs(bits) - 1;
+        const int64_t j = a.n0 + c0 + u * kWarp + src;
+        const float dj = warp_sq_dist(qrow, a.qs1, a.b + j * a.bs0, a.bs1, a.d, lane);
+        if (lane == src) e = nan_to_inf(dj);
       }
-      d[p] = dj;
-      ix[p] = ij;
-    }
-    for (int64_t j = 0; j < k; ++j) {
-      const float v = fmaxf(d[j], 0.0f);
-      d[j] = squared ? v : sqrtf(v);
+      int64_t i = a.n0 + c;
+      const bool enters = pass && ranks_before(e, i, kth_d, kth_i);
+      const unsigned entering = __ballot_sync(kFullMask, enters);
+      if (entering == 0) continue;
+      if (!enters) {  // losers sort to the back, behind every entrant
+        e = kInf;
+        i = kSentinelIndex;
+      }
+      warp_sort_pairs(e, i, lane);
+      warp_merge_into_list(ld, li, a.k, e, i, __popc(entering), lane, counts[warp]);
+      kth_d = ld[a.k - 1];
+      kth_i = li[a.k - 1];
+      bound = kth_d * a.inflate;
     }
   }
+}
+
+// The screen's eps: float32 rounding of centring, norms, the GEMM's sums (gamma_D) and the
+// expansion, plus the rounding of the GEMM's inputs when the user's float32 matmul precision lets
+// cuBLAS use TF32 ("high") or bfloat16 ("medium") internally.
+float screen_eps(int64_t d) {
+  double eps = 1.1 * static_cast<double>(d + 16) * std::ldexp(1.0, -24);
+  switch (at::globalContext().float32MatmulPrecision()) {
+    case at::Float32MatmulPrecision::HIGHEST:
+      break;
+    case at::Float32MatmulPrecision::HIGH:
+      eps += 1.01 * std::ldexp(1.0, -9);  // two inputs truncated to 10 mantissa bits
+      break;
+    default:
+      eps += 1.01 * std::ldexp(1.0, -6);  // two inputs truncated to 7 mantissa bits
+  }
+  return static_cast<float>(eps);
+}
+
+// (rows, d) float32 contiguous copy of x's rows [r0, r0 + rows) minus the centre.
+at::Tensor centred_rows(const at::Tensor& x, int64_t r0, int64_t rows, const at::Tensor& centre) {
+  return at::sub(x.narrow(0, r0, rows).to(at::kFloat), centre).contiguous();
 }
 
 }  // namespace
@@ -273,66 +297,66 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query, const at::T
   if (m == 0) return {dist, idx};
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor qn = at::empty({m}, fopts);
-  at::Tensor bn = at::empty({n}, fopts);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "knn_cuda_norms", [&] {
-    row_sq_norms_kernel<scalar_t><<<blocks_for(m, kWarpsPerBlock), kThreads, 0, stream>>>(
-        query.const_data_ptr<scalar_t>(), m, d, query.stride(0), query.stride(1),
-        qn.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    row_sq_norms_kernel<scalar_t><<<blocks_for(n, kWarpsPerBlock), kThreads, 0, stream>>>(
-        bank.const_data_ptr<scalar_t>(), n, d, bank.stride(0), bank.stride(1),
-        bn.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-
   const int64_t mt = std::min(m, kQueryBlock);
   const int64_t nt = std::min(n, kBankTile);
+
+  // The bank's mean, summed tile by tile in double (no widened copy of the whole bank). Non-finite
+  // columns centre on 0 instead: the centre only has to be finite, not good.
+  at::Tensor centre = at::zeros({d}, fopts.dtype(at::kDouble));
+  for (int64_t n0 = 0; n0 < n; n0 += nt)
+    centre.add_(bank.narrow(0, n0, std::min(nt, n - n0)).sum(0, false, at::kDouble));
+  centre = at::nan_to_num(centre.div_(static_cast<double>(n)), 0.0, 0.0, 0.0).to(at::kFloat);
+
+  const float eps = screen_eps(d);
+  const float inflate = 1.0f + static_cast<float>(d + 8) * 1.2e-7f;
   at::Tensor tile_storage = at::empty({mt * nt}, fopts);
+  at::Tensor qn = at::empty({mt}, fopts);
+  at::Tensor bn = at::empty({nt}, fopts);
 
   for (int64_t m0 = 0; m0 < m; m0 += mt) {
     const int64_t mb = std::min(mt, m - m0);
-    // No copy for float32 input; at::mm copies itself if the strides do not suit cuBLAS.
-    const at::Tensor qblock = query.narrow(0, m0, mb).to(at::kFloat);
+    const at::Tensor qblock = centred_rows(query, m0, mb, centre);
+    row_sq_norms_kernel<<<blocks_for(mb, kWarpsPerBlock), kThreads, 0, stream>>>(
+        qblock.const_data_ptr<float>(), mb, d, qn.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     for (int64_t n0 = 0; n0 < n; n0 += nt) {
       const int64_t nb = std::min(nt, n - n0);
-      const at::Tensor btile = bank.narrow(0, n0, nb).to(at::kFloat);
+      const at::Tensor btile = centred_rows(bank, n0, nb, centre);
+      row_sq_norms_kernel<<<blocks_for(nb, kWarpsPerBlock), kThreads, 0, stream>>>(
+          btile.const_data_ptr<float>(), nb, d, bn.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor tile = tile_storage.narrow(0, 0, mb * nb).view({mb, nb});
       at::mm_out(tile, qblock, btile.t());
 
-      select_tile_kernel<<<blocks_for(mb, kWarpsPerBlock), kThreads, 0, stream>>>(
-          tile.const_data_ptr<float>(), mb, nb, qn.const_data_ptr<float>() + m0,
-          bn.const_data_ptr<float>() + n0, n0, k, dist.mutable_data_ptr<float>() + m0 * k,
-          idx.mutable_data_ptr<int64_t>() + m0 * k);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "knn_cuda", [&] {
+        TileArgs<scalar_t> args{tile.const_data_ptr<float>(),
+                                mb,
+                                nb,
+                                qn.const_data_ptr<float>(),
+                                bn.const_data_ptr<float>(),
+                                n0,
+                                k,
+                                eps,
+                                inflate,
+                                query.const_data_ptr<scalar_t>() + m0 * query.stride(0),
+                                query.stride(0),
+                                query.stride(1),
+                                bank.const_data_ptr<scalar_t>(),
+                                bank.stride(0),
+                                bank.stride(1),
+                                d,
+                                dist.mutable_data_ptr<float>() + m0 * k,
+                                idx.mutable_data_ptr<int64_t>() + m0 * k};
+        screen_tile_kernel<scalar_t><<<blocks_for(mb, kWarpsPerBlock), kThreads, 0, stream>>>(args);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
   }
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "knn_cuda_recompute", [&] {
-    recompute_distances_kernel<scalar_t><<<blocks_for(m * k, kWarpsPerBlock), kThreads, 0, stream>>>(
-        query.const_data_ptr<scalar_t>(), query.stride(0), query.stride(1),
-        bank.const_data_ptr<scalar_t>(), bank.stride(0), bank.stride(1), m, k, d,
-        dist.mutable_data_ptr<float>(), idx.const_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-
-  if (k <= kInsertionSortMaxK) {
-    sort_finish_kernel<<<blocks_for(m, kThreads), kThreads, 0, stream>>>(
-        dist.mutable_data_ptr<float>(), idx.mutable_data_ptr<int64_t>(), m, k, squared);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {dist, idx};
-  }
-
-  // Long rows: (dist, index) order from two stable sorts, by index first and then by distance
-  // (NaN is already +inf, so the float sort sees only ordered values).
-  const auto by_index = at::sort(idx, /*stable=*/true, /*dim=*/1, /*descending=*/false);
-  const at::Tensor idx1 = std::get<0>(by_index);
-  const at::Tensor dist1 = dist.gather(1, std::get<1>(by_index));
-  const auto by_dist = at::sort(dist1, /*stable=*/true, /*dim=*/1, /*descending=*/false);
-  at::Tensor out_dist = std::get<0>(by_dist).clamp_min_(0.0);
-  if (!squared) out_dist.sqrt_();
-  return {out_dist, idx1.gather(1, std::get<1>(by_dist))};
+  // The lists hold exact squared distances in (distance, index) order; sums of squares are never
+  // negative, so only the root remains.
+  if (!squared) dist.sqrt_();
+  return {dist, idx};
 }
 
 TORCH_LIBRARY_IMPL(fastad, CUDA, m) { m.impl("knn", &knn_cuda); }
