@@ -15,9 +15,9 @@ from fastad import reference
 from ..conftest import CUDA_SKIP
 
 # (M, N, D, k). The CPU kernel has two paths: an int8-screened one (D >= 32, N >= 1024,
-# 32 k <= N) and a float32 GEMM one (everything else); the shapes below exercise both, with sizes
-# that are not multiples of any tile (4 query rows, 16 bank columns, 64-row blocks, 512-column
-# chunks, 1024 x 4096 GEMM tiles).
+# 32 k <= N; AVX-512 VNNI or AVX2 micro-kernel) and a float32 GEMM one (everything else); the
+# shapes below exercise both, with sizes that are not multiples of any tile (4 or 8 query rows,
+# 16 or 32 bank columns, 64-row blocks, 512-column chunks, 1024 x 4096 GEMM tiles).
 SHAPES = [
     (1, 1, 1, 1),
     (1, 7, 3, 7),  # k = N
@@ -70,13 +70,14 @@ def assert_knn_correct(query, bank, k, squared, dist, idx, seed=None):
     assert torch.equal(idx[clear], ref_i[clear]), msg
 
 
-@pytest.fixture(params=["auto", "gemm"])
+@pytest.fixture(params=["auto", "avx2", "gemm"])
 def cpu_path(request, device, monkeypatch):
-    """Runs a CPU case through the automatic path choice and through the float32 GEMM path."""
-    if request.param == "gemm":
+    """Runs a CPU case through the automatic path choice (the AVX-512 VNNI screen where the CPU
+    has it), the AVX2 screen and the float32 GEMM path."""
+    if request.param != "auto":
         if device != "cpu":
-            pytest.skip("the float32 GEMM path switch is a CPU kernel knob")
-        monkeypatch.setenv("FASTAD_KNN_CPU_PATH", "gemm")
+            pytest.skip("the CPU path switch is a CPU kernel knob")
+        monkeypatch.setenv("FASTAD_KNN_CPU_PATH", request.param)
     return request.param
 
 

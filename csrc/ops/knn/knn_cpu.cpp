@@ -160,10 +160,12 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Te
   float* dp = dist.data_ptr<float>();
   int64_t* ip = idx.data_ptr<int64_t>();
 
-  // FASTAD_KNN_CPU_PATH=gemm forces the float32 path (tests and benchmarks compare the two).
-  const char* forced = std::getenv("FASTAD_KNN_CPU_PATH");
-  const bool allow_screen = forced == nullptr || std::string(forced) != "gemm";
-  const bool screened = allow_screen && knn_detail::knn_screened_int8(qp, m, bp, n, d, k, dp, ip);
+  // FASTAD_KNN_CPU_PATH=gemm forces the float32 path and =avx2 the AVX2 screen on a CPU with
+  // AVX-512 VNNI, so that tests and benchmarks reach every path on one machine.
+  const char* env = std::getenv("FASTAD_KNN_CPU_PATH");
+  const std::string forced = env ? env : "";
+  const bool screened = forced != "gemm" &&
+                        knn_detail::knn_screened_int8(qp, m, bp, n, d, k, forced != "avx2", dp, ip);
   if (!screened) knn_detail::knn_gemm_tiles(qp, m, bp, n, d, k, dp, ip);
   knn_detail::finish_rows(m, k, squared, dp, ip);
   return {dist, idx};

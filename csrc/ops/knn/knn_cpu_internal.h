@@ -84,9 +84,10 @@ void knn_gemm_tiles(const float* q, int64_t m, const float* b, int64_t n, int64_
 // Screened path: an int8 first pass with a per-pair error bound, exact re-ranking of every
 // candidate the bound cannot rule out. Fills dist/idx with exact squared distances (unsorted) and
 // returns true, or returns false without touching them when the inputs do not suit it (no AVX2,
-// small problems, non-finite values).
+// small problems, non-finite values). Uses the AVX-512 VNNI micro-kernel where the CPU has it and
+// allow_vnni is set, the AVX2 one otherwise.
 bool knn_screened_int8(const float* q, int64_t m, const float* b, int64_t n, int64_t d, int64_t k,
-                       float* dist, int64_t* idx);
+                       bool allow_vnni, float* dist, int64_t* idx);
 
 // Sorts each row ascending (ties by index), clamps at 0 and takes square roots unless `squared`.
 void finish_rows(int64_t m, int64_t k, bool squared, float* dist, int64_t* idx);

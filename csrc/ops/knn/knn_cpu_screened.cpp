@@ -1,9 +1,11 @@
 // CPU kNN, screened path: a cheap int8 first pass that proves most bank rows cannot be among the
 // k nearest, and exact float32 re-ranking of every row it cannot rule out. The result is exact.
 //
-// Why: on AVX2 (no AVX-512/VNNI) an int8 multiply-add (vpmaddubsw) does 32 products per
-// instruction where an FP32 FMA does 8, so the first pass costs about half an FP32 GEMM, and the
-// re-ranking touches only a few hundred rows per query.
+// Why: on AVX2 an int8 multiply-add pair (vpmaddubsw + vpmaddwd) does 32 products where an FP32
+// FMA does 8, and with AVX-512 VNNI one vpdpbusd does 64 where an FP32 FMA does 16, so the first
+// pass costs a fraction of an FP32 GEMM; the re-ranking touches only a few hundred rows per query.
+// There are two micro-kernels, AVX2 (8-column panels) and AVX-512 VNNI (16-column panels), chosen
+// at run time; everything else (coding, bound, candidates) is shared.
 //
 // The bound. Rows are first centred on the bank's mean (distances are unchanged). Each row x is coded as x = s*c + e with a per-row scale s = max|x| / 63, 7-bit codes
 // c in [-63, 63] and a residual e. For a query q and a bank row b, with q^ = s_q*c_q and
@@ -37,10 +39,14 @@ namespace {
 
 constexpr int kCodeMax = 63;
 constexpr int kQueryOffset = 64;
-constexpr int kGroup = 4;               // dims per broadcast int32 of query codes
-constexpr int kPanel = 8;               // bank columns per packed panel (one register of int32)
-constexpr int kTileCols = 2 * kPanel;   // columns per micro-tile
-constexpr int kTileRows = 4;            // query rows per micro-tile
+constexpr int kGroup = 4;  // dims per broadcast int32 of query codes
+// Bank columns per packed panel: one register of int32 accumulators. A micro-tile is two panels
+// wide and kTileRows* query rows high.
+constexpr int kPanelAvx2 = 8;
+constexpr int kPanelVnni = 16;
+constexpr int kTileRowsAvx2 = 4;  // 8 accumulators + 2 panels + 1 broadcast of 16 ymm registers
+constexpr int kTileRowsVnni = 8;  // 16 accumulators + 2 panels + 1 broadcast of 32 zmm registers
+constexpr int kMaxTileCols = 2 * kPanelVnni;
 constexpr int64_t kQueryBlock = 64;     // query rows per task
 constexpr int64_t kBankChunk = 512;     // bank columns per chunk: its int8 panels stay in L2
 constexpr float kSlack = 1e-5f;
@@ -50,10 +56,93 @@ struct RowCodes {
   std::vector<int32_t> code_sum;
 };
 
-// Codes every row of x - center and records the facts the bound needs. Work is in double so
-// that centring loses nothing: the bound must hold for the float inputs taken as exact values.
-// `store(r, j, code)` writes code j of row r wherever the caller's layout wants it. Returns false
-// if any value is not finite.
+// What the bound needs to know of one coded row.
+struct RowFacts {
+  float scale, norm2, hat_norm, err_norm;
+  int32_t code_sum;
+  bool finite;
+};
+
+__attribute__((target("avx2"))) double hsum(__m256d a) {
+  double t[4];
+  _mm256_storeu_pd(t, a);
+  return (t[0] + t[1]) + (t[2] + t[3]);
+}
+
+// Codes one row x - center (d values) into codes[0, d) with AVX2, four doubles at a time. Work is
+// in double so that centring loses nothing: the bound must hold for the float inputs taken as
+// exact values. The screened path only runs on AVX2 CPUs, so this needs no portable twin.
+__attribute__((target("avx2,fma"))) RowFacts code_row(const float* x, const double* center,
+                                                       int64_t d, double* v, int8_t* codes) {
+  RowFacts f{};
+  const __m256d sign = _mm256_set1_pd(-0.0);
+  __m256d amax4 = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 4 <= d; j += 4) {
+    const __m256d vj = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + j)), _mm256_loadu_pd(center + j));
+    _mm256_storeu_pd(v + j, vj);
+    amax4 = _mm256_max_pd(amax4, _mm256_andnot_pd(sign, vj));  // max drops NaN: checked below
+  }
+  double lanes[4];
+  _mm256_storeu_pd(lanes, amax4);
+  double amax = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
+  bool finite = true;
+  for (int64_t i = 0; i < j; ++i) finite &= std::isfinite(v[i]);  // vectorises; catches NaN
+  for (; j < d; ++j) {
+    v[j] = static_cast<double>(x[j]) - center[j];
+    finite &= std::isfinite(v[j]);
+    amax = std::max(amax, std::fabs(v[j]));
+  }
+  if (!finite || !(amax <= DBL_MAX)) return f;  // f.finite stays false
+
+  const float scale = amax > 0.0 ? static_cast<float>(amax / kCodeMax) : 1.0f;
+  const double inv = 1.0 / scale;
+  const __m256d inv4 = _mm256_set1_pd(inv), scale4 = _mm256_set1_pd(scale);
+  const __m256d lo = _mm256_set1_pd(-kCodeMax), hi = _mm256_set1_pd(kCodeMax);
+  __m256d n2 = _mm256_setzero_pd(), h2 = _mm256_setzero_pd(), e2 = _mm256_setzero_pd();
+  __m128i sum4 = _mm_setzero_si128();
+  j = 0;
+  for (; j + 4 <= d; j += 4) {
+    const __m256d vj = _mm256_loadu_pd(v + j);
+    // Any rounding of v / scale is sound: the bound uses the residual of the code chosen.
+    const __m256d c = _mm256_min_pd(hi, _mm256_max_pd(lo, _mm256_round_pd(_mm256_mul_pd(vj, inv4),
+                                                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    const __m256d hat = _mm256_mul_pd(scale4, c);
+    const __m256d e = _mm256_sub_pd(vj, hat);
+    n2 = _mm256_fmadd_pd(vj, vj, n2);
+    h2 = _mm256_fmadd_pd(hat, hat, h2);
+    e2 = _mm256_fmadd_pd(e, e, e2);
+    const __m128i ci = _mm256_cvtpd_epi32(c);  // exact: c is an integer in [-63, 63]
+    sum4 = _mm_add_epi32(sum4, ci);
+    const int32_t packed4 = _mm_cvtsi128_si32(_mm_packs_epi16(_mm_packs_epi32(ci, ci), ci));
+    std::memcpy(codes + j, &packed4, 4);
+  }
+  double n2s = hsum(n2), h2s = hsum(h2), e2s = hsum(e2);
+  int32_t s4[4];
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(s4), sum4);
+  int32_t sum = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+  for (; j < d; ++j) {
+    const int c = static_cast<int>(std::clamp(std::nearbyint(v[j] * inv), -1.0 * kCodeMax, 1.0 * kCodeMax));
+    const double hat = static_cast<double>(scale) * c;
+    n2s += v[j] * v[j];
+    h2s += hat * hat;
+    e2s += (v[j] - hat) * (v[j] - hat);
+    sum += c;
+    codes[j] = static_cast<int8_t>(c);
+  }
+  f.finite = n2s <= DBL_MAX;
+  f.scale = scale;
+  // Round the bound's ingredients in the safe direction so float storage never shrinks it.
+  f.norm2 = static_cast<float>(n2s);
+  f.hat_norm = static_cast<float>(std::sqrt(h2s) * (1.0 + 1e-6));
+  f.err_norm = static_cast<float>(std::sqrt(e2s) * (1.0 + 1e-6));
+  f.code_sum = sum;
+  return f;
+}
+
+// Codes every row of x - center and records the facts the bound needs. `store(r, codes)` copies
+// row r's d codes wherever the caller's layout wants them. Returns false if any value is not
+// finite.
 template <typename Store>
 bool code_rows(const float* x, int64_t rows, int64_t d, const double* center, RowCodes& out,
                Store store) {
@@ -65,37 +154,19 @@ bool code_rows(const float* x, int64_t rows, int64_t d, const double* center, Ro
   std::atomic<bool> finite{true};
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<double> v(d);
+    std::vector<int8_t> codes(d);
     for (int64_t r = begin; r < end; ++r) {
-      const float* row = x + r * d;
-      double amax = 0.0;
-      for (int64_t j = 0; j < d; ++j) {
-        v[j] = static_cast<double>(row[j]) - center[j];
-        amax = std::max(amax, std::fabs(v[j]));
-      }
-      if (!(amax <= DBL_MAX)) {  // inf or NaN somewhere in the row
+      const RowFacts f = code_row(x + r * d, center, d, v.data(), codes.data());
+      if (!f.finite) {
         finite.store(false, std::memory_order_relaxed);
         continue;
       }
-      const float scale = amax > 0.0 ? static_cast<float>(amax / kCodeMax) : 1.0f;
-      double n2 = 0.0, h2 = 0.0, e2 = 0.0;
-      int32_t sum = 0;
-      for (int64_t j = 0; j < d; ++j) {
-        int c = static_cast<int>(std::nearbyint(v[j] / scale));
-        c = std::clamp(c, -kCodeMax, kCodeMax);
-        const double hat = static_cast<double>(scale) * c;
-        n2 += v[j] * v[j];
-        h2 += hat * hat;
-        e2 += (v[j] - hat) * (v[j] - hat);
-        sum += c;
-        store(r, j, c);
-      }
-      if (!(n2 <= DBL_MAX)) finite.store(false, std::memory_order_relaxed);
-      out.scale[r] = scale;
-      // Round the bound's ingredients in the safe direction so float storage never shrinks it.
-      out.norm2[r] = static_cast<float>(n2);
-      out.hat_norm[r] = static_cast<float>(std::sqrt(h2) * (1.0 + 1e-6));
-      out.err_norm[r] = static_cast<float>(std::sqrt(e2) * (1.0 + 1e-6));
-      out.code_sum[r] = sum;
+      store(r, codes.data());
+      out.scale[r] = f.scale;
+      out.norm2[r] = f.norm2;
+      out.hat_norm[r] = f.hat_norm;
+      out.err_norm[r] = f.err_norm;
+      out.code_sum[r] = f.code_sum;
     }
   });
   return finite.load();
@@ -130,11 +201,12 @@ struct Screen {
   const float* q;
   const float* b;
   int64_t m, n, d, k;
+  int64_t panel;   // kPanelAvx2 or kPanelVnni: the micro-kernel's packing
   int64_t dp;      // d rounded up to kGroup
   int64_t groups;  // dp / kGroup
-  int64_t np;      // n rounded up to kTileCols
+  int64_t np;      // n rounded up to kMaxTileCols (a whole number of tiles for either kernel)
   std::vector<uint8_t> qcodes;  // (m, dp) row-major, code + 64, zero padding
-  std::vector<int8_t> bpacked;  // (np / kPanel) panels of (groups, kPanel, kGroup)
+  std::vector<int8_t> bpacked;  // (np / panel) panels of (groups, panel, kGroup)
   // Per bank column (length np; padding columns have P = NaN so they never pass):
   std::vector<float> P, S, T, U, V;
   // Per query row:
@@ -150,22 +222,24 @@ struct Screen {
 bool build_screen(Screen& s) {
   s.dp = (s.d + kGroup - 1) / kGroup * kGroup;
   s.groups = s.dp / kGroup;
-  s.np = (s.n + kTileCols - 1) / kTileCols * kTileCols;
+  s.np = (s.n + kMaxTileCols - 1) / kMaxTileCols * kMaxTileCols;
   s.qcodes.assign(static_cast<size_t>(s.m * s.dp), 0);
   s.bpacked.assign(static_cast<size_t>(s.np * s.dp), 0);
 
   const std::vector<double> center = column_means(s.b, s.n, s.d);
   RowCodes qc, bc;
-  const int64_t dp = s.dp, panel_bytes = s.groups * kPanel * kGroup;
+  const int64_t dp = s.dp, panel = s.panel, panel_bytes = s.groups * panel * kGroup;
   uint8_t* qcodes = s.qcodes.data();
   int8_t* packed = s.bpacked.data();
-  if (!code_rows(s.q, s.m, s.d, center.data(), qc, [&](int64_t r, int64_t j, int c) {
-        qcodes[r * dp + j] = static_cast<uint8_t>(c + kQueryOffset);
+  const int64_t d = s.d;
+  if (!code_rows(s.q, s.m, d, center.data(), qc, [&](int64_t r, const int8_t* codes) {
+        for (int64_t j = 0; j < d; ++j) qcodes[r * dp + j] = static_cast<uint8_t>(codes[j] + kQueryOffset);
       }))
     return false;
-  if (!code_rows(s.b, s.n, s.d, center.data(), bc, [&](int64_t r, int64_t j, int c) {
-        packed[(r / kPanel) * panel_bytes + (j / kGroup) * (kPanel * kGroup) +
-               (r % kPanel) * kGroup + (j % kGroup)] = static_cast<int8_t>(c);
+  // Bank row r's codes go to its panel, kGroup of them per group, groups panel * kGroup apart.
+  if (!code_rows(s.b, s.n, d, center.data(), bc, [&](int64_t r, const int8_t* codes) {
+        int8_t* dst = packed + (r / panel) * panel_bytes + (r % panel) * kGroup;
+        for (int64_t j = 0; j < d; ++j) dst[(j / kGroup) * (panel * kGroup) + j % kGroup] = codes[j];
       }))
     return false;
 
@@ -197,76 +271,148 @@ bool build_screen(Screen& s) {
   return true;
 }
 
-// One task: query rows [r0, r1) against bank columns [c_begin, c_end) (multiples of kTileCols,
-// c_end <= np). Leaves each row's k best (exact squared distances, unsorted) in dist/idx, which
-// point at the task's row r0.
-__attribute__((target("avx2,fma"))) void screen_task(const Screen& s, int64_t r0, int64_t r1,
-                                                      int64_t c_begin, int64_t c_end,
-                                                      float* dist, int64_t* idx) {
-  const int64_t rows = r1 - r0, k = s.k, d = s.d, groups = s.groups;
-  const int64_t panel_bytes = groups * kPanel * kGroup;
-  CandidateRows cands(s.q, s.b, d, k, r0, rows, dist, idx);
+// Offers the bank columns t0 + (set bits of mask) to query row r's candidates.
+inline void offer(CandidateRows& cands, int64_t r, int64_t t0, uint32_t mask) {
+  while (mask) {
+    const int bit = __builtin_ctz(mask);
+    mask &= mask - 1;
+    cands.add(r, t0 + bit);
+  }
+}
+
+// The AVX2 micro-tile: query rows [rg, rg + nvalid) (task-relative) against bank columns
+// [t0, t0 + 16). vpmaddubsw multiplies the unsigned query codes by the signed bank codes into
+// int16 pair sums, vpmaddwd against ones widens them to int32 sums of four.
+__attribute__((target("avx2,fma"))) void tile_avx2(const Screen& s, int64_t r0, int64_t rg,
+                                                    int nvalid, int64_t t0, CandidateRows& cands) {
+  constexpr int kTileRows = kTileRowsAvx2, kPanel = kPanelAvx2;
+  const int64_t groups = s.groups, panel_bytes = groups * kPanel * kGroup;
+  const uint8_t* a[kTileRows];
+  for (int i = 0; i < kTileRows; ++i) a[i] = s.qcodes.data() + (r0 + rg + std::min(i, nvalid - 1)) * s.dp;
+  const int8_t* p0 = s.bpacked.data() + (t0 / kPanel) * panel_bytes;
+  const int8_t* p1 = p0 + panel_bytes;
   const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[kTileRows][2];
+#pragma GCC unroll 4
+  for (int i = 0; i < kTileRows; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + g * 32));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1 + g * 32));
+#pragma GCC unroll 4
+    for (int i = 0; i < kTileRows; ++i) {
+      int32_t w;
+      std::memcpy(&w, a[i] + g * kGroup, 4);
+      const __m256i av = _mm256_set1_epi32(w);
+      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones));
+      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones));
+    }
+  }
+  const __m256 P0 = _mm256_loadu_ps(&s.P[t0]), P1 = _mm256_loadu_ps(&s.P[t0 + 8]);
+  const __m256 S0 = _mm256_loadu_ps(&s.S[t0]), S1 = _mm256_loadu_ps(&s.S[t0 + 8]);
+  const __m256 T0 = _mm256_loadu_ps(&s.T[t0]), T1 = _mm256_loadu_ps(&s.T[t0 + 8]);
+  const __m256 U0 = _mm256_loadu_ps(&s.U[t0]), U1 = _mm256_loadu_ps(&s.U[t0 + 8]);
+  const __m256 V0 = _mm256_loadu_ps(&s.V[t0]), V1 = _mm256_loadu_ps(&s.V[t0 + 8]);
+#pragma GCC unroll 4
+  for (int i = 0; i < kTileRows; ++i) {
+    if (i >= nvalid) break;
+    const int64_t r = rg + i, gr = r0 + r;
+    const __m256 A = _mm256_set1_ps(s.A[gr]), W = _mm256_set1_ps(s.W[gr]);
+    const __m256 X = _mm256_set1_ps(s.X[gr]), Y = _mm256_set1_ps(s.Y[gr]);
+    const __m256 Z = _mm256_set1_ps(s.Z[gr]), th = _mm256_set1_ps(cands.threshold(r));
+    __m256 lb0 = _mm256_add_ps(A, P0), lb1 = _mm256_add_ps(A, P1);
+    lb0 = _mm256_fmadd_ps(_mm256_mul_ps(S0, W), _mm256_cvtepi32_ps(acc[i][0]), lb0);
+    lb1 = _mm256_fmadd_ps(_mm256_mul_ps(S1, W), _mm256_cvtepi32_ps(acc[i][1]), lb1);
+    lb0 = _mm256_fmadd_ps(T0, X, lb0);
+    lb1 = _mm256_fmadd_ps(T1, X, lb1);
+    lb0 = _mm256_fmadd_ps(U0, Y, lb0);
+    lb1 = _mm256_fmadd_ps(U1, Y, lb1);
+    lb0 = _mm256_fmadd_ps(V0, Z, lb0);
+    lb1 = _mm256_fmadd_ps(V1, Z, lb1);
+    const uint32_t mask =
+        static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(lb0, th, _CMP_LE_OQ))) |
+        (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(lb1, th, _CMP_LE_OQ))) << 8);
+    offer(cands, r, t0, mask);
+  }
+}
+
+// The AVX-512 VNNI micro-tile: query rows [rg, rg + nvalid) (task-relative) against bank columns
+// [t0, t0 + 32). vpdpbusd multiplies the unsigned query codes by the signed bank codes and adds
+// groups of four products straight into int32, so the inner loop is one instruction per 64
+// products.
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) void tile_vnni(
+    const Screen& s, int64_t r0, int64_t rg, int nvalid, int64_t t0, CandidateRows& cands) {
+  constexpr int kTileRows = kTileRowsVnni, kPanel = kPanelVnni;
+  const int64_t groups = s.groups, panel_bytes = groups * kPanel * kGroup;
+  const uint8_t* a[kTileRows];
+  for (int i = 0; i < kTileRows; ++i) a[i] = s.qcodes.data() + (r0 + rg + std::min(i, nvalid - 1)) * s.dp;
+  const int8_t* p0 = s.bpacked.data() + (t0 / kPanel) * panel_bytes;
+  const int8_t* p1 = p0 + panel_bytes;
+  __m512i acc[kTileRows][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < kTileRows; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i b0 = _mm512_loadu_si512(p0 + g * 64);
+    const __m512i b1 = _mm512_loadu_si512(p1 + g * 64);
+#pragma GCC unroll 8
+    for (int i = 0; i < kTileRows; ++i) {
+      int32_t w;
+      std::memcpy(&w, a[i] + g * kGroup, 4);
+      const __m512i av = _mm512_set1_epi32(w);
+      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, b0);
+      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, b1);
+    }
+  }
+  const __m512 P0 = _mm512_loadu_ps(&s.P[t0]), P1 = _mm512_loadu_ps(&s.P[t0 + 16]);
+  const __m512 S0 = _mm512_loadu_ps(&s.S[t0]), S1 = _mm512_loadu_ps(&s.S[t0 + 16]);
+  const __m512 T0 = _mm512_loadu_ps(&s.T[t0]), T1 = _mm512_loadu_ps(&s.T[t0 + 16]);
+  const __m512 U0 = _mm512_loadu_ps(&s.U[t0]), U1 = _mm512_loadu_ps(&s.U[t0 + 16]);
+  const __m512 V0 = _mm512_loadu_ps(&s.V[t0]), V1 = _mm512_loadu_ps(&s.V[t0 + 16]);
+#pragma GCC unroll 8
+  for (int i = 0; i < kTileRows; ++i) {
+    if (i >= nvalid) break;
+    const int64_t r = rg + i, gr = r0 + r;
+    const __m512 A = _mm512_set1_ps(s.A[gr]), W = _mm512_set1_ps(s.W[gr]);
+    const __m512 X = _mm512_set1_ps(s.X[gr]), Y = _mm512_set1_ps(s.Y[gr]);
+    const __m512 Z = _mm512_set1_ps(s.Z[gr]), th = _mm512_set1_ps(cands.threshold(r));
+    __m512 lb0 = _mm512_add_ps(A, P0), lb1 = _mm512_add_ps(A, P1);
+    lb0 = _mm512_fmadd_ps(_mm512_mul_ps(S0, W), _mm512_cvtepi32_ps(acc[i][0]), lb0);
+    lb1 = _mm512_fmadd_ps(_mm512_mul_ps(S1, W), _mm512_cvtepi32_ps(acc[i][1]), lb1);
+    lb0 = _mm512_fmadd_ps(T0, X, lb0);
+    lb1 = _mm512_fmadd_ps(T1, X, lb1);
+    lb0 = _mm512_fmadd_ps(U0, Y, lb0);
+    lb1 = _mm512_fmadd_ps(U1, Y, lb1);
+    lb0 = _mm512_fmadd_ps(V0, Z, lb0);
+    lb1 = _mm512_fmadd_ps(V1, Z, lb1);
+    const uint32_t mask = static_cast<uint32_t>(_mm512_cmp_ps_mask(lb0, th, _CMP_LE_OQ)) |
+                          (static_cast<uint32_t>(_mm512_cmp_ps_mask(lb1, th, _CMP_LE_OQ)) << 16);
+    offer(cands, r, t0, mask);
+  }
+}
+
+bool cpu_has_avx512_vnni() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
+// One task: query rows [r0, r1) against bank columns [c_begin, c_end) (multiples of
+// kMaxTileCols, c_end <= np). Leaves each row's k best (exact squared distances, unsorted) in
+// dist/idx, which point at the task's row r0.
+void screen_task(const Screen& s, int64_t r0, int64_t r1, int64_t c_begin, int64_t c_end,
+                 float* dist, int64_t* idx) {
+  const bool vnni = s.panel == kPanelVnni;
+  const int64_t rows = r1 - r0, tile_rows = vnni ? kTileRowsVnni : kTileRowsAvx2;
+  const int64_t tile_cols = 2 * s.panel;
+  CandidateRows cands(s.q, s.b, s.d, s.k, r0, rows, dist, idx);
   for (int64_t c0 = c_begin; c0 < c_end; c0 += kBankChunk) {
     const int64_t c1 = std::min(c0 + kBankChunk, c_end);
-    for (int64_t rg = 0; rg < rows; rg += kTileRows) {
-      const int nvalid = static_cast<int>(std::min<int64_t>(kTileRows, rows - rg));
-      const uint8_t* a[kTileRows];
-      for (int i = 0; i < kTileRows; ++i)
-        a[i] = s.qcodes.data() + (r0 + rg + std::min(i, nvalid - 1)) * s.dp;
-
-      for (int64_t t0 = c0; t0 < c1; t0 += kTileCols) {
-        const int8_t* p0 = s.bpacked.data() + (t0 / kPanel) * panel_bytes;
-        const int8_t* p1 = p0 + panel_bytes;
-        __m256i acc00 = _mm256_setzero_si256(), acc01 = _mm256_setzero_si256();
-        __m256i acc10 = _mm256_setzero_si256(), acc11 = _mm256_setzero_si256();
-        __m256i acc20 = _mm256_setzero_si256(), acc21 = _mm256_setzero_si256();
-        __m256i acc30 = _mm256_setzero_si256(), acc31 = _mm256_setzero_si256();
-        for (int64_t g = 0; g < groups; ++g) {
-          const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + g * 32));
-          const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1 + g * 32));
-          int32_t w;
-#define FASTAD_ROW(i)                                                                     \
-  std::memcpy(&w, a[i] + g * kGroup, 4);                                                  \
-  {                                                                                       \
-    const __m256i av = _mm256_set1_epi32(w);                                              \
-    acc##i##0 = _mm256_add_epi32(acc##i##0, _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones)); \
-    acc##i##1 = _mm256_add_epi32(acc##i##1, _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones)); \
-  }
-          FASTAD_ROW(0)
-          FASTAD_ROW(1)
-          FASTAD_ROW(2)
-          FASTAD_ROW(3)
-#undef FASTAD_ROW
-        }
-        const __m256i accs[kTileRows][2] = {{acc00, acc01}, {acc10, acc11}, {acc20, acc21}, {acc30, acc31}};
-        const __m256 P0 = _mm256_loadu_ps(&s.P[t0]), P1 = _mm256_loadu_ps(&s.P[t0 + 8]);
-        const __m256 S0 = _mm256_loadu_ps(&s.S[t0]), S1 = _mm256_loadu_ps(&s.S[t0 + 8]);
-        const __m256 T0 = _mm256_loadu_ps(&s.T[t0]), T1 = _mm256_loadu_ps(&s.T[t0 + 8]);
-        const __m256 U0 = _mm256_loadu_ps(&s.U[t0]), U1 = _mm256_loadu_ps(&s.U[t0 + 8]);
-        const __m256 V0 = _mm256_loadu_ps(&s.V[t0]), V1 = _mm256_loadu_ps(&s.V[t0 + 8]);
-        for (int i = 0; i < nvalid; ++i) {
-          const int64_t r = rg + i, gr = r0 + r;
-          const __m256 A = _mm256_set1_ps(s.A[gr]), W = _mm256_set1_ps(s.W[gr]);
-          const __m256 X = _mm256_set1_ps(s.X[gr]), Y = _mm256_set1_ps(s.Y[gr]);
-          const __m256 Z = _mm256_set1_ps(s.Z[gr]), th = _mm256_set1_ps(cands.threshold(r));
-          __m256 lb0 = _mm256_add_ps(A, P0), lb1 = _mm256_add_ps(A, P1);
-          lb0 = _mm256_fmadd_ps(_mm256_mul_ps(S0, W), _mm256_cvtepi32_ps(accs[i][0]), lb0);
-          lb1 = _mm256_fmadd_ps(_mm256_mul_ps(S1, W), _mm256_cvtepi32_ps(accs[i][1]), lb1);
-          lb0 = _mm256_fmadd_ps(T0, X, lb0);
-          lb1 = _mm256_fmadd_ps(T1, X, lb1);
-          lb0 = _mm256_fmadd_ps(U0, Y, lb0);
-          lb1 = _mm256_fmadd_ps(U1, Y, lb1);
-          lb0 = _mm256_fmadd_ps(V0, Z, lb0);
-          lb1 = _mm256_fmadd_ps(V1, Z, lb1);
-          unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(lb0, th, _CMP_LE_OQ))) |
-                          (static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(lb1, th, _CMP_LE_OQ))) << 8);
-          while (mask) {
-            const int bit = __builtin_ctz(mask);
-            mask &= mask - 1;
-            cands.add(r, t0 + bit);
-          }
-        }
+    for (int64_t rg = 0; rg < rows; rg += tile_rows) {
+      const int nvalid = static_cast<int>(std::min(tile_rows, rows - rg));
+      for (int64_t t0 = c0; t0 < c1; t0 += tile_cols) {
+        if (vnni)
+          tile_vnni(s, r0, rg, nvalid, t0, cands);
+        else
+          tile_avx2(s, r0, rg, nvalid, t0, cands);
       }
     }
     // Re-rank while this chunk's float rows are still in cache, and tighten the thresholds.
@@ -277,10 +423,11 @@ __attribute__((target("avx2,fma"))) void screen_task(const Screen& s, int64_t r0
 }  // namespace
 
 bool knn_screened_int8(const float* q, int64_t m, const float* b, int64_t n, int64_t d, int64_t k,
-                       float* dist, int64_t* idx) {
+                       bool allow_vnni, float* dist, int64_t* idx) {
   // Screening pays when the int8 pass dominates and a small share of rows survive it.
   if (!cpu_has_avx2_fma() || d < 32 || n < 1024 || k * 32 > n || k > 1024) return false;
   Screen s;
+  s.panel = allow_vnni && cpu_has_avx512_vnni() ? kPanelVnni : kPanelAvx2;
   s.q = q;
   s.b = b;
   s.m = m;
