@@ -7,6 +7,7 @@ normal ("random") or clustered, non-negative features like a CNN's ("clustered")
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -42,8 +43,27 @@ def make_inputs(kind, m, n, d, device="cpu"):
     return q.to(device), b.to(device)
 
 
+def fastad_cpu_path(path):
+    """fastad.ops.knn with its CPU path forced (FASTAD_KNN_CPU_PATH), to show each kernel."""
+
+    def run(q, b, k):
+        before = os.environ.get("FASTAD_KNN_CPU_PATH")
+        os.environ["FASTAD_KNN_CPU_PATH"] = path
+        try:
+            return fastad.ops.knn(q, b, k)
+        finally:
+            if before is None:
+                del os.environ["FASTAD_KNN_CPU_PATH"]
+            else:
+                os.environ["FASTAD_KNN_CPU_PATH"] = before
+
+    return run
+
+
 CONTENDERS = {
     "fastad.ops.knn": lambda q, b, k: fastad.ops.knn(q, b, k),
+    "fastad.ops.knn (AVX2 screen)": fastad_cpu_path("avx2"),
+    "fastad.ops.knn (float32 GEMM)": fastad_cpu_path("gemm"),
     "faiss IndexFlatL2": faiss_flat_l2,
     "torch.cdist + topk": cdist_topk,
     "chunked matmul + topk": chunked_matmul_topk,
@@ -60,6 +80,8 @@ def test_knn_cpu(benchmark, record, contender, m, n, d, k, kind):
         pytest.skip("faiss-cpu is not installed (pip install faiss-cpu)")
     if kind == "clustered" and (m, n) != CPU_SHAPES[0][:2]:
         pytest.skip("clustered data only at the acceptance shape")
+    if "(" in contender and kind == "clustered":
+        pytest.skip("forced fastad paths on random data only")
     sgemm_rate("cpu")
     q, b = make_inputs(kind, m, n, d)
     fn = CONTENDERS[contender]
