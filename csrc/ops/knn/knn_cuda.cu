@@ -24,7 +24,7 @@
 //  * Everything is enqueued on the current stream under a device guard: no host synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
-#include <ATen/Dispatch.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -52,6 +52,8 @@ constexpr int64_t kBankTile = 8192;    // Nt: bank rows per GEMM; tile <= 8192^2
 constexpr int kUnroll = 4;
 // Grid-stride kernels need no more blocks than this to fill any current GPU.
 constexpr int64_t kMaxBlocks = 65535;
+// The screen kernel gives each query row of a block its own warp (no grid-stride loop).
+static_assert(kQueryBlock <= kMaxBlocks * kWarpsPerBlock, "query block too tall for one grid");
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kSentinelIndex = std::numeric_limits<int64_t>::max();
@@ -260,19 +262,19 @@ __global__ void __launch_bounds__(kThreads) screen_tile_kernel(const TileArgs<sc
 }
 
 // The screen's eps: float32 rounding of centring, norms, the GEMM's sums (gamma_D) and the
-// expansion, plus the rounding of the GEMM's inputs when the user's float32 matmul precision lets
-// cuBLAS use TF32 ("high") or bfloat16 ("medium") internally.
+// expansion. When torch lets cuBLAS use TF32 for float32 matmuls, add the rounding of the two
+// truncated inputs (2^-9) and double the sum term: tensor cores accumulate with truncation.
+// Newer torch refuses to answer the legacy precision query when the user mixed the legacy and
+// the new precision APIs; then the wider bound is taken, which is always safe.
 float screen_eps(int64_t d) {
-  double eps = 1.1 * static_cast<double>(d + 16) * std::ldexp(1.0, -24);
-  switch (at::globalContext().float32MatmulPrecision()) {
-    case at::Float32MatmulPrecision::HIGHEST:
-      break;
-    case at::Float32MatmulPrecision::HIGH:
-      eps += 1.01 * std::ldexp(1.0, -9);  // two inputs truncated to 10 mantissa bits
-      break;
-    default:
-      eps += 1.01 * std::ldexp(1.0, -6);  // two inputs truncated to 7 mantissa bits
+  const double u = std::ldexp(1.0, -24);
+  bool may_use_tf32 = true;
+  try {
+    may_use_tf32 = at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+  } catch (const c10::Error&) {
   }
+  const double eps = may_use_tf32 ? 2.2 * static_cast<double>(d + 16) * u + 1.01 * std::ldexp(1.0, -9)
+                                  : 1.1 * static_cast<double>(d + 16) * u;
   return static_cast<float>(eps);
 }
 
@@ -283,11 +285,14 @@ at::Tensor centred_rows(const at::Tensor& x, int64_t r0, int64_t rows, const at:
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query, const at::Tensor& bank,
+std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at::Tensor& bank_in,
                                             int64_t k, bool squared) {
-  check_knn_args(query, bank, k);
-  TORCH_CHECK(query.is_cuda(), "knn_cuda expects CUDA tensors, got ", query.device());
-  const c10::cuda::CUDAGuard guard(query.device());
+  check_knn_args(query_in, bank_in, k);
+  TORCH_CHECK(query_in.is_cuda(), "knn_cuda expects CUDA tensors, got ", query_in.device());
+  const c10::cuda::CUDAGuard guard(query_in.device());
+  // Row-major rows make the survivors' exact distances coalesced reads (a no-op when they are).
+  const at::Tensor query = query_in.contiguous();
+  const at::Tensor bank = bank_in.contiguous();
   const int64_t m = query.size(0), n = bank.size(0), d = query.size(1);
   const auto fopts = query.options().dtype(at::kFloat);
 
@@ -328,7 +333,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query, const at::T
       at::Tensor tile = tile_storage.narrow(0, 0, mb * nb).view({mb, nb});
       at::mm_out(tile, qblock, btile.t());
 
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "knn_cuda", [&] {
+      // Only the dtypes the op accepts: no double kernel that could never run.
+      AT_DISPATCH_V2(query.scalar_type(), "knn_cuda", AT_WRAP([&] {
         TileArgs<scalar_t> args{tile.const_data_ptr<float>(),
                                 mb,
                                 nb,
@@ -349,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query, const at::T
                                 idx.mutable_data_ptr<int64_t>() + m0 * k};
         screen_tile_kernel<scalar_t><<<blocks_for(mb, kWarpsPerBlock), kThreads, 0, stream>>>(args);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      }), at::kFloat, at::kHalf, at::kBFloat16);
     }
   }
 
