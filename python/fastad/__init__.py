@@ -10,6 +10,7 @@ from . import _loader
 _C = _loader.load_compiled_library()
 
 from . import ops, reference  # noqa: E402  (the ops need the library loaded first)
+from .methods import AnomalyModel, Prediction, available_methods, get_method, register_method  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -26,4 +27,14 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "ops", "reference", "__version__"]
+__all__ = [
+    "AnomalyModel",
+    "Prediction",
+    "available_methods",
+    "build_info",
+    "get_method",
+    "ops",
+    "reference",
+    "register_method",
+    "__version__",
+]

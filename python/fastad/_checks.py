@@ -1,0 +1,38 @@
+"""The one check of image batches that features and methods share.
+
+Images entering fastad are float (B, 3, H, W) RGB with values in [0, 1]: each backbone applies
+its own normalisation, so an image normalised already, or left in 0..255, is a mistake worth a
+clear message rather than silently poor features.
+"""
+
+from __future__ import annotations
+
+import torch
+
+RANGE_TOLERANCE = 1e-3  # resizing filters overshoot [0, 1] by rounding; real mistakes are far off
+
+
+def check_image_batch(images: object, what: str = "images", *, check_values: bool = True) -> torch.Tensor:
+    """Validates a floating (B, 3, H, W) tensor, B, H, W > 0, and (with ``check_values``, which
+    costs one device sync) finite values in [0, 1]. Returns ``images`` unchanged."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
+    if images.dim() != 4:
+        hint = " (a single image: add the batch axis with images.unsqueeze(0))" if images.dim() == 3 else ""
+        raise ValueError(f"{what} must be 4-D (B, 3, H, W), got shape {tuple(images.shape)}{hint}")
+    if images.shape[1] != 3:
+        raise ValueError(f"{what} must have 3 (RGB) channels in dim 1, got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        hint = ": scale uint8 images to [0, 1] with images.float() / 255" if images.dtype == torch.uint8 else ""
+        raise TypeError(f"{what} must be floating point with values in [0, 1], got {images.dtype}{hint}")
+    if images.numel() == 0:
+        raise ValueError(f"{what} is empty: shape {tuple(images.shape)}")
+    if check_values:
+        low, high = (float(v) for v in torch.aminmax(images.detach()))
+        if low != low or high != high or not torch.isfinite(images).all():
+            raise ValueError(f"{what} must hold finite values in [0, 1], got NaN or infinite values")
+        if not (low >= -RANGE_TOLERANCE and high <= 1.0 + RANGE_TOLERANCE):
+            hint = " (divide 0..255 images by 255)" if high > 2.0 else ""
+            raise ValueError(f"{what} must hold values in [0, 1] (each backbone normalises them itself), "
+                             f"got values in [{low:.4g}, {high:.4g}]{hint}")
+    return images

@@ -1,0 +1,217 @@
+"""The ``fastad`` command: fit, predict, evaluate, info.
+
+    fastad fit --method NAME [--backbone NAME] --data DIR --model OUT [--device cpu|cuda]
+               [--batch-size N] [--set key=value ...]
+    fastad predict --model M --out DIR [--device D] IMAGES...
+    fastad evaluate --model M --data DIR --report DIR [--device D]
+    fastad info
+
+``main(argv)`` returns the exit status (0 ok, 1 a failed run, 2 a bad command line), so that it
+can be called in-process as well as through the ``fastad`` script or ``python -m fastad``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CliError(Exception):
+    """A problem worth one line on stderr rather than a traceback."""
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as JSON when they parse (numbers, lists, true/false,
+    null) and as plain strings otherwise."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--set expects key=value, got {pair!r}")
+        try:
+            params[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key.strip()] = raw
+    return params
+
+
+def _write_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _load_model(path: str, device: str | None):
+    from .methods import AnomalyModel
+
+    return AnomalyModel.load(path, device=device)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .data import open_dataset
+    from .methods import get_method
+
+    klass = get_method(args.method)
+    params = _parse_sets(args.set or [])
+    accepted = set(klass._param_names())
+    for name, value in (("backbone", args.backbone), ("device", args.device), ("batch_size", args.batch_size)):
+        if value is None:
+            continue
+        if name not in accepted:
+            raise CliError(f"method {args.method!r} has no parameter {name!r} (its parameters: {', '.join(sorted(accepted))})")
+        params[name] = value
+    unknown = set(params) - accepted
+    if unknown:
+        raise CliError(f"method {args.method!r} has no parameter(s) {', '.join(sorted(unknown))}; "
+                       f"its parameters: {', '.join(sorted(accepted))}")
+    model = klass(**params)
+    dataset = open_dataset(args.data, "train", transform=model.transform())
+    start = time.perf_counter()
+    model.fit(dataset)
+    elapsed = time.perf_counter() - start
+    out = model.save(args.model)
+    threshold = "none" if model.threshold_ is None else f"{model.threshold_:.6g}"
+    print(f"fitted {args.method} on {model.n_train_images_} images in {elapsed:.1f} s "
+          f"(threshold {threshold}); model written to {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from . import viz
+    from .data import load_image
+
+    model = _load_model(args.model, args.device)
+    transform = model.transform()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, used = [], set()
+    for n, path in enumerate(args.images):
+        image = load_image(path)
+        item = {"image": image, "mask": torch.zeros(image.shape[-2:], dtype=torch.bool), "has_mask": False,
+                "label": 0, "defect": "", "path": str(path)}
+        if transform is not None:
+            item = transform(item)
+        pred = model.predict(item["image"])
+        amap, score = pred.maps[0], float(pred.scores[0])
+        stem = Path(path).stem
+        if stem in used:  # same file name from different folders
+            stem = f"{stem}_{n}"
+        used.add(stem)
+        vmin, vmax = float(amap.min()), float(amap.max())
+        viz.save_map_png(out_dir / f"{stem}_map.png", amap, vmin=vmin, vmax=vmax)
+        viz.save_png(out_dir / f"{stem}_overlay.png", viz.overlay(item["image"], amap))
+        results.append({
+            "path": str(path), "score": score,
+            "anomalous": None if pred.threshold is None else score > pred.threshold,
+            "map": f"{stem}_map.png", "map_range": [vmin, vmax], "overlay": f"{stem}_overlay.png",
+        })
+        print(f"{path}: score {score:.6g}" + ("" if pred.threshold is None else f" ({'anomalous' if score > pred.threshold else 'good'})"))
+    _write_json(out_dir / "scores.json", {"model": str(args.model), "threshold": model.threshold_, "images": results})
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import open_dataset
+    from .evaluation import evaluate
+    from .report import write_report
+
+    model = _load_model(args.model, args.device)
+    dataset = open_dataset(args.data, "test", transform=model.transform())
+    result = evaluate(model, dataset)
+    report_dir = Path(args.report)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(report_dir / "metrics.json", dict(result.metrics, per_defect=result.per_defect,
+                                                  model=str(args.model), data=str(args.data)))
+    info = {"method": model.method_name, "file": str(args.model), "parameters": model.get_params()}
+    path = write_report(result, report_dir, title=f"fastad {model.method_name} on {Path(args.data).name}", model_info=info)
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "latency_ms", "throughput_img_s", "n_images"):
+        value = result.metrics.get(key)
+        print(f"  {key:18s} {'n/a' if value is None else (f'{value:.4f}' if isinstance(value, float) else value)}")
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import fastad
+    from .methods import available_methods
+
+    info = fastad.build_info()
+    print(f"fastad {info['version']} (built against torch {info['torch_version']}; torch {torch.__version__} installed)")
+    print(f"  CUDA kernels: {'yes, for ' + info['cuda_archs'] if info['cuda'] else 'not built'}; "
+          f"OpenMP: {'yes' if info['openmp'] else 'no'}, {info['threads']} threads")
+    print("devices:")
+    print(f"  cpu ({os.cpu_count()} cores)")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"  cuda:{i} {torch.cuda.get_device_name(i)}")
+    else:
+        print("  no CUDA device")
+    print(f"methods: {', '.join(available_methods()) or 'none registered'}")
+    print("backbones:")
+    try:
+        from .features import available_backbones
+    except ImportError as exc:  # no torchvision/timm in this environment
+        print(f"  unavailable: {exc}")
+        return 0
+    for name, status in available_backbones().items():
+        if status["available"]:
+            print(f"  {name:18s} available: {status['path']}")
+        else:
+            print(f"  {name:18s} weights missing: {status['how_to_provide']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastad", description="Visual anomaly detection with pretrained deep features.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="fit a method on normal images and write a model file")
+    p.add_argument("--method", required=True, help="method name (see `fastad info`)")
+    p.add_argument("--backbone", help="backbone name, for methods that take one")
+    p.add_argument("--data", required=True, help="data folder (MVTec AD category or plain folder)")
+    p.add_argument("--model", required=True, help="model file to write (.safetensors)")
+    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other method parameter (repeatable)")
+    p.set_defaults(run=cmd_fit)
+
+    p = sub.add_parser("predict", help="score images; write maps as PNG and scores as JSON")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device")
+    p.add_argument("images", nargs="+", help="image files")
+    p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="metrics and an HTML report on a labelled test set")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--report", required=True, help="folder for metrics.json and report.html")
+    p.add_argument("--device")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("info", help="build, devices, methods and available backbone weights")
+    p.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits with status 2 on a bad command line
+    try:
+        return args.run(args)
+    except (CliError, ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as exc:
+        print(f"fastad {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

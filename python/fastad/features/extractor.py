@@ -1,0 +1,181 @@
+"""Multi-layer feature extraction: images in, float32 feature maps of chosen layers out.
+
+The early stop lives in :class:`~fastad.features.backbones.Backbone`, which runs its named stages
+in order and breaks after the deepest requested one. Of the ways to stop a network early, that
+explicit truncated sequence was chosen because it is plain code: no exception thrown through
+the network's forward by a hook (hooks that raise leave no trace in a profile and break
+``torch.compile`` graphs), and no FX tracing (``create_feature_extractor`` has to trace timm's
+dynamic "same" padding and renames the outputs to graph-node names). The stages are the original
+modules, so weights and hooks on them are shared with the torchvision/timm network.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .._checks import check_image_batch
+from .backbones import Backbone
+
+# Below this many batches a progress bar is noise rather than help.
+_PROGRESS_MIN_BATCHES = 4
+
+
+class FeatureExtractor:
+    """Feature maps of ``layers`` of a :class:`Backbone`, batch by batch, without gradients.
+
+    ``layers``: layer names of the backbone (``backbone.layer_names``), or None for its default
+    layers. ``device``: where to compute (None: where the backbone is); the backbone is moved
+    there, in place, not copied (a second copy of a large network would double its memory).
+    ``half`` (float16 compute) and ``channels_last`` (NHWC memory, faster convolutions on tensor
+    cores) are CUDA options; ``half`` on the CPU raises ValueError. ``batch_size`` bounds how many
+    images go through the network at once.
+
+    ``extractor(images)`` returns ``{layer: float32 (B, C, h, w)}`` on the extractor's device, in
+    network order; only the stages up to the deepest requested layer are computed. They are made
+    under ``torch.inference_mode``, so they are inference tensors: reading them anywhere is fine,
+    changing them in place outside inference mode raises (``.clone()`` them first).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        layers: str | Sequence[str] | None = None,
+        *,
+        device: str | torch.device | None = None,
+        half: bool = False,
+        channels_last: bool = False,
+        batch_size: int = 32,
+    ) -> None:
+        if not isinstance(backbone, Backbone):
+            raise TypeError(f"backbone must be a fastad Backbone (see load_backbone), got {type(backbone).__name__}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.layers = backbone.check_layers(layers)
+        self.device = _resolve_device(device, backbone)
+        if half and self.device.type != "cuda":
+            raise ValueError(f"half=True needs a CUDA device (float16 convolutions are slow or missing on the CPU); device is {self.device}")
+        self.half = bool(half)
+        self.channels_last = bool(channels_last)
+        self.batch_size = batch_size
+        self.dtype = torch.float16 if self.half else torch.float32
+        backbone = backbone.to(device=self.device, dtype=self.dtype)
+        if self.channels_last:
+            backbone = backbone.to(memory_format=torch.channels_last)
+        self.backbone = backbone.eval()
+
+    @property
+    def layer_info(self) -> dict[str, tuple[int, int]]:
+        """(channels, stride) of the extracted layers."""
+        return {layer: self.backbone.layer_info[layer] for layer in self.layers}
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features of one batch of images, float (B, 3, H, W) in [0, 1], on any device."""
+        images = check_image_batch(images)
+        chunks = [self._run(images[start : start + self.batch_size]) for start in range(0, images.shape[0], self.batch_size)]
+        if len(chunks) == 1:
+            return chunks[0]
+        return {layer: torch.cat([chunk[layer] for chunk in chunks]) for layer in self.layers}
+
+    def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            images = images.to(self.device, non_blocking=True).to(self.dtype)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            features = self.backbone(images, self.layers)
+            return {layer: value.float().contiguous() for layer, value in features.items()}
+
+    def extract(self, data: Iterable[Any], progress: bool | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Yields the features of each batch of ``data``.
+
+        ``data`` yields image batches (B, 3, H, W), single images (3, H, W) (grouped into batches
+        of ``batch_size``), dicts holding ``"image"`` (fastad.data items, batched or not) or
+        tuples whose first element is the images; a map-style data set is read in index order.
+        ``progress``: True or False forces the tqdm bar on or off; None shows it when stderr is
+        a terminal and there are several batches (or their number is unknown).
+        """
+        items = _iterate(data)
+        first = next(items, None)
+        if first is None:
+            return
+        first_images = _images_of(first)
+        total = _batch_count(data, first_images, self.batch_size)
+        if progress is None:
+            progress = sys.stderr.isatty() and (total is None or total >= _PROGRESS_MIN_BATCHES)
+        from tqdm import tqdm
+
+        with tqdm(total=total, disable=not progress, desc=f"features {self.backbone.name}", unit="batch", file=sys.stderr) as bar:
+            for batch in _batches(itertools.chain([first_images], (_images_of(item) for item in items)), self.batch_size):
+                yield self(batch)
+                bar.update(1)
+
+
+def _resolve_device(device: str | torch.device | None, backbone: Backbone) -> torch.device:
+    if device is None:
+        return backbone.device
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a valid torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
+    return device
+
+
+def _iterate(data: Iterable[Any]) -> Iterator[Any]:
+    # A map-style data set (torch Dataset, fastad.data) has __getitem__/__len__ but maybe no __iter__.
+    if not hasattr(data, "__iter__") and hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        return (data[i] for i in range(len(data)))
+    if isinstance(data, torch.Tensor):
+        raise TypeError("extract() takes an iterable of batches or items; call the extractor directly on a tensor")
+    if not isinstance(data, Iterable):
+        raise TypeError(f"extract() needs an iterable of image batches or data set items, got {type(data).__name__}")
+    return iter(data)
+
+
+def _images_of(item: Any) -> torch.Tensor:
+    """The image tensor of one element: a tensor, a dict with "image", or a tuple (images, ...)."""
+    if isinstance(item, dict):
+        if "image" not in item:
+            raise ValueError(f"a data item dict must hold 'image', got keys {sorted(item)}")
+        item = item["image"]
+    elif isinstance(item, (tuple, list)) and item:
+        item = item[0]
+    if not isinstance(item, torch.Tensor) or item.dim() not in (3, 4):
+        shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+        raise TypeError(f"each element must be images (B, 3, H, W) or one image (3, H, W), got {shape}")
+    return item
+
+
+def _batch_count(data: Any, first: torch.Tensor, batch_size: int) -> int | None:
+    try:
+        n = len(data)
+    except TypeError:
+        return None
+    if first.dim() == 3:  # single images are grouped
+        return -(-n // batch_size)
+    return n  # batches pass through one to one (a large one is split inside __call__)
+
+
+def _batches(images: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Passes batches through; stacks consecutive single images into batches of ``batch_size``."""
+    pending: list[torch.Tensor] = []
+    for item in images:
+        if item.dim() == 4:
+            if pending:
+                yield torch.stack(pending)
+                pending = []
+            yield item
+            continue
+        if pending and item.shape != pending[0].shape:
+            raise ValueError(f"single images must share one size to be batched: {tuple(pending[0].shape)} then {tuple(item.shape)}")
+        pending.append(item)
+        if len(pending) == batch_size:
+            yield torch.stack(pending)
+            pending = []
+    if pending:
+        yield torch.stack(pending)

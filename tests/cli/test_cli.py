@@ -1,0 +1,133 @@
+"""The fastad command end to end: a method registered only in the tests goes through fit, save,
+load, predict and evaluate on the synthetic data set, and the report's pictures open."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from html.parser import HTMLParser
+from io import BytesIO
+
+import numpy as np
+import pytest
+import torch
+
+from fastad.cli import main
+from fastad.methods import AnomalyModel
+
+from ..toy_method import ToyMean  # noqa: F401  (registers "toy-mean")
+
+pytest.importorskip("torchvision", reason="the maps' Gaussian blur needs torchvision")
+pytest.importorskip("skimage", reason="the synthetic data set is cut from scikit-image's textures")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from fastad.data import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "grass", seed=5, n_train=20,
+                                  n_test_good=6, n_test_per_defect=3)
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def test_fit_predict_evaluate(dataset, tmp_path, capsys):
+    from PIL import Image
+
+    from fastad import metrics
+    from fastad.data import load_image, open_dataset
+
+    model_path = tmp_path / "toy.safetensors"
+    assert main(["fit", "--method", "toy-mean", "--data", str(dataset), "--model", str(model_path),
+                 "--batch-size", "8", "--set", "pool=16", "--set", "holdout=0.2"]) == 0
+    assert "fitted toy-mean on 16 images" in capsys.readouterr().out
+    model = AnomalyModel.load(model_path)
+    assert model.pool == 16 and model.batch_size == 8 and model.threshold_ is not None
+
+    # predict: scores equal the library's, maps are 16-bit PNGs at the image size.
+    images = sorted(p for p in (dataset / "test").rglob("*.png"))[:4]
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(model_path), "--out", str(out), *map(str, images)]) == 0
+    written = json.loads((out / "scores.json").read_text())
+    expected = model.predict(torch.stack([load_image(p) for p in images])).scores
+    assert [r["path"] for r in written["images"]] == [str(p) for p in images]
+    np.testing.assert_allclose([r["score"] for r in written["images"]], expected.numpy(), rtol=1e-5)
+    for r in written["images"]:
+        assert r["anomalous"] == (r["score"] > written["threshold"])
+        with Image.open(out / r["map"]) as im:
+            assert im.mode.startswith("I") and im.size == Image.open(images[0]).size
+        with Image.open(out / r["overlay"]) as im:
+            assert im.mode == "RGB"
+
+    # evaluate: metrics.json holds the agreed keys, consistent with the metrics module.
+    report = tmp_path / "report"
+    assert main(["evaluate", "--model", str(model_path), "--data", str(dataset), "--report", str(report)]) == 0
+    m = json.loads((report / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "latency_ms", "throughput_img_s", "n_images"):
+        assert key in m, key
+    test_set = open_dataset(dataset, "test")
+    assert m["n_images"] == len(test_set) == 6 + 4 * 3
+    labels = torch.tensor([test_set[i]["label"] for i in range(len(test_set))])
+    scores = model.predict(torch.stack([test_set[i]["image"] for i in range(len(test_set))])).scores
+    assert m["image_auroc"] == pytest.approx(metrics.image_auroc(labels, scores), abs=1e-6)
+    assert 0 <= m["aupro"] <= 1 and 0 <= m["pixel_auroc"] <= 1 and 0 < m["f1_max"] <= 1
+    assert m["latency_ms"] > 0 and m["throughput_img_s"] > 0
+    assert set(m["per_defect"]) == set(test_set.defect_types) - {"good"}
+
+    # The report is one file whose every picture is an embedded PNG that opens.
+    parser = _Images()
+    parser.feed((report / "report.html").read_text(encoding="utf-8"))
+    assert len(parser.sources) >= 2 + 3 * 4
+    for src in parser.sources:
+        assert src.startswith("data:image/png;base64,")
+        with Image.open(BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
+            im.load()
+
+
+def test_bad_command_lines(dataset, tmp_path, capsys):
+    model = str(tmp_path / "m.safetensors")
+    assert main(["fit", "--method", "nope", "--data", str(dataset), "--model", model]) == 1
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["fit", "--method", "toy-mean", "--data", str(dataset), "--model", model, "--set", "pool"]) == 1
+    assert "key=value" in capsys.readouterr().err
+    assert main(["fit", "--method", "toy-mean", "--data", str(dataset), "--model", model, "--set", "colour=1"]) == 1
+    assert "colour" in capsys.readouterr().err
+    assert main(["fit", "--method", "toy-mean", "--backbone", "resnet18", "--data", str(dataset), "--model", model]) == 1
+    assert "no parameter 'backbone'" in capsys.readouterr().err
+    assert main(["fit", "--method", "toy-mean", "--data", str(tmp_path / "absent"), "--model", model]) == 1
+    assert "absent" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tmp_path / "none.safetensors"), "--data", str(dataset), "--report", str(tmp_path)]) == 1
+    assert "none.safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--method", "toy-mean"])
+    assert exit_info.value.code == 2
+
+
+def test_info_lists_backbones_and_how_to_provide_them(capsys):
+    pytest.importorskip("timm")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.split()}
+    assert "available" in lines["efficientnet_lite0"] and "missing" not in lines["efficientnet_lite0"]
+    for name in ("wide_resnet50_2", "resnet18", "vgg16", "efficientnet_b4"):
+        if "missing" in lines[name]:  # unless this machine has them cached: then it says where
+            assert "weights=" in lines[name] and ".pth" in lines[name], lines[name]
+        else:
+            assert "available" in lines[name]
+    assert "toy-mean" in out
+
+
+def test_python_dash_m_fastad_runs():
+    out = subprocess.run([sys.executable, "-m", "fastad", "info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "fastad" in out.stdout and "devices:" in out.stdout
