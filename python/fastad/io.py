@@ -2,8 +2,8 @@
 
 A model file is one safetensors file. Its tensors are the model's learned tensors; its metadata
 holds one entry, ``fastad``, a JSON document with the method's name and parameters, the learned
-non-tensor state, the versions that wrote it and a SHA-256 digest of every tensor's name, dtype,
-shape and bytes. safetensors itself guards against a malformed header and truncated data; the
+non-tensor state, the versions that wrote it and a SHA-256 digest of the rest of the header and of
+every tensor's name, dtype, shape and bytes. safetensors itself guards against a malformed header and truncated data; the
 digest catches edited bytes that still parse, so a tampered file is refused rather than trusted.
 """
 
@@ -27,13 +27,17 @@ class ModelFileError(ValueError):
     """A model file that cannot be used: unreadable, truncated, tampered with or mismatched."""
 
 
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+def tensor_digest(tensors: dict[str, torch.Tensor], header: dict[str, Any] | None = None) -> str:
+    """SHA-256 over the header (canonical JSON, without its digest) and the tensors' names,
+    dtypes, shapes and bytes, in name order; the bytes are hashed in place, without a copy."""
     h = hashlib.sha256()
+    if header is not None:
+        h.update(json.dumps({k: v for k, v in header.items() if k != "digest"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -54,7 +58,8 @@ def save_model_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], h
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"model state {name!r} is a {type(t).__name__}, not a tensor")
     clean = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    document = dict(header, format=FORMAT, format_version=FORMAT_VERSION, digest=tensor_digest(clean))
+    document = dict(header, format=FORMAT, format_version=FORMAT_VERSION)
+    document["digest"] = tensor_digest(clean, document)
     try:
         text = json.dumps(document, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -66,6 +71,9 @@ def save_model_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], h
         save_file(clean, tmp, metadata={_METADATA_KEY: text})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is as readable as any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -105,6 +113,6 @@ def load_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             f"{path} has model-file format version {version!r}; this fastad reads up to "
             f"{FORMAT_VERSION}: upgrade fastad to load it"
         )
-    if header.get("digest") != tensor_digest(tensors):
-        raise ModelFileError(f"{path}: the tensors do not match the header's checksum; the file was modified or damaged")
+    if header.get("digest") != tensor_digest(tensors, header):
+        raise ModelFileError(f"{path}: the header and tensors do not match their checksum; the file was modified or damaged")
     return tensors, header

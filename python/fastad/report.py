@@ -32,10 +32,7 @@ def _figure_png(fig) -> bytes:
 
 
 def _roc_figure(result: EvaluationResult) -> bytes | None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # a bare Figure: no pyplot, no global backend change
 
     labels, scores = result.labels, result.scores
     if not ((labels == 0).any() and (labels == 1).any()):

@@ -144,7 +144,7 @@ def test_fit_refuses_anomalous_images_and_bad_parameters(gen):
     with pytest.raises(ValueError, match="batch_size"):
         ToyMean(batch_size=0).fit(x)
     with pytest.raises(ValueError, match="holdout"):
-        ToyMean(holdout=1.5).fit(x)
+        ToyMean(holdout=0.9).fit(x)
     with pytest.raises(RuntimeError, match="not fitted"):
         ToyMean().predict(x)
 
@@ -213,11 +213,12 @@ def test_tampered_truncated_and_foreign_files_are_refused(fitted, tmp_path):
 
 
 def _rewrite_header(path, out, edit):
-    """Writes ``path``'s tensors with an edited header (digest kept: the tensors are unchanged)."""
+    """Writes ``path``'s tensors with an edited header and a matching digest (a deliberate edit)."""
     from safetensors.torch import save_file
 
     tensors, header = model_io.load_model_file(path)
     edit(header)
+    header["digest"] = model_io.tensor_digest(tensors, header)
     save_file(tensors, str(out), metadata={"fastad": json.dumps(header)})
 
 
@@ -266,3 +267,32 @@ def test_save_needs_a_fitted_model_and_a_valid_path(fitted, tmp_path):
         fitted.save(tmp_path / "no" / "dir" / "m.safetensors")
     with pytest.raises(model_io.ModelFileError, match="is a folder"):
         fitted.save(tmp_path)
+
+
+def test_predict_takes_one_data_set_item(fitted, gen):
+    x = images(1, gen)[0]
+    item = {"image": x, "label": 1, "path": "a.png"}
+    assert torch.equal(fitted.predict(item).scores, fitted.predict(x).scores)
+
+
+def test_scalar_tensors_and_edited_headers(fitted, tmp_path):
+    fitted.scale_ = torch.tensor(2.5)  # a 0-dim learned tensor
+    path = fitted.save(tmp_path / "m.safetensors")
+    assert AnomalyModel.load(path).scale_ == 2.5
+    edited = tmp_path / "edited.safetensors"
+    tensors, header = model_io.load_model_file(path)
+    from safetensors.torch import save_file
+
+    header["state"]["threshold_"] = -1.0  # tensors untouched, header changed
+    save_file(tensors, str(edited), metadata={"fastad": json.dumps(header)})
+    with pytest.raises(model_io.ModelFileError, match="checksum"):
+        AnomalyModel.load(edited)
+
+
+def test_refit_that_fails_leaves_no_fitted_model(fitted, gen):
+    with pytest.raises(ValueError):
+        fitted.fit(torch.full((2, 3, 64, 64), float("nan")))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        fitted.predict(images(1, gen))
+    with pytest.raises(ValueError, match=r"holdout must be in \[0, 0.5\]"):
+        ToyMean(holdout=0.7).fit(images(4, gen))

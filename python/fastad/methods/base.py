@@ -74,7 +74,7 @@ def check_images(images: Any, what: str = "images") -> torch.Tensor:
 
 
 def _is_dataset(data: Any) -> bool:
-    return hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (torch.Tensor, list, tuple))
+    return hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (torch.Tensor, list, tuple, dict))
 
 
 def _batch_images(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -99,6 +99,8 @@ def iter_image_batches(data: Any, batch_size: int, *, normal_only: bool = False)
     tensor, a dict with ``image`` or a tuple whose first element is the images. With
     ``normal_only`` an item labelled anomalous is an error (fitting must see normal images only).
     """
+    if isinstance(data, dict):  # one item or one batch, e.g. test_set[0]
+        data = check_images(_batch_images(data)[0])
     if isinstance(data, torch.Tensor):
         images = check_images(data)
         for start in range(0, images.shape[0], batch_size):
@@ -206,8 +208,8 @@ class AnomalyModel:
     def _check_params(self) -> None:
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if not (0.0 <= float(self.holdout) < 1.0):
-            raise ValueError(f"holdout must be in [0, 1), got {self.holdout!r}")
+        if not (0.0 <= float(self.holdout) <= 0.5):
+            raise ValueError(f"holdout must be in [0, 0.5] (the share of training images held back), got {self.holdout!r}")
         if not (0.0 < float(self.threshold_quantile) <= 1.0):
             raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile!r}")
         if float(self.blur_sigma) < 0:
@@ -226,6 +228,8 @@ class AnomalyModel:
         few images were held back). The threshold thus comes from normal images only.
         """
         self._check_params()
+        for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("_")]:
+            delattr(self, name)  # a failed re-fit must not leave a half-old model that looks fitted
         held: list[torch.Tensor] = []
         period = round(1.0 / self.holdout) if self.holdout > 0 else 0
         counter = {"fit": 0, "seen": 0}
@@ -240,7 +244,7 @@ class AnomalyModel:
                     images = images[~held_back]
                 if images.shape[0]:
                     counter["fit"] += images.shape[0]
-                    yield images.to(self.device)
+                    yield images.to(self.device, torch.float32)
 
         self._fit_batches(fit_batches())
         if counter["fit"] == 0:
@@ -267,7 +271,7 @@ class AnomalyModel:
         scores, maps = [], []
         with torch.inference_mode():
             for batch in iter_image_batches(images, self.batch_size):
-                batch = batch.to(self.device)
+                batch = batch.to(self.device, torch.float32)
                 patch_map, image_score = self._score_batch(batch)
                 full = anomaly_maps(patch_map.float(), tuple(batch.shape[-2:]), mode=self.upsample_mode, sigma=self.blur_sigma)
                 scores.append((image_score if image_score is not None else image_scores(full, "max")).float().cpu())
@@ -338,10 +342,11 @@ class AnomalyModel:
                 f"{path} was written with parameters this {klass.__name__} does not have: {', '.join(sorted(unknown))}"
             )
         model = klass(**params)
-        for name_, value in (header.get("state") or {}).items():
+        state = dict(header.get("state") or {}, **tensors)
+        for name_, value in state.items():
+            if not (name_.isidentifier() and name_.endswith("_") and not name_.startswith("_")):
+                raise model_io.ModelFileError(f"{path}: {name_!r} is not a learned attribute name")
             setattr(model, name_, value)
-        for name_, t in tensors.items():
-            setattr(model, name_, t)
         model._check_fitted()
         model._check_params()
         return model.to(model.device)
