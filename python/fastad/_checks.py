@@ -1,4 +1,4 @@
-"""The one check of image batches that features and methods share.
+"""The checks that features and methods share: image batches and devices.
 
 Images entering fastad are float (B, 3, H, W) RGB with values in [0, 1]: each backbone applies
 its own normalisation, so an image normalised already, or left in 0..255, is a mistake worth a
@@ -36,3 +36,14 @@ def check_image_batch(images: object, what: str = "images", *, check_values: boo
             raise ValueError(f"{what} must hold values in [0, 1] (each backbone normalises them itself), "
                              f"got values in [{low:.4g}, {high:.4g}]{hint}")
     return images
+
+
+def check_device(device: object) -> torch.device:
+    """A valid torch device that can be used here: ValueError naming it otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a valid torch device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(dev)!r} was asked for but CUDA is not available")
+    return dev

@@ -40,12 +40,12 @@ def _roc_figure(result: EvaluationResult) -> bytes | None:
     fig = Figure(figsize=(5, 4.5))
     ax = fig.add_subplot()
     fpr, tpr, _ = metrics.roc_curve(labels, scores)
-    ax.plot(fpr, tpr, lw=2, label=f"all ({metrics.image_auroc(labels, scores):.3f})")
+    ax.plot(fpr, tpr, lw=2, label=f"all ({result.metrics['image_auroc']:.3f})")
     good = labels == 0
-    for defect in sorted(set(result.defects) - {"good"}):
+    for defect, entry in result.per_defect.items():  # AUROCs as evaluate() computed them
         sel = torch.tensor([d == defect for d in result.defects]) | good
         f, t, _ = metrics.roc_curve(labels[sel], scores[sel])
-        ax.plot(f, t, lw=1, label=f"{defect} ({metrics.image_auroc(labels[sel], scores[sel]):.3f})")
+        ax.plot(f, t, lw=1, label=f"{defect} ({entry['image_auroc']:.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")

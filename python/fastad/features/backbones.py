@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._checks import check_image_batch
+from .._checks import check_device, check_image_batch
 from .weights import (
     CacheLocation,
     WeightsFileError,
@@ -313,7 +313,7 @@ def build_network(name: str, weights: str | os.PathLike | None = "imagenet", dev
 
 def _load_network(spec: BackboneSpec, weights: str | os.PathLike | None, device: str | torch.device) -> tuple[nn.Module, str]:
     """The network and a description of where its weights came from."""
-    device = _check_device(device)
+    device = check_device(device)
     if weights is None:
         network, described = _construct(spec, on_meta=False), "random"
     elif isinstance(weights, (str, os.PathLike)):
@@ -330,16 +330,6 @@ def _load_network(spec: BackboneSpec, weights: str | os.PathLike | None, device:
         raise TypeError(f"weights must be 'imagenet', None or a file path, got {type(weights).__name__}")
     network.requires_grad_(False)
     return network.eval().to(device), described
-
-
-def _check_device(device: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r} is not a valid torch device ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
-    return device
 
 
 # ----------------------------------------------------------------------------------------------

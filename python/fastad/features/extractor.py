@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_image_batch
+from .._checks import check_device, check_image_batch
 from .backbones import Backbone
 
 # Below this many batches a progress bar is noise rather than help.
@@ -115,15 +115,7 @@ class FeatureExtractor:
 
 
 def _resolve_device(device: str | torch.device | None, backbone: Backbone) -> torch.device:
-    if device is None:
-        return backbone.device
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r} is not a valid torch device ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
-    return device
+    return backbone.device if device is None else check_device(device)
 
 
 def _iterate(data: Iterable[Any]) -> Iterator[Any]:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import io as model_io
-from .._checks import check_image_batch
+from .._checks import check_device, check_image_batch
 
 # ----------------------------------------------------------------------------------------------
 # Registry
@@ -214,9 +214,7 @@ class AnomalyModel:
             raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile!r}")
         if float(self.blur_sigma) < 0:
             raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma!r}")
-        torch.device(self.device)  # raises on a malformed device string
-        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} was asked for but CUDA is not available")
+        self.device = str(check_device(self.device))
 
     # -- fit / predict ---------------------------------------------------------------------------
 
