@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,14 @@ def device(request) -> str:
 
 @pytest.fixture
 def rng() -> torch.Generator:
-    """A generator with a fresh seed each run, printed on failure so a case can be replayed."""
+    """A generator with a fresh seed each run. The seed is printed, and pytest shows a failing
+    test's captured output, so a failure can be replayed with ``torch.Generator().manual_seed``."""
     seed = secrets.randbelow(2**31 - 1)
+    print(f"torch seed: {seed}")
     return torch.Generator().manual_seed(seed)  # gen.initial_seed() gives it back
+
+
+@pytest.fixture
+def np_rng(rng: torch.Generator) -> np.random.Generator:
+    """A NumPy generator seeded from ``rng`` (same seed, printed with it)."""
+    return np.random.default_rng(rng.initial_seed())

@@ -16,12 +16,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .io import write_json
 
 
 class CliError(Exception):
@@ -41,13 +42,6 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             params[key.strip()] = raw
     return params
-
-
-def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _load_model(path: str, device: str | None):
@@ -101,21 +95,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if transform is not None:
             item = transform(item)
         pred = model.predict(item["image"])
-        amap, score = pred.maps[0], float(pred.scores[0])
+        score = float(pred.scores[0])
         stem = Path(path).stem
         if stem in used:  # same file name from different folders
             stem = f"{stem}_{n}"
         used.add(stem)
-        vmin, vmax = float(amap.min()), float(amap.max())
-        viz.save_map_png(out_dir / f"{stem}_map.png", amap, vmin=vmin, vmax=vmax)
-        viz.save_png(out_dir / f"{stem}_overlay.png", viz.overlay(item["image"], amap))
-        results.append({
-            "path": str(path), "score": score,
-            "anomalous": None if pred.threshold is None else score > pred.threshold,
-            "map": f"{stem}_map.png", "map_range": [vmin, vmax], "overlay": f"{stem}_overlay.png",
-        })
+        entry = {"path": str(path), "score": score, "anomalous": None if pred.threshold is None else score > pred.threshold}
+        if pred.maps is not None:  # methods that score whole images only have no map
+            amap = pred.maps[0]
+            vmin, vmax = float(amap.min()), float(amap.max())
+            viz.save_map_png(out_dir / f"{stem}_map.png", amap, vmin=vmin, vmax=vmax)
+            viz.save_png(out_dir / f"{stem}_overlay.png", viz.overlay(item["image"], amap))
+            entry.update({"map": f"{stem}_map.png", "map_range": [vmin, vmax], "overlay": f"{stem}_overlay.png"})
+        results.append(entry)
         print(f"{path}: score {score:.6g}" + ("" if pred.threshold is None else f" ({'anomalous' if score > pred.threshold else 'good'})"))
-    _write_json(out_dir / "scores.json", {"model": str(args.model), "threshold": model.threshold_, "images": results})
+    write_json(out_dir / "scores.json", {"model": str(args.model), "threshold": model.threshold_, "images": results})
     return 0
 
 
@@ -129,7 +123,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(model, dataset)
     report_dir = Path(args.report)
     report_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(report_dir / "metrics.json", dict(result.metrics, per_defect=result.per_defect,
+    write_json(report_dir / "metrics.json", dict(result.metrics, per_defect=result.per_defect,
                                                   model=str(args.model), data=str(args.data)))
     info = {"method": model.method_name, "file": str(args.model), "parameters": model.get_params()}
     path = write_report(result, report_dir, title=f"fastad {model.method_name} on {Path(args.data).name}", model_info=info)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from . import metrics
+from ._batching import group_by_size, iterate, stack_images
 from .methods.base import AnomalyModel
 
 
@@ -17,14 +18,14 @@ from .methods.base import AnomalyModel
 class EvaluationResult:
     """Per-image results of one test set and the metrics computed from them.
 
-    ``images`` (N, 3, H, W), ``maps`` and ``masks`` (N, H, W) are kept for the report; ``labels``
+    ``images`` (N, 3, H, W), ``maps`` (None for an image-level method) and ``masks`` (N, H, W) are kept for the report; ``labels``
     (N,) 0/1, ``scores`` (N,), ``defects`` and ``paths`` lists of N strings.
     """
 
     metrics: dict[str, Any]
     per_defect: dict[str, dict[str, Any]]
     images: torch.Tensor
-    maps: torch.Tensor
+    maps: torch.Tensor | None
     masks: torch.Tensor
     has_mask: torch.Tensor
     labels: torch.Tensor
@@ -36,33 +37,25 @@ class EvaluationResult:
 
 
 def _collect(model: AnomalyModel, dataset) -> dict[str, Any]:
-    """Predicts every item of ``dataset``, batching consecutive items of one size."""
+    """Predicts every item of ``dataset`` (after the model's transform), batching consecutive
+    items of one size."""
     out: dict[str, list] = {k: [] for k in ("images", "maps", "scores", "masks", "has_mask", "labels", "defects", "paths")}
-    pending: list[dict] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        images = torch.stack([item["image"] for item in pending])
+    for group in group_by_size(iterate(model._prepared(dataset)), model.batch_size):
+        images = stack_images(group)
+        if images.shape[0] != len(group):
+            raise TypeError("evaluate() takes a data set of single items (fastad.data), not of batches")
         pred = model.predict(images)
         out["images"].append(images)
-        out["maps"].append(pred.maps)
         out["scores"].append(pred.scores)
-        for item in pending:
+        if pred.maps is not None:
+            out["maps"].append(pred.maps)
+        for item in group:
             out["masks"].append(torch.as_tensor(item["mask"], dtype=torch.bool))
             out["has_mask"].append(bool(item["has_mask"]))
             out["labels"].append(int(item["label"]))
             out["defects"].append(str(item["defect"]))
             out["paths"].append(str(item["path"]))
-        pending.clear()
-
-    for i in range(len(dataset)):
-        item = dataset[i]
-        if pending and (item["image"].shape != pending[0]["image"].shape or len(pending) == model.batch_size):
-            flush()
-        pending.append(item)
-    flush()
-    shapes = {tuple(m.shape[-2:]) for m in out["maps"]}
+    shapes = {tuple(m.shape[-2:]) for m in out["images"]}
     if len(shapes) > 1:
         raise ValueError(
             f"the test images have {len(shapes)} different sizes ({sorted(shapes)[:3]}...); "
@@ -114,19 +107,19 @@ def evaluate(model: AnomalyModel, dataset, *, latency_images: int = 10, throughp
         raise ValueError("the test set is empty")
     c = _collect(model, dataset)
     images = torch.cat(c["images"])
-    maps = torch.cat(c["maps"])
+    maps = torch.cat(c["maps"]) if c["maps"] else None  # None: the method scores whole images only
     scores = torch.cat(c["scores"])
     masks = torch.stack(c["masks"])
     has_mask = torch.tensor(c["has_mask"])
     labels = torch.tensor(c["labels"])
-    if masks.shape != maps.shape:
+    if maps is not None and masks.shape != maps.shape:
         raise ValueError(f"masks of shape {tuple(masks.shape[1:])} do not match maps of shape {tuple(maps.shape[1:])}")
 
     both_classes = bool((labels == 0).any() and (labels == 1).any())
     m: dict[str, Any] = {"n_images": int(labels.numel()), "n_anomalous": int(labels.sum())}
     m["image_auroc"] = metrics.image_auroc(labels, scores) if both_classes else None
     pix = has_mask.nonzero().flatten()
-    pixel_ok = pix.numel() > 0 and bool(masks[pix].any()) and bool((~masks[pix]).any())
+    pixel_ok = maps is not None and pix.numel() > 0 and bool(masks[pix].any()) and bool((~masks[pix]).any())
     m["pixel_auroc"] = metrics.pixel_auroc(masks[pix], maps[pix]) if pixel_ok else None
     m["aupro"] = metrics.aupro(masks[pix], maps[pix]) if pixel_ok else None
     if both_classes:
@@ -151,7 +144,7 @@ def evaluate(model: AnomalyModel, dataset, *, latency_images: int = 10, throughp
         entry: dict[str, Any] = {"n_images": int(sel.sum())}
         entry["image_auroc"] = metrics.image_auroc(labels[sel | good], scores[sel | good]) if bool(good.any()) else None
         pix_d = (sel | good) & has_mask
-        ok = bool(pix_d.any()) and bool(masks[pix_d].any())
+        ok = maps is not None and bool(pix_d.any()) and bool(masks[pix_d].any())
         entry["pixel_auroc"] = metrics.pixel_auroc(masks[pix_d], maps[pix_d]) if ok else None
         per_defect[defect] = entry
 

@@ -9,10 +9,12 @@ digest catches edited bytes that still parse, so a tampered file is refused rath
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,35 @@ def tensor_digest(tensors: dict[str, torch.Tensor], header: dict[str, Any] | Non
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write into; when the block succeeds it is flushed to
+    disk and renamed over ``path`` (readable like any new file), when it fails it is removed. A
+    reader thus sees the old file or the complete new one, never a half-written one."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """``data`` as indented JSON at ``path``, written atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+    return Path(path)
+
+
 def save_model_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> Path:
     """Writes ``tensors`` and ``header`` (JSON-serialisable) to ``path`` atomically.
 
@@ -65,19 +96,8 @@ def save_model_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], h
     except (TypeError, ValueError) as exc:
         raise TypeError(f"model header is not JSON-serialisable: {exc}") from exc
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(clean, tmp, metadata={_METADATA_KEY: text})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is as readable as any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata={_METADATA_KEY: text})
     return path
 
 

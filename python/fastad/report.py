@@ -17,6 +17,7 @@ import torch
 
 from . import metrics, viz
 from .evaluation import EvaluationResult
+from .io import atomic_path
 
 _CASES = 4  # images per group in the best/worst grids
 
@@ -102,7 +103,8 @@ def write_report(result: EvaluationResult, out_dir: str | Path, *, title: str = 
     """Writes ``report.html`` into ``out_dir`` (created if needed) and returns its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vmin, vmax = float(result.maps.min()), float(result.maps.max())
+    has_maps = result.maps is not None
+    vmin, vmax = (float(result.maps.min()), float(result.maps.max())) if has_maps else (0.0, 1.0)
 
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if model_info:
@@ -121,7 +123,8 @@ def write_report(result: EvaluationResult, out_dir: str | Path, *, title: str = 
     figs = ([roc] if roc else []) + [_histogram_figure(result)]
     parts.append("<div>" + "".join(f'<img class="fig" src="{_data_uri(p)}" alt="figure">' for p in figs) + "</div>")
 
-    parts.append(f"<h2>Cases</h2><p>Heat maps share one colour scale, from {vmin:.4g} to {vmax:.4g}.</p>")
+    parts.append("<h2>Cases</h2><p>" + (f"Heat maps share one colour scale, from {vmin:.4g} to {vmax:.4g}." if has_maps
+                                        else "This method scores whole images; it makes no anomaly maps.") + "</p>")
     for caption, indices in _cases(result):
         if not indices:
             continue
@@ -130,7 +133,7 @@ def write_report(result: EvaluationResult, out_dir: str | Path, *, title: str = 
             gt = viz.mask_to_rgb(result.masks[i]) if bool(result.has_mask[i]) else None
             pics = [("image", viz.image_to_rgb(result.images[i])),
                     ("ground truth" if gt is not None else "no mask", gt),
-                    ("heat map", viz.overlay(result.images[i], result.maps[i], vmin=vmin, vmax=vmax))]
+                    ("heat map" if has_maps else "no map", viz.overlay(result.images[i], result.maps[i], vmin=vmin, vmax=vmax) if has_maps else None)]
             imgs = "".join(
                 f'<figure><img src="{_data_uri(viz.png_bytes(p))}" alt="{name}"><figcaption>{name}</figcaption></figure>'
                 if p is not None else f"<figure><div class='empty'>{name}</div><figcaption>{name}</figcaption></figure>"
@@ -155,7 +158,6 @@ def write_report(result: EvaluationResult, out_dir: str | Path, *, title: str = 
         f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
     )
     path = out_dir / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return path

@@ -511,7 +511,7 @@ def tiled_apply(
     halo: int,
     stride: int = 1,
     out: np.ndarray | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     batch_tiles: int = 1,
     progress: bool | None = None,
     dtype: torch.dtype | None = None,
@@ -535,6 +535,7 @@ def tiled_apply(
             allocated when ``None`` (float64 if ``fn`` returns float64, else float32). If an
             error interrupts the run, ``out`` holds the tiles written so far.
         device: where ``fn`` runs; tiles are moved there and results copied back to the host.
+            ``None``: the device of ``fn``'s first parameter if it is a module, else the CPU.
         batch_tiles: tiles per call of ``fn``; only tiles of equal window size are batched.
         progress: show a tqdm bar; ``None`` shows it when stderr is a terminal.
         dtype: floating-point type the tiles are given to ``fn`` in (readers give float32);
@@ -547,8 +548,9 @@ def tiled_apply(
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    device, probed_dtype = _probe_placement(fn, device, None)
     if dtype is None:
-        dtype = _probe_placement(fn, "cpu", None)[1]
+        dtype = probed_dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     tile, halo, stride, batch_tiles = _check_tiling_args(tile, halo, stride, batch_tiles)

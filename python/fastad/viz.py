@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .io import atomic_path
+
 
 def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -67,7 +69,8 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:
     path = Path(path)
-    path.write_bytes(png_bytes(rgb))
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png_bytes(rgb))
     return path
 
 
@@ -79,5 +82,6 @@ def save_map_png(path: str | Path, amap, *, vmin: float, vmax: float) -> Path:
     a = _as_numpy(amap).astype(np.float64)
     scaled = np.clip((a - vmin) / (vmax - vmin), 0.0, 1.0) if vmax > vmin else np.zeros_like(a)
     path = Path(path)
-    Image.fromarray((scaled * 65535.0 + 0.5).astype(np.uint16)).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray((scaled * 65535.0 + 0.5).astype(np.uint16)).save(tmp, format="PNG")
     return path

@@ -127,8 +127,14 @@ def test_bad_images_are_refused_with_what_was_wrong(resnet18):
         list(extractor.extract(torch.rand(2, 3, 32, 32)))
     with pytest.raises(ValueError, match="'image'"):
         list(extractor.extract([{"picture": torch.rand(3, 32, 32)}]))
-    with pytest.raises(ValueError, match="one size"):
-        list(extractor.extract([torch.rand(3, 32, 32), torch.rand(3, 16, 16)]))
+
+
+def test_extract_starts_a_new_batch_when_the_image_size_changes(resnet18):
+    extractor = FeatureExtractor(resnet18, ["layer1"], batch_size=4)
+    images = [torch.rand(3, 32, 32), torch.rand(3, 32, 32), torch.rand(3, 64, 48), torch.rand(3, 32, 32)]
+    out = [f["layer1"] for f in extractor.extract(images)]
+    assert [tuple(f.shape) for f in out] == [(2, 64, 8, 8), (1, 64, 16, 12), (1, 64, 8, 8)]
+    torch.testing.assert_close(out[1], extractor(images[2][None])["layer1"])
 
 
 def test_bad_options_are_refused(resnet18):

@@ -127,7 +127,7 @@ BAD_IMAGES = [
     (lambda: torch.full((1, 3, 32, 32), float("nan")), ValueError, "NaN"),
     (lambda: torch.rand(2, 3, 32, 32) * 5, ValueError, r"values in \[0, 1\]"),
     (lambda: torch.rand(0, 3, 32, 32), ValueError, "empty"),
-    (lambda: [1, 2, 3], TypeError, "cannot read images"),
+    (lambda: [1, 2, 3], TypeError, "each element must be images"),
 ]
 
 

@@ -24,6 +24,8 @@ Every item is a dict that torch's default collate batches as long as the images 
 
 from __future__ import annotations
 
+import copy
+
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -112,6 +114,14 @@ class AnomalyDataset(Dataset):
         self.root = root
         self.split = split
         self.transform = transform
+
+    def with_transform(self, transform: Transform | None) -> AnomalyDataset:
+        """The same samples with another transform (a shallow copy; this data set is unchanged)."""
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be a callable on the item dict or None, got {type(transform).__name__}")
+        other = copy.copy(self)
+        other.transform = transform
+        return other
 
     @property
     def defect_types(self) -> list[str]:

@@ -17,6 +17,7 @@ from .backbones import (
     available_backbones,
     backbone_from_network,
     build_network,
+    layers_at_strides,
     load_backbone,
     weights_source,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "available_backbones",
     "backbone_from_network",
     "build_network",
+    "layers_at_strides",
     "load_backbone",
     "read_state_dict",
     "weights_source",

@@ -238,6 +238,24 @@ def _package_source(spec: BackboneSpec) -> WeightsSource:
     )
 
 
+def layers_at_strides(name: str, strides: Sequence[int]) -> list[str]:
+    """For each stride, the deepest layer of backbone ``name`` with that output stride.
+
+    Methods name their layers by stride so that one definition serves every backbone: a paper's
+    ResNet ``layer2``/``layer3`` are strides 8 and 16, which on EfficientNet-Lite0 are
+    ``block2``/``block4``. Raises ValueError when the backbone has no layer at a stride.
+    """
+    info = _spec(name).layer_info
+    layers = []
+    for stride in strides:
+        at = [layer for layer, (_, s) in info.items() if s == stride]
+        if not at:
+            have = sorted({s for _, s in info.values()})
+            raise ValueError(f"backbone {name!r} has no layer at stride {stride} (its strides: {have})")
+        layers.append(at[-1])
+    return layers
+
+
 def weights_source(name: str) -> WeightsSource:
     """Where the ImageNet weights of backbone ``name`` are looked for (imports torchvision/timm)."""
     spec = _spec(name)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .._batching import group_by_size, images_of, iterate, stack_images
 from .._checks import check_device, check_image_batch
 from .backbones import Backbone
 
@@ -98,19 +99,20 @@ class FeatureExtractor:
         ``progress``: True or False forces the tqdm bar on or off; None shows it when stderr is
         a terminal and there are several batches (or their number is unknown).
         """
-        items = _iterate(data)
-        first = next(items, None)
+        if isinstance(data, torch.Tensor):
+            raise TypeError("extract() takes an iterable of batches or items; call the extractor directly on a tensor")
+        groups = group_by_size(iterate(data), self.batch_size)
+        first = next(groups, None)
         if first is None:
             return
-        first_images = _images_of(first)
-        total = _batch_count(data, first_images, self.batch_size)
+        total = _batch_count(data, images_of(first[0]), self.batch_size)
         if progress is None:
             progress = sys.stderr.isatty() and (total is None or total >= _PROGRESS_MIN_BATCHES)
         from tqdm import tqdm
 
         with tqdm(total=total, disable=not progress, desc=f"features {self.backbone.name}", unit="batch", file=sys.stderr) as bar:
-            for batch in _batches(itertools.chain([first_images], (_images_of(item) for item in items)), self.batch_size):
-                yield self(batch)
+            for group in itertools.chain([first], groups):
+                yield self(stack_images(group))
                 bar.update(1)
 
 
@@ -118,56 +120,11 @@ def _resolve_device(device: str | torch.device | None, backbone: Backbone) -> to
     return backbone.device if device is None else check_device(device)
 
 
-def _iterate(data: Iterable[Any]) -> Iterator[Any]:
-    # A map-style data set (torch Dataset, fastad.data) has __getitem__/__len__ but maybe no __iter__.
-    if not hasattr(data, "__iter__") and hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-        return (data[i] for i in range(len(data)))
-    if isinstance(data, torch.Tensor):
-        raise TypeError("extract() takes an iterable of batches or items; call the extractor directly on a tensor")
-    if not isinstance(data, Iterable):
-        raise TypeError(f"extract() needs an iterable of image batches or data set items, got {type(data).__name__}")
-    return iter(data)
-
-
-def _images_of(item: Any) -> torch.Tensor:
-    """The image tensor of one element: a tensor, a dict with "image", or a tuple (images, ...)."""
-    if isinstance(item, dict):
-        if "image" not in item:
-            raise ValueError(f"a data item dict must hold 'image', got keys {sorted(item)}")
-        item = item["image"]
-    elif isinstance(item, (tuple, list)) and item:
-        item = item[0]
-    if not isinstance(item, torch.Tensor) or item.dim() not in (3, 4):
-        shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
-        raise TypeError(f"each element must be images (B, 3, H, W) or one image (3, H, W), got {shape}")
-    return item
-
-
 def _batch_count(data: Any, first: torch.Tensor, batch_size: int) -> int | None:
     try:
         n = len(data)
     except TypeError:
         return None
-    if first.dim() == 3:  # single images are grouped
+    if first.dim() == 3:  # single images are grouped (more groups when sizes change)
         return -(-n // batch_size)
     return n  # batches pass through one to one (a large one is split inside __call__)
-
-
-def _batches(images: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    """Passes batches through; stacks consecutive single images into batches of ``batch_size``."""
-    pending: list[torch.Tensor] = []
-    for item in images:
-        if item.dim() == 4:
-            if pending:
-                yield torch.stack(pending)
-                pending = []
-            yield item
-            continue
-        if pending and item.shape != pending[0].shape:
-            raise ValueError(f"single images must share one size to be batched: {tuple(pending[0].shape)} then {tuple(item.shape)}")
-        pending.append(item)
-        if len(pending) == batch_size:
-            yield torch.stack(pending)
-            pending = []
-    if pending:
-        yield torch.stack(pending)

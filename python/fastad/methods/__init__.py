@@ -1,8 +1,11 @@
-"""Anomaly-detection methods: one module per method on the shared base class (base.py).
+"""Anomaly-detection methods: one module per method on the shared base classes.
 
-``get_method(name)`` returns a registered method class; ``available_methods()`` lists them.
+``base.AnomalyModel`` is every method's base (inputs, predict, thresholds, model files);
+``feature_model.FeatureModel`` adds a pretrained backbone. ``get_method(name)`` returns a
+registered method class; ``available_methods()`` lists them.
 """
 
 from .base import AnomalyModel, Prediction, available_methods, get_method, register_method
+from .feature_model import FeatureModel
 
-__all__ = ["AnomalyModel", "Prediction", "available_methods", "get_method", "register_method"]
+__all__ = ["AnomalyModel", "FeatureModel", "Prediction", "available_methods", "get_method", "register_method"]

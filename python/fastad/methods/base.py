@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import io as model_io
+from .._batching import describe, group_by_size, is_map_dataset, iterate, stack_images, stack_labels
 from .._checks import check_device, check_image_batch
 
 # ----------------------------------------------------------------------------------------------
@@ -73,22 +74,19 @@ def check_images(images: Any, what: str = "images") -> torch.Tensor:
     return check_image_batch(images, what)
 
 
-def _is_dataset(data: Any) -> bool:
-    return hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (torch.Tensor, list, tuple, dict))
+def _name_of(group: list[Any]) -> str:
+    """How the checks name a batch in errors: the file of a single image when it has one."""
+    single = len(group) == 1 and describe(group[0]) != "an element"
+    return f"image {describe(group[0])}" if single else "images"
 
 
-def _batch_images(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The images (and labels, when given) of one element of a DataLoader or iterable."""
-    if isinstance(batch, dict):
-        if "image" not in batch:
-            raise ValueError(f"a batch dict must hold 'image', got keys {sorted(batch)}")
-        labels = batch.get("label")
-        return batch["image"], torch.as_tensor(labels) if labels is not None else None
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0], None
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    raise TypeError(f"cannot read images from a batch of type {type(batch).__name__}")
+def _check_normal(group: list[Any]) -> None:
+    labels = stack_labels(group)
+    if labels is None or not bool((labels != 0).any()):
+        return
+    first = int((labels != 0).nonzero()[0])
+    where = describe(group[first]) if len(group) == labels.numel() else "a batch"
+    raise ValueError(f"fit expects normal images only, but {where} holds an image labelled anomalous")
 
 
 def iter_image_batches(data: Any, batch_size: int, *, normal_only: bool = False) -> Iterator[torch.Tensor]:
@@ -96,31 +94,25 @@ def iter_image_batches(data: Any, batch_size: int, *, normal_only: bool = False)
 
     ``data`` is an image tensor (N, 3, H, W) or (3, H, W), a map-style data set whose items are
     dicts with ``image`` (fastad.data) or tensors, or any iterable of batches (a DataLoader): a
-    tensor, a dict with ``image`` or a tuple whose first element is the images. With
-    ``normal_only`` an item labelled anomalous is an error (fitting must see normal images only).
+    tensor, a dict with ``image`` or a tuple whose first element is the images. Single images are
+    batched while consecutive ones share a size (``fastad._batching``). With ``normal_only`` an
+    item labelled anomalous is an error (fitting must see normal images only).
     """
     if isinstance(data, dict):  # one item or one batch, e.g. test_set[0]
-        data = check_images(_batch_images(data)[0])
+        data = [data]
     if isinstance(data, torch.Tensor):
         images = check_images(data)
         for start in range(0, images.shape[0], batch_size):
             yield images[start : start + batch_size]
         return
-    if _is_dataset(data):
-        from torch.utils.data import DataLoader
-
-        if len(data) == 0:
-            raise ValueError("the data set is empty")
-        data = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
-    elif not isinstance(data, Iterable):
-        raise TypeError(f"expected images, a data set or a DataLoader, got {type(data).__name__}")
+    if is_map_dataset(data) and len(data) == 0:
+        raise ValueError("the data set is empty")
     seen = 0
-    for batch in data:
-        images, labels = _batch_images(batch)
-        if normal_only and labels is not None and bool((labels != 0).any()):
-            raise ValueError("fit expects normal images only, but the data holds images labelled anomalous")
+    for group in group_by_size(iterate(data), batch_size):
+        if normal_only:
+            _check_normal(group)
         seen += 1
-        yield check_images(images)
+        yield check_images(stack_images(group), _name_of(group))
     if seen == 0:
         raise ValueError("the data yielded no images")
 
@@ -131,17 +123,22 @@ def iter_image_batches(data: Any, batch_size: int, *, normal_only: bool = False)
 
 @dataclass
 class Prediction:
-    """What ``predict`` returns. ``scores`` (N,) and ``maps`` (N, H, W) at the input resolution,
-    float32, higher = more anomalous; ``threshold`` the model's decision threshold (None when it
-    has none)."""
+    """What ``predict`` returns. ``scores`` (N,) float32, higher = more anomalous; ``maps``
+    (N, H, W) float32 at the input resolution, or None for a method that scores whole images only
+    (Gaussian AD); ``threshold`` the model's decision threshold (None when it has none)."""
 
     scores: torch.Tensor
-    maps: torch.Tensor
+    maps: torch.Tensor | None
     threshold: float | None = None
 
     @property
     def is_anomalous(self) -> torch.Tensor | None:
         return None if self.threshold is None else self.scores > self.threshold
+
+
+# Learned state that is not a tensor or a JSON value is stored as tensors named "<attr>.<key>"
+# (a dict of tensors) or "<attr>" (a NumPy array); the header says which attributes to rebuild.
+_DICT_STATE, _NUMPY_STATE = "tensor_dicts", "numpy_arrays"
 
 
 class AnomalyModel:
@@ -171,13 +168,22 @@ class AnomalyModel:
     def _fit_batches(self, batches: Iterator[torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def _score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         raise NotImplementedError
 
     def transform(self):
         """The preprocessing a data set needs before fit/evaluate (e.g. resize and crop), as a
-        ``fastad.data`` transform, or None. Methods with a fixed input size override this."""
+        ``fastad.data`` transform, or None. Methods with a fixed input size override this.
+
+        ``fit``, ``predict`` and ``evaluate`` apply it to ``fastad.data`` data sets that have no
+        transform of their own; tensors and DataLoaders are taken as they are."""
         return None
+
+    def _prepared(self, data: Any) -> Any:
+        transform = self.transform()
+        if transform is not None and is_map_dataset(data) and hasattr(data, "with_transform") and data.transform is None:
+            return data.with_transform(transform)
+        return data
 
     # -- parameters ----------------------------------------------------------------------------
 
@@ -223,7 +229,8 @@ class AnomalyModel:
 
         With ``holdout`` > 0, every round(1/holdout)-th image is held back from fitting and scored
         afterwards; ``threshold_`` is the ``threshold_quantile`` of those scores (None when too
-        few images were held back). The threshold thus comes from normal images only.
+        few images were held back). The threshold thus comes from normal images only; set
+        ``holdout=0`` to fit on every image, as the papers do, and go without a threshold.
         """
         self._check_params()
         for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("_")]:
@@ -233,7 +240,7 @@ class AnomalyModel:
         counter = {"fit": 0, "seen": 0}
 
         def fit_batches() -> Iterator[torch.Tensor]:
-            for images in iter_image_batches(data, self.batch_size, normal_only=True):
+            for images in iter_image_batches(self._prepared(data), self.batch_size, normal_only=True):
                 first, count = counter["seen"], images.shape[0]
                 counter["seen"] += count
                 if period:
@@ -250,9 +257,9 @@ class AnomalyModel:
         self.n_train_images_ = counter["fit"]
         self.threshold_ = None
         if len(held) >= 2:
-            scores = self.predict(torch.stack(held)).scores
             from ..postprocess import good_quantile_threshold
 
+            scores = torch.cat([self.predict(group).scores for group in _same_size_runs(held)])
             self.threshold_ = float(good_quantile_threshold(scores, self.threshold_quantile))
         return self
 
@@ -262,60 +269,105 @@ class AnomalyModel:
 
     def predict(self, images: Any) -> Prediction:
         """Scores images (tensor (N, 3, H, W) / (3, H, W), data set or DataLoader) and returns
-        :class:`Prediction` with maps at the input resolution."""
+        :class:`Prediction` with maps at the input resolution. All images of one call must have
+        one size (a ``fastad.data`` data set is resized by the method's ``transform()``)."""
         from ..postprocess import anomaly_maps, image_scores
 
         self._check_fitted()
-        scores, maps = [], []
+        scores, maps, size = [], [], None
         with torch.inference_mode():
-            for batch in iter_image_batches(images, self.batch_size):
+            for batch in iter_image_batches(self._prepared(images), self.batch_size):
+                if size is not None and tuple(batch.shape[-2:]) != size:
+                    raise ValueError(
+                        f"predict got images of different sizes ({size[0]}x{size[1]}, then {batch.shape[-2]}x{batch.shape[-1]}); "
+                        "resize them to one size (e.g. with the method's transform()) or predict each size separately"
+                    )
+                size = tuple(batch.shape[-2:])
                 batch = batch.to(self.device, torch.float32)
                 patch_map, image_score = self._score_batch(batch)
-                full = anomaly_maps(patch_map.float(), tuple(batch.shape[-2:]), mode=self.upsample_mode, sigma=self.blur_sigma)
+                if patch_map is None and image_score is None:
+                    raise RuntimeError(f"{type(self).__name__}._score_batch returned neither a map nor image scores")
+                full = None
+                if patch_map is not None:
+                    full = anomaly_maps(patch_map.float(), size, mode=self.upsample_mode, sigma=self.blur_sigma)
+                    maps.append(full.float().cpu())
                 scores.append((image_score if image_score is not None else image_scores(full, "max")).float().cpu())
-                maps.append(full.float().cpu())
-        if len({m.shape[-2:] for m in maps}) > 1:
-            raise ValueError("predict needs images of one size per call; resize them first (see transform())")
-        return Prediction(scores=torch.cat(scores), maps=torch.cat(maps), threshold=getattr(self, "threshold_", None))
+        return Prediction(
+            scores=torch.cat(scores),
+            maps=torch.cat(maps) if maps else None,
+            threshold=getattr(self, "threshold_", None),
+        )
 
     # -- state and model files -----------------------------------------------------------------
 
-    def _learned_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Learned attributes (ending in ``_``): tensors, and everything else (JSON values)."""
-        tensors, values = {}, {}
-        for name, value in vars(self).items():
-            if not name.endswith("_") or name.startswith("_"):
-                continue
+    def _learned_attributes(self) -> dict[str, Any]:
+        return {name: value for name, value in vars(self).items() if name.endswith("_") and not name.startswith("_")}
+
+    def _learned_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, list[str]]]:
+        """Learned attributes (ending in ``_``) as model-file parts: tensors (a dict of tensors
+        flattened to ``attr.key``, a NumPy array made a tensor), JSON values, and the names of the
+        attributes to rebuild as dicts and arrays on loading."""
+        import numpy as np
+
+        tensors: dict[str, torch.Tensor] = {}
+        values: dict[str, Any] = {}
+        rebuild: dict[str, list[str]] = {_DICT_STATE: [], _NUMPY_STATE: []}
+        for name, value in self._learned_attributes().items():
             if isinstance(value, torch.Tensor):
                 tensors[name] = value
+            elif isinstance(value, np.ndarray):
+                tensors[name] = torch.from_numpy(np.ascontiguousarray(value))
+                rebuild[_NUMPY_STATE].append(name)
+            elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                for key, t in value.items():
+                    if not isinstance(key, str) or not key:
+                        raise TypeError(f"learned state {name!r} is a dict of tensors whose keys must be non-empty strings, got {key!r}")
+                    tensors[f"{name}.{key}"] = t
+                rebuild[_DICT_STATE].append(name)
             else:
                 values[name] = value
-        return tensors, values
+        return tensors, values, rebuild
 
     def to(self, device: str) -> AnomalyModel:
-        """Moves the learned tensors to ``device`` and makes it the device for later calls."""
-        self.device = str(device)
-        tensors, _ = self._learned_state()
-        for name, t in tensors.items():
-            setattr(self, name, t.to(device))
+        """Moves the learned tensors (also inside dicts) to ``device`` and makes it the device for
+        later calls."""
+        self.device = str(check_device(device))
+        for name, value in self._learned_attributes().items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(self.device))
+            elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                setattr(self, name, {key: t.to(self.device) for key, t in value.items()})
+        self._moved_to(self.device)
         return self
+
+    def _moved_to(self, device: str) -> None:
+        """Hook for a method that caches device-bound helpers (a feature extractor)."""
+
+    def _header_extras(self) -> dict[str, Any]:
+        """Hook: more header entries for the model file (e.g. the backbone and its weights)."""
+        return {}
 
     def save(self, path: str | Path) -> Path:
         """Writes the model to ``path`` (safetensors + JSON header; atomic)."""
         import fastad
 
         self._check_fitted()
-        tensors, values = self._learned_state()
-        params = self.get_params()
+        registered = _REGISTRY.get(self.method_name)
+        if registered is not type(self):
+            raise TypeError(
+                f"{type(self).__qualname__} is not a registered method, so a model file could not be loaded back; "
+                "decorate the class with @fastad.register_method('name')"
+            )
+        tensors, values, rebuild = self._learned_state()
         header = {
             "method": self.method_name,
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
-            "params": params,
+            "params": self.get_params(),
             "state": values,
-            "backbone": params.get("backbone"),
-            "layers": params.get("layers"),
+            "rebuild": rebuild,
             "fastad_version": fastad.__version__,
             "torch_version": torch.__version__,
+            **self._header_extras(),
         }
         return model_io.save_model_file(path, tensors, header)
 
@@ -340,7 +392,8 @@ class AnomalyModel:
                 f"{path} was written with parameters this {klass.__name__} does not have: {', '.join(sorted(unknown))}"
             )
         model = klass(**params)
-        state = dict(header.get("state") or {}, **tensors)
+        state = dict(header.get("state") or {})
+        state.update(_rebuild_state(tensors, header.get("rebuild") or {}, path))
         for name_, value in state.items():
             if not (name_.isidentifier() and name_.endswith("_") and not name_.startswith("_")):
                 raise model_io.ModelFileError(f"{path}: {name_!r} is not a learned attribute name")
@@ -349,3 +402,25 @@ class AnomalyModel:
         model._check_params()
         return model.to(model.device)
 
+
+def _rebuild_state(tensors: dict[str, torch.Tensor], rebuild: dict[str, list[str]], path: Any) -> dict[str, Any]:
+    """Learned attributes from a model file's tensors: plain tensors, dicts of tensors
+    (``attr.key``) and NumPy arrays, as ``_learned_state`` wrote them."""
+    dict_names = set(rebuild.get(_DICT_STATE) or [])
+    numpy_names = set(rebuild.get(_NUMPY_STATE) or [])
+    state: dict[str, Any] = {name: {} for name in dict_names}
+    for key, t in tensors.items():
+        attr, dot, sub = key.partition(".")
+        if dot:
+            if attr not in dict_names or not sub:
+                raise model_io.ModelFileError(f"{path}: tensor {key!r} belongs to no learned dict")
+            state[attr][sub] = t
+        else:
+            state[attr] = t.numpy() if attr in numpy_names else t
+    return state
+
+
+def _same_size_runs(images: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Consecutive images of one size, stacked (held-back images may come in several sizes)."""
+    for group in group_by_size(images, len(images)):
+        yield stack_images(group)

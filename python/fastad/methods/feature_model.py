@@ -1,0 +1,140 @@
+"""The base of every method on a pretrained backbone: its parameters, a cached feature extractor,
+the paper's input size, and the identity of the backbone's weights in model files.
+
+A method derived from :class:`FeatureModel` calls ``self._features(images)`` for
+``{layer: (B, C, h, w)}`` and never builds a backbone itself. Layers are given by name, or left
+None for the method's own choice, which it states as output strides (``default_strides``) so that
+one definition holds on every backbone (``fastad.features.layers_at_strides``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, ClassVar
+
+import torch
+
+from .base import AnomalyModel
+
+
+class FeatureModel(AnomalyModel):
+    """Parameters shared by the feature-based methods (the rest are :class:`AnomalyModel`'s):
+
+    * ``backbone``: a name of ``fastad.features.BACKBONES``;
+    * ``layers``: its layer names, or None for the method's default (``default_strides``);
+    * ``weights``: ``"imagenet"`` (a local file, never downloaded), a weights file path, or None
+      (random weights: for tests only; such a model cannot be saved meaningfully);
+    * ``resize``, ``crop``: the input size, as in the papers (shorter side 256, centre crop 224);
+      None keeps the images' size. Applied by ``transform()`` to ``fastad.data`` data sets;
+    * ``half``, ``channels_last``: CUDA speed options of the extractor.
+
+    Learned: ``backbone_weights_``, a SHA-256 digest of the weights the features came from; a model
+    file loaded where the backbone's weights differ refuses to score rather than mislead.
+    """
+
+    default_strides: ClassVar[tuple[int, ...]] = (8, 16)
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "wide_resnet50_2",
+        layers: list[str] | None = None,
+        weights: str | None = "imagenet",
+        resize: int | None = 256,
+        crop: int | None = 224,
+        half: bool = False,
+        channels_last: bool = False,
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.resize = resize
+        self.crop = crop
+        self.half = half
+        self.channels_last = channels_last
+
+    # -- inputs and layers ---------------------------------------------------------------------
+
+    def transform(self):
+        if self.resize is None and self.crop is None:
+            return None
+        from ..data import ResizeCrop
+
+        return ResizeCrop(self.resize, self.crop)
+
+    def feature_layers(self) -> list[str]:
+        """The layers this model extracts, in network order."""
+        from ..features import BACKBONES, layers_at_strides
+
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(BACKBONES)}")
+        if self.layers is None:
+            return layers_at_strides(self.backbone, self.default_strides)
+        names = [self.layers] if isinstance(self.layers, str) else list(self.layers)
+        order = list(BACKBONES[self.backbone].layer_info)
+        unknown = [n for n in names if n not in order]
+        if unknown or not names:
+            raise ValueError(f"layers {names} are not all layers of {self.backbone!r} (its layers: {', '.join(order)})")
+        return sorted(dict.fromkeys(names), key=order.index)
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        self.feature_layers()  # a bad backbone or layer name fails before any work
+
+    # -- the extractor ---------------------------------------------------------------------------
+
+    def _extractor(self):
+        """The cached :class:`~fastad.features.FeatureExtractor` for the current backbone,
+        layers, weights and device; rebuilt when any of them changed."""
+        key = (self.backbone, tuple(self.feature_layers()), str(self.weights), self.device, bool(self.half), bool(self.channels_last))
+        cached = self.__dict__.get("_extractor_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        from ..features import FeatureExtractor, load_backbone
+
+        network = load_backbone(self.backbone, self.weights, self.device)
+        digest = _weights_digest(network)  # before a half cast changes them
+        extractor = FeatureExtractor(
+            network, self.feature_layers(), device=self.device, half=self.half,
+            channels_last=self.channels_last, batch_size=self.batch_size,
+        )
+        expected = self.__dict__.get("backbone_weights_")
+        if expected is not None and expected.get("sha256") != digest:
+            raise ValueError(
+                f"this model was fitted on {self.backbone!r} weights with SHA-256 {expected.get('sha256', '?')[:16]}... "
+                f"({expected.get('source')}), but the weights found now ({network.weights}) differ ({digest[:16]}...); "
+                "provide the same weights file (weights=...) or fit again"
+            )
+        self._weights_record = {"source": network.weights, "sha256": digest}
+        self.__dict__["_extractor_cache"] = (key, extractor)
+        return extractor
+
+    def _features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{layer: float32 (B, C, h, w)}`` of a batch on the model's device."""
+        return self._extractor()(images)
+
+    def fit(self, data: Any) -> FeatureModel:
+        super().fit(data)
+        if not hasattr(self, "_weights_record"):
+            self._extractor()
+        self.backbone_weights_ = dict(self._weights_record)
+        return self
+
+    def _moved_to(self, device: str) -> None:
+        self.__dict__.pop("_extractor_cache", None)  # rebuilt on the new device when next needed
+
+    def _header_extras(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "layers": self.feature_layers(), "backbone_weights": self.backbone_weights_}
+
+
+def _weights_digest(backbone) -> str:
+    """SHA-256 of every parameter and buffer of the backbone's stages, in order: the identity of
+    its weights, whichever file or cache they were read from (about a second for the largest)."""
+    h = hashlib.sha256()
+    for key, tensor in backbone.stages.state_dict().items():
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{key}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
