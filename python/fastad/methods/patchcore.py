@@ -1,0 +1,219 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+Locally aware patch features of two middle layers form a memory bank of normal patches, reduced
+by greedy k-center selection; a test patch scores its distance to the nearest bank patch, an image
+the reweighted score of its worst patch (the paper's Eq. 7).
+
+Fitting streams: each batch's patch features are kept as one chunk with their random projection
+beside them; the coreset is chosen on the projections (``fastad.ops.kcenter_greedy``), and the
+chosen rows are copied chunk by chunk into the bank, each chunk freed once read, so the full set of
+training patches never exists twice. Scoring is ``fastad.ops.knn`` on the model's device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .base import register_method
+from .feature_model import FeatureModel
+
+_BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@register_method("patchcore")
+class PatchCore(FeatureModel):
+    """PatchCore with the paper's defaults; parity switches are named parameters.
+
+    Parameters (besides :class:`FeatureModel`'s and :class:`AnomalyModel`'s):
+        neighbourhood: side p of the local neighbourhood each layer's features are averaged over
+            (p x p, stride 1, zero padding counted at the borders as the authors' code does; it
+            damps the border features, whose padding artefacts otherwise dominate image scores);
+            1 turns it off.
+        embed_dim: the concatenated layers are average-pooled along channels to this many dims
+            (1024 in the paper); a backbone with fewer channels keeps them all.
+        coreset_ratio: share of training patches kept in the bank, in (0, 1]; 1 keeps them all.
+        projection_dim: the coreset is chosen on a Gaussian random projection to this many dims
+            (0 or None: on the patches themselves); the bank keeps the full patches.
+        seed: seeds the projection and the coreset's first patch.
+        num_neighbours: b of Eq. 7, the bank neighbours of the nearest patch used to reweight.
+        reweight: the paper's image score (True) or the plain maximum patch score (False).
+        squared: patch scores as squared L2 distances (as faiss returns them in the authors'
+            code) instead of plain L2 (the paper's formula).
+        bank_dtype: "float32", "float16" or "bfloat16" storage of the bank (distances are
+            computed in float32 either way).
+
+    Learned: ``bank_`` (K, D) patches; ``coreset_radius_`` the largest distance (in the projected
+    space) from a training patch to the bank; ``n_patches_`` the training patches seen.
+    """
+
+    default_strides: ClassVar[tuple[int, ...]] = (8, 16)
+
+    def __init__(
+        self,
+        *,
+        neighbourhood: int = 3,
+        embed_dim: int = 1024,
+        coreset_ratio: float = 0.1,
+        projection_dim: int | None = 128,
+        seed: int = 0,
+        num_neighbours: int = 9,
+        reweight: bool = True,
+        squared: bool = False,
+        bank_dtype: str = "float32",
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        self.neighbourhood = neighbourhood
+        self.embed_dim = embed_dim
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.seed = seed
+        self.num_neighbours = num_neighbours
+        self.reweight = reweight
+        self.squared = squared
+        self.bank_dtype = bank_dtype
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        for name in ("neighbourhood", "embed_dim", "num_neighbours", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} int, got {value!r}")
+        if self.neighbourhood % 2 == 0:
+            raise ValueError(f"neighbourhood must be odd (a centred p x p window), got {self.neighbourhood}")
+        if not (isinstance(self.coreset_ratio, (int, float)) and 0.0 < float(self.coreset_ratio) <= 1.0):
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio!r}")
+        if self.projection_dim is not None and (not isinstance(self.projection_dim, int) or self.projection_dim < 0):
+            raise ValueError(f"projection_dim must be a non-negative int or None, got {self.projection_dim!r}")
+        if self.bank_dtype not in _BANK_DTYPES:
+            raise ValueError(f"bank_dtype must be one of {', '.join(_BANK_DTYPES)}, got {self.bank_dtype!r}")
+
+    # -- patch features --------------------------------------------------------------------------
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Locally aware patch features (B, h, w, D) float32 of a batch, on the model's device:
+        each layer averaged over p x p neighbourhoods, deeper layers upsampled bilinearly to the
+        first layer's grid, concatenated, and average-pooled along channels to ``embed_dim``."""
+        features = self._features(images)
+        layers = self.feature_layers()
+        p = self.neighbourhood
+        grid = features[layers[0]].shape[-2:]
+        maps = []
+        for layer in layers:
+            f = features[layer]
+            if p > 1:
+                f = F.avg_pool2d(f, p, stride=1, padding=p // 2)  # zeros beyond the border count, as in the authors' unfold
+            if f.shape[-2:] != grid:
+                f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+            maps.append(f)
+        patches = torch.cat(maps, dim=1).permute(0, 2, 3, 1)  # (B, h, w, C)
+        if patches.shape[-1] > self.embed_dim:
+            b, h, w, c = patches.shape
+            patches = F.adaptive_avg_pool1d(patches.reshape(b * h * w, 1, c), self.embed_dim).reshape(b, h, w, self.embed_dim)
+        return patches.contiguous()
+
+    # -- fit ------------------------------------------------------------------------------------------
+
+    def _projection(self, dim: int) -> torch.Tensor | None:
+        """(D, projection_dim) Gaussian matrix, entries N(0, 1/projection_dim), from ``seed``."""
+        if not self.projection_dim or self.projection_dim >= dim or self.coreset_ratio >= 1.0:
+            return None
+        gen = torch.Generator().manual_seed(self.seed)
+        matrix = torch.randn(dim, self.projection_dim, generator=gen) / self.projection_dim**0.5
+        return matrix.to(self.device)
+
+    def _fit_batches(self, batches) -> None:
+        dtype = _BANK_DTYPES[self.bank_dtype]
+        chunks: list[torch.Tensor] = []
+        projected: list[torch.Tensor] = []
+        projection = None
+        for images in batches:
+            patches = self.patch_features(images)
+            patches = patches.reshape(-1, patches.shape[-1])
+            if not chunks:
+                projection = self._projection(patches.shape[1])
+            if projection is not None:
+                projected.append(patches @ projection)
+            chunks.append(patches.to(dtype))
+        if not chunks:
+            return
+        n = sum(chunk.shape[0] for chunk in chunks)
+        k = max(1, int(round(n * float(self.coreset_ratio))))
+        if k >= n:
+            selected = None
+            self.coreset_radius_ = 0.0
+        else:
+            space = torch.cat(projected) if projection is not None else torch.cat(chunks).float()
+            projected.clear()
+            start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.seed)))
+            selected, radii = ops.kcenter_greedy(space, k, start=start)
+            del space
+            self.coreset_radius_ = float(radii[-1])
+        self.bank_ = _gather_rows(chunks, selected, n, dtype, self.device)
+        self.n_patches_ = n
+
+    # -- score ---------------------------------------------------------------------------------------
+
+    def _score_batch(self, images: torch.Tensor):
+        patches = self.patch_features(images)
+        b, h, w, d = patches.shape
+        if d != self.bank_.shape[1]:
+            raise ValueError(f"patch features have {d} dims but the bank has {self.bank_.shape[1]}; were the layers changed after fit?")
+        query = patches.reshape(b * h * w, d)
+        dist, index = ops.knn(query.to(self.bank_.dtype), self.bank_, 1, squared=self.squared)
+        scores = dist[:, 0].reshape(b, h * w)
+        patch_map = scores.reshape(b, h, w)
+        if not self.reweight:
+            return patch_map, None
+        return patch_map, self._reweighted(query.reshape(b, h * w, d), scores, index[:, 0].reshape(b, h * w))
+
+    def _reweighted(self, query: torch.Tensor, scores: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """Eq. 7: s = (1 - exp(s*) / sum over the b bank neighbours m of m* of exp(||m_test* - m||)) s*,
+        with m_test* the worst patch, m* its nearest bank patch and s* their distance. The sum's
+        first term is m* itself, so the weight is one minus a softmax entry (computed stably)."""
+        worst = scores.argmax(dim=1)  # (B,)
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        s_star = scores[rows, worst]
+        m_test = query[rows, worst]  # (B, D)
+        m_star = nearest[rows, worst]  # (B,)
+        b = min(self.num_neighbours, self.bank_.shape[0])
+        _, support = ops.knn(self.bank_[m_star], self.bank_, b)  # (B, b), m* first
+        neighbours = self.bank_[support].float()  # (B, b, D)
+        distances = (neighbours - m_test[:, None, :].float()).norm(dim=2)
+        if self.squared:
+            distances = distances.square()
+        # The support's first entry is m* itself (distance 0 to itself), so the softmax's first
+        # term is exp(s*) over the sum; recompute it from m* to be independent of near-ties.
+        distances[:, 0] = s_star
+        weight = 1.0 - torch.softmax(distances, dim=1)[:, 0]
+        return weight * s_star
+
+
+def _gather_rows(chunks: list[torch.Tensor], selected: torch.Tensor | None, n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """The bank: rows ``selected`` (or all) of the chunks' concatenation, in selection order,
+    copied chunk by chunk into one preallocated tensor; each chunk is released once copied, so
+    memory peaks at the bank plus one chunk beyond the chunks themselves."""
+    d = chunks[0].shape[1]
+    if selected is None:
+        bank = torch.empty(n, d, dtype=dtype, device=device)
+        offset = 0
+        while chunks:
+            chunk = chunks.pop(0)
+            bank[offset : offset + chunk.shape[0]] = chunk
+            offset += chunk.shape[0]
+        return bank
+    selected = selected.to(device)
+    bank = torch.empty(selected.shape[0], d, dtype=dtype, device=device)
+    offset = 0
+    while chunks:
+        chunk = chunks.pop(0)
+        inside = (selected >= offset) & (selected < offset + chunk.shape[0])
+        where = inside.nonzero().flatten()
+        if where.numel():
+            bank[where] = chunk[selected[where] - offset]
+        offset += chunk.shape[0]
+    return bank

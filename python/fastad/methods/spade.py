@@ -1,0 +1,187 @@
+"""SPADE: Semantic Pyramid Anomaly Detection (Cohen & Hoshen, "Sub-Image Anomaly Detection with
+Deep Pyramid Correspondences", 2020).
+
+Two stages, both plain nearest-neighbour search on pretrained features:
+
+* image level: the ``k_images`` training images nearest to the test image by the Euclidean
+  distance of the deepest (stride-32) layer's globally average-pooled features. The image score
+  is the mean distance to them;
+* pixel level: every position of every map layer (``layer1..layer3`` on a ResNet, i.e. strides
+  4, 8 and 16) is compared with all positions of those same neighbours at that layer; its score
+  is the distance to the nearest one (the mean of the ``k_features`` nearest). The per-layer maps
+  are brought to the first layer's resolution and averaged; upsampling to the input and the
+  Gaussian blur are the base class's.
+
+Restricting the pixel gallery to the test image's own neighbours is what keeps the comparison to
+aligned, similar images; it is also why the whole per-layer training feature maps are kept
+(N x C x h x w per layer), the method's memory cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import knn
+from .base import register_method
+from .feature_model import FeatureModel
+
+# Names accepted by ``bank_dtype`` and what they store the training feature maps as.
+_BANK_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_IMAGE_SCORES = ("knn", "max")
+# The image-level retrieval uses the network's last stage, whatever its name on each backbone.
+_IMAGE_STRIDE = 32
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@register_method("spade")
+class SPADE(FeatureModel):
+    """SPADE with the paper's defaults (``backbone="wide_resnet50_2"``, K = 50, kappa = 1).
+
+    Parameters (besides :class:`FeatureModel`'s and :class:`AnomalyModel`'s, passed as ``**common``):
+
+    * ``k_images``: K, how many nearest training images form each test image's gallery. Clipped to
+      the number of training images (with fewer than K, every training image is a neighbour);
+    * ``k_features``: kappa, how many nearest gallery features a position's score averages
+      (1 = the distance to the nearest, as in the paper);
+    * ``image_score``: ``"knn"`` (the paper: mean distance to the K images) or ``"max"`` (the
+      maximum of the blurred anomaly map);
+    * ``bank_dtype``: ``"float32"``, or ``"float16"`` / ``"bfloat16"`` to halve the memory of the
+      stored training feature maps (distances are still accumulated in float32).
+
+    Layers: ``layers`` names the map layers (default: the strides 4, 8, 16: ``layer1..layer3`` on
+    ResNets, ``block1``/``block2``/``block4`` on EfficientNet-Lite0); the image layer is always
+    the deepest stride-32 layer (``layer4``, ``head``), see :meth:`image_layer`.
+
+    Learned: ``features_`` ``{map layer: (N_train, C, h, w)}`` in ``bank_dtype`` and ``pooled_``
+    (N_train, C_image) float32, on the model's device. All training images must have one size.
+    """
+
+    default_strides: ClassVar[tuple[int, ...]] = (4, 8, 16)
+
+    def __init__(
+        self,
+        *,
+        k_images: int = 50,
+        k_features: int = 1,
+        image_score: str = "knn",
+        bank_dtype: str = "float32",
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        self.k_images = k_images
+        self.k_features = k_features
+        self.image_score = image_score
+        self.bank_dtype = bank_dtype
+
+    # -- layers ----------------------------------------------------------------------------------
+
+    def map_layers(self) -> list[str]:
+        """The layers whose nearest-neighbour distances make the anomaly map, in network order."""
+        return super().feature_layers()
+
+    def image_layer(self) -> str:
+        """The layer whose pooled features choose the nearest training images: the deepest layer
+        at stride 32."""
+        from ..features import layers_at_strides
+
+        return layers_at_strides(self.backbone, [_IMAGE_STRIDE])[0]
+
+    def feature_layers(self) -> list[str]:
+        """Every layer extracted: the map layers and the image layer, in network order."""
+        from ..features import BACKBONES
+
+        map_layers = self.map_layers()  # checks the backbone and the layer names first
+        order = list(BACKBONES[self.backbone].layer_info)
+        return sorted({*map_layers, self.image_layer()}, key=order.index)
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if not _is_positive_int(self.k_images):
+            raise ValueError(f"k_images must be a positive int (the number of nearest training images), got {self.k_images!r}")
+        if not _is_positive_int(self.k_features):
+            raise ValueError(f"k_features must be a positive int (the number of nearest gallery features), got {self.k_features!r}")
+        if self.image_score not in _IMAGE_SCORES:
+            raise ValueError(f"image_score must be one of {', '.join(map(repr, _IMAGE_SCORES))}, got {self.image_score!r}")
+        if self.bank_dtype not in _BANK_DTYPES:
+            raise ValueError(f"bank_dtype must be one of {', '.join(map(repr, _BANK_DTYPES))}, got {self.bank_dtype!r}")
+
+    # -- fit -------------------------------------------------------------------------------------
+
+    def _fit_batches(self, batches: Iterator[torch.Tensor]) -> None:
+        map_layers, image_layer = self.map_layers(), self.image_layer()
+        dtype = _BANK_DTYPES[self.bank_dtype]
+        chunks: dict[str, list[torch.Tensor]] = {layer: [] for layer in map_layers}
+        pooled: list[torch.Tensor] = []
+        size: tuple[int, int] | None = None
+        for images in batches:
+            here = (int(images.shape[-2]), int(images.shape[-1]))
+            if size is None:
+                size = here
+            elif here != size:
+                raise ValueError(
+                    f"SPADE needs training images of one size, got {size[0]}x{size[1]} and then {here[0]}x{here[1]}; "
+                    "resize them (e.g. with the model's transform(), resize=..., crop=...)"
+                )
+            features = self._features(images)
+            pooled.append(features[image_layer].mean(dim=(2, 3)))
+            for layer in map_layers:
+                chunks[layer].append(features[layer].to(dtype))  # no copy when already the dtype
+            del features  # the deep layer's full map is not kept
+        if size is None:
+            return  # the base class reports that there was nothing to fit on
+        self.pooled_ = torch.cat(pooled)
+        features_: dict[str, torch.Tensor] = {}
+        for layer in map_layers:
+            # One layer at a time, its chunks freed as soon as they are joined: the peak is the
+            # bank plus one layer, never two copies of the bank.
+            features_[layer] = torch.cat(chunks.pop(layer))
+        self.features_ = features_
+
+    # -- score -----------------------------------------------------------------------------------
+
+    def _score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        map_layers = self.map_layers()
+        if list(self.features_) != map_layers:
+            raise ValueError(f"this SPADE was fitted on layers {list(self.features_)} but its layers are now {map_layers}; fit again")
+        features = self._features(images)
+        pooled = features[self.image_layer()].mean(dim=(2, 3))
+        k_images = min(self.k_images, self.pooled_.shape[0])
+        image_distances, neighbours = knn(pooled, self.pooled_, k_images)
+
+        layer_maps = [self._layer_distances(features[layer], self.features_[layer], neighbours, layer) for layer in map_layers]
+        size = layer_maps[0].shape[-2:]
+        resized = [
+            m if m.shape[-2:] == size else F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+            for m in layer_maps
+        ]
+        patch_map = torch.stack(resized).mean(dim=0)
+        image_scores = image_distances.mean(dim=1) if self.image_score == "knn" else None
+        return patch_map, image_scores
+
+    def _layer_distances(self, query: torch.Tensor, bank: torch.Tensor, neighbours: torch.Tensor, layer: str) -> torch.Tensor:
+        """Per-position score of one layer: query (B, C, h, w) float32, bank (N, C, h', w'),
+        neighbours (B, K) int64 rows of the bank -> (B, h, w) float32, the mean distance of each
+        query position to its ``k_features`` nearest among all positions of its K neighbours."""
+        b, c, h, w = query.shape
+        gallery_rows = neighbours.shape[1] * bank.shape[2] * bank.shape[3]
+        if self.k_features > gallery_rows:
+            raise ValueError(
+                f"k_features={self.k_features} exceeds the {gallery_rows} gallery features of layer {layer!r} "
+                f"({neighbours.shape[1]} images x {bank.shape[2]}x{bank.shape[3]} positions)"
+            )
+        # (N, h', w', C) view: selecting K images from it gives the (K*h'*w', C) gallery in one copy.
+        bank_rows = bank.permute(0, 2, 3, 1)
+        query_rows = query.to(bank.dtype).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        maps = []
+        for i in range(b):  # each image has its own gallery
+            gallery = bank_rows.index_select(0, neighbours[i]).reshape(gallery_rows, c)
+            distances, _ = knn(query_rows[i], gallery, self.k_features)
+            maps.append(distances.mean(dim=1).reshape(h, w))
+        return torch.stack(maps)

