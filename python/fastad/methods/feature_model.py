@@ -17,6 +17,18 @@ import torch
 from .base import AnomalyModel
 
 
+# Storage types a method may keep its training features in (``bank_dtype``); the ops widen them to
+# float32 when computing, so the choice trades memory against rounding only.
+BANK_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def bank_dtype_of(name: Any) -> torch.dtype:
+    """The torch dtype of a ``bank_dtype`` parameter; ValueError naming the choices otherwise."""
+    if name not in BANK_DTYPES:
+        raise ValueError(f"bank_dtype must be one of {', '.join(map(repr, BANK_DTYPES))}, got {name!r}")
+    return BANK_DTYPES[name]
+
+
 class FeatureModel(AnomalyModel):
     """Parameters shared by the feature-based methods (the rest are :class:`AnomalyModel`'s):
 

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 
 from .. import ops
 from .base import register_method
-from .feature_model import FeatureModel
+from .feature_model import FeatureModel, bank_dtype_of
 
-_BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @register_method("patchcore")
@@ -89,9 +88,7 @@ class PatchCore(FeatureModel):
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio!r}")
         if self.projection_dim is not None and (not isinstance(self.projection_dim, int) or self.projection_dim < 0):
             raise ValueError(f"projection_dim must be a non-negative int or None, got {self.projection_dim!r}")
-        if self.bank_dtype not in _BANK_DTYPES:
-            raise ValueError(f"bank_dtype must be one of {', '.join(_BANK_DTYPES)}, got {self.bank_dtype!r}")
-
+        bank_dtype_of(self.bank_dtype)  # raises on an unknown name
     # -- patch features --------------------------------------------------------------------------
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -127,7 +124,7 @@ class PatchCore(FeatureModel):
         return matrix.to(self.device)
 
     def _fit_batches(self, batches) -> None:
-        dtype = _BANK_DTYPES[self.bank_dtype]
+        dtype = bank_dtype_of(self.bank_dtype)
         chunks: list[torch.Tensor] = []
         projected: list[torch.Tensor] = []
         projection = None

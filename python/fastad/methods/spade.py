@@ -27,10 +27,8 @@ import torch.nn.functional as F
 
 from ..ops import knn
 from .base import register_method
-from .feature_model import FeatureModel
+from .feature_model import FeatureModel, bank_dtype_of
 
-# Names accepted by ``bank_dtype`` and what they store the training feature maps as.
-_BANK_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _IMAGE_SCORES = ("knn", "max")
 # The image-level retrieval uses the network's last stage, whatever its name on each backbone.
 _IMAGE_STRIDE = 32
@@ -109,14 +107,12 @@ class SPADE(FeatureModel):
             raise ValueError(f"k_features must be a positive int (the number of nearest gallery features), got {self.k_features!r}")
         if self.image_score not in _IMAGE_SCORES:
             raise ValueError(f"image_score must be one of {', '.join(map(repr, _IMAGE_SCORES))}, got {self.image_score!r}")
-        if self.bank_dtype not in _BANK_DTYPES:
-            raise ValueError(f"bank_dtype must be one of {', '.join(map(repr, _BANK_DTYPES))}, got {self.bank_dtype!r}")
-
+        bank_dtype_of(self.bank_dtype)  # raises on an unknown name
     # -- fit -------------------------------------------------------------------------------------
 
     def _fit_batches(self, batches: Iterator[torch.Tensor]) -> None:
         map_layers, image_layer = self.map_layers(), self.image_layer()
-        dtype = _BANK_DTYPES[self.bank_dtype]
+        dtype = bank_dtype_of(self.bank_dtype)
         chunks: dict[str, list[torch.Tensor]] = {layer: [] for layer in map_layers}
         pooled: list[torch.Tensor] = []
         size: tuple[int, int] | None = None
