@@ -1,4 +1,5 @@
-"""The ways people find nearest neighbours without fastad, as benchmark contenders."""
+"""The ways people do what fastad's kernels do without fastad (nearest neighbours, greedy coresets),
+as benchmark contenders."""
 
 from __future__ import annotations
 
@@ -31,3 +32,21 @@ def faiss_flat_l2(query, bank, k):
     index = faiss.IndexFlatL2(bank.shape[1])
     index.add(bank.numpy())
     return index.search(query.numpy(), k)
+
+
+def anomalib_kcenter_greedy(x, k, start=0):
+    """Greedy k-center the way anomalib's coreset sampler (KCenterGreedy) runs it: every step
+    measures all rows against the newest centre with torch.linalg.norm, folds that into a running
+    minimum, and reads the argmax back to the host (.item()) to index the next centre; a chosen
+    row's distance is set to 0 instead of being excluded. Returns the k rows chosen after
+    `start` (anomalib leaves the random first row out of its result)."""
+    nearest = None
+    row = start
+    chosen = []
+    for _ in range(k):
+        dist = torch.linalg.norm(x - x[row : row + 1], dim=1, keepdim=True)
+        nearest = dist if nearest is None else torch.minimum(nearest, dist)
+        row = int(torch.argmax(nearest).item())
+        nearest[row] = 0
+        chosen.append(row)
+    return torch.tensor(chosen)

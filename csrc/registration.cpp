@@ -5,4 +5,6 @@
 TORCH_LIBRARY(fastad, m) {
   // Exact k nearest bank rows of every query row: (distances (M,k) float32 ascending, indices (M,k) int64).
   m.def("knn(Tensor query, Tensor bank, int k, bool squared=False) -> (Tensor, Tensor)");
+  // Greedy k-center coreset of x's rows from row `start`: (indices (k,) int64 in order, radii (k,) float32).
+  m.def("kcenter_greedy(Tensor x, int k, int start=0) -> (Tensor, Tensor)");
 }

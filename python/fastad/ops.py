@@ -48,4 +48,38 @@ def _knn_fake(query, bank, k, squared=False):
     )
 
 
-__all__ = ["knn"]
+def kcenter_greedy(x: Tensor, k: int, *, start: int = 0) -> tuple[Tensor, Tensor]:
+    """Greedy k-center coreset of the rows of ``x`` (farthest-point rule, Gonzalez 1985).
+
+    Starts with row ``start``, then repeatedly takes the row whose Euclidean distance to its
+    nearest selected row is largest, equal distances going to the lowest index; duplicates of
+    selected rows (distance 0) come last, lowest index first, and no row is taken twice.
+
+    Args:
+        x: (N, D) float32, any strides (float16/bfloat16 are computed in float32); N >= 1.
+        k: number of rows to select, 1 <= k <= N.
+        start: the first selected row, 0 <= start < N.
+
+    Returns:
+        ``(indices, radii)``: (k,) int64 rows of ``x`` in selection order, and (k,) float32
+        distances of each selected row to the rows selected before it, at the moment it was taken:
+        ``radii[0] = inf``, never increasing; every row of ``x`` lies within ``radii[-1]`` of the
+        selection. Non-finite values raise on the CPU (on CUDA they give an unspecified selection
+        of distinct rows). Memory: O(N) plus the (k, D) selected rows, never N x k (plus one
+        contiguous float32 copy of ``x`` on the CPU when it is half or strided).
+    """
+    return torch.ops.fastad.kcenter_greedy(x, _check_int(k, "k"), _check_int(start, "start"))
+
+
+@torch.library.register_fake("fastad::kcenter_greedy")
+def _kcenter_greedy_fake(x, k, start=0):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D (N, D), got {x.dim()}-D")
+    torch._check(x.shape[0] >= 1, lambda: "x must hold at least one row")
+    torch._check(1 <= k, lambda: f"k must be at least 1, got {k}")
+    torch._check(k <= x.shape[0], lambda: f"k must be at most N = {x.shape[0]}, got {k}")
+    torch._check(0 <= start, lambda: f"start must be at least 0, got {start}")
+    torch._check(start < x.shape[0], lambda: f"start must be below N = {x.shape[0]}, got {start}")
+    return x.new_empty((k,), dtype=torch.int64), x.new_empty((k,), dtype=torch.float32)
+
+
+__all__ = ["kcenter_greedy", "knn"]

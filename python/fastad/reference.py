@@ -23,3 +23,26 @@ def knn(query: Tensor, bank: Tensor, k: int, *, squared: bool = False) -> tuple[
         return q.new_empty((0, k)).float(), q.new_empty((0, k), dtype=torch.int64)
     dist = torch.cat(dists)
     return (dist if squared else dist.sqrt()).float(), torch.cat(idxs)
+
+
+def kcenter_greedy(x: Tensor, k: int, *, start: int = 0) -> tuple[Tensor, Tensor]:
+    """Greedy k-center (farthest-point) selection by its definition, in float64: keep every
+    row's distance to its nearest selected row, and take the unselected row where it is largest
+    (``argmax`` returns the first, i.e. lowest, index among equal values). Returns (indices (k,)
+    int64, radii (k,) float32), radii[i] the distance of row indices[i] when it was taken."""
+    n = x.shape[0]
+    if not 1 <= k <= n or not 0 <= start < n:
+        raise ValueError(f"need 1 <= k <= N and 0 <= start < N, got k={k}, start={start}, N={n}")
+    xd = x.double()
+    nearest = torch.full((n,), float("inf"), dtype=torch.float64, device=x.device)
+    selected = torch.zeros(n, dtype=torch.bool, device=x.device)
+    indices, radii = [start], [float("inf")]
+    for _ in range(1, k):
+        last = indices[-1]
+        selected[last] = True
+        nearest = torch.minimum(nearest, torch.linalg.vector_norm(xd - xd[last], dim=1))
+        row = int(nearest.masked_fill(selected, -1.0).argmax())
+        indices.append(row)
+        radii.append(float(nearest[row]))
+    return (torch.tensor(indices, dtype=torch.int64, device=x.device),
+            torch.tensor(radii, dtype=torch.float32, device=x.device))
