@@ -66,7 +66,8 @@ def kcenter_greedy(x: Tensor, k: int, *, start: int = 0) -> tuple[Tensor, Tensor
         ``radii[0] = inf``, never increasing; every row of ``x`` lies within ``radii[-1]`` of the
         selection. Non-finite values raise on the CPU (on CUDA they give an unspecified selection
         of distinct rows). Memory: O(N) plus the (k, D) selected rows, never N x k (plus one
-        contiguous float32 copy of ``x`` on the CPU when it is half or strided).
+        contiguous float32 copy of ``x`` on the CPU when it is half or strided; on CUDA a contiguous
+        copy in ``x``'s dtype when it is strided).
     """
     return torch.ops.fastad.kcenter_greedy(x, _check_int(k, "k"), _check_int(start, "start"))
 

