@@ -48,8 +48,9 @@ def test_features_equal_a_directly_built_extractor(rng):
     x = torch.rand(3, 3, 64, 64, generator=rng)
     model = lite0().fit(x)
     direct = FeatureExtractor(load_backbone("efficientnet_lite0"), ["block2"])(x)["block2"]
-    torch.testing.assert_close(model._features(x)["block2"], direct)
-    torch.testing.assert_close(model.centre_, direct.mean(dim=(2, 3)).sum(0))
+    # channels_last (the default) sums the convolutions in another order: float32 rounding only.
+    torch.testing.assert_close(model._features(x)["block2"], direct, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.centre_, direct.mean(dim=(2, 3)).sum(0), rtol=1e-4, atol=1e-4)
 
 
 def test_the_extractor_is_cached_and_rebuilt_when_its_key_changes(rng):

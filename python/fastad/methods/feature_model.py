@@ -38,7 +38,10 @@ class FeatureModel(AnomalyModel):
       (random weights: for tests only; such a model cannot be saved meaningfully);
     * ``resize``, ``crop``: the input size, as in the papers (shorter side 256, centre crop 224);
       None keeps the images' size. Applied by ``transform()`` to ``fastad.data`` data sets;
-    * ``half``, ``channels_last``: CUDA speed options of the extractor.
+    * ``half`` (CUDA only) and ``channels_last`` (NHWC convolutions; on by default: Lite0's
+      forward on the CPU takes 8.8 ms instead of 14.8 ms at batch 1; the features
+      differ by float32 rounding only): speed
+      options of the extractor.
 
     Learned: ``backbone_weights_``, a SHA-256 digest of the weights the features came from; a model
     file loaded where the backbone's weights differ refuses to score rather than mislead.
@@ -55,7 +58,7 @@ class FeatureModel(AnomalyModel):
         resize: int | None = 256,
         crop: int | None = 224,
         half: bool = False,
-        channels_last: bool = False,
+        channels_last: bool = True,
         **common: Any,
     ) -> None:
         super().__init__(**common)
