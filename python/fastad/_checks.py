@@ -47,3 +47,12 @@ def check_device(device: object) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(dev)!r} was asked for but CUDA is not available")
     return dev
+
+
+def check_int(value: object, name: str, *, minimum: int = 1, meaning: str = "") -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``, else a ValueError saying
+    which parameter, what it means (``meaning``, e.g. "the number of neighbours") and what it got."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
+        raise ValueError(f"{name} must be a {kind} int{f' ({meaning})' if meaning else ''}, got {value!r}")
+    return value

@@ -68,7 +68,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise CliError(f"method {args.method!r} has no parameter(s) {', '.join(sorted(unknown))}; "
                        f"its parameters: {', '.join(sorted(accepted))}")
     model = klass(**params)
-    dataset = open_dataset(args.data, "train", transform=model.transform())
+    dataset = open_dataset(args.data, "train")  # fit applies the method's transform()
     start = time.perf_counter()
     model.fit(dataset)
     elapsed = time.perf_counter() - start
@@ -119,7 +119,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .report import write_report
 
     model = _load_model(args.model, args.device)
-    dataset = open_dataset(args.data, "test", transform=model.transform())
+    dataset = open_dataset(args.data, "test")  # evaluate applies the method's transform()
     result = evaluate(model, dataset)
     report_dir = Path(args.report)
     report_dir.mkdir(parents=True, exist_ok=True)

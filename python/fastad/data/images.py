@@ -93,19 +93,23 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
             f"image file {path} is 32-bit float (mode 'F'), whose value range is unknown; "
             "convert it to 8- or 16-bit first"
         )
-    if image.mode == "P" and "transparency" in image.info:
-        # Going through RGBA applies the palette's transparency the way PIL intends (and avoids
-        # its warning); the alpha is then dropped like any other.
-        image = image.convert("RGBA")
-    if image.mode in _ALPHA_MODES:
-        image = image.convert("RGBA")
-    if image.mode != "RGB":
-        try:
-            image = image.convert("RGB")
-        except ValueError as err:
-            raise ValueError(f"cannot convert image file {path} (mode {image.mode!r}) to RGB: {err}") from err
+    image = _convert(image, "RGB", f"image file {path}")
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3) uint8
     return pixels.permute(2, 0, 1).to(torch.float32).div_(255.0).contiguous()
+
+
+def _convert(image, mode: str, what: str):
+    """``image`` in PIL mode ``mode`` ("RGB" or "L"), its alpha dropped. Alpha modes and palettes
+    with transparency go through RGBA first, which applies the palette's transparency the way PIL
+    intends (and avoids its warning); ValueError naming ``what`` when PIL cannot convert."""
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    if image.mode == mode:
+        return image
+    try:
+        return image.convert(mode)
+    except ValueError as err:
+        raise ValueError(f"cannot convert {what} (mode {image.mode!r}) to {'RGB' if mode == 'RGB' else 'grey'}: {err}") from err
 
 
 def load_mask(path: str | os.PathLike) -> torch.Tensor:
@@ -124,12 +128,6 @@ def load_mask(path: str | os.PathLike) -> torch.Tensor:
         return torch.from_numpy(high_byte >= MASK_THRESHOLD)
     if image.mode == "F":
         raise ValueError(f"mask file {path} is 32-bit float (mode 'F'); expected 8- or 16-bit")
-    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-    if image.mode != "L":
-        try:
-            image = image.convert("L")
-        except ValueError as err:
-            raise ValueError(f"cannot convert mask file {path} (mode {image.mode!r}) to grey: {err}") from err
+    image = _convert(image, "L", f"mask file {path}")
     gray = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(gray >= MASK_THRESHOLD)

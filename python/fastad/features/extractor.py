@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .._batching import group_by_size, images_of, iterate, stack_images
-from .._checks import check_device, check_image_batch
+from .._checks import check_device, check_image_batch, check_int
 from .backbones import Backbone
 
 # Below this many batches a progress bar is noise rather than help.
@@ -54,8 +54,7 @@ class FeatureExtractor:
     ) -> None:
         if not isinstance(backbone, Backbone):
             raise TypeError(f"backbone must be a fastad Backbone (see load_backbone), got {type(backbone).__name__}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_int(batch_size, "batch_size")
         self.layers = backbone.check_layers(layers)
         self.device = _resolve_device(device, backbone)
         if half and self.device.type != "cuda":

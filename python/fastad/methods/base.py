@@ -25,7 +25,7 @@ import torch
 
 from .. import io as model_io
 from .._batching import describe, group_by_size, is_map_dataset, iterate, stack_images, stack_labels
-from .._checks import check_device, check_image_batch
+from .._checks import check_device, check_image_batch, check_int
 
 # ----------------------------------------------------------------------------------------------
 # Registry
@@ -212,8 +212,7 @@ class AnomalyModel:
         return self
 
     def _check_params(self) -> None:
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        check_int(self.batch_size, "batch_size")
         if not (0.0 <= float(self.holdout) <= 0.5):
             raise ValueError(f"holdout must be in [0, 0.5] (the share of training images held back), got {self.holdout!r}")
         if not (0.0 < float(self.threshold_quantile) <= 1.0):
@@ -318,7 +317,7 @@ class AnomalyModel:
             elif isinstance(value, np.ndarray):
                 tensors[name] = torch.from_numpy(np.ascontiguousarray(value))
                 rebuild[_NUMPY_STATE].append(name)
-            elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            elif _is_tensor_dict(value):
                 for key, t in value.items():
                     if not isinstance(key, str) or not key:
                         raise TypeError(f"learned state {name!r} is a dict of tensors whose keys must be non-empty strings, got {key!r}")
@@ -335,7 +334,7 @@ class AnomalyModel:
         for name, value in self._learned_attributes().items():
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(self.device))
-            elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            elif _is_tensor_dict(value):
                 setattr(self, name, {key: t.to(self.device) for key, t in value.items()})
         self._moved_to(self.device)
         return self
@@ -401,6 +400,11 @@ class AnomalyModel:
         model._check_fitted()
         model._check_params()
         return model.to(model.device)
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    """Learned state stored as ``attr.key`` tensors: a non-empty dict whose values are tensors."""
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def _rebuild_state(tensors: dict[str, torch.Tensor], rebuild: dict[str, list[str]], path: Any) -> dict[str, Any]:

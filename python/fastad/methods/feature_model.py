@@ -9,11 +9,11 @@ one definition holds on every backbone (``fastad.features.layers_at_strides``).
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, ClassVar
 
 import torch
 
+from .. import io as model_io
 from .base import AnomalyModel
 
 
@@ -38,10 +38,9 @@ class FeatureModel(AnomalyModel):
       (random weights: for tests only; such a model cannot be saved meaningfully);
     * ``resize``, ``crop``: the input size, as in the papers (shorter side 256, centre crop 224);
       None keeps the images' size. Applied by ``transform()`` to ``fastad.data`` data sets;
-    * ``half`` (CUDA only) and ``channels_last`` (NHWC convolutions; on by default: Lite0's
-      forward on the CPU takes 8.8 ms instead of 14.8 ms at batch 1; the features
-      differ by float32 rounding only): speed
-      options of the extractor.
+    * ``half`` (CUDA only) and ``channels_last`` (NHWC convolutions, on by default: Lite0's
+      forward on the CPU takes 8.8 ms instead of 14.8 ms at batch 1, and the features differ by
+      float32 rounding only): speed options of the extractor.
 
     Learned: ``backbone_weights_``, a SHA-256 digest of the weights the features came from; a model
     file loaded where the backbone's weights differ refuses to score rather than mislead.
@@ -100,31 +99,36 @@ class FeatureModel(AnomalyModel):
 
     # -- the extractor ---------------------------------------------------------------------------
 
-    def _extractor(self):
-        """The cached :class:`~fastad.features.FeatureExtractor` for the current backbone,
-        layers, weights and device; rebuilt when any of them changed."""
+    def _cached_extractor(self) -> tuple[Any, dict[str, str]]:
+        """The :class:`~fastad.features.FeatureExtractor` for the current backbone, layers,
+        weights and device, and the record of its weights (source, SHA-256); built once and
+        rebuilt only when one of those changed."""
         key = (self.backbone, tuple(self.feature_layers()), str(self.weights), self.device, bool(self.half), bool(self.channels_last))
         cached = self.__dict__.get("_extractor_cache")
         if cached is not None and cached[0] == key:
-            return cached[1]
+            return cached[1], cached[2]
         from ..features import FeatureExtractor, load_backbone
 
         network = load_backbone(self.backbone, self.weights, self.device)
-        digest = _weights_digest(network)  # before a half cast changes them
-        extractor = FeatureExtractor(
-            network, self.feature_layers(), device=self.device, half=self.half,
-            channels_last=self.channels_last, batch_size=self.batch_size,
-        )
+        # Every parameter and buffer of the stages, before a half cast changes them: the identity
+        # of the weights, whichever file or cache they came from.
+        record = {"source": network.weights, "sha256": model_io.tensor_digest(network.stages.state_dict())}
         expected = self.__dict__.get("backbone_weights_")
-        if expected is not None and expected.get("sha256") != digest:
+        if expected is not None and expected.get("sha256") != record["sha256"]:
             raise ValueError(
                 f"this model was fitted on {self.backbone!r} weights with SHA-256 {expected.get('sha256', '?')[:16]}... "
-                f"({expected.get('source')}), but the weights found now ({network.weights}) differ ({digest[:16]}...); "
+                f"({expected.get('source')}), but the weights found now ({network.weights}) differ ({record['sha256'][:16]}...); "
                 "provide the same weights file (weights=...) or fit again"
             )
-        self._weights_record = {"source": network.weights, "sha256": digest}
-        self.__dict__["_extractor_cache"] = (key, extractor)
-        return extractor
+        extractor = FeatureExtractor(
+            network, list(key[1]), device=self.device, half=self.half,
+            channels_last=self.channels_last, batch_size=self.batch_size,
+        )
+        self.__dict__["_extractor_cache"] = (key, extractor, record)
+        return extractor, record
+
+    def _extractor(self):
+        return self._cached_extractor()[0]
 
     def _features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{layer: float32 (B, C, h, w)}`` of a batch on the model's device."""
@@ -132,9 +136,7 @@ class FeatureModel(AnomalyModel):
 
     def fit(self, data: Any) -> FeatureModel:
         super().fit(data)
-        if not hasattr(self, "_weights_record"):
-            self._extractor()
-        self.backbone_weights_ = dict(self._weights_record)
+        self.backbone_weights_ = dict(self._cached_extractor()[1])
         return self
 
     def _moved_to(self, device: str) -> None:
@@ -143,13 +145,3 @@ class FeatureModel(AnomalyModel):
     def _header_extras(self) -> dict[str, Any]:
         return {"backbone": self.backbone, "layers": self.feature_layers(), "backbone_weights": self.backbone_weights_}
 
-
-def _weights_digest(backbone) -> str:
-    """SHA-256 of every parameter and buffer of the backbone's stages, in order: the identity of
-    its weights, whichever file or cache they were read from (about a second for the largest)."""
-    h = hashlib.sha256()
-    for key, tensor in backbone.stages.state_dict().items():
-        t = tensor.detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{key}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from .._checks import check_int
 from .base import register_method
 from .feature_model import FeatureModel, bank_dtype_of
 
@@ -78,16 +79,15 @@ class PatchCore(FeatureModel):
 
     def _check_params(self) -> None:
         super()._check_params()
-        for name in ("neighbourhood", "embed_dim", "num_neighbours", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
-                raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} int, got {value!r}")
+        for name in ("neighbourhood", "embed_dim", "num_neighbours"):
+            check_int(getattr(self, name), name)
+        check_int(self.seed, "seed", minimum=0)
         if self.neighbourhood % 2 == 0:
             raise ValueError(f"neighbourhood must be odd (a centred p x p window), got {self.neighbourhood}")
         if not (isinstance(self.coreset_ratio, (int, float)) and 0.0 < float(self.coreset_ratio) <= 1.0):
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio!r}")
-        if self.projection_dim is not None and (not isinstance(self.projection_dim, int) or self.projection_dim < 0):
-            raise ValueError(f"projection_dim must be a non-negative int or None, got {self.projection_dim!r}")
+        if self.projection_dim is not None:
+            check_int(self.projection_dim, "projection_dim", minimum=0, meaning="or None: select on the patches themselves")
         bank_dtype_of(self.bank_dtype)  # raises on an unknown name
     # -- patch features --------------------------------------------------------------------------
 

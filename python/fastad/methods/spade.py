@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_int
 from ..ops import knn
 from .base import register_method
 from .feature_model import FeatureModel, bank_dtype_of
@@ -32,10 +33,6 @@ from .feature_model import FeatureModel, bank_dtype_of
 _IMAGE_SCORES = ("knn", "max")
 # The image-level retrieval uses the network's last stage, whatever its name on each backbone.
 _IMAGE_STRIDE = 32
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @register_method("spade")
@@ -101,10 +98,8 @@ class SPADE(FeatureModel):
 
     def _check_params(self) -> None:
         super()._check_params()
-        if not _is_positive_int(self.k_images):
-            raise ValueError(f"k_images must be a positive int (the number of nearest training images), got {self.k_images!r}")
-        if not _is_positive_int(self.k_features):
-            raise ValueError(f"k_features must be a positive int (the number of nearest gallery features), got {self.k_features!r}")
+        check_int(self.k_images, "k_images", meaning="the number of nearest training images")
+        check_int(self.k_features, "k_features", meaning="the number of nearest gallery features")
         if self.image_score not in _IMAGE_SCORES:
             raise ValueError(f"image_score must be one of {', '.join(map(repr, _IMAGE_SCORES))}, got {self.image_score!r}")
         bank_dtype_of(self.bank_dtype)  # raises on an unknown name
