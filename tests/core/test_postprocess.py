@@ -93,21 +93,28 @@ def test_upsample_rejects_bad_input(rng):
 
 @pytest.mark.parametrize("sigma", [4.0, 1.5, 0.6, "random"])
 def test_gaussian_blur_matches_scipy_mirror(rng, sigma):
-    pytest.importorskip("torchvision")
     if sigma == "random":
         sigma = 0.3 + 4 * torch.rand(1, generator=rng).item()
     maps = random_maps(rng, 3, 41, 37)
     out = postprocess.gaussian_blur(maps, sigma)
-    # torchvision pads with torch's "reflect" (edge not repeated) = scipy's "mirror".
+    # torch's "reflect" padding (edge not repeated) is scipy's "mirror".
     expected = scipy.ndimage.gaussian_filter(maps.double().numpy(), sigma, truncate=4.0, mode="mirror", axes=(1, 2))
     assert out.shape == maps.shape and out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 1100, 37), (1, 29, 1030)])
+def test_gaussian_blur_of_long_maps_matches_scipy_mirror(rng, shape):
+    # A side beyond the banded-matrix limit takes the depthwise-convolution path.
+    assert max(shape[1:]) > postprocess._BANDED_MAX_SIDE
+    maps = random_maps(rng, *shape)
+    expected = scipy.ndimage.gaussian_filter(maps.double().numpy(), 2.5, truncate=4.0, mode="mirror", axes=(1, 2))
+    np.testing.assert_allclose(postprocess.gaussian_blur(maps, 2.5).numpy(), expected, rtol=0, atol=1e-5)
+
+
 def test_gaussian_blur_border_is_not_scipy_reflect(rng):
     # The other convention (edge pixel repeated) differs near the borders: the test above would
     # notice a change of padding.
-    pytest.importorskip("torchvision")
     maps = random_maps(rng, 1, 30, 30)
     out = postprocess.gaussian_blur(maps, 2.0).numpy()
     other = scipy.ndimage.gaussian_filter(maps.double().numpy(), 2.0, truncate=4.0, mode="reflect", axes=(1, 2))
@@ -115,7 +122,6 @@ def test_gaussian_blur_border_is_not_scipy_reflect(rng):
 
 
 def test_gaussian_blur_float64_is_exact(rng):
-    pytest.importorskip("torchvision")
     maps = random_maps(rng, 2, 25, 19, dtype=torch.float64)
     out = postprocess.gaussian_blur(maps, 3.0)
     expected = scipy.ndimage.gaussian_filter(maps.numpy(), 3.0, truncate=4.0, mode="mirror", axes=(1, 2))
@@ -143,13 +149,23 @@ def test_gaussian_blur_rejects_bad_input(rng):
         postprocess.gaussian_blur(random_maps(rng, 1, 16, 40), 4.0)
 
 
-def test_gaussian_blur_without_torchvision_says_so(rng, monkeypatch):
-    # A None entry in sys.modules makes the import fail, as on a build without torchvision.
+def test_gaussian_blur_needs_no_torchvision(rng, monkeypatch):
+    # A None entry in sys.modules makes any import of torchvision fail, as on a CPU-only build.
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "torchvision", None)
-    with pytest.raises(ImportError, match="gaussian_blur needs torchvision"):
-        postprocess.gaussian_blur(random_maps(rng, 1, 20, 20), 1.0)
+    maps = random_maps(rng, 1, 20, 20)
+    expected = scipy.ndimage.gaussian_filter(maps.double().numpy(), 1.0, truncate=4.0, mode="mirror", axes=(1, 2))
+    np.testing.assert_allclose(postprocess.gaussian_blur(maps, 1.0).numpy(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [4.0, 0.8])
+def test_gaussian_blur_equals_torchvision(rng, sigma):
+    tvf = pytest.importorskip("torchvision.transforms.v2.functional")
+    maps = random_maps(rng, 3, 50, 43)
+    size = 2 * int(4 * sigma + 0.5) + 1
+    expected = tvf.gaussian_blur(maps, kernel_size=[size, size], sigma=[sigma, sigma])
+    torch.testing.assert_close(postprocess.gaussian_blur(maps, sigma), expected, rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +174,6 @@ def test_gaussian_blur_without_torchvision_says_so(rng, monkeypatch):
 
 @pytest.mark.parametrize("mode", postprocess.UPSAMPLE_MODES)
 def test_anomaly_maps_is_upsample_then_blur(rng, mode):
-    pytest.importorskip("torchvision")
     patches = random_maps(rng, 2, 8, 8)
     out = postprocess.anomaly_maps(patches, (64, 48), mode=mode, sigma=4.0)
     up = F.interpolate(patches.unsqueeze(1), size=(64, 48), mode=mode, **({} if mode == "nearest" else {"align_corners": False}))

