@@ -22,6 +22,7 @@ from .backbones import (
     weights_source,
 )
 from .extractor import FeatureExtractor
+from .folding import fold_batchnorm
 from .weights import WeightsFileError, WeightsNotFoundError, read_state_dict
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "available_backbones",
     "backbone_from_network",
     "build_network",
+    "fold_batchnorm",
     "layers_at_strides",
     "load_backbone",
     "read_state_dict",
