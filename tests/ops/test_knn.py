@@ -15,7 +15,7 @@ from fastad import reference
 from ..conftest import CUDA_SKIP
 
 # (M, N, D, k). The CPU kernel has two paths: an int8-screened one (D >= 32, N >= 1024,
-# 32 k <= N; AVX-512 VNNI or AVX2 micro-kernel) and a float32 GEMM one (everything else); the
+# 32 k <= N, M >= 64; AVX-512 VNNI or AVX2 micro-kernel) and a float32 GEMM one (everything else); the
 # shapes below exercise both, with sizes that are not multiples of any tile (4 or 8 query rows,
 # 16 or 32 bank columns, 64-row blocks, 512-column chunks, 1024 x 4096 GEMM tiles).
 SHAPES = [
@@ -27,7 +27,8 @@ SHAPES = [
     (10, 200, 50, 200),  # k = N, float32 path
     (1030, 4500, 20, 4),  # several GEMM tiles
     (70, 1030, 384, 9),  # screened path, ragged tails
-    (3, 2000, 1536, 3),  # D = 1536, few rows (bank split across threads)
+    (3, 2000, 1536, 3),  # D = 1536, few rows: float32 path
+    (64, 2000, 1536, 3),  # one block of query rows: the screen splits the bank across threads
     (130, 5000, 100, 64),  # screened, large k
 ]
 

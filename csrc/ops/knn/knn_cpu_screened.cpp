@@ -50,6 +50,7 @@ constexpr int kMaxTileCols = 2 * kPanelVnni;
 constexpr int64_t kQueryBlock = 64;     // query rows per task
 constexpr int64_t kBankChunk = 512;     // bank columns per chunk: its int8 panels stay in L2
 constexpr float kSlack = 1e-5f;
+constexpr int64_t kMinQueries = 64;
 
 struct RowCodes {
   std::vector<float> scale, norm2, hat_norm, err_norm;
@@ -424,8 +425,10 @@ void screen_task(const Screen& s, int64_t r0, int64_t r1, int64_t c_begin, int64
 
 bool knn_screened_int8(const float* q, int64_t m, const float* b, int64_t n, int64_t d, int64_t k,
                        bool allow_vnni, float* dist, int64_t* idx) {
-  // Screening pays when the int8 pass dominates and a small share of rows survive it.
-  if (!cpu_has_avx2_fma() || d < 32 || n < 1024 || k * 32 > n || k > 1024) return false;
+  // Screening pays when the int8 pass dominates and a small share of rows survive it. Coding the
+  // bank costs about as much as the float32 products of kMinQueries query rows against it, so
+  // fewer queries than that (PatchCore's reweighting asks for one row per image) go to the GEMM.
+  if (!cpu_has_avx2_fma() || d < 32 || n < 1024 || k * 32 > n || k > 1024 || m < kMinQueries) return false;
   Screen s;
   s.panel = allow_vnni && cpu_has_avx512_vnni() ? kPanelVnni : kPanelAvx2;
   s.q = q;
