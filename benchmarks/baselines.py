@@ -1,5 +1,5 @@
-"""The ways people do what fastad's kernels do without fastad (nearest neighbours, greedy coresets),
-as benchmark contenders."""
+"""The ways people do what fastad's kernels do without fastad (nearest neighbours, greedy coresets,
+Mahalanobis distances), as benchmark contenders."""
 
 from __future__ import annotations
 
@@ -50,3 +50,14 @@ def anomalib_kcenter_greedy(x, k, start=0):
         nearest[row] = 0
         chosen.append(row)
     return torch.tensor(chosen)
+
+
+def anomalib_mahalanobis(x, mean, inv_covariance):
+    """Squared Mahalanobis distances the way anomalib's PaDiM computes them: the features as its
+    (B, D, P) embedding, centred by the (D, P) means, moved to (P, B, D), one batched matmul with
+    the (P, D, D) inverse covariances, times the centred values again, summed over D. x (B, P, D),
+    mean (P or 1, D), inv_covariance (P or 1, D, D); returns (B, P) (anomalib then takes the square
+    root). It builds the (P, B, D) differences and their product with the full matrices."""
+    embedding = x.permute(0, 2, 1)  # (B, D, P)
+    delta = (embedding - mean.T).permute(2, 0, 1)  # (P, B, D)
+    return (torch.matmul(delta, inv_covariance) * delta).sum(2).permute(1, 0)

@@ -7,4 +7,6 @@ TORCH_LIBRARY(fastad, m) {
   m.def("knn(Tensor query, Tensor bank, int k, bool squared=False) -> (Tensor, Tensor)");
   // Greedy k-center coreset of x's rows from row `start`: (indices (k,) int64 in order, radii (k,) float32).
   m.def("kcenter_greedy(Tensor x, int k, int start=0) -> (Tensor, Tensor)");
+  // Squared Mahalanobis distance of x (B,P,D) to mean (P|1,D) under precision L L^T, L (P|1,D,D) lower: (B,P) float32.
+  m.def("mahalanobis(Tensor x, Tensor mean, Tensor L) -> Tensor");
 }

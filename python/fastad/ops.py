@@ -83,4 +83,41 @@ def _kcenter_greedy_fake(x, k, start=0):
     return x.new_empty((k,), dtype=torch.int64), x.new_empty((k,), dtype=torch.float32)
 
 
-__all__ = ["kcenter_greedy", "knn"]
+def mahalanobis(x: Tensor, mean: Tensor, L: Tensor) -> Tensor:
+    """Squared Mahalanobis distance of every sample at every position (PaDiM, Gaussian AD).
+
+    ``out[b, p] = || L[q].T @ (x[b, p] - mean[m]) ||^2`` where ``L[q]`` is the lower Cholesky
+    factor of the precision (inverse covariance), ``q = p`` when ``L`` holds one factor per
+    position and 0 when it holds one shared factor, and likewise ``m`` for ``mean``.
+
+    Args:
+        x: (B, P, D) float32, any strides: B samples at P positions, D features (D >= 1).
+        mean: (P, D) or (1, D) float32, same device: one mean per position, or one shared.
+        L: (P, D, D) or (1, D, D) float32, same device: the lower-triangular factor of each
+            position's precision (``precision = L @ L.T``), or one shared. Only the lower
+            triangle and diagonal are read; the upper triangle is ignored, whatever it holds.
+
+    Returns:
+        (B, P) float32, non-negative; empty when B or P is 0. Values are not checked: a NaN or Inf
+        in ``x[b, p]`` makes ``out[b, p]`` non-finite, one in a mean or factor every output using
+        it. Memory: no (B, P, D) difference tensor; each factor is read once for the whole batch.
+        ``mean`` and ``L`` (and ``x`` on CUDA) are copied once when not contiguous.
+    """
+    return torch.ops.fastad.mahalanobis(x, mean, L)
+
+
+@torch.library.register_fake("fastad::mahalanobis")
+def _mahalanobis_fake(x, mean, L):
+    torch._check(x.dim() == 3, lambda: f"x must be 3-D (B, P, D), got {x.dim()}-D")
+    torch._check(mean.dim() == 2, lambda: f"mean must be 2-D (P, D) or (1, D), got {mean.dim()}-D")
+    torch._check(L.dim() == 3, lambda: f"L must be 3-D (Q, D, D), got {L.dim()}-D")
+    b, p, d = x.shape
+    torch._check(d >= 1, lambda: "x must have at least one feature (D >= 1)")
+    torch._check(mean.shape[1] == d, lambda: f"mean must have D = {d} columns, got {mean.shape[1]}")
+    torch._check(mean.shape[0] == p or mean.shape[0] == 1, lambda: f"mean must have P = {p} rows or 1")
+    torch._check(L.shape[1] == d and L.shape[2] == d, lambda: f"L must be (Q, {d}, {d}), got {tuple(L.shape)}")
+    torch._check(L.shape[0] == p or L.shape[0] == 1, lambda: f"L must hold Q = P = {p} factors or 1")
+    return x.new_empty((b, p), dtype=torch.float32)
+
+
+__all__ = ["kcenter_greedy", "knn", "mahalanobis"]

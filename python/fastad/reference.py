@@ -46,3 +46,17 @@ def kcenter_greedy(x: Tensor, k: int, *, start: int = 0) -> tuple[Tensor, Tensor
         radii.append(float(nearest[row]))
     return (torch.tensor(indices, dtype=torch.int64, device=x.device),
             torch.tensor(radii, dtype=torch.float32, device=x.device))
+
+
+def mahalanobis(x: Tensor, mean: Tensor, L: Tensor) -> Tensor:
+    """Squared Mahalanobis distances by the definition, in float64: centre every sample at every
+    position, multiply by the lower triangle of its position's factor (``torch.tril``: the upper
+    triangle is ignored), sum the squares. x (B, P, D), mean (P or 1, D), L (P or 1, D, D) lower
+    Cholesky factors of the precisions; returns (B, P) float32. Builds the (B, P, D) differences."""
+    if x.dim() != 3 or mean.dim() != 2 or L.dim() != 3:
+        raise ValueError(f"need x (B, P, D), mean (P or 1, D) and L (P or 1, D, D), got shapes "
+                         f"{tuple(x.shape)}, {tuple(mean.shape)} and {tuple(L.shape)}")
+    centred = x.double() - mean.double()  # (B, P, D); a shared mean broadcasts over positions
+    factor = torch.tril(L.double())  # (Q, D, D); a shared factor broadcasts over positions
+    projected = torch.einsum("bpi,pij->bpj", centred, factor.expand(x.shape[1], -1, -1))
+    return projected.square().sum(-1).float()

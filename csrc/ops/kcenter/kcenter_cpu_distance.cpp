@@ -16,11 +16,9 @@
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 
-#include <c10/util/Exception.h>
-
 #include <algorithm>
-#include <cstdlib>
-#include <string>
+
+#include "fastad/cpu_isa.h"
 
 namespace fastad {
 namespace kcenter_detail {
@@ -221,15 +219,14 @@ void min4_by_rows(const float* const points[4], const float* rows, int64_t count
 }  // namespace
 
 DistanceKernels distance_kernels() {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* env = std::getenv("FASTAD_KCENTER_CPU_ISA");
-  const std::string forced = env ? env : "";
-  TORCH_CHECK(forced.empty() || forced == "avx512" || forced == "avx2" || forced == "portable",
-              "FASTAD_KCENTER_CPU_ISA must be avx512, avx2 or portable, got '", forced, "'");
-  if (avx512 && (forced.empty() || forced == "avx512")) return {"avx512", min_avx512, min4_avx512};
-  if (avx2 && forced != "portable") return {"avx2", min_avx2, min4_by_rows<min_avx2>};
-  return {"portable", min_portable, min4_by_rows<min_portable>};
+  switch (cpu_isa("FASTAD_KCENTER_CPU_ISA")) {
+    case CpuIsa::kAvx512:
+      return {"avx512", min_avx512, min4_avx512};
+    case CpuIsa::kAvx2:
+      return {"avx2", min_avx2, min4_by_rows<min_avx2>};
+    default:
+      return {"portable", min_portable, min4_by_rows<min_portable>};
+  }
 }
 
 }  // namespace kcenter_detail

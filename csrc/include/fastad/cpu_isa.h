@@ -1,0 +1,65 @@
+// Which x86 vector instruction set a CPU kernel may use, decided at run time.
+//
+// The library is built without -march=native (it must run on any x86-64 machine), so kernels
+// compile their AVX-512 and AVX2 functions alone with __attribute__((target(...))) and pick one
+// per call with cpu_isa(). An environment variable per kernel can force a lesser set, so that the
+// tests reach every kernel on one machine; a set the CPU lacks is never chosen, whatever the
+// variable says (forcing avx512 on an AVX2-only CPU gives avx2).
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <string>
+
+namespace fastad {
+
+enum class CpuIsa { kPortable, kAvx2, kAvx512 };
+
+inline const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx512:
+      return "avx512";
+    case CpuIsa::kAvx2:
+      return "avx2";
+    default:
+      return "portable";
+  }
+}
+
+// Whether this CPU runs a set: AVX-512 needs only AVX512F (the kernels use nothing beyond it),
+// AVX2 needs FMA as well. Asked once per process.
+inline bool cpu_supports(CpuIsa isa) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  switch (isa) {
+    case CpuIsa::kAvx512:
+      return avx512;
+    case CpuIsa::kAvx2:
+      return avx2;
+    default:
+      return true;
+  }
+}
+
+// The set to use now: the best one, or the lesser one named by the environment variable
+// `env_name` (avx512, avx2 or portable; unset or empty means the best). The variable is read on
+// every call, so a test can change it between calls; any other value raises.
+inline CpuIsa cpu_isa(const char* env_name) {
+  const char* env = std::getenv(env_name);
+  const std::string forced = env ? env : "";
+  CpuIsa wanted = CpuIsa::kAvx512;
+  if (forced == "avx2") {
+    wanted = CpuIsa::kAvx2;
+  } else if (forced == "portable") {
+    wanted = CpuIsa::kPortable;
+  } else {
+    TORCH_CHECK(forced.empty() || forced == "avx512", env_name,
+                " must be avx512, avx2 or portable, got '", forced, "'");
+  }
+  if (wanted == CpuIsa::kAvx512 && cpu_supports(CpuIsa::kAvx512)) return CpuIsa::kAvx512;
+  if (wanted != CpuIsa::kPortable && cpu_supports(CpuIsa::kAvx2)) return CpuIsa::kAvx2;
+  return CpuIsa::kPortable;
+}
+
+}  // namespace fastad
