@@ -1,0 +1,159 @@
+"""PaDiM (Defard et al., "PaDiM: a Patch Distribution Modeling Framework for Anomaly Detection and
+Localization", ICPR 2021 workshops).
+
+Every position of the feature grid gets its own Gaussian: the embedding of a position is the
+concatenation of three layers (strides 4, 8, 16: ``layer1..layer3`` of a ResNet), deeper layers
+repeated over the first layer's grid, reduced to a seeded random subset of channels. Fitting
+accumulates each position's mean and covariance over the training images in float64, streaming
+(``fastad.gaussian_stats``): no embedding is kept, so memory does not grow with the number of
+images. Scoring is the Mahalanobis distance of every position to its Gaussian, through
+``fastad.ops.mahalanobis`` on the Cholesky factor of each precision matrix; the map is upsampled,
+blurred (sigma 4) and its maximum is the image score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .._checks import check_int
+from ..gaussian_stats import COVARIANCE_ESTIMATORS, GaussianAccumulator, precision_factors
+from .base import register_method
+from .feature_model import FeatureModel
+
+# The paper's channel subsets: 550 of Wide-ResNet-50's 1792, 100 of ResNet-18's 448. Other
+# backbones keep every channel unless n_features says otherwise.
+PAPER_FEATURES = {"wide_resnet50_2": 550, "resnet18": 100}
+
+
+@register_method("padim")
+class PaDiM(FeatureModel):
+    """PaDiM with the paper's defaults (``backbone="wide_resnet50_2"``, 550 random channels).
+
+    Parameters (besides :class:`FeatureModel`'s and :class:`AnomalyModel`'s, passed as ``**common``):
+
+    * ``n_features``: how many channels of the concatenated embedding to keep, chosen at random
+      with ``seed`` (None: the paper's 550 for Wide-ResNet-50, 100 for ResNet-18, every channel on
+      other backbones). Clipped to the embedding's size.
+    * ``covariance``: ``"empirical"`` (the paper: the unbiased sample covariance plus ``eps * I``)
+      or ``"ledoit_wolf"`` (shrunk towards a scaled identity, plus ``eps * I`` if ``eps`` > 0).
+    * ``eps``: the ridge added to every covariance (0.01 in the paper).
+    * ``seed``: seeds the channel subset.
+    * ``upsample_mode``: ``"bilinear"`` as the paper's code, ``"bicubic"`` or ``"nearest"``.
+
+    Learned: ``channels_`` (D,) int64 indices into the concatenated embedding; ``mean_`` (P, D)
+    float32 and ``precision_factor_`` (P, D, D) float32, the lower Cholesky factor of each
+    position's precision, for the P = h * w positions of the training images' grid (``grid_``);
+    all training and test images must have one size.
+    """
+
+    default_strides: ClassVar[tuple[int, ...]] = (4, 8, 16)
+
+    def __init__(
+        self,
+        *,
+        n_features: int | None = None,
+        covariance: str = "empirical",
+        eps: float = 0.01,
+        seed: int = 1024,
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        self.n_features = n_features
+        self.covariance = covariance
+        self.eps = eps
+        self.seed = seed
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.n_features is not None:
+            check_int(self.n_features, "n_features", meaning="or None: the paper's subset for the backbone")
+        if self.covariance not in COVARIANCE_ESTIMATORS:
+            raise ValueError(f"covariance must be one of {', '.join(map(repr, COVARIANCE_ESTIMATORS))}, got {self.covariance!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (float(self.eps) >= 0.0):
+            raise ValueError(f"eps must be a number >= 0 (the ridge added to each covariance), got {self.eps!r}")
+        check_int(self.seed, "seed", minimum=0)
+
+    # -- embedding -------------------------------------------------------------------------------
+
+    def _embedding_channels(self) -> int:
+        """Channels of the full concatenated embedding, from the backbone's layer table."""
+        from ..features import BACKBONES
+
+        info = BACKBONES[self.backbone].layer_info
+        return sum(info[layer][0] for layer in self.feature_layers())
+
+    def _channel_subset(self, total: int) -> torch.Tensor:
+        """(D,) int64 sorted indices of the kept channels among ``total``, from ``seed``."""
+        wanted = self.n_features if self.n_features is not None else PAPER_FEATURES.get(self.backbone, total)
+        wanted = min(int(wanted), total)
+        if wanted == total:
+            return torch.arange(total)
+        gen = torch.Generator().manual_seed(int(self.seed))
+        return torch.randperm(total, generator=gen)[:wanted].sort().values
+
+    def embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, D) float32 embeddings of a batch, on the model's device: the layers at the
+        first layer's grid (deeper layers repeated by nearest-neighbour upsampling, as the paper's
+        code does by unfolding), reduced to the kept channels before any upsampling."""
+        features = self._features(images)
+        layers = self.feature_layers()
+        grid = features[layers[0]].shape[-2:]
+        channels = self.__dict__.get("channels_")
+        if channels is None:
+            channels = self._channel_subset(self._embedding_channels())
+        channels = channels.to(features[layers[0]].device)
+        parts, offset = [], 0
+        for layer in layers:
+            f = features[layer]
+            mine = channels[(channels >= offset) & (channels < offset + f.shape[1])] - offset
+            offset += f.shape[1]
+            if mine.numel() == 0:
+                continue
+            f = f.index_select(1, mine)
+            if f.shape[-2:] != grid:
+                f = F.interpolate(f, size=grid, mode="nearest")
+            parts.append(f)
+        return torch.cat(parts, dim=1).permute(0, 2, 3, 1).contiguous()
+
+    # -- fit -------------------------------------------------------------------------------------
+
+    def _fit_batches(self, batches: Iterator[torch.Tensor]) -> None:
+        accumulator: GaussianAccumulator | None = None
+        grid: tuple[int, int] | None = None
+        for images in batches:
+            if accumulator is None:
+                self.channels_ = self._channel_subset(self._embedding_channels())
+            emb = self.embeddings(images)
+            b, h, w, d = emb.shape
+            if grid is None:
+                grid = (h, w)
+                accumulator = GaussianAccumulator(h * w, d, device=self.device, fourth_moments=self.covariance == "ledoit_wolf")
+            elif (h, w) != grid:
+                raise ValueError(
+                    f"PaDiM fits one Gaussian per position and needs training images of one size; the feature grid was "
+                    f"{grid[0]}x{grid[1]} and then {h}x{w} (resize the images, e.g. with the model's transform())"
+                )
+            accumulator.update(emb.reshape(b, h * w, d))
+        if accumulator is None:
+            return
+        self.grid_ = list(grid)
+        self.mean_ = accumulator.mean().float()
+        self.precision_factor_ = precision_factors(accumulator, covariance=self.covariance, eps=float(self.eps))
+
+    # -- score -----------------------------------------------------------------------------------
+
+    def _score_batch(self, images: torch.Tensor):
+        emb = self.embeddings(images)
+        b, h, w, d = emb.shape
+        if [h, w] != list(self.grid_):
+            raise ValueError(
+                f"PaDiM was fitted on a {self.grid_[0]}x{self.grid_[1]} feature grid but these images give {h}x{w}; "
+                "score images of the training size (the model's transform() resizes them)"
+            )
+        squared = ops.mahalanobis(emb.reshape(b, h * w, d), self.mean_, self.precision_factor_)
+        return squared.clamp_min(0.0).sqrt().reshape(b, h, w), None
