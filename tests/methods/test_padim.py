@@ -58,18 +58,20 @@ def reference_padim(model: PaDiM, train: torch.Tensor, test: torch.Tensor, eps: 
     return out.reshape(-1, h, w)
 
 
-def test_maps_equal_a_float64_reference(rng):
-    train, test = images(40, rng), images(3, rng)
+@pytest.mark.parametrize("size", [SIZE, 76])  # 76: grids 19, 10, 5, not whole multiples
+def test_maps_equal_a_float64_reference(rng, size):
+    train, test = images(40, rng, size), images(3, rng, size)
     model = lite0(n_features=24, batch_size=16).fit(train)  # three batches, the last one short
-    assert model.channels_.shape == (24,) and model.mean_.shape == (256, 24)
-    assert model.precision_factor_.shape == (256, 24, 24) and model.precision_factor_.dtype == torch.float32
+    grid = (size + 3) // 4
+    assert model.channels_.shape == (24,) and model.mean_.shape == (grid * grid, 24)
+    assert model.precision_factor_.shape == (grid * grid, 24, 24) and model.precision_factor_.dtype == torch.float32
     with torch.inference_mode():
         patch_map, image_score = model._score_batch(test)
-    assert image_score is None and patch_map.shape == (3, 16, 16)
+    assert image_score is None and patch_map.shape == (3, grid, grid)
     expected = reference_padim(model, train, test, eps=0.01)
     np.testing.assert_allclose(patch_map.double().numpy(), expected, rtol=2e-3, atol=1e-4)
     prediction = model.predict(test)
-    assert prediction.maps.shape == (3, SIZE, SIZE)
+    assert prediction.maps.shape == (3, size, size)
     torch.testing.assert_close(prediction.scores, prediction.maps.amax(dim=(1, 2)))
 
 

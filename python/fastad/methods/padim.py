@@ -102,23 +102,32 @@ class PaDiM(FeatureModel):
         code does by unfolding), reduced to the kept channels before any upsampling."""
         features = self._features(images)
         layers = self.feature_layers()
-        grid = features[layers[0]].shape[-2:]
+        grid = tuple(features[layers[0]].shape[-2:])
         channels = self.__dict__.get("channels_")
         if channels is None:
             channels = self._channel_subset(self._embedding_channels())
         channels = channels.to(features[layers[0]].device)
-        parts, offset = [], 0
+        first = features[layers[0]]
+        b, (h, w) = first.shape[0], grid
+        out = first.new_empty((b, h, w, channels.numel()))
+        offset = column = 0
         for layer in layers:
             f = features[layer]
             mine = channels[(channels >= offset) & (channels < offset + f.shape[1])] - offset
             offset += f.shape[1]
             if mine.numel() == 0:
                 continue
-            f = f.index_select(1, mine)
-            if f.shape[-2:] != grid:
-                f = F.interpolate(f, size=grid, mode="nearest")
-            parts.append(f)
-        return torch.cat(parts, dim=1).permute(0, 2, 3, 1).contiguous()
+            f = f.index_select(1, mine).permute(0, 2, 3, 1)  # (B, h', w', c), a view
+            target = out[..., column : column + mine.numel()]
+            column += mine.numel()
+            sh, sw = h // f.shape[1], w // f.shape[2]
+            if (sh * f.shape[1], sw * f.shape[2]) == (h, w):
+                # Nearest upsampling by whole factors is repetition: written straight into the
+                # embedding through a (B, h', sh, w', sw, c) view, one pass per layer.
+                target.view(b, f.shape[1], sh, f.shape[2], sw, -1).copy_(f[:, :, None, :, None, :])
+            else:
+                target.copy_(F.interpolate(f.permute(0, 3, 1, 2), size=grid, mode="nearest").permute(0, 2, 3, 1))
+        return out
 
     # -- fit -------------------------------------------------------------------------------------
 
