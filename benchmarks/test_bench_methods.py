@@ -44,9 +44,15 @@ def torch_kcenter(x, k, *, start=0):
     return idx, torch.full((k,), float("nan"))
 
 
+_PRECISIONS: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+
+
 def torch_mahalanobis(x, mean, L):
-    """anomalib's way on the precision itself (L L^T, formed once per call as anomalib stores it)."""
-    return anomalib_mahalanobis(x, mean, L @ L.mT)
+    """anomalib's way, on the full precision L L^T, formed once per model (anomalib stores it)."""
+    key = (L.data_ptr(), tuple(L.shape))
+    if key not in _PRECISIONS:
+        _PRECISIONS[key] = L @ L.mT
+    return anomalib_mahalanobis(x, mean, _PRECISIONS[key])
 
 
 TORCH_OPS = types.SimpleNamespace(knn=torch_knn, kcenter_greedy=torch_kcenter, mahalanobis=torch_mahalanobis)
