@@ -84,7 +84,9 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:
     The kernel is truncated at 4 sigma: its size is ``2 * int(4 * sigma + 0.5) + 1`` (as
     ``scipy.ndimage.gaussian_filter(..., truncate=4.0)``). Borders are mirrored about the edge
     pixel without repeating it (d c b | a b c d: ``F.pad(mode="reflect")``, scipy's
-    ``mode="mirror"``), as torchvision's ``gaussian_blur`` does. The result equals torchvision's
+    ``mode="mirror"``), as torchvision's ``gaussian_blur`` and anomalib (kornia) do; the PatchCore
+    and PaDiM authors' code calls scipy with its default ``mode="reflect"`` (edge repeated), which
+    differs within ``radius`` pixels of the border. The result equals torchvision's
     to rounding, but the Gaussian is applied as two 1-D passes (rows, then columns): 2K instead
     of K^2 products a pixel (K = 33 at sigma 4), and no torchvision needed.
 
@@ -104,7 +106,7 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:
     sigma = float(sigma)
     if not (math.isfinite(sigma) and sigma >= 0.0):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    if sigma == 0.0:
+    if sigma == 0.0 or maps.numel() == 0:
         return maps
     radius = int(4.0 * sigma + 0.5)
     if radius >= min(maps.shape[-2:]):

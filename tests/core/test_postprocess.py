@@ -112,6 +112,12 @@ def test_gaussian_blur_of_long_maps_matches_scipy_mirror(rng, shape):
     np.testing.assert_allclose(postprocess.gaussian_blur(maps, 2.5).numpy(), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(0, 40, 40), (0, 40, 1100)])
+def test_gaussian_blur_of_no_maps_is_empty(shape):
+    maps = torch.zeros(shape)
+    assert postprocess.gaussian_blur(maps, 4.0).shape == shape
+
+
 def test_gaussian_blur_border_is_not_scipy_reflect(rng):
     # The other convention (edge pixel repeated) differs near the borders: the test above would
     # notice a change of padding.

@@ -81,6 +81,11 @@ def test_model_file_records_the_backbone_and_refuses_other_weights(rng, tmp_path
     _, header = model_io.load_model_file(path)
     assert header["backbone"] == "efficientnet_lite0" and header["layers"] == ["block2"]
     assert len(header["backbone_weights"]["sha256"]) == 64
+    # The digest is of the weights as published, before the model folds its batch norms.
+    from fastad.features import load_backbone
+
+    published = load_backbone("efficientnet_lite0", "imagenet").stages.state_dict()
+    assert header["backbone_weights"]["sha256"] == model_io.tensor_digest(published)
     loaded = AnomalyModel.load(path)
     torch.testing.assert_close(loaded.predict(x).scores, model.predict(x).scores)
 

@@ -78,5 +78,6 @@ def test_paper_defaults_and_bad_parameters(rng):
     assert len(model.feature_layers()) == 9
     with pytest.raises(ValueError, match="covariance must be one of"):
         lite0(covariance="oas").fit(images(3, rng))
-    with pytest.raises(ValueError, match="eps must be a number >= 0"):
-        lite0(eps=-0.1).fit(images(3, rng))
+    for bad in (-0.1, float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            lite0(eps=bad).fit(images(3, rng))

@@ -119,7 +119,8 @@ def test_images_of_another_size_are_refused(rng):
 @pytest.mark.parametrize("params,message", [
     ({"n_features": 0}, "n_features"),
     ({"covariance": "shrunk"}, "covariance must be one of"),
-    ({"eps": -1.0}, "eps must be a number >= 0"),
+    ({"eps": -1.0}, "eps must be a finite number >= 0"),
+    ({"eps": float("inf")}, "eps must be a finite number >= 0"),
     ({"seed": -2}, "seed"),
 ])
 def test_bad_parameters_are_named(rng, params, message):

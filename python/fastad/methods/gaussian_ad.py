@@ -12,6 +12,7 @@ shared precision (Q = 1). There is no anomaly map: the method does not localise,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +31,8 @@ class GaussianAD(FeatureModel):
     Parameters (besides :class:`FeatureModel`'s and :class:`AnomalyModel`'s, passed as ``**common``):
 
     * ``layers``: the levels (None: every layer of the backbone, i.e. the paper's nine levels of
-      an EfficientNet; ``stem``, ``layer1..layer4`` on a ResNet);
+      an EfficientNet; ``layer1..layer4`` on a ResNet, where the paper's code also pools the
+      stem's max-pool output, which fastad does not expose as a layer);
     * ``covariance``: ``"ledoit_wolf"`` (the paper) or ``"empirical"`` (sample covariance plus
       ``eps * I``);
     * ``eps``: a ridge added to every covariance (0 by default: Ledoit-Wolf needs none).
@@ -68,8 +70,8 @@ class GaussianAD(FeatureModel):
         super()._check_params()
         if self.covariance not in COVARIANCE_ESTIMATORS:
             raise ValueError(f"covariance must be one of {', '.join(map(repr, COVARIANCE_ESTIMATORS))}, got {self.covariance!r}")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (float(self.eps) >= 0.0):
-            raise ValueError(f"eps must be a number >= 0 (the ridge added to each covariance), got {self.eps!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (0.0 <= float(self.eps) < math.inf):
+            raise ValueError(f"eps must be a finite number >= 0 (the ridge added to each covariance), got {self.eps!r}")
 
     def pooled_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{level: (B, C) float32}``: each level's feature map averaged over its positions."""

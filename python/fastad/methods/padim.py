@@ -13,6 +13,7 @@ blurred (sigma 4) and its maximum is the image score.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -74,8 +75,8 @@ class PaDiM(FeatureModel):
             check_int(self.n_features, "n_features", meaning="or None: the paper's subset for the backbone")
         if self.covariance not in COVARIANCE_ESTIMATORS:
             raise ValueError(f"covariance must be one of {', '.join(map(repr, COVARIANCE_ESTIMATORS))}, got {self.covariance!r}")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (float(self.eps) >= 0.0):
-            raise ValueError(f"eps must be a number >= 0 (the ridge added to each covariance), got {self.eps!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (0.0 <= float(self.eps) < math.inf):
+            raise ValueError(f"eps must be a finite number >= 0 (the ridge added to each covariance), got {self.eps!r}")
         check_int(self.seed, "seed", minimum=0)
 
     # -- embedding -------------------------------------------------------------------------------
