@@ -74,6 +74,19 @@ def test_fit_streams_and_takes_the_threshold_from_held_back_normal_images(gen):
     assert model.threshold_ == pytest.approx(expected, rel=1e-6)
 
 
+def test_held_back_images_are_capped(gen, monkeypatch):
+    from fastad.methods import base
+
+    monkeypatch.setattr(base, "MAX_HELD_BACK", 3)
+    x = images(40, gen)
+    model = ToyMean(holdout=0.2, batch_size=6).fit(x)  # every 5th image until 3 are held
+    assert model.n_train_images_ == 37
+    fit_only = x[[i for i in range(40) if i not in (4, 9, 14)]]
+    torch.testing.assert_close(model.mean_, torch.nn.functional.avg_pool2d(fit_only, 8).double().mean(0).float())
+    expected = torch.quantile(model.predict(x[[4, 9, 14]]).scores.double(), model.threshold_quantile).item()
+    assert model.threshold_ == pytest.approx(expected, rel=1e-6)
+
+
 def test_no_threshold_without_holdout(gen):
     model = ToyMean(holdout=0.0).fit(images(8, gen))
     assert model.threshold_ is None and model.n_train_images_ == 8

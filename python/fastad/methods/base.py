@@ -141,6 +141,11 @@ class Prediction:
 _DICT_STATE, _NUMPY_STATE = "tensor_dicts", "numpy_arrays"
 
 
+# At most this many training images are held back for the threshold: enough for its 0.99
+# quantile, and their memory (kept until the end of fit) does not grow with the training set.
+MAX_HELD_BACK = 256
+
+
 class AnomalyModel:
     """Base class of the methods; see the module docstring for the two hooks a method writes."""
 
@@ -227,7 +232,8 @@ class AnomalyModel:
         """Learns from normal images (tensor, data set or DataLoader), streaming; returns self.
 
         With ``holdout`` > 0, every round(1/holdout)-th image is held back from fitting and scored
-        afterwards; ``threshold_`` is the ``threshold_quantile`` of those scores (None when too
+        afterwards, up to ``MAX_HELD_BACK`` images (later ones are all fitted on, so the held
+        images' memory stays bounded however large the training set); ``threshold_`` is the ``threshold_quantile`` of those scores (None when too
         few images were held back). The threshold thus comes from normal images only; set
         ``holdout=0`` to fit on every image, as the papers do, and go without a threshold.
         """
@@ -242,8 +248,9 @@ class AnomalyModel:
             for images in iter_image_batches(self._prepared(data), self.batch_size, normal_only=True):
                 first, count = counter["seen"], images.shape[0]
                 counter["seen"] += count
-                if period:
+                if period and len(held) < MAX_HELD_BACK:
                     held_back = torch.arange(first, first + count) % period == period - 1
+                    held_back &= held_back.cumsum(0) <= MAX_HELD_BACK - len(held)  # the cap
                     held.extend(images[held_back].cpu())
                     images = images[~held_back]
                 if images.shape[0]:
