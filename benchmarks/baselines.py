@@ -61,3 +61,17 @@ def anomalib_mahalanobis(x, mean, inv_covariance):
     embedding = x.permute(0, 2, 1)  # (B, D, P)
     delta = (embedding - mean.T).permute(2, 0, 1)  # (P, B, D)
     return (torch.matmul(delta, inv_covariance) * delta).sum(2).permute(1, 0)
+
+
+def sklearn_omp_gram(grams, xys, n_nonzero, groups=None):
+    """scikit-learn's orthogonal_mp_gram, one call per group, on precomputed Gram (G, K, K) and Xy
+    (G, K, M) NumPy arrays (its API: the products are not part of its time); `groups` limits the
+    call to the first so many groups. Returns the list of (K, M) dense coefficient arrays."""
+    import warnings
+
+    from sklearn.linear_model import orthogonal_mp_gram
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # early stops warn
+        return [orthogonal_mp_gram(grams[g], xys[g], n_nonzero_coefs=n_nonzero)
+                for g in range(len(grams) if groups is None else groups)]

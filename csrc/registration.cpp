@@ -9,4 +9,6 @@ TORCH_LIBRARY(fastad, m) {
   m.def("kcenter_greedy(Tensor x, int k, int start=0) -> (Tensor, Tensor)");
   // Squared Mahalanobis distance of x (B,P,D) to mean (P|1,D) under precision L L^T, L (P|1,D,D) lower: (B,P) float32.
   m.def("mahalanobis(Tensor x, Tensor mean, Tensor L) -> Tensor");
+  // Orthogonal Matching Pursuit of x (G,M,d) over unit atoms (G,K,d), s = n_nonzero: (indices (G,M,s) int64, coefs (G,M,s) float32).
+  m.def("omp(Tensor x, Tensor dictionary, int n_nonzero) -> (Tensor, Tensor)");
 }

@@ -120,4 +120,72 @@ def _mahalanobis_fake(x, mean, L):
     return x.new_empty((b, p), dtype=torch.float32)
 
 
-__all__ = ["kcenter_greedy", "knn", "mahalanobis"]
+def omp(x: Tensor, dictionary: Tensor, n_nonzero: int) -> tuple[Tensor, Tensor]:
+    """Orthogonal Matching Pursuit of every signal over its group's dictionary (MLF-SC's coding).
+
+    Gives scikit-learn's ``orthogonal_mp_gram(D @ D.T, D @ x, n_nonzero_coefs=n_nonzero)`` for each
+    signal, step for step: the atom of largest absolute correlation with the residual is added
+    (equal values: the first in scikit-learn's order), the coefficients are the least-squares fit
+    on the support, and the pursuit stops early, as scikit-learn does with float32 data, when the
+    residual vanishes, the best atom is already selected, or it depends linearly on the support.
+    The exact rules are in ``csrc/ops/omp/omp.h``.
+
+    Args:
+        x: (G, M, d) float32, any strides: M signals in each of G independent groups.
+        dictionary: (G, K, d) float32, same device: each group's K atoms as rows, of unit norm
+            (within 1e-3).
+        n_nonzero: the number of atoms per signal, 1 <= n_nonzero <= min(K, d).
+
+    Returns:
+        ``(indices, coefs)``: (G, M, n_nonzero) int64 atoms in selection order, -1 in the slots an
+        early stop left unused, and (G, M, n_nonzero) float32 coefficients, 0 in those slots.
+        Rebuild the signals with :func:`omp_reconstruct`. CPU only for now.
+    """
+    return torch.ops.fastad.omp(x, dictionary, _check_int(n_nonzero, "n_nonzero"))
+
+
+@torch.library.register_fake("fastad::omp")
+def _omp_fake(x, dictionary, n_nonzero):
+    torch._check(x.dim() == 3, lambda: f"x must be 3-D (G, M, d), got {x.dim()}-D")
+    torch._check(dictionary.dim() == 3, lambda: f"dictionary must be 3-D (G, K, d), got {dictionary.dim()}-D")
+    g, m, d = x.shape
+    torch._check(dictionary.shape[0] == g, lambda: f"dictionary must hold G = {g} dictionaries")
+    torch._check(dictionary.shape[2] == d, lambda: f"dictionary atoms must have d = {d} features")
+    torch._check(1 <= n_nonzero, lambda: f"n_nonzero must be at least 1, got {n_nonzero}")
+    torch._check(n_nonzero <= dictionary.shape[1], lambda: f"n_nonzero must be at most K = {dictionary.shape[1]}")
+    torch._check(n_nonzero <= d, lambda: f"n_nonzero must be at most d = {d}")
+    return (
+        x.new_empty((g, m, n_nonzero), dtype=torch.int64),
+        x.new_empty((g, m, n_nonzero), dtype=torch.float32),
+    )
+
+
+def omp_reconstruct(indices: Tensor, coefs: Tensor, dictionary: Tensor) -> Tensor:
+    """The signals that :func:`omp`'s codes describe: ``sum_t coefs[..., t] * dictionary[g, indices[..., t]]``.
+
+    Args:
+        indices: (G, M, s) int64 atoms, -1 for unused slots (they contribute nothing).
+        coefs: (G, M, s) floating coefficients.
+        dictionary: (G, K, d) atoms as rows.
+
+    Returns:
+        (G, M, d) in the dtype of ``coefs`` and ``dictionary`` promoted. The reconstruction error of
+        a signal is ``((x - omp_reconstruct(...)) ** 2).sum(-1)``. Memory: a (G, M, s, d) gather.
+    """
+    if indices.dim() != 3 or coefs.shape != indices.shape or dictionary.dim() != 3:
+        raise ValueError(f"need indices and coefs (G, M, s) and dictionary (G, K, d), got shapes "
+                         f"{tuple(indices.shape)}, {tuple(coefs.shape)} and {tuple(dictionary.shape)}")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be int64, got {indices.dtype}")
+    g, m, s = indices.shape
+    if dictionary.shape[0] != g:
+        raise ValueError(f"dictionary must hold G = {g} dictionaries, got shape {tuple(dictionary.shape)}")
+    d = dictionary.shape[2]
+    used = indices >= 0
+    rows = indices.clamp_min(0).reshape(g, m * s, 1).expand(g, m * s, d)
+    atoms = torch.gather(dictionary, 1, rows).reshape(g, m, s, d)
+    weights = torch.where(used, coefs, torch.zeros((), dtype=coefs.dtype, device=coefs.device))
+    return (weights.unsqueeze(-1) * atoms).sum(2)
+
+
+__all__ = ["kcenter_greedy", "knn", "mahalanobis", "omp", "omp_reconstruct"]

@@ -60,3 +60,46 @@ def mahalanobis(x: Tensor, mean: Tensor, L: Tensor) -> Tensor:
     factor = torch.tril(L.double())  # (Q, D, D); a shared factor broadcasts over positions
     projected = torch.einsum("bpi,pij->bpj", centred, factor.expand(x.shape[1], -1, -1))
     return projected.square().sum(-1).float()
+
+
+def omp(x: Tensor, dictionary: Tensor, n_nonzero: int) -> tuple[Tensor, Tensor]:
+    """Orthogonal Matching Pursuit by its definition, in float64, one signal at a time: the
+    residual's correlation with every atom, the atom where it is largest in absolute value, then
+    the least-squares fit of the signal on all selected atoms (``torch.linalg.lstsq``) gives the
+    coefficients and the next residual. It stops early where fastad.ops.omp does (see
+    ``csrc/ops/omp/omp.h``; eps = float32's machine epsilon): when the best atom is already
+    selected (selected atoms win exact ties), when the best squared correlation is below eps, or
+    when the best atom's squared distance to the span of the selected ones is at most eps. Exact
+    ties among unselected atoms go to the lowest index. x (G, M, d), dictionary (G, K, d) with unit
+    rows; returns (indices (G, M, s) int64 in selection order, -1 unused; coefs (G, M, s) float32)."""
+    if x.dim() != 3 or dictionary.dim() != 3:
+        raise ValueError(f"need x (G, M, d) and dictionary (G, K, d), got shapes {tuple(x.shape)} "
+                         f"and {tuple(dictionary.shape)}")
+    eps = torch.finfo(torch.float32).eps
+    g_size, m_size, _ = x.shape
+    indices = torch.full((g_size, m_size, n_nonzero), -1, dtype=torch.int64)
+    coefs = torch.zeros((g_size, m_size, n_nonzero), dtype=torch.float64)
+    for g in range(g_size):
+        atoms = dictionary[g].double().cpu()  # (K, d)
+        for m in range(m_size):
+            signal = x[g, m].double().cpu()
+            support: list[int] = []
+            gamma = signal.new_zeros(0)
+            while len(support) < n_nonzero:
+                residual = signal - atoms[support].T @ gamma
+                scores = (atoms @ residual).abs()
+                best = scores.max()
+                tied = torch.nonzero(scores == best).flatten().tolist()
+                if any(t in support for t in tied) or float(best) ** 2 < eps:
+                    break
+                lam = tied[0]
+                if support:
+                    basis = atoms[support].T  # (d, n)
+                    fit = torch.linalg.lstsq(basis, atoms[lam].unsqueeze(1)).solution
+                    if float((atoms[lam] - (basis @ fit).squeeze(1)).square().sum()) <= eps:
+                        break
+                support.append(lam)
+                gamma = torch.linalg.lstsq(atoms[support].T, signal.unsqueeze(1)).solution.squeeze(1)
+            indices[g, m, : len(support)] = torch.tensor(support, dtype=torch.int64)
+            coefs[g, m, : len(support)] = gamma
+    return indices.to(x.device), coefs.float().to(x.device)
