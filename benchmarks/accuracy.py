@@ -1,6 +1,6 @@
 """Accuracy and speed of fastad's methods on a data set in MVTec layout, with EfficientNet-Lite0.
 
-    python -m benchmarks.accuracy [--data ../shared/data/magnetic_tile] [--methods patchcore spade padim gaussian_ad]
+    python -m benchmarks.accuracy [--data ../shared/data/magnetic_tile] [--methods patchcore spade padim gaussian_ad mlfsc]
                                   [--set key=value ...] [--json OUT]
 
 For each method: fit on ``train/good`` (all of it: ``holdout=0``, as the papers do), evaluate on
@@ -42,7 +42,7 @@ def run_method(name: str, data: Path, params: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--methods", nargs="+", default=["patchcore", "spade", "padim", "gaussian_ad"])
+    parser.add_argument("--methods", nargs="+", default=["patchcore", "spade", "padim", "gaussian_ad", "mlfsc"])
     parser.add_argument("--set", action="append", default=[], help="key=value parameters for every method")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)

@@ -10,7 +10,7 @@ from . import _loader
 _C = _loader.load_compiled_library()
 
 from . import ops, reference  # noqa: E402  (the ops need the library loaded first)
-from .methods import AnomalyModel, GaussianAD, PaDiM, PatchCore, Prediction, SPADE, available_methods, get_method, register_method  # noqa: E402
+from .methods import MLFSC, AnomalyModel, GaussianAD, PaDiM, PatchCore, Prediction, SPADE, available_methods, get_method, register_method  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -30,6 +30,7 @@ def build_info() -> dict:
 __all__ = [
     "AnomalyModel",
     "GaussianAD",
+    "MLFSC",
     "PaDiM",
     "PatchCore",
     "Prediction",

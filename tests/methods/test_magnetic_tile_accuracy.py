@@ -1,4 +1,4 @@
-"""PatchCore, SPADE, PaDiM and Gaussian AD on real defects: the magnetic-tile data (when ../shared/data has it), on
+"""PatchCore, SPADE, PaDiM, Gaussian AD and MLF-SC on real defects: the magnetic-tile data (when ../shared/data has it), on
 EfficientNet-Lite0, with a subset small enough for the test suite. The whole-set figures are in
 benchmarks/RESULTS.md (``python -m benchmarks.accuracy``); the floors here sit well below them
 and well above chance, so that a method that stopped finding defects fails."""
@@ -57,6 +57,7 @@ def data():
     ("spade", {"k_images": 10, "resize": 160, "crop": 160}, {"image_auroc": 0.6, "pixel_auroc": 0.85, "aupro": 0.5}),
     ("padim", {}, {"image_auroc": 0.7, "pixel_auroc": 0.93, "aupro": 0.75}),
     ("gaussian_ad", {"resize": 224, "crop": 224}, {"image_auroc": 0.65}),
+    ("mlfsc", {}, {"image_auroc": 0.7, "pixel_auroc": 0.75}),
 ])
 def test_defects_are_found(method, params, floors, data):
     train, test = data

@@ -8,8 +8,9 @@ registered method class; ``available_methods()`` lists them.
 from .base import AnomalyModel, Prediction, available_methods, get_method, register_method
 from .feature_model import FeatureModel
 from .gaussian_ad import GaussianAD
+from .mlfsc import MLFSC
 from .padim import PaDiM
 from .patchcore import PatchCore
 from .spade import SPADE
 
-__all__ = ["AnomalyModel", "FeatureModel", "GaussianAD", "PaDiM", "PatchCore", "Prediction", "SPADE", "available_methods", "get_method", "register_method"]
+__all__ = ["AnomalyModel", "FeatureModel", "GaussianAD", "MLFSC", "PaDiM", "PatchCore", "Prediction", "SPADE", "available_methods", "get_method", "register_method"]

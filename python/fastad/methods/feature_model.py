@@ -99,17 +99,23 @@ class FeatureModel(AnomalyModel):
 
     # -- the extractor ---------------------------------------------------------------------------
 
+    def _backbone_options(self) -> dict[str, Any]:
+        """Keyword options of ``load_backbone`` this method needs (e.g. ``pre_relu``)."""
+        return {}
+
     def _cached_extractor(self) -> tuple[Any, dict[str, str]]:
         """The :class:`~fastad.features.FeatureExtractor` for the current backbone, layers,
         weights and device, and the record of its weights (source, SHA-256); built once and
         rebuilt only when one of those changed."""
-        key = (self.backbone, tuple(self.feature_layers()), str(self.weights), self.device, bool(self.half), bool(self.channels_last))
+        options = self._backbone_options()
+        key = (self.backbone, tuple(self.feature_layers()), str(self.weights), self.device, bool(self.half),
+               bool(self.channels_last), tuple(sorted(options.items())))
         cached = self.__dict__.get("_extractor_cache")
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
         from ..features import FeatureExtractor, fold_batchnorm, load_backbone
 
-        network = load_backbone(self.backbone, self.weights, self.device)
+        network = load_backbone(self.backbone, self.weights, self.device, **options)
         # Every parameter and buffer of the stages, before a half cast changes them: the identity
         # of the weights, whichever file or cache they came from.
         record = {"source": network.weights, "sha256": model_io.tensor_digest(network.stages.state_dict())}
