@@ -2,7 +2,8 @@
 EfficientNet-Lite0, with fastad's ops against the same methods on the pure-PyTorch way of doing
 their hot loops: ``torch.cdist`` + ``topk`` in row chunks for kNN and anomalib's loop for the
 coreset (PatchCore, SPADE); anomalib's batched matmul with the inverse covariances for the
-Mahalanobis distances (PaDiM, Gaussian AD, whose fit has no kernel and is timed for fastad only).
+Mahalanobis distances (PaDiM, Gaussian AD, whose fit has no kernel and is timed for fastad only);
+``fastad.reference.omp`` (a least-squares refit per step) for MLF-SC's sparse coding.
 
 Data: the synthetic grass set (40 training images of 256 x 256, centre-cropped to 224 as the
 papers do). Everything else (features, pooling, blur) is the same code in both contenders, so the
@@ -19,7 +20,9 @@ import pytest
 import torch
 
 import fastad
+from fastad import reference
 from fastad.methods import gaussian_ad as gaussian_ad_module
+from fastad.methods import mlfsc as mlfsc_module
 from fastad.methods import padim as padim_module
 from fastad.methods import patchcore as patchcore_module
 from fastad.methods import spade as spade_module
@@ -55,8 +58,17 @@ def torch_mahalanobis(x, mean, L):
     return anomalib_mahalanobis(x, mean, _PRECISIONS[key])
 
 
-TORCH_OPS = types.SimpleNamespace(knn=torch_knn, kcenter_greedy=torch_kcenter, mahalanobis=torch_mahalanobis)
+def torch_omp(x, dictionary, n_nonzero):
+    """OMP the pure-PyTorch way: fastad's reference (a least-squares refit per step), in float32."""
+    indices, coefs = reference.omp(x.float(), dictionary.float(), n_nonzero)
+    return indices, coefs.float()
+
+
+TORCH_OPS = types.SimpleNamespace(knn=torch_knn, kcenter_greedy=torch_kcenter, mahalanobis=torch_mahalanobis,
+                                  omp=torch_omp, omp_reconstruct=fastad.ops.omp_reconstruct)
 GAUSSIAN_METHODS = ("padim", "gaussian_ad")
+# Methods whose fit has no pure-PyTorch twin here: timed for fastad only.
+FASTAD_ONLY_FITS = (*GAUSSIAN_METHODS, "mlfsc")
 CONTENDERS = ["fastad", "pure PyTorch"]
 
 
@@ -72,7 +84,7 @@ def data(tmp_path_factory):
 def ops_of(monkeypatch):
     def use(contender: str) -> None:
         if contender == "pure PyTorch":
-            for module in (patchcore_module, padim_module, gaussian_ad_module):
+            for module in (patchcore_module, padim_module, gaussian_ad_module, mlfsc_module):
                 monkeypatch.setattr(module, "ops", TORCH_OPS)
             monkeypatch.setattr(spade_module, "knn", torch_knn)
 
@@ -83,14 +95,15 @@ def _model(method: str):
     params = {"k_images": 10} if method == "spade" else {}
     if method == "gaussian_ad":
         params = {"resize": 256, "crop": 224}  # the same images as the others (the paper: B4 at 380)
+    # MLF-SC on Lite0 takes its default strides 2/4/8 (block0..block2; VGG weights are not here).
     return fastad.get_method(method)(backbone="efficientnet_lite0", holdout=0, **params)
 
 
 @pytest.mark.parametrize("contender", CONTENDERS)
-@pytest.mark.parametrize("method", ["patchcore", "spade", *GAUSSIAN_METHODS])
+@pytest.mark.parametrize("method", ["patchcore", "spade", *GAUSSIAN_METHODS, "mlfsc"])
 def test_fit(benchmark, record, data, ops_of, method, contender):
-    if method in GAUSSIAN_METHODS and contender != "fastad":
-        pytest.skip("the Gaussian methods' fit has no kernel: the same code on both sides")
+    if method in FASTAD_ONLY_FITS and contender != "fastad":
+        pytest.skip("timed for fastad only: the Gaussian methods' fit has no kernel, MLF-SC's learner no pure-PyTorch twin")
     ops_of(contender)
     train, _ = data
     benchmark.group = f"{method} fit, {len(train)} images 224x224, Lite0"
@@ -100,7 +113,7 @@ def test_fit(benchmark, record, data, ops_of, method, contender):
 
 @pytest.mark.parametrize("batch", [1, 32])
 @pytest.mark.parametrize("contender", CONTENDERS)
-@pytest.mark.parametrize("method", ["patchcore", "spade", *GAUSSIAN_METHODS])
+@pytest.mark.parametrize("method", ["patchcore", "spade", *GAUSSIAN_METHODS, "mlfsc"])
 def test_predict(benchmark, record, data, ops_of, method, contender, batch):
     train, test = data
     model = _model(method).fit(train)  # fitted with fastad's ops: both contenders score one model
