@@ -75,3 +75,18 @@ def sklearn_omp_gram(grams, xys, n_nonzero, groups=None):
         warnings.simplefilter("ignore", RuntimeWarning)  # early stops warn
         return [orthogonal_mp_gram(grams[g], xys[g], n_nonzero_coefs=n_nonzero)
                 for g in range(len(grams) if groups is None else groups)]
+
+
+def sklearn_sparse_coder_omp(x, dictionary, n_nonzero, groups=None):
+    """scikit-learn's `SparseCoder(transform_algorithm="omp")` per group on (G, M, d) signals and
+    (G, K, d) atoms (NumPy): the estimator a user reaches for, which forms its own Gram matrix and
+    correlations. `groups` limits it to the first so many groups. Returns the (M, K) codes."""
+    import warnings
+
+    from sklearn.decomposition import SparseCoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return [SparseCoder(dictionary[g], transform_algorithm="omp", transform_n_nonzero_coefs=n_nonzero).transform(x[g])
+                for g in range(len(x) if groups is None else groups)]
+

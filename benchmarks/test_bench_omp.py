@@ -1,4 +1,5 @@
-"""Orthogonal Matching Pursuit: fastad.ops.omp against scikit-learn's orthogonal_mp_gram.
+"""Orthogonal Matching Pursuit: fastad.ops.omp against scikit-learn's orthogonal_mp_gram and its
+SparseCoder(transform_algorithm="omp") (which forms its own Gram and correlations).
 
 Two shapes: the issue's acceptance case, one dictionary of K = 512 atoms (d = 64) coding
 M = 20,000 signals with s = 5 atoms each, and MLF-SC's, G = 896 groups (one per patch position)
@@ -18,7 +19,7 @@ import torch
 
 import fastad
 
-from .baselines import sklearn_omp_gram
+from .baselines import sklearn_omp_gram, sklearn_sparse_coder_omp
 
 SKLEARN_GROUPS = 64
 # (name, G, M, K, d, s)
@@ -36,7 +37,7 @@ def make_inputs(g: int, m: int, k: int, d: int):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0].replace(" ", "-") for c in CASES])
-@pytest.mark.parametrize("contender", ["fastad.ops.omp", "scikit-learn orthogonal_mp_gram"])
+@pytest.mark.parametrize("contender", ["fastad.ops.omp", "scikit-learn orthogonal_mp_gram", "scikit-learn SparseCoder omp"])
 def test_omp_cpu(benchmark, record, contender, case):
     from .conftest import sgemm_rate
 
@@ -49,10 +50,14 @@ def test_omp_cpu(benchmark, record, contender, case):
         benchmark.pedantic(fastad.ops.omp, args=(x, dictionary, s), rounds=5, iterations=1, warmup_rounds=1)
         record(benchmark, benchmark.group, contender, flops)
         return
-    grams = (dictionary @ dictionary.mT).numpy()
-    xys = (dictionary @ x.mT).numpy()  # (G, K, M)
     groups = min(g, SKLEARN_GROUPS)
-    benchmark.pedantic(sklearn_omp_gram, args=(grams, xys, s, groups), rounds=1 if g == 1 else 3, iterations=1)
+    if contender == "scikit-learn SparseCoder omp":
+        args = (x.numpy(), dictionary.numpy(), s, groups)
+        benchmark.pedantic(sklearn_sparse_coder_omp, args=args, rounds=1 if g == 1 else 3, iterations=1)
+    else:
+        grams = (dictionary @ dictionary.mT).numpy()
+        xys = (dictionary @ x.mT).numpy()  # (G, K, M)
+        benchmark.pedantic(sklearn_omp_gram, args=(grams, xys, s, groups), rounds=1 if g == 1 else 3, iterations=1)
     if groups < g:  # scale the time of the groups it ran to all of them
         benchmark.stats.stats.data[:] = [t * g / groups for t in benchmark.stats.stats.data]
         contender = f"{contender} (x{g / groups:.0f} of {groups} groups)"
