@@ -101,28 +101,33 @@ SHAPES = [
     (4, 15, 64, 32, 5),
     (5, 12, 5, 64, 3),  # MLF-SC's shape, fewer groups
     (1, 3, 1, 1, 1),
+    (2, 20, 100, 24, 6),  # K > 78: the CUDA kernel reads the Gram from global memory, not shared
 ]
 
 
 @pytest.mark.parametrize("g,m,k,d,s", SHAPES, ids=[f"G{g}-M{m}-K{k}-d{d}-s{s}" for g, m, k, d, s in SHAPES])
-def test_matches_sklearn(g, m, k, d, s, rng):
+def test_matches_sklearn(g, m, k, d, s, device, rng):
     dictionary, x = unit_atoms(g, k, d, rng), torch.randn(g, m, d, generator=rng)
-    indices, coefs = fastad.ops.omp(x, dictionary, s)
+    indices, coefs = fastad.ops.omp(x.to(device), dictionary.to(device), s)
+    assert indices.device.type == coefs.device.type == torch.device(device).type
+    indices, coefs = indices.cpu(), coefs.cpu()
     assert indices.shape == coefs.shape == (g, m, s)
     assert indices.dtype == torch.int64 and coefs.dtype == torch.float32
     assert_same_omp(x, dictionary, s, indices, coefs, *sklearn_omp(x, dictionary, s))
 
 
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
-def test_matches_float64_reference(isa, rng, monkeypatch):
+def test_matches_float64_reference(isa, device, rng, monkeypatch):
+    if device != "cpu" and isa != "avx2":
+        pytest.skip("the instruction-set switch is a CPU kernel knob")
     monkeypatch.setenv("FASTAD_OMP_CPU_ISA", isa)
     dictionary, x = unit_atoms(3, 37, 12, rng), torch.randn(3, 21, 12, generator=rng)  # K not a multiple of 4
-    indices, coefs = fastad.ops.omp(x, dictionary, 7)
+    indices, coefs = (t.cpu() for t in fastad.ops.omp(x.to(device), dictionary.to(device), 7))
     ref_indices, ref_coefs = reference.omp(x, dictionary, 7)
     assert_same_omp(x, dictionary, 7, indices, coefs, ref_indices.numpy(), ref_coefs.double().numpy())
 
 
-def test_early_stops(rng):
+def test_early_stops(device, rng):
     # Zero signals stop at step 0, 2-sparse signals after 2 atoms, a multiple of an atom that has a
     # duplicate after 1. These signals are sparse up to float32 rounding, so scikit-learn gets
     # float32 data: its thresholds are then those of the contract (float64 ones would have it fit
@@ -138,7 +143,7 @@ def test_early_stops(rng):
     chosen = torch.gather(dictionary, 1, picks.reshape(g, 8, 1).expand(g, 8, d)).reshape(g, 4, 2, d)
     x[:, 3:7] = (weights.unsqueeze(-1) * chosen).sum(2)
     x[:, 7] = dictionary[:, 2] * 3.0  # one atom that has a duplicate
-    indices, coefs = fastad.ops.omp(x, dictionary, s)
+    indices, coefs = (t.cpu() for t in fastad.ops.omp(x.to(device), dictionary.to(device), s))
     assert (indices[:, :3] == -1).all() and (coefs[:, :3] == 0).all()
     # OMP need not find a 2-sparse support (a third atom may correlate better); when it does, it stops.
     found = (indices[:, 3:7, :2].sort(-1).values == picks.sort(-1).values).all(-1)
@@ -150,7 +155,7 @@ def test_early_stops(rng):
     assert_same_omp(x, dictionary, s, indices, coefs, ref_indices.numpy(), ref_coefs.double().numpy())
 
 
-def test_duplicate_atoms_dependence(rng):
+def test_duplicate_atoms_dependence(device, rng):
     # Three atoms, the third a copy of the first, and a generic signal: two atoms explain its
     # projection onto their plane, then only dependent or already used atoms remain (a large
     # signal, so that the residual's rounding-level correlations pass the eps test and the
@@ -158,7 +163,7 @@ def test_duplicate_atoms_dependence(rng):
     base = unit_atoms(1, 2, 5, rng)
     dictionary = torch.cat([base, base[:, :1]], 1)
     x = torch.randn(1, 10, 5, generator=rng) * torch.tensor([1.0, 1e4]).repeat(5)[:, None]
-    indices, coefs = fastad.ops.omp(x, dictionary, 3)
+    indices, coefs = (t.cpu() for t in fastad.ops.omp(x.to(device), dictionary.to(device), 3))
     assert (indices[..., 2] == -1).all()
     assert_same_omp(x, dictionary, 3, indices, coefs, *sklearn_omp(x, dictionary, 3))
 
@@ -244,12 +249,33 @@ def test_python_argument_errors():
         fastad.ops.omp_reconstruct(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3), atoms)
 
 
-def test_cuda_is_refused_clearly():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    x, atoms = (t.cuda() for t in _args())
-    with pytest.raises(NotImplementedError, match="fastad::omp.*CUDA"):
-        fastad.ops.omp(x, atoms, 2)
+def test_cuda_edge_cases_and_atom_check(device, rng):
+    # The CUDA-only paths: its device-side unit-norm check (same error as the CPU, NaN atoms
+    # included), empty shapes, non-contiguous inputs, and opcheck on the device.
+    if device == "cpu":
+        pytest.skip("the CPU kernel's cases are the tests above")
+    dictionary = unit_atoms(2, 6, 8, rng).to(device)
+    x = torch.randn(2, 3, 8, generator=rng).to(device)
+    bad = dictionary.clone()
+    bad[1, 4] *= 1.01
+    with pytest.raises(RuntimeError, match="unit norm \\(within 1e-3\\), got norm 1.01 for atom 4 of group 1"):
+        fastad.ops.omp(x, bad, 2)
+    bad = dictionary.clone()
+    bad[0, 2, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="atom 2 of group 0"):
+        fastad.ops.omp(x, bad, 2)
+    for g, m in [(0, 5), (3, 0), (0, 0)]:
+        atoms = torch.eye(4, device=device).expand(g, 4, 4)
+        indices, coefs = fastad.ops.omp(torch.ones(g, m, 4, device=device), atoms, 2)
+        assert indices.shape == coefs.shape == (g, m, 2) and indices.device.type == "cuda"
+    expected = fastad.ops.omp(x, dictionary, 3)
+    x_t = x.transpose(1, 2).contiguous().transpose(1, 2)
+    d_t = dictionary.transpose(0, 2).contiguous().transpose(0, 2)
+    for a, b in zip(fastad.ops.omp(x_t, d_t, 3), expected):
+        assert torch.equal(a, b)
+    for g, m, k, d, s in [(2, 7, 9, 5, 3), (1, 4, 3, 8, 3), (2, 0, 3, 4, 1)]:
+        x, dictionary = torch.randn(g, m, d, generator=rng), unit_atoms(g, k, d, rng)
+        torch.library.opcheck(torch.ops.fastad.omp.default, (x.to(device), dictionary.to(device), s))
 
 
 def test_opcheck(rng):

@@ -41,8 +41,18 @@
 // Reconstruction: x_hat[g, m] = sum_t coefs[g, m, t] dictionary[g, indices[g, m, t]] over the slots
 // with indices >= 0 (fastad.ops.omp_reconstruct); the reconstruction error is ||x - x_hat||^2.
 //
-// Devices: CPU only for now. A CUDA tensor is refused by the dispatcher (no CUDA kernel is
-// registered), with an error naming the op and the CUDA backend.
+// Devices: CPU (omp_cpu.cpp) and CUDA (omp_cuda.cu), with the same rules; each CUDA thread runs one
+// signal's pursuit in float64 (scratch in global memory, the group's Gram in shared memory when
+// K <= 78). Xy comes from cuBLAS in float32 (TF32 only if the user allowed it for float32
+// matmuls), so near-ties may be decided differently from the CPU. On CUDA the unit-norm check runs
+// on the device and its verdict is read back once (8 bytes): the op's only host synchronisation,
+// there so that a bad dictionary raises the CPU's error (it also keeps the op out of CUDA graphs).
+//
+// What has run: the CPU kernels (AVX2 and portable) against scikit-learn and the float64
+// reference. The CUDA kernel has been compiled (no register spills, no local stack) but never run:
+// no GPU was available. Its per-thread loop, interleaved scratch indexing, tiling and grid-stride
+// loops were checked by a Python transliteration against the CPU op (identical supports and
+// coefficients); its results on a device are unverified until tests/ops/test_omp.py runs there.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,0 +1,290 @@
+// CUDA Orthogonal Matching Pursuit (Gram/Cholesky variant): the GPU twin of omp_cpu.cpp, with the
+// same rules step for step (see omp.h).
+//
+// Why this shape (kept simple; it has been compiled but never run, see omp.h):
+//  * As on the CPU, the only large work is Xy = x D^T, so it goes to cuBLAS (at::matmul) one tile of
+//    signals at a time (at most kXyTileFloats floats, never the whole (G, M, K)); the tile of x is
+//    made contiguous first so that the GEMM, hence the result, does not depend on x's strides.
+//  * What is left per signal is small and sequential (s steps of K multiply-adds per selected
+//    atom, an argmax, s x s triangular solves), so one thread runs one signal's whole pursuit, in
+//    float64, exactly as omp_one in omp_cpu.cpp. Its working memory (K correlations, the s x s
+//    Cholesky factor, ...) has runtime sizes, so it lives in one global scratch allocated once per
+//    call; entry i of thread t sits at i * threads + t, so the threads of a warp, which walk their
+//    arrays in step, touch consecutive words (coalesced).
+//  * A block owns one group at a time (its threads are signals of that group), so when the group's
+//    Gram (K x K doubles) fits in kMaxSharedGramBytes it is staged in shared memory once per block
+//    and read from there; otherwise it is read from global memory (cached: it is small and shared
+//    by every signal of the group).
+//  * Threads are bounded (grid-stride loops over groups and signals) so that the scratch stays
+//    below kScratchBytes whatever K and s are.
+//  * The unit-norm check of the atoms runs on the device from the Gram diagonal; its verdict (the
+//    first bad atom, or none) comes back in one 8-byte device-to-host read: the only host
+//    synchronisation of the op, so that a bad dictionary raises the same error as on the CPU.
+// Device guard, current stream, launch check, 64-bit offsets throughout.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "omp.h"
+
+namespace fastad {
+namespace {
+
+// scikit-learn's thresholds on float32 data: np.finfo(np.float32).eps.
+constexpr double kEps = FLT_EPSILON;
+// Xy is computed this many floats at a time (16 MB): a tile, not the whole (G, M, K).
+constexpr int64_t kXyTileFloats = int64_t{1} << 22;
+constexpr int kMaxThreads = 128;  // threads (signals) per block
+// Enough threads in flight to fill any current GPU; more only grows the scratch.
+constexpr int64_t kMaxTotalThreads = int64_t{1} << 18;
+// The per-thread scratch of all threads together stays below this (256 MB).
+constexpr int64_t kScratchBytes = int64_t{1} << 28;
+// A group's Gram is staged in shared memory when it fits in the default 48 KB (K <= 78).
+constexpr int64_t kMaxSharedGramBytes = 48 * 1024;
+constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMaxGridX = 2147483647;
+
+// One thread's array inside the interleaved scratch: element i at base[i * stride].
+template <typename T>
+struct Strided {
+  T* base;
+  int64_t stride;
+  __device__ __forceinline__ T& operator[](int64_t i) const { return base[i * stride]; }
+};
+
+// One thread's working memory (the CPU's Scratch), carved out of the shared scratch buffers.
+struct ThreadScratch {
+  Strided<double> alpha;                 // (K) correlations of the residual with every atom
+  Strided<double> L;                     // (s * s) Cholesky factor of Gram[S, S], row-major
+  Strided<double> z, gamma, w;           // (s) each: L z = Xy[S]; L^T gamma = z; a new row of L
+  Strided<int64_t> support;              // (s) selected atoms, in order
+  Strided<int64_t> order, where;         // (K) each: scikit-learn's atom order and its inverse
+};
+
+// Doubles and int64s of scratch per thread (see ThreadScratch).
+constexpr int64_t scratch_doubles(int64_t K, int64_t s) { return K + s * s + 3 * s; }
+constexpr int64_t scratch_longs(int64_t K, int64_t s) { return s + 2 * K; }
+
+// Among the atoms with |alpha| == m, the first in scikit-learn's order (first_in_sklearn_order in
+// omp_cpu.cpp): positions < n hold S, the rest are atom order with each selection's swap applied.
+__device__ int64_t first_in_sklearn_order(const ThreadScratch& sc, int64_t n, int64_t K, double m) {
+  for (int64_t i = 0; i < K; ++i) {
+    sc.order[i] = i;
+    sc.where[i] = i;
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t atom = sc.support[t], p = sc.where[atom], displaced = sc.order[t];
+    sc.order[t] = atom;
+    sc.order[p] = displaced;
+    sc.where[atom] = t;
+    sc.where[displaced] = p;
+  }
+  for (int64_t p = 0; p < K; ++p)
+    if (fabs(sc.alpha[sc.order[p]]) == m) return sc.order[p];
+  return sc.order[0];  // unreachable: m is one of the values
+}
+
+// OMP of one signal from its correlations xy (K floats) and the group's Gram (K x K doubles,
+// global or shared memory); writes s indices and coefficients. omp_one of omp_cpu.cpp, line for
+// line (the correlation update is a fused multiply-add, as in its AVX2 kernel).
+__device__ void omp_one(const float* __restrict__ xy, const double* gram, int64_t K, int64_t s,
+                        const ThreadScratch& sc, int64_t* __restrict__ indices, float* __restrict__ coefs) {
+  int64_t n = 0;
+  while (true) {
+    // alpha = Xy - Gram[:, S] gamma (Gram is symmetric: a sum of rows), and its largest |value|.
+    double m = 0.0;
+    for (int64_t i = 0; i < K; ++i) {
+      double a = xy[i];
+      for (int64_t t = 0; t < n; ++t) a = fma(-sc.gamma[t], gram[sc.support[t] * K + i], a);
+      sc.alpha[i] = a;
+      m = fmax(m, fabs(a));  // a NaN is skipped; if all are NaN no atom matches m below
+    }
+    int64_t lam = -1, count = 0;
+    for (int64_t i = 0; i < K; ++i)
+      if (fabs(sc.alpha[i]) == m) {
+        if (lam < 0) lam = i;
+        ++count;
+      }
+    if (lam < 0) break;  // no atom compares equal to m (non-finite input)
+    if (count > 1) lam = first_in_sklearn_order(sc, n, K, m);
+    bool selected = false;
+    for (int64_t t = 0; t < n; ++t) selected = selected || sc.support[t] == lam;
+    if (selected) break;      // selected twice
+    if (m * m < kEps) break;  // residual vanished
+    const double* row = gram + lam * K;
+    if (n > 0) {
+      // w = L^-1 Gram[S, lam]: the new atom in the basis of the support's factor.
+      double v = 0.0;
+      for (int64_t t = 0; t < n; ++t) {
+        double r = row[sc.support[t]];
+        for (int64_t u = 0; u < t; ++u) r -= sc.L[t * s + u] * sc.w[u];
+        const double wt = r / sc.L[t * s + t];
+        sc.w[t] = wt;
+        v += wt * wt;
+      }
+      const double pivot = row[lam] - v;
+      if (!(pivot > kEps)) break;  // lam depends linearly on S (NaN stops too)
+      for (int64_t t = 0; t < n; ++t) sc.L[n * s + t] = sc.w[t];
+      sc.L[n * s + n] = sqrt(pivot);
+    } else {
+      sc.L[0] = sqrt(row[lam]);
+    }
+    sc.support[n] = lam;
+    // L z = Xy[S] gains one entry; L^T gamma = z is solved again in full.
+    double r = xy[lam];
+    for (int64_t t = 0; t < n; ++t) r -= sc.L[n * s + t] * sc.z[t];
+    sc.z[n] = r / sc.L[n * s + n];
+    ++n;
+    for (int64_t t = n - 1; t >= 0; --t) {
+      double g = sc.z[t];
+      for (int64_t u = t + 1; u < n; ++u) g -= sc.L[u * s + t] * sc.gamma[u];
+      sc.gamma[t] = g / sc.L[t * s + t];
+    }
+    if (n == s) break;
+  }
+  for (int64_t t = 0; t < s; ++t) {
+    indices[t] = t < n ? sc.support[t] : -1;
+    coefs[t] = t < n ? static_cast<float>(sc.gamma[t]) : 0.0f;
+  }
+}
+
+// OMP of the signals of one Xy tile: groups g0 .. g0 + gn - 1, signals m0 .. m0 + mn - 1 of each.
+//   xy (gn, mn, K) contiguous float32; gram (G, K, K) contiguous float64;
+//   indices / coefs (G, M, s) contiguous; dscratch / lscratch: scratch_doubles / scratch_longs
+//   entries for each of the gridDim.x * gridDim.y * blockDim.x threads, interleaved.
+// Blocks stride over groups along y and over signal chunks along x; every thread of a block takes
+// part in each group's __syncthreads (the group loop depends on blockIdx only).
+__global__ void __launch_bounds__(kMaxThreads)
+    omp_kernel(const float* __restrict__ xy, const double* __restrict__ gram_all, bool shared_gram,
+               int64_t g0, int64_t gn, int64_t m0, int64_t mn, int64_t M, int64_t K, int64_t s,
+               double* __restrict__ dscratch, int64_t* __restrict__ lscratch, int64_t* __restrict__ indices,
+               float* __restrict__ coefs) {
+  extern __shared__ double staged_gram[];
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * gridDim.y * blockDim.x;
+  const int64_t me =
+      (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+  double* d = dscratch + me;
+  int64_t* l = lscratch + me;
+  const ThreadScratch sc{
+      {d, threads},
+      {d + K * threads, threads},
+      {d + (K + s * s) * threads, threads},
+      {d + (K + s * s + s) * threads, threads},
+      {d + (K + s * s + 2 * s) * threads, threads},
+      {l, threads},
+      {l + s * threads, threads},
+      {l + (s + K) * threads, threads},
+  };
+  const int64_t signal_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t gl = blockIdx.y; gl < gn; gl += gridDim.y) {
+    const int64_t g = g0 + gl;
+    const double* gram = gram_all + g * K * K;
+    if (shared_gram) {
+      __syncthreads();  // every thread is done with the previous group's Gram
+      for (int64_t e = threadIdx.x; e < K * K; e += blockDim.x) staged_gram[e] = gram[e];
+      __syncthreads();
+      gram = staged_gram;
+    }
+    for (int64_t ml = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; ml < mn;
+         ml += signal_stride) {
+      const int64_t out = (g * M + m0 + ml) * s;
+      omp_one(xy + (gl * mn + ml) * K, gram, K, s, sc, indices + out, coefs + out);
+    }
+  }
+}
+
+// Refuses dictionaries whose atoms are not of unit norm, from the Gram diagonals (float64), with
+// the CPU's message. The verdict is computed on the device; reading it is the op's one host sync.
+void check_unit_atoms(const at::Tensor& gram) {
+  const int64_t groups = gram.size(0), K = gram.size(1);
+  const at::Tensor norms = at::diagonal(gram, 0, 1, 2).sqrt().reshape({-1});  // (G * K), g-major
+  const at::Tensor ok = (norms - 1.0).abs() <= 1e-3;                           // NaN is not ok
+  const at::Tensor position = at::arange(groups * K, norms.options().dtype(at::kLong));
+  const int64_t first_bad = at::where(ok, groups * K, position).min().item<int64_t>();
+  if (first_bad == groups * K) return;
+  const double norm = norms[first_bad].item<double>();  // error path only
+  TORCH_CHECK(false, "dictionary atoms must have unit norm (within 1e-3), got ", "norm ", norm, " for atom ",
+              first_bad % K, " of group ", first_bad / K,
+              " (normalise the rows: dictionary / dictionary.norm(dim=-1, keepdim=True))");
+}
+
+// Launch shape for a tile of gn groups of mn signals, within the thread and scratch budgets.
+dim3 grid_for(int64_t gn, int64_t mn, int64_t block, int64_t max_threads) {
+  const int64_t max_blocks = std::max<int64_t>(1, max_threads / block);
+  const int64_t gy = std::min({gn, kMaxGridY, max_blocks});
+  const int64_t gx = std::min({(mn + block - 1) / block, std::max<int64_t>(1, max_blocks / gy), kMaxGridX});
+  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> omp_cuda(const at::Tensor& x, const at::Tensor& dictionary,
+                                            int64_t n_nonzero) {
+  check_omp_args(x, dictionary, n_nonzero);
+  TORCH_CHECK(x.is_cuda(), "omp_cuda expects CUDA tensors, got x on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t groups = x.size(0), M = x.size(1), K = dictionary.size(1), s = n_nonzero;
+  at::Tensor indices = at::empty({groups, M, s}, x.options().dtype(at::kLong));
+  at::Tensor coefs = at::empty({groups, M, s}, x.options());
+  if (groups == 0) return {indices, coefs};
+  // Contiguous operands (as the tiles of x below): the GEMMs, hence the results, do not depend on
+  // the inputs' strides.
+  const at::Tensor atoms = dictionary.contiguous();
+  const at::Tensor dict64 = atoms.to(at::kDouble);
+  const at::Tensor gram = at::matmul(dict64, dict64.mT()).contiguous();  // (G, K, K)
+  check_unit_atoms(gram);
+  if (M == 0) return {indices, coefs};
+  const at::Tensor atoms_t = atoms.mT();  // (G, d, K)
+
+  // Tiles of Xy as on the CPU: whole groups when a group's (M, K) is small, else blocks of one
+  // group's signals.
+  const int64_t group_floats = M * K;
+  const int64_t groups_per_tile = std::max<int64_t>(1, kXyTileFloats / group_floats);
+  const int64_t signals_per_tile = groups_per_tile > 1 ? M : std::max<int64_t>(1, kXyTileFloats / K);
+  const int64_t block = std::min<int64_t>(kMaxThreads, (std::min(M, signals_per_tile) + 31) / 32 * 32);
+  const int64_t thread_bytes = 8 * (scratch_doubles(K, s) + scratch_longs(K, s));
+  const int64_t max_threads = std::min(kMaxTotalThreads, std::max<int64_t>(block, kScratchBytes / thread_bytes));
+  // Every tile's grid has gy <= its groups, gx <= its signal chunks and gx * gy <= max_threads /
+  // block (grid_for), so this many threads' scratch serves every launch.
+  const int64_t most_blocks = std::min(std::max<int64_t>(1, max_threads / block),
+                                       std::min(groups_per_tile, groups) *
+                                           ((std::min(signals_per_tile, M) + block - 1) / block));
+  const int64_t scratch_threads = most_blocks * block;
+  at::Tensor dscratch = at::empty({scratch_threads * scratch_doubles(K, s)}, gram.options());
+  at::Tensor lscratch = at::empty({scratch_threads * scratch_longs(K, s)}, indices.options());
+
+  const bool shared_gram = K * K * 8 <= kMaxSharedGramBytes;
+  const size_t shared_bytes = shared_gram ? static_cast<size_t>(K * K * 8) : 0;
+  const double* gp = gram.const_data_ptr<double>();
+  int64_t* ip = indices.mutable_data_ptr<int64_t>();
+  float* cp = coefs.mutable_data_ptr<float>();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (int64_t g0 = 0; g0 < groups; g0 += groups_per_tile) {
+    const int64_t gn = std::min(groups_per_tile, groups - g0);
+    for (int64_t m0 = 0; m0 < M; m0 += signals_per_tile) {
+      const int64_t mn = std::min(signals_per_tile, M - m0);
+      const at::Tensor xy =  // (gn, mn, K): every signal's correlations with its group's atoms
+          at::matmul(x.narrow(0, g0, gn).narrow(1, m0, mn).contiguous(), atoms_t.narrow(0, g0, gn))
+              .contiguous();
+      const dim3 grid = grid_for(gn, mn, block, max_threads);
+      TORCH_INTERNAL_ASSERT(static_cast<int64_t>(grid.x) * grid.y * block <= scratch_threads);
+      omp_kernel<<<grid, static_cast<unsigned>(block), shared_bytes, stream>>>(
+          xy.const_data_ptr<float>(), gp, shared_gram, g0, gn, m0, mn, M, K, s,
+          dscratch.mutable_data_ptr<double>(), lscratch.mutable_data_ptr<int64_t>(), ip, cp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  return {indices, coefs};
+}
+
+TORCH_LIBRARY_IMPL(fastad, CUDA, m) { m.impl("omp", &omp_cuda); }
+
+}  // namespace fastad
