@@ -39,6 +39,18 @@ def sgemm_rate(device: str = "cpu") -> float:
     return _GEMM_RATE[device]
 
 
+def cuda_synced(fn):
+    """``fn`` followed by torch.cuda.synchronize(): GPU work is asynchronous, so a timer around
+    the call alone would measure the launch, not the kernel."""
+
+    def run(*args):
+        out = fn(*args)
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 @pytest.fixture
 def record():
     """record(benchmark, group, name, flops): remember the best time for the summary (flops 0

@@ -30,6 +30,7 @@ import fastad
 from fastad import reference
 
 from .baselines import anomalib_kcenter_greedy
+from .conftest import cuda_synced
 
 N, D, K = 200_000, 128, 2_000
 REFERENCE_STEPS = 100
@@ -129,20 +130,11 @@ def test_kcenter_cpu_float64_reference_prefix(benchmark, record, request):
     record(benchmark, benchmark.group, "fastad.reference.kcenter_greedy (float64)", 0.0)
 
 
-def _cuda_sync_call(fn):
-    def run(x):
-        out = fn(x)
-        torch.cuda.synchronize()
-        return out
-
-    return run
-
-
 @pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and fastad's CUDA kernels")
 @pytest.mark.parametrize("contender", list(CONTENDERS))
 def test_kcenter_cuda(benchmark, record, contender):
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(0)).cuda()
     fn, _ = CONTENDERS[contender]
     benchmark.group = f"kcenter cuda random N={N} D={D} k={K}"
-    benchmark.pedantic(_cuda_sync_call(fn), args=(x,), rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(cuda_synced(fn), args=(x,), rounds=3, iterations=1, warmup_rounds=1)
     record(benchmark, benchmark.group, contender, 0.0)

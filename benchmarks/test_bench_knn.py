@@ -15,6 +15,7 @@ import torch
 import fastad
 
 from .baselines import cdist_topk, chunked_matmul_topk, faiss_flat_l2
+from .conftest import cuda_synced
 
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
 CUDA_OK = fastad.build_info()["cuda"] and torch.cuda.is_available()
@@ -93,15 +94,6 @@ def test_knn_cpu(benchmark, record, contender, m, n, d, k, kind):
 CUDA_SHAPES = [(6272, 65536, 384, 9), (100_000, 1_000_000, 384, 9)]
 
 
-def _cuda_sync_call(fn):
-    def run(*args):
-        out = fn(*args)
-        torch.cuda.synchronize()
-        return out
-
-    return run
-
-
 @pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and fastad's CUDA kernels")
 @pytest.mark.parametrize("m,n,d,k", CUDA_SHAPES, ids=[f"M{m}-N{n}-D{d}-k{k}" for m, n, d, k in CUDA_SHAPES])
 @pytest.mark.parametrize("precision", ["highest", "high"], ids=["fp32-matmul", "tf32-matmul"])
@@ -113,7 +105,7 @@ def test_knn_cuda(benchmark, record, contender, m, n, d, k, precision):
 
     sgemm_rate("cuda")
     q, b = make_inputs("random", m, n, d, "cuda")
-    fn = _cuda_sync_call(CONTENDERS[contender] if contender.startswith("fastad")
+    fn = cuda_synced(CONTENDERS[contender] if contender.startswith("fastad")
                          else lambda q, b, k: chunked_matmul_topk(q, b, k, chunk=2048))
     benchmark.group = f"knn cuda random M={m} N={n} D={d} k={k}"
     before = torch.get_float32_matmul_precision()

@@ -28,6 +28,7 @@ import fastad
 from fastad import reference
 
 from .baselines import anomalib_mahalanobis
+from .conftest import cuda_synced
 
 CUDA_OK = fastad.build_info()["cuda"] and torch.cuda.is_available()
 D = 100
@@ -79,15 +80,6 @@ def test_mahalanobis_cpu(benchmark, record, contender, case, layout):
     record(benchmark, benchmark.group, contender, 2.0 * b * p * D * (D + 1) / 2)
 
 
-def _cuda_sync_call(fn):
-    def run(*args):
-        out = fn(*args)
-        torch.cuda.synchronize()
-        return out
-
-    return run
-
-
 @pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and fastad's CUDA kernels")
 @pytest.mark.parametrize("case", CASES[:2], ids=[c[0].replace(" ", "-") for c in CASES[:2]])
 @pytest.mark.parametrize("contender", ["fastad.ops.mahalanobis", "anomalib batched matmul"])
@@ -96,5 +88,5 @@ def test_mahalanobis_cuda(benchmark, record, contender, case):
     args = make_inputs(b, p, q, "channels-last", "cuda")
     fn, _ = CONTENDERS[contender]
     benchmark.group = f"mahalanobis cuda {name} B={b} P={p} D={D} Q={q}"
-    benchmark.pedantic(_cuda_sync_call(fn), args=args, rounds=10, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(cuda_synced(fn), args=args, rounds=10, iterations=1, warmup_rounds=1)
     record(benchmark, benchmark.group, contender, 2.0 * b * p * D * (D + 1) / 2)

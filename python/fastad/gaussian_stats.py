@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GaussianAccumulator", "regularized_covariance", "precision_cholesky", "precision_factors", "COVARIANCE_ESTIMATORS"]
+__all__ = ["GaussianAccumulator", "regularized_covariance", "precision_cholesky", "precision_factors", "check_regularization", "COVARIANCE_ESTIMATORS"]
 
 COVARIANCE_ESTIMATORS = ("empirical", "ledoit_wolf")
 
@@ -383,6 +383,17 @@ class GaussianAccumulator:
         return self
 
 
+def check_regularization(covariance: Any, eps: Any) -> float:
+    """``eps`` as a float after checking both settings of :func:`regularized_covariance`: the
+    estimator's name and a finite ridge >= 0. Methods call it in their parameter checks so that a
+    bad value fails before any pass over the data."""
+    if covariance not in COVARIANCE_ESTIMATORS:
+        raise ValueError(f"covariance must be one of {', '.join(map(repr, COVARIANCE_ESTIMATORS))}, got {covariance!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 <= float(eps) < float("inf")):
+        raise ValueError(f"eps must be a finite number >= 0 (the ridge added to each covariance), got {eps!r}")
+    return float(eps)
+
+
 def regularized_covariance(acc: GaussianAccumulator, covariance: str = "empirical", eps: float = 0.01, *,
                            positions: slice | None = None) -> Tensor:
     """The covariance a Gaussian method inverts, (P, D, D) float64 (or that of a contiguous slice
@@ -393,10 +404,7 @@ def regularized_covariance(acc: GaussianAccumulator, covariance: str = "empirica
     """
     if not isinstance(acc, GaussianAccumulator):
         raise TypeError(f"acc must be a GaussianAccumulator, got {type(acc).__name__}")
-    if covariance not in COVARIANCE_ESTIMATORS:
-        raise ValueError(f"covariance must be one of {', '.join(map(repr, COVARIANCE_ESTIMATORS))}, got {covariance!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 <= float(eps) < float("inf")):
-        raise ValueError(f"eps must be a finite number >= 0 (added to the diagonal), got {eps!r}")
+    eps = check_regularization(covariance, eps)
     if covariance == "empirical":
         cov = acc.covariance(ddof=1, positions=positions)
     else:

@@ -108,18 +108,17 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
     if sigma == 0.0 or maps.numel() == 0:
         return maps
-    radius = int(4.0 * sigma + 0.5)
+    radius = _kernel_radius(sigma)
     if radius >= min(maps.shape[-2:]):
         raise ValueError(
             f"gaussian_blur with sigma={sigma} needs maps larger than its kernel radius {radius} "
             f"in both H and W (reflect padding), got shape {tuple(maps.shape)}"
         )
-    weights = _gaussian_weights(sigma, radius)
     if max(maps.shape[-2:]) <= _BANDED_MAX_SIDE:
-        rows = _mirrored_band(maps.shape[-2], weights).to(device=maps.device, dtype=maps.dtype)
-        cols = _mirrored_band(maps.shape[-1], weights).to(device=maps.device, dtype=maps.dtype)
+        rows = _mirrored_band(maps.shape[-2], sigma, maps.dtype, maps.device)
+        cols = _mirrored_band(maps.shape[-1], sigma, maps.dtype, maps.device)
         return rows @ (maps @ cols.T)
-    kernel = weights.to(device=maps.device, dtype=maps.dtype)
+    kernel = _gaussian_weights(sigma).to(device=maps.device, dtype=maps.dtype)
     n = maps.shape[0]
     batch = maps.unsqueeze(0)  # (1, N, H, W): each map a channel of a depthwise convolution
     batch = F.conv2d(F.pad(batch, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).expand(n, 1, 1, -1), groups=n)
@@ -133,30 +132,35 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:
 _BANDED_MAX_SIDE = 1024
 
 
-def _gaussian_weights(sigma: float, radius: int) -> Tensor:
-    """The normalised 1-D kernel, (2 * radius + 1,) float64: one kernel at every precision."""
+def _kernel_radius(sigma: float) -> int:
+    """The kernel is truncated at 4 sigma, as scipy.ndimage.gaussian_filter(truncate=4.0)."""
+    return int(4.0 * sigma + 0.5)
+
+
+def _gaussian_weights(sigma: float) -> Tensor:
+    """The normalised 1-D kernel, (2 * radius + 1,) float64, computed in float64 so that every
+    precision gets the same kernel."""
+    radius = _kernel_radius(sigma)
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return weights / weights.sum()
 
 
 @functools.lru_cache(maxsize=16)
-def _band_cached(n: int, weights: tuple[float, ...]) -> Tensor:
-    radius = len(weights) // 2
-    out_index = torch.arange(n).repeat_interleave(len(weights))
+def _mirrored_band(n: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(n, n) matrix B with B @ x = x convolved with the Gaussian under mirror padding (edge not
+    repeated), for x of length n > radius: taps that fall off an edge are folded back onto their
+    mirror images. Built in float64, then kept in the maps' dtype on their device: a map size
+    and sigma recur call after call, so each band is made and moved once."""
+    weights = _gaussian_weights(sigma)
+    radius = weights.numel() // 2
+    out_index = torch.arange(n).repeat_interleave(weights.numel())
     source = out_index + torch.arange(-radius, radius + 1).repeat(n)
     source = torch.where(source < 0, -source, source)  # mirror about the first pixel
     source = torch.where(source > n - 1, 2 * (n - 1) - source, source)  # and about the last
     band = torch.zeros(n, n, dtype=torch.float64)
-    band.index_put_((out_index, source), torch.tensor(weights, dtype=torch.float64).repeat(n), accumulate=True)
-    return band
-
-
-def _mirrored_band(n: int, weights: Tensor) -> Tensor:
-    """(n, n) float64 matrix B with B @ x = x convolved with ``weights`` under mirror padding
-    (edge not repeated), for x of length n > radius: taps that fall off an edge are folded back
-    onto their mirror images."""
-    return _band_cached(n, tuple(weights.tolist()))
+    band.index_put_((out_index, source), weights.repeat(n), accumulate=True)
+    return band.to(device=device, dtype=dtype)
 
 
 def anomaly_maps(

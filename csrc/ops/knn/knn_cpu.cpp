@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "fastad/cpu_isa.h"
 #include "fastad/topk.h"
 #include "knn.h"
 #include "knn_cpu_internal.h"
@@ -61,13 +62,8 @@ static float squared_distance_portable(const float* a, const float* b, int64_t d
   return t;
 }
 
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-
 float squared_distance(const float* a, const float* b, int64_t d) {
-  return cpu_has_avx2_fma() ? squared_distance_avx2(a, b, d) : squared_distance_portable(a, b, d);
+  return cpu_supports(CpuIsa::kAvx2) ? squared_distance_avx2(a, b, d) : squared_distance_portable(a, b, d);
 }
 
 // Squared norms accumulated in double: they enter every distance, so their error must not.

@@ -10,8 +10,6 @@
 namespace fastad {
 namespace knn_detail {
 
-bool cpu_has_avx2_fma();
-
 // Sum of squared differences of two float rows, computed directly (no norm cancellation).
 float squared_distance(const float* a, const float* b, int64_t d);
 

@@ -30,6 +30,7 @@
 #include <limits>
 #include <vector>
 
+#include "fastad/cpu_isa.h"
 #include "fastad/topk.h"
 #include "knn_cpu_internal.h"
 
@@ -428,7 +429,7 @@ bool knn_screened_int8(const float* q, int64_t m, const float* b, int64_t n, int
   // Screening pays when the int8 pass dominates and a small share of rows survive it. Coding the
   // bank costs about as much as the float32 products of kMinQueries query rows against it, so
   // fewer queries than that (PatchCore's reweighting asks for one row per image) go to the GEMM.
-  if (!cpu_has_avx2_fma() || d < 32 || n < 1024 || k * 32 > n || k > 1024 || m < kMinQueries) return false;
+  if (!cpu_supports(CpuIsa::kAvx2) || d < 32 || n < 1024 || k * 32 > n || k > 1024 || m < kMinQueries) return false;
   Screen s;
   s.panel = allow_vnni && cpu_has_avx512_vnni() ? kPanelVnni : kPanelAvx2;
   s.q = q;

@@ -18,20 +18,22 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cfloat>
 #include <cmath>
 #include <cstdint>
-#include <numeric>
 #include <vector>
 
 #include "fastad/cpu_isa.h"
 #include "omp.h"
+#include "omp_pursuit.h"
 
 namespace fastad {
 namespace {
 
-// scikit-learn's thresholds on float32 data: np.finfo(np.float32).eps.
-constexpr double kEps = FLT_EPSILON;
+using omp_detail::add_atom;
+using omp_detail::first_in_sklearn_order;
+using omp_detail::Pursuit;
+using omp_detail::write_codes;
+
 // Xy is computed this many floats at a time (4 MB): a tile, not the whole (G, M, K).
 constexpr int64_t kXyTileFloats = int64_t{1} << 20;
 // Signals are handed to threads in runs worth at least this many multiply-adds.
@@ -127,84 +129,31 @@ Kernels kernels_for(CpuIsa isa) {
 
 // One thread's working memory, sized once: nothing is allocated per signal.
 struct Scratch {
-  Scratch(int64_t K, int64_t s)
-      : alpha(K), order(K), where(K), L(s * s), z(s), gamma(s), w(s), support(s) {}
-  std::vector<double> alpha;          // correlations of the residual with every atom
-  std::vector<int64_t> order, where;  // scikit-learn's atom order and its inverse (ties only)
-  std::vector<double> L;              // Cholesky factor of Gram[S, S], row-major, stride s
-  std::vector<double> z, gamma, w;    // L z = Xy[S]; L^T gamma = z; a new row of L
-  std::vector<int64_t> support;       // selected atoms, in order
+  Scratch(int64_t K, int64_t s) : doubles(K + s * s + 3 * s), longs(s + 2 * K) {}
+  std::vector<double> doubles;
+  std::vector<int64_t> longs;
+  // The arrays of omp_pursuit.h's Pursuit, carved out of the two buffers.
+  Pursuit<double*, int64_t*> view(int64_t K, int64_t s) {
+    double* d = doubles.data();
+    int64_t* l = longs.data();
+    return {d, d + K, d + K + s * s, d + K + s * s + s, d + K + s * s + 2 * s, l, l + s, l + s + K};
+  }
 };
 
-// Among the atoms with |alpha| == m, the first in scikit-learn's order: it swaps each selected
-// atom with the atom at position n_active, so positions < n hold S and the rest are atom order
-// with those swaps applied. Only exact ties get here (duplicate atoms, a vanished residual).
-int64_t first_in_sklearn_order(Scratch& sc, int64_t n, int64_t K, double m) {
-  std::iota(sc.order.begin(), sc.order.end(), 0);
-  std::iota(sc.where.begin(), sc.where.end(), 0);
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t atom = sc.support[t], p = sc.where[atom], displaced = sc.order[t];
-    sc.order[t] = atom;
-    sc.order[p] = displaced;
-    sc.where[atom] = t;
-    sc.where[displaced] = p;
-  }
-  for (int64_t p = 0; p < K; ++p)
-    if (std::fabs(sc.alpha[sc.order[p]]) == m) return sc.order[p];
-  return sc.order[0];  // unreachable: m is one of the values
-}
-
 // OMP of one signal from its correlations xy (K floats) and the group's Gram (K x K doubles);
-// writes s indices and coefficients.
+// writes s indices and coefficients. The steps after the argmax are omp_pursuit.h's.
 void omp_one(const Kernels& kernels, const float* xy, const double* gram, int64_t K, int64_t s,
-             Scratch& sc, int64_t* indices, float* coefs) {
-  double* alpha = sc.alpha.data();
-  double* L = sc.L.data();
-  int64_t* support = sc.support.data();
+             const Pursuit<double*, int64_t*>& sc, int64_t* indices, float* coefs) {
   int64_t n = 0;
-  while (true) {
-    const double m = kernels.correlate(xy, gram, support, sc.gamma.data(), n, K, alpha);
+  while (n < s) {
+    const double m = kernels.correlate(xy, gram, sc.support, sc.gamma, n, K, sc.alpha);
     int64_t others = 0;
-    int64_t lam = kernels.first_max(alpha, K, m, &others);
+    int64_t lam = kernels.first_max(sc.alpha, K, m, &others);
     if (lam < 0) break;  // m is NaN: no atom compares equal (non-finite input)
     if (others > 0) lam = first_in_sklearn_order(sc, n, K, m);
-    if (std::find(support, support + n, lam) != support + n) break;  // selected twice
-    if (m * m < kEps) break;                                         // residual vanished
-    const double* row = gram + lam * K;
-    if (n > 0) {
-      // w = L^-1 Gram[S, lam]: the new atom in the basis of the support's factor.
-      double* w = sc.w.data();
-      double v = 0.0;
-      for (int64_t t = 0; t < n; ++t) {
-        double r = row[support[t]];
-        for (int64_t u = 0; u < t; ++u) r -= L[t * s + u] * w[u];
-        w[t] = r / L[t * s + t];
-        v += w[t] * w[t];
-      }
-      const double pivot = row[lam] - v;
-      if (!(pivot > kEps)) break;  // lam depends linearly on S (NaN stops too)
-      for (int64_t t = 0; t < n; ++t) L[n * s + t] = w[t];
-      L[n * s + n] = std::sqrt(pivot);
-    } else {
-      L[0] = std::sqrt(row[lam]);
-    }
-    support[n] = lam;
-    // L z = Xy[S] gains one entry; L^T gamma = z is solved again in full.
-    double r = xy[lam];
-    for (int64_t t = 0; t < n; ++t) r -= L[n * s + t] * sc.z[t];
-    sc.z[n] = r / L[n * s + n];
-    ++n;
-    for (int64_t t = n - 1; t >= 0; --t) {
-      double g = sc.z[t];
-      for (int64_t u = t + 1; u < n; ++u) g -= L[u * s + t] * sc.gamma[u];
-      sc.gamma[t] = g / L[t * s + t];
-    }
-    if (n == s) break;
+    if (!add_atom(sc, xy, gram, K, s, lam, m, n)) break;
   }
-  for (int64_t t = 0; t < s; ++t) {
-    indices[t] = t < n ? support[t] : -1;
-    coefs[t] = t < n ? static_cast<float>(sc.gamma[t]) : 0.0f;
-  }
+  write_codes(sc, n, s, indices, coefs);
 }
 
 // Refuses dictionaries whose atoms are not of unit norm, from the Gram diagonals (float64).
@@ -253,7 +202,8 @@ std::tuple<at::Tensor, at::Tensor> omp_cpu(const at::Tensor& x, const at::Tensor
           at::matmul(x.narrow(0, g0, gn).narrow(1, m0, mn), atoms_t.narrow(0, g0, gn)).contiguous();
       const float* xyp = xy.const_data_ptr<float>();
       at::parallel_for(0, gn * mn, grain, [&](int64_t begin, int64_t end) {
-        Scratch scratch(K, s);
+        Scratch storage(K, s);
+        const auto scratch = storage.view(K, s);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t g = g0 + r / mn, m = m0 + r % mn;
           const int64_t out = (g * M + m) * s;

@@ -28,18 +28,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
 
 #include "omp.h"
+#include "omp_pursuit.h"
 
 namespace fastad {
 namespace {
 
-// scikit-learn's thresholds on float32 data: np.finfo(np.float32).eps.
-constexpr double kEps = FLT_EPSILON;
 // Xy is computed this many floats at a time (16 MB): a tile, not the whole (G, M, K).
 constexpr int64_t kXyTileFloats = int64_t{1} << 22;
 constexpr int kMaxThreads = 128;  // threads (signals) per block
@@ -57,48 +55,23 @@ template <typename T>
 struct Strided {
   T* base;
   int64_t stride;
-  __device__ __forceinline__ T& operator[](int64_t i) const { return base[i * stride]; }
+  C10_HOST_DEVICE T& operator[](int64_t i) const { return base[i * stride]; }
 };
 
-// One thread's working memory (the CPU's Scratch), carved out of the shared scratch buffers.
-struct ThreadScratch {
-  Strided<double> alpha;                 // (K) correlations of the residual with every atom
-  Strided<double> L;                     // (s * s) Cholesky factor of Gram[S, S], row-major
-  Strided<double> z, gamma, w;           // (s) each: L z = Xy[S]; L^T gamma = z; a new row of L
-  Strided<int64_t> support;              // (s) selected atoms, in order
-  Strided<int64_t> order, where;         // (K) each: scikit-learn's atom order and its inverse
-};
+// One thread's working memory (omp_pursuit.h's Pursuit), carved out of the shared scratch buffers.
+using ThreadScratch = omp_detail::Pursuit<Strided<double>, Strided<int64_t>>;
 
 // Doubles and int64s of scratch per thread (see ThreadScratch).
 constexpr int64_t scratch_doubles(int64_t K, int64_t s) { return K + s * s + 3 * s; }
 constexpr int64_t scratch_longs(int64_t K, int64_t s) { return s + 2 * K; }
 
-// Among the atoms with |alpha| == m, the first in scikit-learn's order (first_in_sklearn_order in
-// omp_cpu.cpp): positions < n hold S, the rest are atom order with each selection's swap applied.
-__device__ int64_t first_in_sklearn_order(const ThreadScratch& sc, int64_t n, int64_t K, double m) {
-  for (int64_t i = 0; i < K; ++i) {
-    sc.order[i] = i;
-    sc.where[i] = i;
-  }
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t atom = sc.support[t], p = sc.where[atom], displaced = sc.order[t];
-    sc.order[t] = atom;
-    sc.order[p] = displaced;
-    sc.where[atom] = t;
-    sc.where[displaced] = p;
-  }
-  for (int64_t p = 0; p < K; ++p)
-    if (fabs(sc.alpha[sc.order[p]]) == m) return sc.order[p];
-  return sc.order[0];  // unreachable: m is one of the values
-}
-
 // OMP of one signal from its correlations xy (K floats) and the group's Gram (K x K doubles,
-// global or shared memory); writes s indices and coefficients. omp_one of omp_cpu.cpp, line for
-// line (the correlation update is a fused multiply-add, as in its AVX2 kernel).
+// global or shared memory); writes s indices and coefficients. The correlation update is a fused
+// multiply-add, as in the CPU's AVX2 kernel; the steps after the argmax are omp_pursuit.h's.
 __device__ void omp_one(const float* __restrict__ xy, const double* gram, int64_t K, int64_t s,
                         const ThreadScratch& sc, int64_t* __restrict__ indices, float* __restrict__ coefs) {
   int64_t n = 0;
-  while (true) {
+  while (n < s) {
     // alpha = Xy - Gram[:, S] gamma (Gram is symmetric: a sum of rows), and its largest |value|.
     double m = 0.0;
     for (int64_t i = 0; i < K; ++i) {
@@ -114,46 +87,10 @@ __device__ void omp_one(const float* __restrict__ xy, const double* gram, int64_
         ++count;
       }
     if (lam < 0) break;  // no atom compares equal to m (non-finite input)
-    if (count > 1) lam = first_in_sklearn_order(sc, n, K, m);
-    bool selected = false;
-    for (int64_t t = 0; t < n; ++t) selected = selected || sc.support[t] == lam;
-    if (selected) break;      // selected twice
-    if (m * m < kEps) break;  // residual vanished
-    const double* row = gram + lam * K;
-    if (n > 0) {
-      // w = L^-1 Gram[S, lam]: the new atom in the basis of the support's factor.
-      double v = 0.0;
-      for (int64_t t = 0; t < n; ++t) {
-        double r = row[sc.support[t]];
-        for (int64_t u = 0; u < t; ++u) r -= sc.L[t * s + u] * sc.w[u];
-        const double wt = r / sc.L[t * s + t];
-        sc.w[t] = wt;
-        v += wt * wt;
-      }
-      const double pivot = row[lam] - v;
-      if (!(pivot > kEps)) break;  // lam depends linearly on S (NaN stops too)
-      for (int64_t t = 0; t < n; ++t) sc.L[n * s + t] = sc.w[t];
-      sc.L[n * s + n] = sqrt(pivot);
-    } else {
-      sc.L[0] = sqrt(row[lam]);
-    }
-    sc.support[n] = lam;
-    // L z = Xy[S] gains one entry; L^T gamma = z is solved again in full.
-    double r = xy[lam];
-    for (int64_t t = 0; t < n; ++t) r -= sc.L[n * s + t] * sc.z[t];
-    sc.z[n] = r / sc.L[n * s + n];
-    ++n;
-    for (int64_t t = n - 1; t >= 0; --t) {
-      double g = sc.z[t];
-      for (int64_t u = t + 1; u < n; ++u) g -= sc.L[u * s + t] * sc.gamma[u];
-      sc.gamma[t] = g / sc.L[t * s + t];
-    }
-    if (n == s) break;
+    if (count > 1) lam = omp_detail::first_in_sklearn_order(sc, n, K, m);
+    if (!omp_detail::add_atom(sc, xy, gram, K, s, lam, m, n)) break;
   }
-  for (int64_t t = 0; t < s; ++t) {
-    indices[t] = t < n ? sc.support[t] : -1;
-    coefs[t] = t < n ? static_cast<float>(sc.gamma[t]) : 0.0f;
-  }
+  omp_detail::write_codes(sc, n, s, indices, coefs);
 }
 
 // OMP of the signals of one Xy tile: groups g0 .. g0 + gn - 1, signals m0 .. m0 + mn - 1 of each.

@@ -12,14 +12,13 @@ shared precision (Q = 1). There is no anomaly map: the method does not localise,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from .. import ops
-from ..gaussian_stats import COVARIANCE_ESTIMATORS, GaussianAccumulator, precision_factors
+from ..gaussian_stats import GaussianAccumulator, check_regularization, precision_factors
 from .base import register_method
 from .feature_model import FeatureModel
 
@@ -68,10 +67,7 @@ class GaussianAD(FeatureModel):
 
     def _check_params(self) -> None:
         super()._check_params()
-        if self.covariance not in COVARIANCE_ESTIMATORS:
-            raise ValueError(f"covariance must be one of {', '.join(map(repr, COVARIANCE_ESTIMATORS))}, got {self.covariance!r}")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (0.0 <= float(self.eps) < math.inf):
-            raise ValueError(f"eps must be a finite number >= 0 (the ridge added to each covariance), got {self.eps!r}")
+        check_regularization(self.covariance, self.eps)
 
     def pooled_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{level: (B, C) float32}``: each level's feature map averaged over its positions."""

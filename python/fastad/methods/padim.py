@@ -13,7 +13,6 @@ blurred (sigma 4) and its maximum is the image score.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from .._checks import check_int
-from ..gaussian_stats import COVARIANCE_ESTIMATORS, GaussianAccumulator, precision_factors
+from ..gaussian_stats import GaussianAccumulator, check_regularization, precision_factors
 from .base import register_method
 from .feature_model import FeatureModel
 
@@ -73,10 +72,7 @@ class PaDiM(FeatureModel):
         super()._check_params()
         if self.n_features is not None:
             check_int(self.n_features, "n_features", meaning="or None: the paper's subset for the backbone")
-        if self.covariance not in COVARIANCE_ESTIMATORS:
-            raise ValueError(f"covariance must be one of {', '.join(map(repr, COVARIANCE_ESTIMATORS))}, got {self.covariance!r}")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (0.0 <= float(self.eps) < math.inf):
-            raise ValueError(f"eps must be a finite number >= 0 (the ridge added to each covariance), got {self.eps!r}")
+        check_regularization(self.covariance, self.eps)
         check_int(self.seed, "seed", minimum=0)
 
     # -- embedding -------------------------------------------------------------------------------
