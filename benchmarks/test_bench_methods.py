@@ -65,7 +65,7 @@ def torch_omp(x, dictionary, n_nonzero):
 
 
 TORCH_OPS = types.SimpleNamespace(knn=torch_knn, kcenter_greedy=torch_kcenter, mahalanobis=torch_mahalanobis,
-                                  omp=torch_omp, omp_reconstruct=fastad.ops.omp_reconstruct)
+                                  omp=torch_omp, omp_error=fastad.ops.omp_error)
 GAUSSIAN_METHODS = ("padim", "gaussian_ad")
 # Methods whose fit has no pure-PyTorch twin here: timed for fastad only.
 FASTAD_ONLY_FITS = (*GAUSSIAN_METHODS, "mlfsc")

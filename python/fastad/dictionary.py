@@ -65,9 +65,7 @@ class DictionaryLearner:
         n_nonzero: s, atoms per signal in the OMP coding, 1 <= s <= min(K, d).
         batch_size: signals per mini-batch in :meth:`fit` (capped at N as scikit-learn does).
         seed: seeds the initial draw of atoms and the shuffles of :meth:`fit`.
-        device: where the dictionaries and statistics live. The OMP coding runs on the CPU
-            (:func:`fastad.ops.omp` has no CUDA kernel yet): on another device each batch is
-            copied there and its codes back.
+        device: where the dictionaries, the statistics and the OMP coding live.
 
     Attributes (after the first :meth:`partial_fit` or :meth:`fit`):
         dictionary_: (G, K, d) float32 atoms as rows, unit norm.
@@ -227,7 +225,7 @@ class DictionaryLearner:
 
     def _dense_codes(self, x: Tensor, dictionary: Tensor) -> Tensor:
         """(G, M, K) OMP codes of ``x`` as dense rows (zero for atoms not used)."""
-        indices, coefs = self._omp(x, dictionary)
+        indices, coefs = ops.omp(x, dictionary, self.n_nonzero)
         g, m, _ = x.shape
         codes = x.new_zeros((g, m, self.n_atoms + 1))  # the extra column collects unused slots (-1)
         slots = torch.where(indices >= 0, indices, self.n_atoms)
@@ -240,20 +238,14 @@ class DictionaryLearner:
         :func:`fastad.ops.omp`'s ``(indices, coefs)``, both (G, M, s), indices -1 in unused slots,
         on the learner's device."""
         dictionary = self._check_fitted()
-        return self._omp(self._check_signals(x), dictionary)
-
-    def _omp(self, x: Tensor, dictionary: Tensor) -> tuple[Tensor, Tensor]:
-        if x.device.type == "cpu":
-            return ops.omp(x, dictionary, self.n_nonzero)
-        indices, coefs = ops.omp(x.cpu(), dictionary.cpu(), self.n_nonzero)
-        return indices.to(x.device), coefs.to(x.device)
+        return ops.omp(self._check_signals(x), dictionary, self.n_nonzero)
 
     def reconstruction_error(self, x: Tensor) -> Tensor:
         """(G, M) float32 squared Euclidean error ``||x - x_hat||^2`` of each signal's OMP
         reconstruction ``x_hat`` over its group's dictionary (MLF-SC's anomaly score)."""
         dictionary = self._check_fitted()
         indices, coefs = self.transform(x)
-        return torch.linalg.vector_norm(x - ops.omp_reconstruct(indices, coefs, dictionary), dim=-1).square()
+        return ops.omp_error(x, indices, coefs, dictionary)
 
 
 __all__ = ["DictionaryLearner", "forgetting_factor"]

@@ -170,8 +170,8 @@ def omp_reconstruct(indices: Tensor, coefs: Tensor, dictionary: Tensor) -> Tenso
         dictionary: (G, K, d) atoms as rows.
 
     Returns:
-        (G, M, d) in the dtype of ``coefs`` and ``dictionary`` promoted. The reconstruction error of
-        a signal is ``((x - omp_reconstruct(...)) ** 2).sum(-1)``. Memory: a (G, M, s, d) gather.
+        (G, M, d) in the dtype of ``coefs`` and ``dictionary`` promoted (:func:`omp_error` gives
+        each signal's squared error from it). Memory: a (G, M, s, d) gather.
     """
     if indices.dim() != 3 or coefs.shape != indices.shape or dictionary.dim() != 3:
         raise ValueError(f"need indices and coefs (G, M, s) and dictionary (G, K, d), got shapes "
@@ -189,4 +189,12 @@ def omp_reconstruct(indices: Tensor, coefs: Tensor, dictionary: Tensor) -> Tenso
     return (weights.unsqueeze(-1) * atoms).sum(2)
 
 
-__all__ = ["kcenter_greedy", "knn", "mahalanobis", "omp", "omp_reconstruct"]
+def omp_error(x: Tensor, indices: Tensor, coefs: Tensor, dictionary: Tensor) -> Tensor:
+    """Each signal's squared reconstruction error ``||x - omp_reconstruct(indices, coefs,
+    dictionary)||^2``: (G, M), from x (G, M, d) and :func:`omp`'s codes over ``dictionary``
+    (MLF-SC's patch score). Computed from the residual itself, not as ``||x||^2 - ||x_hat||^2``,
+    which loses the small errors of well-reconstructed signals to cancellation."""
+    return (x - omp_reconstruct(indices, coefs, dictionary)).square().sum(-1)
+
+
+__all__ = ["kcenter_greedy", "knn", "mahalanobis", "omp", "omp_error", "omp_reconstruct"]

@@ -180,6 +180,9 @@ def test_reconstruction(rng):
                 if indices[g, m, t] >= 0:
                     expected[g, m] += float(coefs[g, m, t]) * dictionary[g, indices[g, m, t]].double()
     torch.testing.assert_close(recon.double(), expected, rtol=1e-5, atol=1e-5)
+    error = fastad.ops.omp_error(x, indices, coefs, dictionary)
+    assert error.shape == (3, 9)
+    torch.testing.assert_close(error.double(), (x.double() - expected).square().sum(-1), rtol=1e-4, atol=1e-5)
     # Least squares on the support: the residual is orthogonal to the atoms used.
     full = fastad.ops.omp(x, dictionary, 4)
     residual = x - fastad.ops.omp_reconstruct(*full, dictionary)

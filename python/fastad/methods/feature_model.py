@@ -93,6 +93,13 @@ class FeatureModel(AnomalyModel):
             raise ValueError(f"layers {names} are not all layers of {self.backbone!r} (its layers: {', '.join(order)})")
         return sorted(dict.fromkeys(names), key=order.index)
 
+    def feature_channels(self) -> int:
+        """Channels of the extracted layers together, from the backbone's layer table (no forward)."""
+        from ..features import BACKBONES
+
+        info = BACKBONES[self.backbone].layer_info
+        return sum(info[layer][0] for layer in self.feature_layers())
+
     def _check_params(self) -> None:
         super()._check_params()
         self.feature_layers()  # a bad backbone or layer name fails before any work

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from .._checks import check_int
+from ..dictionary import DictionaryLearner
 from .base import register_method
 from .feature_model import FeatureModel
 
@@ -129,17 +130,11 @@ class MLFSC(FeatureModel):
         return max(1, _CHUNK_VALUES // (channels * n * n * self.patch_size**2))
 
     def _chunks(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
-        from ..features import BACKBONES
-
-        info = BACKBONES[self.backbone].layer_info
-        per_chunk = self._images_per_chunk(sum(info[layer][0] for layer in self.feature_layers()))
-        yield from images.split(per_chunk)
+        yield from images.split(self._images_per_chunk(self.feature_channels()))
 
     # -- fit -------------------------------------------------------------------------------------
 
     def _fit_batches(self, batches: Iterator[torch.Tensor]) -> None:
-        from ..dictionary import DictionaryLearner
-
         learner = None
         for images in batches:
             for chunk in self._chunks(images):
@@ -162,8 +157,8 @@ class MLFSC(FeatureModel):
                 raise ValueError(f"the features have {x.shape[0]} channels but the model has {self.dictionary_.shape[0]} "
                                  "dictionaries; were the backbone or layers changed after fit?")
             indices, coefs = ops.omp(x, self.dictionary_, int(self.n_nonzero))
-            residual = x - ops.omp_reconstruct(indices, coefs, self.dictionary_)
-            parts.append(residual.square().sum(-1).reshape(x.shape[0], chunk.shape[0], -1))
+            errors = ops.omp_error(x, indices, coefs, self.dictionary_)
+            parts.append(errors.reshape(x.shape[0], chunk.shape[0], -1))
         return torch.cat(parts, dim=1)
 
     def _score_batch(self, images: torch.Tensor):

@@ -77,13 +77,6 @@ class PaDiM(FeatureModel):
 
     # -- embedding -------------------------------------------------------------------------------
 
-    def _embedding_channels(self) -> int:
-        """Channels of the full concatenated embedding, from the backbone's layer table."""
-        from ..features import BACKBONES
-
-        info = BACKBONES[self.backbone].layer_info
-        return sum(info[layer][0] for layer in self.feature_layers())
-
     def _channel_subset(self, total: int) -> torch.Tensor:
         """(D,) int64 sorted indices of the kept channels among ``total``, from ``seed``."""
         wanted = self.n_features if self.n_features is not None else PAPER_FEATURES.get(self.backbone, total)
@@ -102,7 +95,7 @@ class PaDiM(FeatureModel):
         grid = tuple(features[layers[0]].shape[-2:])
         channels = self.__dict__.get("channels_")
         if channels is None:
-            channels = self._channel_subset(self._embedding_channels())
+            channels = self._channel_subset(self.feature_channels())
         channels = channels.to(features[layers[0]].device)
         first = features[layers[0]]
         b, (h, w) = first.shape[0], grid
@@ -133,7 +126,7 @@ class PaDiM(FeatureModel):
         grid: tuple[int, int] | None = None
         for images in batches:
             if accumulator is None:
-                self.channels_ = self._channel_subset(self._embedding_channels())
+                self.channels_ = self._channel_subset(self.feature_channels())
             emb = self.embeddings(images)
             b, h, w, d = emb.shape
             if grid is None:
