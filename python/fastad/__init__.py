@@ -10,6 +10,7 @@ from . import _loader
 _C = _loader.load_compiled_library()
 
 from . import ops, reference  # noqa: E402  (the ops need the library loaded first)
+from .siamese import SiameseDetector  # noqa: E402
 from .methods import MLFSC, AnomalyModel, GaussianAD, PaDiM, PatchCore, Prediction, SPADE, available_methods, get_method, register_method  # noqa: E402
 
 __version__ = _C.build_info()["version"]
@@ -35,6 +36,7 @@ __all__ = [
     "PatchCore",
     "Prediction",
     "SPADE",
+    "SiameseDetector",
     "available_methods",
     "build_info",
     "get_method",

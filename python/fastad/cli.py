@@ -5,6 +5,7 @@
     fastad predict --model M --out DIR [--device D] IMAGES...
     fastad evaluate --model M --data DIR --report DIR [--device D]
     fastad info
+    fastad siamese train | detect | reproduce ...   (see fastad.siamese.cli)
 
 ``main(argv)`` returns the exit status (0 ok, 1 a failed run, 2 a bad command line), so that it
 can be called in-process as well as through the ``fastad`` script or ``python -m fastad``.
@@ -194,12 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="build, devices, methods and available backbone weights")
     p.set_defaults(run=cmd_info)
+
+    from .siamese.cli import add_parser as add_siamese_parser
+
+    add_siamese_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with status 2 on a bad command line
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in model files that say how they were made
     try:
         return args.run(args)
     except (CliError, ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as exc:

@@ -1,0 +1,47 @@
+"""The fully-convolutional Siamese network: template vs inspected image.
+
+- :mod:`.network`: the shared all-convolutional encoder and the per-position discriminator;
+- :mod:`.losses`: contrastive and binary cross-entropy losses;
+- :mod:`.sources`, :mod:`.pairs`: labelled image collections (CIFAR-10 zip / ImageFolder, MNIST
+  idx) and training / test pairs with synthetic defects;
+- :mod:`.training`: the Adam training loop with held-out loss per epoch;
+- :mod:`.sliding`: exact sliding inference on pairs of any size, tiled for images beyond memory;
+- :mod:`.detector`: :class:`SiameseDetector` (train / save / load / pretrained / detect);
+- :mod:`.reproduce`: the paper's experiments as one command.
+"""
+
+from __future__ import annotations
+
+from .detector import PRETRAINED_COMMAND, PRETRAINED_PATH, Detection, SiameseDetector
+from .losses import bce_loss, contrastive_loss, siamese_loss
+from .network import NetworkConfig, SiameseNet, SiameseOutput
+from .pairs import DigitPairs, RectanglePairs, mosaic_pair, paint_rectangle, sample_rectangle, scatter_rectangles
+from .sliding import detect_tiled, score_map
+from .sources import LabelledImages, load_image_folder, load_mnist
+from .training import TrainingHistory, train_network
+
+__all__ = [
+    "Detection",
+    "DigitPairs",
+    "LabelledImages",
+    "RectanglePairs",
+    "NetworkConfig",
+    "PRETRAINED_COMMAND",
+    "PRETRAINED_PATH",
+    "SiameseDetector",
+    "SiameseNet",
+    "SiameseOutput",
+    "TrainingHistory",
+    "bce_loss",
+    "contrastive_loss",
+    "detect_tiled",
+    "load_image_folder",
+    "load_mnist",
+    "mosaic_pair",
+    "paint_rectangle",
+    "sample_rectangle",
+    "scatter_rectangles",
+    "score_map",
+    "siamese_loss",
+    "train_network",
+]

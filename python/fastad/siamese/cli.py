@@ -1,0 +1,188 @@
+"""``fastad siamese train | detect | reproduce``: the Siamese network from the command line.
+
+    fastad siamese train --data PATH --model OUT [--pairs rectangles|digits] [--epochs N]
+                         [--pairs-per-epoch N] [--limit N] [--device D] [--set key=value ...]
+    fastad siamese detect --template A --inspected B --out DIR [--model M] [--tile N]
+                          [--dense 1|2|4] [--device D]
+    fastad siamese reproduce --out DIR [--data ROOT] [--cifar-model M] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..io import write_json
+
+# Above this many input pixels, detect writes its pictures at the map's resolution (one pixel per
+# cell) rather than upsampled to the input's: a 20,000 x 20,000 overlay would take gigabytes.
+FULL_RESOLUTION_PICTURE_LIMIT = 64_000_000
+
+
+def add_parser(sub) -> None:
+    """Adds ``siamese`` and its sub-commands to the ``fastad`` parser's sub-parsers."""
+    parser = sub.add_parser("siamese", help="template-vs-inspected detection with the Siamese network")
+    commands = parser.add_subparsers(dest="siamese_command", required=True)
+
+    p = commands.add_parser("train", help="train the network on pairs and write a model file")
+    p.add_argument("--data", required=True,
+                   help="ImageFolder folder or .zip (train/ and test/ splits, e.g. cifar10.zip) for rectangle "
+                        "pairs, or an MNIST folder (idx files) for digit pairs")
+    p.add_argument("--model", required=True, help="model file to write (.safetensors)")
+    p.add_argument("--pairs", choices=("rectangles", "digits"),
+                   help="pair rule: synthetic blue rectangles (default) or same digit (default for MNIST)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--pairs-per-epoch", type=int, help="default: one pair per training image (digits: 50,000)")
+    p.add_argument("--limit", type=int, help="use only this many training images (quick runs)")
+    p.add_argument("--heldout", type=int, default=10_000, help="held-out pairs from the test split (default 10,000)")
+    p.add_argument("--device")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other SiameseDetector parameter")
+    p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("detect", help="anomaly map of an inspected image against its template")
+    p.add_argument("--template", required=True, help="template image (PNG/JPEG/..., or .npy / TIFF for --tile)")
+    p.add_argument("--inspected", required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", help="model file (default: the detector shipped with fastad)")
+    p.add_argument("--tile", type=int, help="tile size in pixels: exact tiled inference in bounded memory")
+    p.add_argument("--dense", type=int, choices=(1, 2, 4), help="map step 4 / dense pixels (cost dense^2)")
+    p.add_argument("--device")
+    p.set_defaults(run=cmd_detect)
+
+    p = commands.add_parser("reproduce", help="run the paper's four experiments; figures and results.json")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--data", default="../shared/data", help="data root (default ../shared/data)")
+    p.add_argument("--cifar-model", help="reuse this trained CIFAR-10 model ('shipped' = fastad's) instead of training")
+    p.add_argument("--quick", action="store_true", help="a tiny run (minutes) to check the pipeline, not the numbers")
+    p.add_argument("--device")
+    p.set_defaults(run=cmd_reproduce)
+
+
+def _looks_like_mnist(path: Path) -> bool:
+    return path.is_dir() and any(path.rglob("train-images-idx3-ubyte*"))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..cli import CliError, _parse_sets
+    from .detector import SiameseDetector
+    from .pairs import DigitPairs, RectanglePairs
+    from .sources import load_image_folder, load_mnist
+
+    data = Path(args.data)
+    if not data.exists():
+        raise FileNotFoundError(f"--data: no such file or folder: {data}")
+    kind = args.pairs or ("digits" if _looks_like_mnist(data) else "rectangles")
+    params = _parse_sets(args.set or [])
+    if kind == "digits":
+        params = {"window": 28, "in_channels": 1, **params}
+    for name, value in (("epochs", args.epochs), ("device", args.device)):
+        if value is not None:
+            params[name] = value
+    try:
+        detector = SiameseDetector(**params)
+    except TypeError as exc:
+        raise CliError(f"--set: {exc}") from None
+
+    start = time.perf_counter()
+    if kind == "digits":
+        train = load_mnist(data, "train", limit=args.limit)
+        test = load_mnist(data, "test")
+        pairs = DigitPairs(train.images, train.labels, args.pairs_per_epoch or 50_000, seed=detector.seed)
+        heldout = DigitPairs(test.images, test.labels, args.heldout, seed=detector.seed + 1)
+    else:
+        train = load_image_folder(data, "train", limit=args.limit)
+        try:
+            test = load_image_folder(data, "test")
+        except ValueError:
+            test = None  # no test split: train without held-out loss
+        pairs = RectanglePairs(train.images, args.pairs_per_epoch, seed=detector.seed)
+        heldout = None if test is None else RectanglePairs(test.images, min(args.heldout, len(test)), seed=detector.seed + 1)
+    print(f"{len(train)} training images from {data}; {len(pairs)} {kind} pairs per epoch, "
+          f"{detector.epochs} epochs on {detector.device}", flush=True)
+
+    def log(epoch: int, history) -> None:
+        held = "" if not history.heldout_loss else (f", held-out loss {history.heldout_loss[-1]:.4f}, "
+                                                    f"accuracy {history.heldout_accuracy[-1]:.3f}")
+        print(f"epoch {epoch + 1}: train loss {history.train_loss[-1]:.4f}{held} ({history.seconds:.0f} s)", flush=True)
+
+    info = {"command": "fastad " + shlex.join(args.argv), "data": str(data), "pairs": kind, "n_images": len(train), "pairs_per_epoch": len(pairs)}
+    detector.train(pairs, heldout, normalization_images=train.images, log=log, training_info=info)
+    out = detector.save(args.model)
+    print(f"trained in {time.perf_counter() - start:.0f} s; model written to {out}")
+    return 0
+
+
+def _load_detector(model: str | None, device: str | None):
+    from .detector import SiameseDetector
+
+    return SiameseDetector.pretrained(device=device) if model is None else SiameseDetector.load(model, device=device)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from .. import viz
+    from ..data import load_image
+
+    detector = _load_detector(args.model, args.device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    detection = detector.detect(args.template, args.inspected, dense=args.dense, tile=args.tile,
+                                progress=None)
+    seconds = time.perf_counter() - start
+    cells = detection.cells
+    np.save(out_dir / "map.npy", np.asarray(cells, dtype=np.float32))
+    height, width = detection.image_size
+    full = height * width <= FULL_RESOLUTION_PICTURE_LIMIT
+    picture = detection.full_resolution() if full else np.asarray(cells)
+    vmin, vmax = 0.0, max(1.0, float(np.max(cells)))  # scores are probabilities, except head "none"
+    viz.save_map_png(out_dir / "map.png", picture, vmin=vmin, vmax=vmax)
+    viz.save_png(out_dir / "map_heat.png", viz.heatmap(picture, vmin=vmin, vmax=vmax))
+    files = ["map.npy", "map.png", "map_heat.png"]
+    if full and Path(args.inspected).suffix.lower() not in (".npy", ".tif", ".tiff"):
+        viz.save_png(out_dir / "overlay.png", viz.overlay(load_image(args.inspected), picture, vmin=vmin, vmax=vmax))
+        files.append("overlay.png")
+    summary = {
+        "template": str(args.template), "inspected": str(args.inspected),
+        "model": args.model or "shipped", "image_size": [height, width], "map_shape": list(cells.shape),
+        "step": detection.step, "map_png_resolution": "input" if full else "map",
+        "map_png_range": [vmin, vmax], "max_score": float(np.max(cells)), "mean_score": float(np.mean(cells)),
+        "seconds": seconds, "megapixels_per_second": height * width / 1e6 / seconds, "files": files,
+    }
+    write_json(out_dir / "detection.json", summary)
+    print(f"{height}x{width} pair in {seconds:.2f} s ({summary['megapixels_per_second']:.2f} MP/s); "
+          f"max score {summary['max_score']:.4f}; map (step {detection.step} px) in {out_dir}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .detector import PRETRAINED_PATH
+    from .reproduce import ReproduceConfig, reproduce
+
+    config = ReproduceConfig.quick() if args.quick else ReproduceConfig()
+    config.data_root = Path(args.data)
+    if args.cifar_model:
+        config.cifar_model = PRETRAINED_PATH if args.cifar_model == "shipped" else Path(args.cifar_model)
+    if args.device:
+        config.device = args.device
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = reproduce(out_dir, config)
+    print(json.dumps(_headline(results), indent=2))
+    print(f"figures and results.json in {out_dir}")
+    return 0
+
+
+def _headline(results: dict) -> dict:
+    """The numbers worth a glance: every float at the top two levels of the results."""
+    headline = {}
+    for name, value in results.items():
+        if isinstance(value, dict):
+            picked = {k: v for k, v in value.items() if isinstance(v, (float, int, str)) and not isinstance(v, bool)}
+            if picked:
+                headline[name] = picked
+    return headline

@@ -1,0 +1,310 @@
+"""``SiameseDetector``: train, save, load and apply the Siamese network to template / inspected pairs.
+
+Parameters follow the scikit-learn habit: the constructor stores them, ``train`` sets the learned
+state (``network_``, ``history_``). The shipped detector (:meth:`SiameseDetector.pretrained`) was
+trained on CIFAR-10 pairs with synthetic blue rectangles; the command that produced it is in its
+file's header (``training["command"]``) and in the package README.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import io as model_io
+from .._checks import check_device, check_int
+from .losses import LOSSES
+from .network import STRIDE, NetworkConfig, SiameseNet
+from .sliding import PADDINGS, MapGeometry, detect_tiled, map_geometry, score_map
+from .training import PairSource, TrainingHistory, input_statistics, train_network
+
+__all__ = ["Detection", "SiameseDetector", "PRETRAINED_PATH", "PRETRAINED_COMMAND"]
+
+METHOD = "siamese"
+PRETRAINED_PATH = Path(__file__).with_name("weights") / "siamese_cifar10.safetensors"
+PRETRAINED_COMMAND = (
+    "fastad siamese train --data ../shared/data/cifar10.zip --model "
+    "python/fastad/siamese/weights/siamese_cifar10.safetensors"
+)
+
+
+@dataclass
+class Detection:
+    """A map of anomaly scores for one pair.
+
+    ``cells``: float32 (ceil(H/step), ceil(W/step)) array, cell (i, j) = score of the windows
+    centred on input pixels [i*step, (i+1)*step) x [j*step, (j+1)*step) (see
+    :mod:`fastad.siamese.sliding`); ``step``: input pixels per cell; ``image_size``: (H, W).
+    Scores are 1 - P(similar) in [0, 1] (the embedding distance for head "none").
+    """
+
+    cells: np.ndarray
+    step: int
+    image_size: tuple[int, int]
+
+    def full_resolution(self, mode: str = "bilinear") -> np.ndarray:
+        """The map upsampled to (H, W) (half-pixel bilinear by default; ``postprocess.upsample``)."""
+        from ..postprocess import upsample
+
+        if self.step == 1:
+            return np.asarray(self.cells[: self.image_size[0], : self.image_size[1]], dtype=np.float32)
+        # Upsample the cells to ceil(H/step)*step pixels, then crop: a partial last cell keeps
+        # its place instead of being stretched over the whole image.
+        rows, cols = self.cells.shape
+        full = upsample(torch.from_numpy(np.ascontiguousarray(self.cells, dtype=np.float32))[None],
+                        (rows * self.step, cols * self.step), mode)[0]
+        return full[: self.image_size[0], : self.image_size[1]].numpy()
+
+
+def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _check_positive_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0) or value != value:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+class SiameseDetector:
+    """Template-vs-inspected detector on the fully-convolutional Siamese network.
+
+    Network: ``window`` (training image size = receptive field), ``in_channels``, ``channels``
+    (five encoder widths), ``embed_dim``, ``head`` ("concat" = [f1, f2, |f1 - f2|], "distance" =
+    |f1 - f2|, "none" = embedding only), ``hidden`` (discriminator width).
+    Training: ``loss`` ("both", "bce", "contrastive"), ``margin`` (contrastive margin r),
+    ``epochs``, ``batch_size``, ``lr`` (Adam), ``seed`` (weights' initialisation and batch order).
+    Inference: ``dense`` (1: map step 4 px; 2: step 2 at 4x the cost; 4: per-pixel at 16x),
+    ``padding`` of windows past the border ("reflect", "replicate", "zeros"), ``device``.
+    """
+
+    def __init__(self, *, window: int = 32, in_channels: int = 3, channels: tuple[int, ...] = (16, 32, 64, 64, 128),
+                 embed_dim: int = 64, head: str = "concat", hidden: int = 64, loss: str = "both",
+                 margin: float = 1.0, epochs: int = 20, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+                 dense: int = 1, padding: str = "reflect", device: str = "cpu") -> None:
+        self.window, self.in_channels, self.channels = window, in_channels, tuple(channels)
+        self.embed_dim, self.head, self.hidden = embed_dim, head, hidden
+        self.loss, self.margin, self.epochs, self.batch_size, self.lr, self.seed = loss, margin, epochs, batch_size, lr, seed
+        self.dense, self.padding, self.device = dense, padding, device
+        self._check_params()
+
+    # -- parameters ---------------------------------------------------------------------------
+
+    _PARAMS = ("window", "in_channels", "channels", "embed_dim", "head", "hidden", "loss", "margin", "epochs",
+               "batch_size", "lr", "seed", "dense", "padding", "device")
+
+    def get_params(self) -> dict[str, Any]:
+        params = {name: getattr(self, name) for name in self._PARAMS}
+        params["channels"] = list(params["channels"])
+        return params
+
+    def _network_config(self) -> NetworkConfig:
+        return NetworkConfig(window=self.window, in_channels=self.in_channels, channels=tuple(self.channels),
+                             embed_dim=self.embed_dim, head=self.head, hidden=self.hidden)
+
+    def _check_params(self) -> None:
+        config = self._network_config()  # validates the network's parameters
+        _check_choice(self.loss, "loss", LOSSES)
+        if self.loss != "contrastive" and config.head == "none":
+            raise ValueError("head 'none' has no discriminator to train with BCE: use loss='contrastive'")
+        self.margin = _check_positive_float(self.margin, "margin")
+        self.lr = _check_positive_float(self.lr, "lr")
+        check_int(self.epochs, "epochs", minimum=1)
+        check_int(self.batch_size, "batch_size", minimum=1)
+        check_int(self.seed, "seed", minimum=0)
+        MapGeometry(self.window, STRIDE, self.dense)  # validates dense against the stride
+        _check_choice(self.padding, "padding", PADDINGS)
+        self.device = str(check_device(self.device))
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train(self, train_pairs: PairSource, heldout_pairs: PairSource | None = None, *,
+              normalization_images: Tensor | None = None, progress: bool | None = None, log=None,
+              training_info: dict | None = None) -> SiameseDetector:
+        """Trains a fresh network on ``train_pairs`` (see :mod:`fastad.siamese.training`) and
+        returns ``self``. ``normalization_images`` (uint8 or [0, 1] (N, C, H, W)) give the input
+        normalisation; ``training_info`` (data, command...) is stored in the model file."""
+        with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
+            torch.manual_seed(self.seed)
+            net = SiameseNet(self._network_config())
+        if normalization_images is not None:
+            net.set_normalization(*input_statistics(normalization_images))
+        history = train_network(net, train_pairs, heldout_pairs, epochs=self.epochs, batch_size=self.batch_size,
+                                lr=self.lr, loss=self.loss, margin=self.margin, seed=self.seed,
+                                device=self.device, progress=progress, log=log)
+        self.network_ = net.eval()
+        self.history_ = history
+        self.training_info_ = dict(training_info or {})
+        return self
+
+    def _check_trained(self) -> SiameseNet:
+        net = getattr(self, "network_", None)
+        if net is None:
+            raise RuntimeError("this SiameseDetector is not trained: call train(), load() or pretrained() first")
+        return net
+
+    # -- files --------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes the network, parameters and training history (safetensors + JSON header)."""
+        import fastad
+
+        net = self._check_trained()
+        header = {
+            "method": METHOD,
+            "params": self.get_params(),
+            "network": net.config.to_dict(),
+            "history": self.history_.to_dict(),
+            "training": self.training_info_,
+            "fastad_version": fastad.__version__,
+            "torch_version": torch.__version__,
+        }
+        return model_io.save_model_file(path, dict(net.state_dict()), header)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> SiameseDetector:
+        """Reads a file written by :meth:`save`; ``device`` overrides the saved one."""
+        tensors, header = model_io.load_model_file(path)
+        if header.get("method") != METHOD:
+            raise model_io.ModelFileError(f"{path} holds a {header.get('method')!r} model, not a Siamese detector "
+                                          "(load it with fastad.AnomalyModel.load)")
+        params = dict(header.get("params") or {})
+        if device is not None:
+            params["device"] = device
+        try:
+            detector = cls(**params)
+            config = NetworkConfig.from_dict(header.get("network") or {})
+        except (TypeError, ValueError) as exc:
+            raise model_io.ModelFileError(f"{path}: its parameters are not valid here: {exc}") from exc
+        if config != detector._network_config():
+            raise model_io.ModelFileError(f"{path}: the network description does not match its parameters")
+        net = SiameseNet(config)
+        try:
+            net.load_state_dict(tensors, strict=True)
+        except RuntimeError as exc:
+            raise model_io.ModelFileError(f"{path}: the tensors do not fit the network: {exc}") from exc
+        detector.network_ = net.to(detector.device).eval()
+        detector.history_ = TrainingHistory.from_dict(header.get("history") or {})
+        detector.training_info_ = dict(header.get("training") or {})
+        return detector
+
+    @classmethod
+    def pretrained(cls, *, device: str | None = None) -> SiameseDetector:
+        """The detector shipped with fastad (CIFAR-10 pairs with synthetic blue rectangles)."""
+        if not PRETRAINED_PATH.is_file():
+            raise FileNotFoundError(f"the shipped Siamese weights are missing ({PRETRAINED_PATH}); "
+                                    f"reinstall fastad or recreate them with: {PRETRAINED_COMMAND}")
+        return cls.load(PRETRAINED_PATH, device=device)
+
+    def to(self, device: str) -> SiameseDetector:
+        self.device = str(check_device(device))
+        if getattr(self, "network_", None) is not None:
+            self.network_.to(self.device)
+        return self
+
+    # -- inference ----------------------------------------------------------------------------
+
+    def detect(self, template: Any, inspected: Any, *, dense: int | None = None, tile: int | None = None,
+               out: np.ndarray | None = None, progress: bool | None = None) -> Detection:
+        """The anomaly map of ``inspected`` against ``template``.
+
+        Both are (C, H, W) float tensors in [0, 1], or paths: image files (PNG, JPEG...) are
+        read whole; ``.npy`` and uncompressed TIFF files are read tile by tile when ``tile`` is
+        given. ``tile`` (pixels) runs the exact tiled inference in bounded memory (the result
+        equals the untiled map up to float rounding); ``out`` is an optional float32 array or
+        ``np.memmap`` of the map's shape to write into. ``dense`` overrides the map step.
+        """
+        net = self._check_trained()
+        dense = self.dense if dense is None else dense
+        geometry = map_geometry(net, dense)
+        template, inspected = self._as_input(template, "template"), self._as_input(inspected, "inspected")
+        if tile is None:
+            t, i = _in_memory(template, "template", self.in_channels), _in_memory(inspected, "inspected", self.in_channels)
+            cells = score_map(net, t, i, dense=dense, padding=self.padding).cpu().numpy()
+            if out is not None:
+                out[...] = cells
+                cells = out
+            size = tuple(t.shape[-2:])
+        else:
+            from ..tiling import open_reader
+
+            readers = [_ChannelAdapter(open_reader(x), self.in_channels, name)
+                       for x, name in ((template, "template"), (inspected, "inspected"))]
+            size = readers[0].shape[1:]
+            cells = detect_tiled(net, readers[0], readers[1], tile=tile, dense=dense, padding=self.padding,
+                                 out=out, progress=progress)
+        return Detection(cells, geometry.step, (int(size[0]), int(size[1])))
+
+    @staticmethod
+    def _as_input(x: Any, name: str) -> Any:
+        if isinstance(x, (str, os.PathLike)):
+            path = Path(x)
+            if not path.is_file():
+                raise FileNotFoundError(f"{name}: no such file: {path}")
+            if path.suffix.lower() not in (".npy", ".tif", ".tiff"):
+                from ..data import load_image
+
+                return load_image(path)
+            return path
+        return x
+
+
+def _in_memory(x: Any, name: str, channels: int) -> Tensor:
+    """A (C, H, W) float tensor in [0, 1] with the network's channels, from what detect accepts."""
+    if isinstance(x, Path):
+        from ..tiling import open_reader
+
+        reader = open_reader(x)
+        x = reader.read(0, reader.shape[1], 0, reader.shape[2])
+    if isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a torch.Tensor (C, H, W) or a file path, got a numpy array "
+                        "(wrap it with torch.from_numpy and put the channels first)")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (C, H, W) or a file path, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be one (C, H, W) image, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point in [0, 1], got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return _match_channels(x, channels, name)
+
+
+def _match_channels(x: Tensor, channels: int, name: str) -> Tensor:
+    if x.shape[0] == channels:
+        return x
+    if channels == 1 and x.shape[0] == 3:
+        return x.mean(0, keepdim=True)  # an RGB file for a grey network
+    if channels == 3 and x.shape[0] == 1:
+        return x.expand(3, -1, -1)
+    raise ValueError(f"{name} has {x.shape[0]} channels; the network takes {channels}")
+
+
+class _ChannelAdapter:
+    """A tile reader whose regions are brought to the network's channel count (grey <-> RGB)."""
+
+    def __init__(self, reader, channels: int, name: str) -> None:
+        c = reader.shape[0]
+        if c != channels and not ((channels, c) in ((1, 3), (3, 1))):
+            raise ValueError(f"{name} has {c} channels; the network takes {channels}")
+        self.reader, self.channels, self.name = reader, channels, name
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        _, h, w = self.reader.shape
+        return (self.channels, h, w)
+
+    @property
+    def dtype(self):
+        return self.reader.dtype
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> Tensor:
+        return _match_channels(self.reader.read(y0, y1, x0, x1), self.channels, self.name)
