@@ -145,7 +145,13 @@ class SiameseNet(nn.Module):
         self._check_input(x, "x")
         mean = self.input_mean.to(x.dtype).view(1, -1, 1, 1)
         std = self.input_std.to(x.dtype).view(1, -1, 1, 1)
-        return self.encoder((x - mean) / std)
+        x = (x - mean) / std
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            # oneDNN's channels-last float32 convolutions and poolings run this encoder 2-2.5x
+            # faster on the CPU than the default layout (same values up to float rounding);
+            # float64 has no oneDNN path and is slower channels-last, so it keeps its layout.
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.encoder(x)
 
     def similarity_logits(self, f1: Tensor, f2: Tensor) -> Tensor | None:
         """Per-position log-odds that the inputs are similar, (B, h, w); None for head "none"."""
