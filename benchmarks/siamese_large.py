@@ -1,6 +1,6 @@
 """A template / inspected pair far larger than one tile, run through the exact tiled inference.
 
-    python -m benchmarks.siamese_large [--size 20000] [--tile 2048] [--dense 1] [--folder DIR]
+    python -m benchmarks.siamese_large [--size 20000] [--tile 1024] [--dense 1] [--folder DIR]
 
 Writes two size x size RGB uint8 .npy files (noise with a few blue rectangles in the inspected
 one; 1.2 GB each at the default size), maps the anomaly map to a .npy on disk, and reports the
@@ -50,7 +50,7 @@ def write_pair(folder: Path, size: int, seed: int = 0, rows_per_block: int = 102
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=20_000)
-    parser.add_argument("--tile", type=int, default=2048)
+    parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--dense", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--folder", help="where to write the files (default: a temporary folder)")

@@ -35,12 +35,14 @@ def tiny_model(tmp_path_factory):
     data = _write_zip(folder / "tiny.zip", {"train": 96, "test": 32})
     model = folder / "tiny.safetensors"
     status = main(["siamese", "train", "--data", str(data), "--model", str(model), "--epochs", "2",
+                   "--curve", str(folder / "curve.png"),
                    "--heldout", "32", "--set", "channels=[4,4,8,8,8]", "--set", "embed_dim=4", "--set", "hidden=4"])
     assert status == 0
     return model
 
 
 def test_train_writes_a_loadable_model_with_its_command(tiny_model):
+    assert Image.open(tiny_model.parent / "curve.png").format == "PNG"
     detector = SiameseDetector.load(tiny_model)
     assert detector.epochs == 2 and list(detector.channels) == [4, 4, 8, 8, 8]
     assert len(detector.history_.train_loss) == 2 and len(detector.history_.heldout_loss) == 2

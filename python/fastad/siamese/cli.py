@@ -1,7 +1,8 @@
 """``fastad siamese train | detect | reproduce``: the Siamese network from the command line.
 
     fastad siamese train --data PATH --model OUT [--pairs rectangles|digits] [--epochs N]
-                         [--pairs-per-epoch N] [--limit N] [--device D] [--set key=value ...]
+                         [--pairs-per-epoch N] [--limit N] [--device D] [--curve PNG]
+                         [--set key=value ...]
     fastad siamese detect --template A --inspected B --out DIR [--model M] [--tile N]
                           [--dense 1|2|4] [--device D]
     fastad siamese reproduce --out DIR [--data ROOT] [--cifar-model M] [--quick]
@@ -41,6 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, help="use only this many training images (quick runs)")
     p.add_argument("--heldout", type=int, default=10_000, help="held-out pairs from the test split (default 10,000)")
     p.add_argument("--device")
+    p.add_argument("--curve", help="also write the learning curve (train / held-out loss per epoch) to this PNG")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other SiameseDetector parameter")
     p.set_defaults(run=cmd_train)
 
@@ -114,6 +116,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     detector.train(pairs, heldout, normalization_images=train.images, log=log, training_info=info)
     out = detector.save(args.model)
     print(f"trained in {time.perf_counter() - start:.0f} s; model written to {out}")
+    if args.curve:
+        from .reproduce import learning_curve_figure
+
+        learning_curve_figure(Path(args.curve), detector.history_)
+        print(f"learning curve: {args.curve}")
     return 0
 
 

@@ -516,7 +516,7 @@ def _cifar_learning_curve(run: _Run) -> dict[str, Any]:
     else:
         detector, info = _train_cifar(run)
         history = detector.history_
-    figure = _learning_curve_figure(run.out_dir / "cifar_learning_curve.png", history)
+    figure = learning_curve_figure(run.out_dir / "cifar_learning_curve.png", history)
     return {
         "final_train_loss": history.train_loss[-1] if history.train_loss else None,
         "final_heldout_loss": history.heldout_loss[-1] if history.heldout_loss else None,
@@ -551,7 +551,9 @@ def _train_cifar(run: _Run):
                       "pairs_per_epoch": len(train_pairs), "heldout_pairs": len(heldout)}
 
 
-def _learning_curve_figure(path: Path, history) -> str:
+def learning_curve_figure(path: Path, history) -> str:
+    """Train and held-out loss per epoch (log scale when positive), held-out accuracy on a
+    second axis, as a PNG at ``path``; returns the file name."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -565,6 +567,8 @@ def _learning_curve_figure(path: Path, history) -> str:
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss")
+    if min(history.train_loss + history.heldout_loss, default=0.0) > 0:
+        ax.set_yscale("log")  # the losses fall by orders of magnitude once the rule is learned
     if history.heldout_accuracy:
         acc = ax.twinx()
         lines += acc.plot(epochs[: len(history.heldout_accuracy)], history.heldout_accuracy, "^--",
