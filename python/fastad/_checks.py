@@ -28,13 +28,19 @@ def check_image_batch(images: object, what: str = "images", *, check_values: boo
     if images.numel() == 0:
         raise ValueError(f"{what} is empty: shape {tuple(images.shape)}")
     if check_values:
-        low, high = (float(v) for v in torch.aminmax(images.detach()))
-        if low != low or high != high or not torch.isfinite(images).all():
-            raise ValueError(f"{what} must hold finite values in [0, 1], got NaN or infinite values")
-        if not (low >= -RANGE_TOLERANCE and high <= 1.0 + RANGE_TOLERANCE):
-            hint = " (divide 0..255 images by 255)" if high > 2.0 else ""
-            raise ValueError(f"{what} must hold values in [0, 1] (each backbone normalises them itself), "
-                             f"got values in [{low:.4g}, {high:.4g}]{hint}")
+        check_pixel_values(images, what)
+    return images
+
+
+def check_pixel_values(images: torch.Tensor, what: str = "images") -> torch.Tensor:
+    """ValueError unless every value is finite and in [0, 1] (one device sync). Returns ``images``."""
+    low, high = (float(v) for v in torch.aminmax(images.detach()))
+    if low != low or high != high or not torch.isfinite(images).all():
+        raise ValueError(f"{what} must hold finite values in [0, 1], got NaN or infinite values")
+    if not (low >= -RANGE_TOLERANCE and high <= 1.0 + RANGE_TOLERANCE):
+        hint = " (divide 0..255 images by 255)" if high > 2.0 else ""
+        raise ValueError(f"{what} must hold values in [0, 1] (the networks normalise them themselves), "
+                         f"got values in [{low:.4g}, {high:.4g}]{hint}")
     return images
 
 

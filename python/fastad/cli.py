@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in model files that say how they were made
     try:
         return args.run(args)
-    except (CliError, ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as exc:
+    # OSError: unreadable or unwritable paths; ArithmeticError: a diverged training run.
+    except (CliError, ValueError, TypeError, OSError, RuntimeError, ImportError, ArithmeticError) as exc:
         print(f"fastad {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

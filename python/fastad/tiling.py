@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,8 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 from torch import Tensor
+
+from ._progress import progress_bar
 
 __all__ = [
     "TileReader",
@@ -574,7 +575,7 @@ def tiled_apply(
         _check_halo_covers_field(fn, reader.shape[0], halo, stride, device, dtype)
 
     tiles = _plan_tiles(height, width, tile, halo)
-    bar = _progress_bar(len(tiles), progress)
+    bar = progress_bar(len(tiles), "tiled_apply", "tile", progress)
     try:
         with torch.inference_mode():
             for group in _batches(tiles, batch_tiles):
@@ -616,23 +617,6 @@ def _write_core(out: np.ndarray, result: np.ndarray, t: _Tile, stride: int) -> N
     oy1, ox1 = -(-t.y1 // stride), -(-t.x1 // stride)
     cy, cx = (t.y0 - t.ya) // stride, (t.x0 - t.xa) // stride
     out[:, oy0:oy1, ox0:ox1] = result[:, cy : cy + oy1 - oy0, cx : cx + ox1 - ox0]
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, progress: bool | None):
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    if not show:
-        return _NoBar()
-    from tqdm.auto import tqdm  # lazy: keeps `import fastad.tiling` light
-
-    return tqdm(total=total, unit="tile", desc="tiled_apply")
 
 
 # --------------------------------------------------------------------------------------------

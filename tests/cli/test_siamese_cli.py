@@ -107,3 +107,23 @@ def test_shipped_detector_finds_a_blue_rectangle(tmp_path):
     from fastad.metrics import pixel_auroc
 
     assert pixel_auroc(mask[None], full[None]) > 0.9
+
+
+def test_bad_files_are_one_line_errors(tiny_model, tmp_path, capsys):
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    status = main(["siamese", "detect", "--model", str(tiny_model), "--template", str(tmp_path / "a.png"),
+                   "--inspected", str(tmp_path / "corrupt.png"), "--out", str(tmp_path / "o")])
+    assert status == 1 and "cannot decode" in capsys.readouterr().err
+    data = bytearray(tiny_model.read_bytes())
+    data[-3] ^= 0xFF
+    (tmp_path / "tampered.safetensors").write_bytes(bytes(data))
+    status = main(["siamese", "detect", "--model", str(tmp_path / "tampered.safetensors"), "--template",
+                   str(tmp_path / "a.png"), "--inspected", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")])
+    assert status == 1 and "checksum" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    status = main(["siamese", "detect", "--model", str(tiny_model), "--template", str(tmp_path / "a.png"),
+                   "--inspected", str(tmp_path / "a.png"), "--out", str(tmp_path / "file")])
+    assert status == 1 and "error" in capsys.readouterr().err
+    status = main(["siamese", "train", "--data", str(tmp_path / "a.png"), "--model", str(tmp_path / "nowhere" / "m.st")])
+    assert status == 1 and "not a file in an existing folder" in capsys.readouterr().err

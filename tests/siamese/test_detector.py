@@ -146,3 +146,56 @@ def test_grey_and_rgba_files_are_read_as_rgb(trained, tmp_path, rng):
     # Alpha is dropped and grey repeated over RGB: the pair is the same picture twice.
     a = trained.detect(tmp_path / "g.png", tmp_path / "a.png").cells
     np.testing.assert_array_equal(a, trained.detect(tmp_path / "g.png", tmp_path / "g.png").cells)
+
+
+def test_any_float_dtype_and_compressed_tiff(trained, tmp_path, rng):
+    from PIL import Image
+
+    t = torch.rand(3, 44, 52, generator=rng)
+    i = torch.rand(3, 44, 52, generator=rng)
+    expected = trained.detect(t, i).cells
+    np.testing.assert_allclose(trained.detect(t.double(), i.double()).cells, expected, atol=1e-6)
+    # An LZW-compressed TIFF cannot be read lazily, but is read whole when no tile is asked for.
+    for name, x in (("t", t), ("i", i)):
+        pixels = (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"{name}.tif", compression="tiff_lzw")
+    from_tiff = trained.detect(tmp_path / "t.tif", tmp_path / "i.tif").cells
+    quantised = trained.detect(*(torch.from_numpy(np.array(Image.open(tmp_path / f"{n}.tif"))).permute(2, 0, 1) / 255.0
+                                 for n in ("t", "i"))).cells
+    np.testing.assert_allclose(from_tiff, quantised, atol=1e-6)
+
+
+def test_large_pairs_are_tiled_automatically(trained, rng, monkeypatch):
+    from fastad.siamese import detector as detector_module
+
+    t = torch.rand(3, 90, 70, generator=rng)
+    i = torch.rand(3, 90, 70, generator=rng)
+    whole = trained.detect(t, i).cells
+    calls = []
+    real = detector_module.detect_tiled
+    monkeypatch.setattr(detector_module, "AUTO_TILE_PIXELS", 1000)
+    monkeypatch.setattr(detector_module, "detect_tiled", lambda *a, **k: calls.append(k["tile"]) or real(*a, **k))
+    np.testing.assert_allclose(trained.detect(t, i).cells, whole, atol=1e-5)
+    assert calls == [detector_module.AUTO_TILE]
+
+
+def test_bad_values_and_outputs(trained, tmp_path, rng):
+    t = torch.rand(3, 40, 40, generator=rng)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\].*divide 0..255"):
+        trained.detect(t * 255, t * 255)
+    with pytest.raises(ValueError, match=r"looks like \(H, W, C\)"):
+        trained.detect(t.permute(1, 2, 0), t.permute(1, 2, 0))
+    with pytest.raises(TypeError, match="floating-point dtype"):
+        trained.detect(t, t, out=np.zeros((10, 10), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"map's shape \(10, 10\)"):
+        trained.detect(t, t, out=np.zeros((3, 10, 10), dtype=np.float32))
+    out = np.full((10, 10), -1.0, dtype=np.float32)
+    assert trained.detect(t, t, out=out).cells is out and (out >= 0).all()
+    bad = (t * 1.0).permute(1, 2, 0).numpy().copy()
+    bad[5, 5, 0] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    np.save(tmp_path / "ok.npy", t.permute(1, 2, 0).numpy())
+    with pytest.raises(ValueError, match="NaN"):
+        trained.detect(tmp_path / "ok.npy", tmp_path / "nan.npy", tile=32)
+    with pytest.raises(ValueError, match="is a folder"):
+        trained.detect(tmp_path, tmp_path)

@@ -100,3 +100,30 @@ def test_bad_inputs(rng):
         detect_tiled(net, t, i[:, :36], tile=32)
     with pytest.raises(ValueError, match="tile must be"):
         detect_tiled(net.float(), t.float(), i.float(), tile=2)
+
+
+@pytest.mark.parametrize("padding", ["replicate", "zeros"])
+def test_tiled_equals_untiled_for_every_padding(padding, rng):
+    net = _net(rng.initial_seed(), dtype=torch.float32)
+    template, inspected = _pair(rng, 75, 61, dtype=torch.float32)
+    whole = score_map(net, template, inspected, padding=padding).numpy()
+    np.testing.assert_allclose(detect_tiled(net, template, inspected, tile=20, padding=padding), whole, atol=1e-5)
+
+
+def test_tiles_read_bounded_windows(rng):
+    """Memory is bounded by the tile: no read is larger than the tile plus its halo."""
+    from fastad.tiling import ArrayReader
+
+    class CountingReader(ArrayReader):
+        largest = 0
+
+        def read(self, y0, y1, x0, x1):
+            CountingReader.largest = max(CountingReader.largest, (y1 - y0) * (x1 - x0))
+            return super().read(y0, y1, x0, x1)
+
+    net = _net(rng.initial_seed(), dtype=torch.float32)
+    template, inspected = _pair(rng, 200, 180, dtype=torch.float32)
+    tile, halo = 40, map_geometry(net, 1).halo
+    detect_tiled(net, CountingReader(template, channels_last=False), CountingReader(inspected, channels_last=False),
+                 tile=tile)
+    assert 0 < CountingReader.largest <= (tile + 2 * halo) ** 2

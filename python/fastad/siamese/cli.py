@@ -18,11 +18,24 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import write_json
+from ..io import atomic_path, write_json
 
 # Above this many input pixels, detect writes its pictures at the map's resolution (one pixel per
-# cell) rather than upsampled to the input's: a 20,000 x 20,000 overlay would take gigabytes.
-FULL_RESOLUTION_PICTURE_LIMIT = 64_000_000
+# cell, blocks of cells beyond PICTURE_SIDE) rather than upsampled to the input's: a 20,000 x
+# 20,000 overlay would take gigabytes.
+FULL_RESOLUTION_PICTURE_LIMIT = 16_000_000
+PICTURE_SIDE = 4096  # beyond that the pictures show blocks of cells by their maximum
+
+
+def _reduced(cells: np.ndarray, side: int) -> np.ndarray:
+    """``cells`` reduced by block maximum (a defect stays visible) to at most ``side`` a side."""
+    factor = -(-max(cells.shape) // side)
+    if factor <= 1:
+        return cells
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(cells, dtype=np.float32))[None, None]
+    return torch.nn.functional.max_pool2d(t, factor, ceil_mode=True)[0, 0].numpy()
 
 
 def add_parser(sub) -> None:
@@ -40,7 +53,8 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--pairs-per-epoch", type=int, help="default: one pair per training image (digits: 50,000)")
     p.add_argument("--limit", type=int, help="use only this many training images (quick runs)")
-    p.add_argument("--heldout", type=int, default=10_000, help="held-out pairs from the test split (default 10,000)")
+    p.add_argument("--heldout", type=int, default=10_000,
+                   help="held-out pairs from the test split (default 10,000; 0: none)")
     p.add_argument("--device")
     p.add_argument("--curve", help="also write the learning curve (train / held-out loss per epoch) to this PNG")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other SiameseDetector parameter")
@@ -53,6 +67,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help="model file (default: the detector shipped with fastad)")
     p.add_argument("--tile", type=int, help="tile size in pixels: exact tiled inference in bounded memory")
     p.add_argument("--dense", type=int, choices=(1, 2, 4), help="map step 4 / dense pixels (cost dense^2)")
+    p.add_argument("--padding", choices=("reflect", "replicate", "zeros"),
+                   help="how windows past the border see the image (default: the model's, reflect)")
     p.add_argument("--device")
     p.set_defaults(run=cmd_detect)
 
@@ -78,10 +94,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if not data.exists():
         raise FileNotFoundError(f"--data: no such file or folder: {data}")
+    for option, value in (("--model", args.model), ("--curve", args.curve)):  # before, not after, the training
+        if value is not None and (Path(value).is_dir() or not Path(value).parent.is_dir()):
+            raise CliError(f"{option} {value}: not a file in an existing folder")
     kind = args.pairs or ("digits" if _looks_like_mnist(data) else "rectangles")
     params = _parse_sets(args.set or [])
     if kind == "digits":
-        params = {"window": 28, "in_channels": 1, **params}
+        params = {"window": 28, "in_channels": 1, "embed_dim": 3, **params}  # the clustering study's 3-D embedding
     for name, value in (("epochs", args.epochs), ("device", args.device)):
         if value is not None:
             params[name] = value
@@ -95,13 +114,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         train = load_mnist(data, "train", limit=args.limit)
         test = load_mnist(data, "test")
         pairs = DigitPairs(train.images, train.labels, args.pairs_per_epoch or 50_000, seed=detector.seed)
-        heldout = DigitPairs(test.images, test.labels, args.heldout, seed=detector.seed + 1)
+        heldout = DigitPairs(test.images, test.labels, args.heldout, seed=detector.seed + 1) if args.heldout else None
     else:
         train = load_image_folder(data, "train", limit=args.limit)
-        try:
-            test = load_image_folder(data, "test")
-        except ValueError:
-            test = None  # no test split: train without held-out loss
+        test = None
+        if args.heldout:
+            try:
+                test = load_image_folder(data, "test")
+            except ValueError as exc:
+                if "has no split folder 'test'" not in str(exc):
+                    raise  # a damaged test split is an error, not a reason to drop the held-out loss
+                print(f"note: {data} has no test/ split: training without held-out pairs")
         pairs = RectanglePairs(train.images, args.pairs_per_epoch, seed=detector.seed)
         heldout = None if test is None else RectanglePairs(test.images, min(args.heldout, len(test)), seed=detector.seed + 1)
     print(f"{len(train)} training images from {data}; {len(pairs)} {kind} pairs per epoch, "
@@ -135,6 +158,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from ..data import load_image
 
     detector = _load_detector(args.model, args.device)
+    if args.padding:
+        detector.padding = args.padding
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -142,10 +167,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
                                 progress=None)
     seconds = time.perf_counter() - start
     cells = detection.cells
-    np.save(out_dir / "map.npy", np.asarray(cells, dtype=np.float32))
+    with atomic_path(out_dir / "map.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(cells, dtype=np.float32))
     height, width = detection.image_size
     full = height * width <= FULL_RESOLUTION_PICTURE_LIMIT
-    picture = detection.full_resolution() if full else np.asarray(cells)
+    picture = detection.full_resolution() if full else _reduced(np.asarray(cells), PICTURE_SIDE)
     vmin, vmax = 0.0, max(1.0, float(np.max(cells)))  # scores are probabilities, except head "none"
     viz.save_map_png(out_dir / "map.png", picture, vmin=vmin, vmax=vmax)
     viz.save_png(out_dir / "map_heat.png", viz.heatmap(picture, vmin=vmin, vmax=vmax))
@@ -156,8 +182,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     summary = {
         "template": str(args.template), "inspected": str(args.inspected),
         "model": args.model or "shipped", "image_size": [height, width], "map_shape": list(cells.shape),
-        "step": detection.step, "map_png_resolution": "input" if full else "map",
-        "map_png_range": [vmin, vmax], "max_score": float(np.max(cells)), "mean_score": float(np.mean(cells)),
+        "step": detection.step,
+        "map_png_resolution": "input" if full else f"map, cells reduced by their maximum to at most {PICTURE_SIDE} a side",
+        "map_png_range": [vmin, vmax], "map_png_shape": list(picture.shape), "max_score": float(np.max(cells)), "mean_score": float(np.mean(cells)),
         "seconds": seconds, "megapixels_per_second": height * width / 1e6 / seconds, "files": files,
     }
     write_json(out_dir / "detection.json", summary)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import io as model_io
-from .._checks import check_device, check_int
+from .._checks import check_device, check_int, check_pixel_values
 from .losses import LOSSES
 from .network import STRIDE, NetworkConfig, SiameseNet
 from .sliding import PADDINGS, MapGeometry, detect_tiled, map_geometry, score_map
@@ -133,7 +133,9 @@ class SiameseDetector:
         returns ``self``. ``normalization_images`` (uint8 or [0, 1] (N, C, H, W)) give the input
         normalisation; ``training_info`` (data, command...) is stored in the model file."""
         with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
-            torch.manual_seed(self.seed)
+            # Only the CPU generator (the network is built on the CPU): torch.manual_seed would
+            # also reseed every CUDA generator, which fork_rng(devices=[]) does not restore.
+            torch.default_generator.manual_seed(self.seed)
             net = SiameseNet(self._network_config())
         if normalization_images is not None:
             net.set_normalization(*input_statistics(normalization_images))
@@ -216,54 +218,86 @@ class SiameseDetector:
                out: np.ndarray | None = None, progress: bool | None = None) -> Detection:
         """The anomaly map of ``inspected`` against ``template``.
 
-        Both are (C, H, W) float tensors in [0, 1], or paths: image files (PNG, JPEG...) are
-        read whole; ``.npy`` and uncompressed TIFF files are read tile by tile when ``tile`` is
-        given. ``tile`` (pixels) runs the exact tiled inference in bounded memory (the result
-        equals the untiled map up to float rounding); ``out`` is an optional float32 array or
-        ``np.memmap`` of the map's shape to write into. ``dense`` overrides the map step.
+        Both are (C, H, W) float tensors in [0, 1], or paths of image files (PNG, JPEG, TIFF...,
+        grey or RGBA converted as :func:`fastad.data.load_image` does) or ``.npy`` arrays.
+        ``tile`` (pixels) runs the exact tiled inference in bounded memory (the result equals the
+        untiled map up to float rounding); ``.npy`` and uncompressed TIFF files are then read tile
+        by tile, never whole. Pairs above 16 megapixels are tiled (512 px) even without ``tile``.
+        ``out``: an optional float array or ``np.memmap`` of the map's shape to write into.
+        ``dense`` overrides the map step (4 / dense pixels, at dense² the cost).
         """
         net = self._check_trained()
         dense = self.dense if dense is None else dense
         geometry = map_geometry(net, dense)
-        template, inspected = self._as_input(template, "template"), self._as_input(inspected, "inspected")
+        lazy = tile is not None
+        pair = [_open_input(x, name, self.in_channels, lazy) for x, name in ((template, "template"),
+                                                                            (inspected, "inspected"))]
+        sizes = [tuple(x.shape[-2:]) for x in pair]
+        if sizes[0] != sizes[1]:
+            raise ValueError(f"template and inspected must have the same size, got {sizes[0][0]}x{sizes[0][1]} "
+                             f"and {sizes[1][0]}x{sizes[1][1]} pixels")
+        height, width = sizes[0]
+        if tile is None and height * width > AUTO_TILE_PIXELS:
+            tile = AUTO_TILE  # exact either way; bounds the activations of a large in-memory pair
         if tile is None:
-            t, i = _in_memory(template, "template", self.in_channels), _in_memory(inspected, "inspected", self.in_channels)
-            cells = score_map(net, t, i, dense=dense, padding=self.padding).cpu().numpy()
+            cells = score_map(net, pair[0], pair[1], dense=dense, padding=self.padding).cpu().numpy()
             if out is not None:
+                _check_out(out, cells.shape)
                 out[...] = cells
                 cells = out
-            size = tuple(t.shape[-2:])
         else:
-            from ..tiling import open_reader
+            from ..tiling import ArrayReader
 
-            readers = [_ChannelAdapter(open_reader(x), self.in_channels, name)
-                       for x, name in ((template, "template"), (inspected, "inspected"))]
-            size = readers[0].shape[1:]
+            readers = [x if isinstance(x, _ChannelAdapter) else ArrayReader(x, channels_last=False) for x in pair]
             cells = detect_tiled(net, readers[0], readers[1], tile=tile, dense=dense, padding=self.padding,
                                  out=out, progress=progress)
-        return Detection(cells, geometry.step, (int(size[0]), int(size[1])))
+        return Detection(cells, geometry.step, (int(height), int(width)))
 
-    @staticmethod
-    def _as_input(x: Any, name: str) -> Any:
-        if isinstance(x, (str, os.PathLike)):
-            path = Path(x)
-            if not path.is_file():
-                raise FileNotFoundError(f"{name}: no such file: {path}")
-            if path.suffix.lower() not in (".npy", ".tif", ".tiff"):
-                from ..data import load_image
 
-                return load_image(path)
-            return path
-        return x
+# Above this many pixels a pair held in memory is still run tile by tile (the activations of the
+# first layers would take several GB); the map is the same to float rounding.
+AUTO_TILE_PIXELS = 16_000_000
+AUTO_TILE = 512
+_LAZY_SUFFIXES = (".npy", ".tif", ".tiff")
+
+
+def _open_input(x: Any, name: str, channels: int, lazy: bool):
+    """What :meth:`SiameseDetector.detect` accepts, as a checked (C, H, W) tensor in [0, 1] with the
+    network's channels, or (``lazy``, for .npy / TIFF files) a tile reader that adapts channels."""
+    if isinstance(x, (str, os.PathLike)):
+        path = Path(x)
+        if not path.exists():
+            raise FileNotFoundError(f"{name}: no such file: {path}")
+        if not path.is_file():
+            raise ValueError(f"{name}: {path} is a folder, not an image file")
+        suffix = path.suffix.lower()
+        if suffix in _LAZY_SUFFIXES and (lazy or suffix == ".npy"):
+            from ..tiling import open_reader
+
+            reader = _ChannelAdapter(open_reader(path), channels, name)
+            if lazy:
+                return reader
+            x = reader.read(0, reader.shape[1], 0, reader.shape[2])
+        else:  # any image file, compressed TIFF included, read whole
+            from ..data import load_image
+
+            x = load_image(path)
+    return _in_memory(x, name, channels)
+
+
+def _check_out(out: Any, shape: tuple[int, int]) -> None:
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array or np.memmap, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must have the map's shape {tuple(shape)}, got {tuple(out.shape)}")
+    if not np.issubdtype(out.dtype, np.floating):
+        raise TypeError(f"out must have a floating-point dtype (scores lie in [0, 1]), got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only (an np.memmap opened with mode='r'?)")
 
 
 def _in_memory(x: Any, name: str, channels: int) -> Tensor:
-    """A (C, H, W) float tensor in [0, 1] with the network's channels, from what detect accepts."""
-    if isinstance(x, Path):
-        from ..tiling import open_reader
-
-        reader = open_reader(x)
-        x = reader.read(0, reader.shape[1], 0, reader.shape[2])
+    """A (C, H, W) float tensor in [0, 1] with the network's channels."""
     if isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a torch.Tensor (C, H, W) or a file path, got a numpy array "
                         "(wrap it with torch.from_numpy and put the channels first)")
@@ -273,8 +307,10 @@ def _in_memory(x: Any, name: str, channels: int) -> Tensor:
         raise ValueError(f"{name} must be one (C, H, W) image, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be floating point in [0, 1], got {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} holds NaN or infinite values")
+    if x.shape[0] > 4 and x.shape[-1] <= 4:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, which looks like (H, W, C): put the channels "
+                         "first with .permute(2, 0, 1)")
+    check_pixel_values(x, name)
     return _match_channels(x, channels, name)
 
 

@@ -10,7 +10,6 @@ the output grid (1 x 1 at the training size).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

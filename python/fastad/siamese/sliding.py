@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import check_pixel_values
 from ..tiling import TileReader, open_reader, tiled_apply
 from .network import SiameseNet
 
@@ -125,9 +126,10 @@ def score_map(net: SiameseNet, template: Tensor, inspected: Tensor, *, dense: in
     single = template.dim() == 3
     if single:
         template, inspected = template[None], inspected[None]
-    device = next(net.parameters()).device
+    param = next(net.parameters())
     with torch.inference_mode():
-        out = _batched_scores(net, template.to(device), inspected.to(device), geometry, padding)
+        out = _batched_scores(net, template.to(param.device, param.dtype), inspected.to(param.device, param.dtype),
+                              geometry, padding)
     return out[0] if single else out
 
 
@@ -160,6 +162,9 @@ def _pair_function(net: SiameseNet, geometry: MapGeometry, padding: str) -> Call
     c = net.config.in_channels
 
     def fn(pair: Tensor) -> Tensor:
+        # Tiles are read lazily, so their values are first seen here: a NaN or a 0..255 float
+        # file is refused at the first tile that holds one, before it turns into a plausible map.
+        check_pixel_values(pair, "a tile of the template / inspected pair")
         return _batched_scores(net, pair[:, :c], pair[:, c:], geometry, padding)[:, None]
 
     return fn
@@ -190,5 +195,5 @@ def detect_tiled(net: SiameseNet, template: TileReader | str | os.PathLike | np.
         out = out[None]
     result = tiled_apply(_pair_function(net, geometry, padding), pair, tile=tile, halo=geometry.halo,
                          stride=geometry.step, out=out, progress=progress, batch_tiles=batch_tiles,
-                         device=next(net.parameters()).device, dtype=torch.float32)
+                         device=next(net.parameters()).device, dtype=next(net.parameters()).dtype)
     return result[0]

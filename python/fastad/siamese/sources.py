@@ -21,7 +21,6 @@ import io
 import mmap
 import os
 import struct
-import sys
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +32,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..data.datasets import IMAGE_EXTENSIONS
+from .._progress import progress_bar
 from ..data.images import _convert, _SIXTEEN_BIT_MODES, _sixteen_bit_values
 
 __all__ = ["LabelledImages", "load_image_folder", "load_mnist", "stratified_subset"]
@@ -311,20 +311,13 @@ def _decode_rgb(data: bytes, what: str) -> np.ndarray:
     return np.asarray(_convert(image, "RGB", f"image {what}"), dtype=np.uint8)
 
 
-def _progress_bar(total: int, description: str, progress: bool | None):
-    from tqdm.auto import tqdm  # lazy: keeps the import of this module light
-
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    return tqdm(total=total, desc=description, unit="img", disable=not show, leave=False)
-
-
 def _decode_all(tree: _Tree, paths: list[str], progress: bool | None) -> torch.Tensor:
     """uint8 (N, 3, H, W) of ``paths``; ValueError naming the first file of another size."""
     first = _decode_rgb(tree.read(paths[0]), f"{tree.location}/{paths[0]}")
     height, width = first.shape[:2]
     pixels = np.empty((len(paths), height, width, 3), dtype=np.uint8)  # filled in place: one copy
     pixels[0] = first
-    with _progress_bar(len(paths), f"reading {Path(tree.location).name}", progress) as bar:
+    with progress_bar(len(paths), f"reading {Path(tree.location).name}", "img", progress, leave=False) as bar:
         for index in range(1, len(paths)):
             what = f"{tree.location}/{paths[index]}"
             array = _decode_rgb(tree.read(paths[index]), what)

@@ -9,13 +9,13 @@ held-out pairs are drawn once (epoch 0) so that their loss is comparable from ep
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from .._progress import progress_bar
 from .losses import siamese_loss
 from .network import SiameseNet
 
@@ -66,13 +66,6 @@ def input_statistics(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean = total / count
     std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
     return mean.float(), std.float()
-
-
-def _progress(total: int, description: str, progress: bool | None):
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="pair", disable=not show, leave=False)
 
 
 def _batches(n: int, batch_size: int, order: torch.Tensor | None = None):
@@ -126,7 +119,7 @@ def train_network(net: SiameseNet, train_pairs: PairSource, heldout_pairs: PairS
         train_pairs.set_epoch(epoch)
         order = torch.randperm(len(train_pairs), generator=order_gen)
         running, seen = 0.0, 0
-        with _progress(len(train_pairs), f"epoch {epoch + 1}/{epochs}", progress) as bar:
+        with progress_bar(len(train_pairs), f"epoch {epoch + 1}/{epochs}", "pair", progress, leave=False) as bar:
             for idx in _batches(len(train_pairs), batch_size, order):
                 b = train_pairs.batch(idx)
                 out = net(b["x1"].to(device), b["x2"].to(device))
