@@ -199,3 +199,17 @@ def test_bad_values_and_outputs(trained, tmp_path, rng):
         trained.detect(tmp_path / "ok.npy", tmp_path / "nan.npy", tile=32)
     with pytest.raises(ValueError, match="is a folder"):
         trained.detect(tmp_path, tmp_path)
+
+
+@pytest.mark.parametrize("step,size", [(4, (18, 27)), (2, (9, 14)), (1, (5, 7))])
+def test_full_resolution_matches_scipy_half_pixel_zoom(step, size, np_rng):
+    """Cell (i, j) covers pixels [i*step, (i+1)*step): the map is zoomed on that grid (scipy's
+    grid_mode) and cut to the image, a partial last cell keeping its place."""
+    from scipy import ndimage
+
+    from fastad.siamese import Detection
+
+    cells = np_rng.random((5, 7)).astype(np.float32)
+    full = Detection(cells, step, size).full_resolution()
+    expected = ndimage.zoom(cells.astype(np.float64), step, order=1, grid_mode=True, mode="nearest")[: size[0], : size[1]]
+    np.testing.assert_allclose(full, expected, atol=1e-6)
