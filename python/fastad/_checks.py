@@ -55,6 +55,13 @@ def check_device(device: object) -> torch.device:
     return dev
 
 
+def check_choice(value: object, name: str, choices) -> object:
+    """``value`` if it is one of ``choices``, else a ValueError naming the parameter and every choice."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
 def check_int(value: object, name: str, *, minimum: int = 1, meaning: str = "") -> int:
     """``value`` if it is an int (not a bool) of at least ``minimum``, else a ValueError saying
     which parameter, what it means (``meaning``, e.g. "the number of neighbours") and what it got."""

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._checks import check_choice
+
 __all__ = ["GaussianAccumulator", "regularized_covariance", "precision_cholesky", "precision_factors", "check_regularization", "COVARIANCE_ESTIMATORS"]
 
 COVARIANCE_ESTIMATORS = ("empirical", "ledoit_wolf")
@@ -387,8 +389,7 @@ def check_regularization(covariance: Any, eps: Any) -> float:
     """``eps`` as a float after checking both settings of :func:`regularized_covariance`: the
     estimator's name and a finite ridge >= 0. Methods call it in their parameter checks so that a
     bad value fails before any pass over the data."""
-    if covariance not in COVARIANCE_ESTIMATORS:
-        raise ValueError(f"covariance must be one of {', '.join(map(repr, COVARIANCE_ESTIMATORS))}, got {covariance!r}")
+    check_choice(covariance, "covariance", COVARIANCE_ESTIMATORS)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 <= float(eps) < float("inf")):
         raise ValueError(f"eps must be a finite number >= 0 (the ridge added to each covariance), got {eps!r}")
     return float(eps)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import check_choice
+
 __all__ = [
     "upsample",
     "gaussian_blur",
@@ -65,8 +67,7 @@ def upsample(maps: Tensor, size: int | tuple[int, int], mode: str = "bilinear") 
         (N, H, W) tensor, same dtype and device as ``maps``.
     """
     maps = _check_float_tensor(maps, "maps")
-    if mode not in UPSAMPLE_MODES:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, UPSAMPLE_MODES))}; got {mode!r}")
+    check_choice(mode, "mode", UPSAMPLE_MODES)
     out_size = _check_size(size)
     if maps.dim() == 4 and maps.shape[1] == 1:
         batch = maps
@@ -196,8 +197,7 @@ def image_scores(maps: Tensor, reduce: str = "max", *, fraction: float = 0.01) -
     maps = _check_float_tensor(maps, "maps")
     if maps.dim() < 2:
         raise ValueError(f"maps must be (N, H, W) (at least 2-D), got shape {tuple(maps.shape)}")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduce!r}")
+    check_choice(reduce, "reduce", REDUCTIONS)
     flat = maps.flatten(1)
     if flat.shape[1] == 0:
         raise ValueError(f"maps has no pixels, shape {tuple(maps.shape)}")

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import io as model_io
+from .._checks import check_choice
 from .base import AnomalyModel
 
 
@@ -24,8 +25,7 @@ BANK_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torc
 
 def bank_dtype_of(name: Any) -> torch.dtype:
     """The torch dtype of a ``bank_dtype`` parameter; ValueError naming the choices otherwise."""
-    if name not in BANK_DTYPES:
-        raise ValueError(f"bank_dtype must be one of {', '.join(map(repr, BANK_DTYPES))}, got {name!r}")
+    check_choice(name, "bank_dtype", tuple(BANK_DTYPES))
     return BANK_DTYPES[name]
 
 

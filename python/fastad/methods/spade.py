@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int
+from .._checks import check_choice, check_int
 from ..ops import knn
 from .base import register_method
 from .feature_model import FeatureModel, bank_dtype_of
@@ -100,8 +100,7 @@ class SPADE(FeatureModel):
         super()._check_params()
         check_int(self.k_images, "k_images", meaning="the number of nearest training images")
         check_int(self.k_features, "k_features", meaning="the number of nearest gallery features")
-        if self.image_score not in _IMAGE_SCORES:
-            raise ValueError(f"image_score must be one of {', '.join(map(repr, _IMAGE_SCORES))}, got {self.image_score!r}")
+        check_choice(self.image_score, "image_score", _IMAGE_SCORES)
         bank_dtype_of(self.bank_dtype)  # raises on an unknown name
     # -- fit -------------------------------------------------------------------------------------
 

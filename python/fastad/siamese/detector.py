@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import io as model_io
-from .._checks import check_device, check_int, check_pixel_values
+from .._checks import check_choice, check_device, check_int, check_pixel_values
 from .losses import LOSSES
 from .network import STRIDE, NetworkConfig, SiameseNet
 from .sliding import PADDINGS, MapGeometry, detect_tiled, map_geometry, score_map
@@ -60,12 +60,6 @@ class Detection:
         full = upsample(torch.from_numpy(np.ascontiguousarray(self.cells, dtype=np.float32))[None],
                         (rows * self.step, cols * self.step), mode)[0]
         return full[: self.image_size[0], : self.image_size[1]].numpy()
-
-
-def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
 
 
 def _check_positive_float(value: Any, name: str) -> float:
@@ -112,7 +106,7 @@ class SiameseDetector:
 
     def _check_params(self) -> None:
         config = self._network_config()  # validates the network's parameters
-        _check_choice(self.loss, "loss", LOSSES)
+        check_choice(self.loss, "loss", LOSSES)
         if self.loss != "contrastive" and config.head == "none":
             raise ValueError("head 'none' has no discriminator to train with BCE: use loss='contrastive'")
         self.margin = _check_positive_float(self.margin, "margin")
@@ -121,7 +115,7 @@ class SiameseDetector:
         check_int(self.batch_size, "batch_size", minimum=1)
         check_int(self.seed, "seed", minimum=0)
         MapGeometry(self.window, STRIDE, self.dense)  # validates dense against the stride
-        _check_choice(self.padding, "padding", PADDINGS)
+        check_choice(self.padding, "padding", PADDINGS)
         self.device = str(check_device(self.device))
 
     # -- training -----------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import check_choice
+
 from .network import SiameseOutput
 
 __all__ = ["LOSSES", "contrastive_loss", "bce_loss", "siamese_loss"]
@@ -43,8 +45,7 @@ def bce_loss(logits: Tensor, similar: Tensor) -> Tensor:
 
 def siamese_loss(out: SiameseOutput, similar: Tensor, kind: str = "both", margin: float = 1.0) -> Tensor:
     """The training loss ``kind``: "contrastive", "bce" or "both" (their sum)."""
-    if kind not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {kind!r}")
+    check_choice(kind, "loss", LOSSES)
     if kind != "contrastive" and out.logits is None:
         raise ValueError(f"loss {kind!r} needs a discriminator; head 'none' trains with loss 'contrastive' only")
     total = out.f1.new_zeros(())

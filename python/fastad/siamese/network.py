@@ -30,6 +30,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_choice
+
 __all__ = ["HEADS", "NetworkConfig", "SiameseNet", "SiameseOutput"]
 
 HEADS = ("concat", "distance", "none")
@@ -61,8 +63,7 @@ class NetworkConfig:
         if len(channels) != 5 or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
             raise ValueError(f"channels must be five positive ints (c0..c4), got {self.channels!r}")
         object.__setattr__(self, "channels", channels)
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {', '.join(map(repr, HEADS))}, got {self.head!r}")
+        check_choice(self.head, "head", HEADS)
 
     @property
     def final_kernel(self) -> int:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_pixel_values
+from .._checks import check_choice, check_pixel_values
 from ..tiling import TileReader, open_reader, tiled_apply
 from .network import SiameseNet
 
@@ -120,8 +120,7 @@ def score_map(net: SiameseNet, template: Tensor, inspected: Tensor, *, dense: in
     """Anomaly map of a pair held in memory: (C, H, W) -> (ceil(H/t), ceil(W/t)) with t = 4 / dense,
     or batched (B, C, H, W) -> (B, ...). Runs on the network's device under inference mode."""
     _check_pair(template, inspected, net)
-    if padding not in PADDINGS:
-        raise ValueError(f"padding must be one of {', '.join(map(repr, PADDINGS))}, got {padding!r}")
+    check_choice(padding, "padding", PADDINGS)
     geometry = map_geometry(net, dense)
     single = template.dim() == 3
     if single:
@@ -179,8 +178,7 @@ def detect_tiled(net: SiameseNet, template: TileReader | str | os.PathLike | np.
     (ceil(H/t), ceil(W/t)); equal to :func:`score_map` on the whole pair up to float rounding.
     Memory: about ``batch_tiles * 2C * (tile + 2 * halo)**2`` input values plus the network's
     activations, whatever the image size. ``tile`` is rounded down to a multiple of the step."""
-    if padding not in PADDINGS:
-        raise ValueError(f"padding must be one of {', '.join(map(repr, PADDINGS))}, got {padding!r}")
+    check_choice(padding, "padding", PADDINGS)
     geometry = map_geometry(net, dense)
     pair = PairReader(open_reader(template), open_reader(inspected))
     c, h, w = pair.shape
