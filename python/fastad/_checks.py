@@ -62,6 +62,13 @@ def check_choice(value: object, name: str, choices) -> object:
     return value
 
 
+def check_positive_float(value: object, name: str) -> float:
+    """``value`` as a float if it is a finite number > 0 (not a bool), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
 def check_int(value: object, name: str, *, minimum: int = 1, meaning: str = "") -> int:
     """``value`` if it is an int (not a bool) of at least ``minimum``, else a ValueError saying
     which parameter, what it means (``meaning``, e.g. "the number of neighbours") and what it got."""

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..io import atomic_path, write_json
 
@@ -32,8 +33,6 @@ def _reduced(cells: np.ndarray, side: int) -> np.ndarray:
     factor = -(-max(cells.shape) // side)
     if factor <= 1:
         return cells
-    import torch
-
     t = torch.from_numpy(np.ascontiguousarray(cells, dtype=np.float32))[None, None]
     return torch.nn.functional.max_pool2d(t, factor, ceil_mode=True)[0, 0].numpy()
 
@@ -81,15 +80,11 @@ def add_parser(sub) -> None:
     p.set_defaults(run=cmd_reproduce)
 
 
-def _looks_like_mnist(path: Path) -> bool:
-    return path.is_dir() and any(path.rglob("train-images-idx3-ubyte*"))
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from ..cli import CliError, _parse_sets
     from .detector import SiameseDetector
     from .pairs import DigitPairs, RectanglePairs
-    from .sources import load_image_folder, load_mnist
+    from .sources import is_mnist_folder, load_image_folder, load_mnist
 
     data = Path(args.data)
     if not data.exists():
@@ -97,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for option, value in (("--model", args.model), ("--curve", args.curve)):  # before, not after, the training
         if value is not None and (Path(value).is_dir() or not Path(value).parent.is_dir()):
             raise CliError(f"{option} {value}: not a file in an existing folder")
-    kind = args.pairs or ("digits" if _looks_like_mnist(data) else "rectangles")
+    kind = args.pairs or ("digits" if is_mnist_folder(data) else "rectangles")
     params = _parse_sets(args.set or [])
     if kind == "digits":
         params = {"window": 28, "in_channels": 1, "embed_dim": 3, **params}  # the clustering study's 3-D embedding

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import io as model_io
-from .._checks import check_choice, check_device, check_int, check_pixel_values
+from .._checks import check_choice, check_device, check_int, check_pixel_values, check_positive_float
 from .losses import LOSSES
 from .network import STRIDE, NetworkConfig, SiameseNet
 from .sliding import PADDINGS, MapGeometry, detect_tiled, map_geometry, score_map
@@ -62,12 +62,6 @@ class Detection:
         return full[: self.image_size[0], : self.image_size[1]].numpy()
 
 
-def _check_positive_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0) or value != value:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
-
-
 class SiameseDetector:
     """Template-vs-inspected detector on the fully-convolutional Siamese network.
 
@@ -109,8 +103,8 @@ class SiameseDetector:
         check_choice(self.loss, "loss", LOSSES)
         if self.loss != "contrastive" and config.head == "none":
             raise ValueError("head 'none' has no discriminator to train with BCE: use loss='contrastive'")
-        self.margin = _check_positive_float(self.margin, "margin")
-        self.lr = _check_positive_float(self.lr, "lr")
+        self.margin = check_positive_float(self.margin, "margin")
+        self.lr = check_positive_float(self.lr, "lr")
         check_int(self.epochs, "epochs", minimum=1)
         check_int(self.batch_size, "batch_size", minimum=1)
         check_int(self.seed, "seed", minimum=0)

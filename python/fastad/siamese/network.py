@@ -90,6 +90,10 @@ class SiameseOutput(NamedTuple):
     f2: Tensor
     logits: Tensor | None
 
+    def distance(self) -> Tensor:
+        """The embedding distance ||f1 - f2|| per position, (B, h, w)."""
+        return (self.f1 - self.f2).pow(2).sum(1).sqrt()
+
 
 class SiameseNet(nn.Module):
     """See the module docstring. ``forward(x1, x2)`` takes two (B, C, H, W) batches in [0, 1] of
@@ -175,7 +179,7 @@ class SiameseNet(nn.Module):
         the embedding distance ||f1 - f2|| for head "none" (then not bounded by 1)."""
         out = self(x1, x2)
         if out.logits is None:
-            return (out.f1 - out.f2).pow(2).sum(1).sqrt()
+            return out.distance()
         return torch.sigmoid(-out.logits)  # = 1 - sigmoid(logits), without cancellation
 
     def _check_input(self, x: object, name: str) -> None:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .. import metrics
-from .._checks import check_device, check_int
+from .._checks import check_device, check_int, check_positive_float
 from ..io import atomic_path, write_json
 from .network import NetworkConfig
 
@@ -135,9 +135,7 @@ class ReproduceConfig:
         for name in ("cifar_pairs", "cifar_limit", "cifar_test_limit", "mnist_limit", "mnist_test_limit"):
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), name, meaning="or None for all")
-        lr = self.lr
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        check_positive_float(self.lr, "lr")
         if not isinstance(self.data_root, (str, os.PathLike)):
             raise TypeError(f"data_root must be a path, got {type(self.data_root).__name__}")
         if self.progress is not None and not isinstance(self.progress, bool):

@@ -58,10 +58,6 @@ class MapGeometry:
         """Right/bottom padding so that the last cell's window fits."""
         return (self.cells(size) - 1) * self.step - self.before + self.window - size
 
-    def cost_factor(self) -> int:
-        """Network passes relative to the stride-``stride`` map."""
-        return self.dense * self.dense
-
 
 def map_geometry(net: SiameseNet, dense: int = 1) -> MapGeometry:
     return MapGeometry(net.window, net.stride, dense)
@@ -73,8 +69,8 @@ def _pad(x: Tensor, geometry: MapGeometry, padding: str) -> Tensor:
     if padding == "zeros":
         return F.pad(x, pads)
     if padding == "reflect" and min(h, w) <= max(pads):
-        # reflection needs more pixels than it mirrors; tiny tiles at a border fall back exactly
-        # like the untiled call would only if the image itself is that small, which detect refuses.
+        # Reflection needs more pixels than it mirrors. Images are at least a window wide and a
+        # tile's window is at least the halo wide, so only a direct call on a tiny input gets here.
         raise ValueError(f"a {h}x{w} input is too small to reflect-pad by {max(pads)} pixels")
     return F.pad(x, pads, mode=padding)
 
@@ -191,7 +187,8 @@ def detect_tiled(net: SiameseNet, template: TileReader | str | os.PathLike | np.
     tile -= tile % geometry.step
     if out is not None and out.ndim == 2:
         out = out[None]
+    param = next(net.parameters())
     result = tiled_apply(_pair_function(net, geometry, padding), pair, tile=tile, halo=geometry.halo,
                          stride=geometry.step, out=out, progress=progress, batch_tiles=batch_tiles,
-                         device=next(net.parameters()).device, dtype=next(net.parameters()).dtype)
+                         device=param.device, dtype=param.dtype)
     return result[0]

@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..data.datasets import IMAGE_EXTENSIONS
+from .._checks import check_int
 from .._progress import progress_bar
 from ..data.images import _convert, _SIXTEEN_BIT_MODES, _sixteen_bit_values
 
@@ -108,8 +109,7 @@ def stratified_subset(labels: np.ndarray | torch.Tensor, limit: int, seed: int =
         raise ValueError(f"labels must be a 1-D array of non-negative ints, got {labels.dtype} of shape {labels.shape}")
     if limit is None:
         raise ValueError("limit must be a positive int, got None")
-    _check_limit(limit)
-    _check_seed(seed)
+    _check_limit_and_seed(limit, seed)
     labels = labels.astype(np.int64)
     total = labels.shape[0]
     if limit >= total:
@@ -129,14 +129,10 @@ def stratified_subset(labels: np.ndarray | torch.Tensor, limit: int, seed: int =
     return np.sort(order[rank < quota[shuffled]])
 
 
-def _check_limit(limit: object) -> None:
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise ValueError(f"limit must be None (all images) or a positive int, got {limit!r}")
-
-
-def _check_seed(seed: object) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+def _check_limit_and_seed(limit: object, seed: object) -> None:
+    if limit is not None:
+        check_int(limit, "limit", meaning="or None for all images")
+    check_int(seed, "seed", minimum=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,31 +348,29 @@ def load_image_folder(path: str | os.PathLike, split: str | None = "train", *, l
     """
     if split is not None and (not isinstance(split, str) or not split or "/" in split or "\\" in split):
         raise ValueError(f"split must be a folder name such as 'train', or None, got {split!r}")
-    _check_limit(limit)
-    _check_seed(seed)
+    _check_limit_and_seed(limit, seed)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image folder or zip archive not found: {path}")
-    if path.is_dir():
-        tree = _folder_tree(path, 2 if split is None else 3)
-        paths, labels, classes = _catalogue(tree, split)
-        return _load_selected(tree, paths, labels, classes, limit, seed, progress)
-    with contextlib.ExitStack() as stack:
-        try:
-            archive = stack.enter_context(zipfile.ZipFile(path))
-            handle = stack.enter_context(open(path, "rb"))
-            mapped = stack.enter_context(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
-        except (zipfile.BadZipFile, OSError, ValueError) as err:
-            raise ValueError(f"{path} is neither a folder nor a readable zip archive: {err}") from err
-        tree = _zip_tree(path, archive, mapped)
-        if not tree.files:
-            raise ValueError(f"zip archive {path} is empty")
-        paths, labels, classes = _catalogue(tree, split)
-        return _load_selected(tree, paths, labels, classes, limit, seed, progress)
+    with contextlib.ExitStack() as stack:  # a zip stays open (and mapped) while its images are decoded
+        if path.is_dir():
+            tree = _folder_tree(path, 2 if split is None else 3)
+        else:
+            try:
+                archive = stack.enter_context(zipfile.ZipFile(path))
+                handle = stack.enter_context(open(path, "rb"))
+                mapped = stack.enter_context(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+            except (zipfile.BadZipFile, OSError, ValueError) as err:
+                raise ValueError(f"{path} is neither a folder nor a readable zip archive: {err}") from err
+            tree = _zip_tree(path, archive, mapped)
+            if not tree.files:
+                raise ValueError(f"zip archive {path} is empty")
+        return _load_selected(tree, split, limit, seed, progress)
 
 
-def _load_selected(tree: _Tree, paths: list[str], labels: np.ndarray, classes: tuple[str, ...],
-                   limit: int | None, seed: int, progress: bool | None) -> LabelledImages:
+def _load_selected(tree: _Tree, split: str | None, limit: int | None, seed: int,
+                   progress: bool | None) -> LabelledImages:
+    paths, labels, classes = _catalogue(tree, split)
     if limit is not None:
         keep = stratified_subset(labels, limit, seed)
         paths, labels = [paths[i] for i in keep], labels[keep]
@@ -389,14 +383,21 @@ def _load_selected(tree: _Tree, paths: list[str], labels: np.ndarray, classes: t
 _IDX_UBYTE = 0x08
 
 
+def _idx_candidates(root: Path, stem: str) -> list[Path]:
+    """Where ``stem`` may be: ``root`` or torchvision's ``root/MNIST/raw``, plain before .gz."""
+    return [place / name for place in (root, root / "MNIST" / "raw") for name in (stem, f"{stem}.gz")]
+
+
 def _find_idx(root: Path, stem: str) -> Path:
-    """``stem`` or ``stem.gz`` in ``root`` or torchvision's ``root/MNIST/raw`` (plain first)."""
-    places = [root, root / "MNIST" / "raw"]
-    for place in places:
-        for name in (stem, f"{stem}.gz"):
-            if (place / name).is_file():
-                return place / name
-    raise FileNotFoundError(f"MNIST file {stem}(.gz) not found in {' or '.join(str(p) for p in places)}")
+    for candidate in _idx_candidates(root, stem):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"MNIST file {stem}(.gz) not found in {root} or {root / 'MNIST' / 'raw'}")
+
+
+def is_mnist_folder(root: str | os.PathLike) -> bool:
+    """Whether :func:`load_mnist` finds a training split under ``root`` (checks four paths only)."""
+    return any(c.is_file() for c in _idx_candidates(Path(root), "train-images-idx3-ubyte"))
 
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
@@ -436,8 +437,7 @@ def load_mnist(root: str | os.PathLike, split: str = "train", *, limit: int | No
     """
     if split not in _MNIST_PREFIXES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    _check_limit(limit)
-    _check_seed(seed)
+    _check_limit_and_seed(limit, seed)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"MNIST folder not found: {root}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
@@ -41,8 +41,7 @@ class TrainingHistory:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"train_loss": self.train_loss, "heldout_loss": self.heldout_loss,
-                "heldout_accuracy": self.heldout_accuracy, "seconds": self.seconds}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainingHistory:
@@ -91,7 +90,7 @@ def evaluate_pairs(net: SiameseNet, pairs: PairSource, *, loss: str, margin: flo
             if out.logits is not None:
                 predicted = out.logits.flatten(1).mean(1) > 0
             else:
-                predicted = (out.f1 - out.f2).pow(2).sum(1).sqrt().flatten(1).mean(1) < margin / 2
+                predicted = out.distance().flatten(1).mean(1) < margin / 2
             correct += int((predicted == (similar > 0.5)).sum())
             count += len(idx)
     net.train(was_training)
