@@ -4,7 +4,10 @@
 
 TORCH_LIBRARY(fastad, m) {
   // Exact k nearest bank rows of every query row: (distances (M,k) float32 ascending, indices (M,k) int64).
-  m.def("knn(Tensor query, Tensor bank, int k, bool squared=False) -> (Tensor, Tensor)");
+  // `prepared` (from knn_prepare) spares a bank searched many times its per-call coding; same results.
+  m.def("knn(Tensor query, Tensor bank, int k, bool squared=False, Tensor? prepared=None) -> (Tensor, Tensor)");
+  // Per-bank work of knn done once: a uint8 tensor on the bank's device (empty where nothing applies).
+  m.def("knn_prepare(Tensor bank) -> Tensor");
   // Greedy k-center coreset of x's rows from row `start`: (indices (k,) int64 in order, radii (k,) float32).
   m.def("kcenter_greedy(Tensor x, int k, int start=0) -> (Tensor, Tensor)");
   // Squared Mahalanobis distance of x (B,P,D) to mean (P|1,D) under precision L L^T, L (P|1,D,D) lower: (B,P) float32.

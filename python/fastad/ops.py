@@ -17,7 +17,7 @@ def _check_int(value, name: str) -> int:
     return value
 
 
-def knn(query: Tensor, bank: Tensor, k: int, *, squared: bool = False) -> tuple[Tensor, Tensor]:
+def knn(query: Tensor, bank: Tensor, k: int, *, squared: bool = False, prepared: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact k nearest rows of ``bank`` for every row of ``query`` in Euclidean distance.
 
     Args:
@@ -25,17 +25,20 @@ def knn(query: Tensor, bank: Tensor, k: int, *, squared: bool = False) -> tuple[
         bank: (N, D), same dtype and device as ``query``.
         k: number of neighbours, 1 <= k <= N.
         squared: return squared distances.
+        prepared: optional ``knn_prepare(bank)`` of this very bank, unchanged since: spares a bank
+            searched many times the per-call work the CPU kernel does on it. Same results either
+            way; one made for another bank raises.
 
     Returns:
         ``(distances, indices)``: (M, k) float32 ascending per row, and (M, k) int64 rows of
         ``bank``; equal distances are ordered by the lower index. Non-finite inputs give
         unspecified distances (indices stay valid). Memory: one tile, never an M x N matrix.
     """
-    return torch.ops.fastad.knn(query, bank, _check_int(k, "k"), bool(squared))
+    return torch.ops.fastad.knn(query, bank, _check_int(k, "k"), bool(squared), prepared)
 
 
 @torch.library.register_fake("fastad::knn")
-def _knn_fake(query, bank, k, squared=False):
+def _knn_fake(query, bank, k, squared=False, prepared=None):
     torch._check(query.dim() == 2, lambda: f"query must be 2-D (M, D), got {query.dim()}-D")
     torch._check(bank.dim() == 2, lambda: f"bank must be 2-D (N, D), got {bank.dim()}-D")
     torch._check(query.shape[1] == bank.shape[1], lambda: "query and bank must have the same D")
@@ -46,6 +49,33 @@ def _knn_fake(query, bank, k, squared=False):
         query.new_empty((m, k), dtype=torch.float32),
         query.new_empty((m, k), dtype=torch.int64),
     )
+
+
+def knn_prepare(bank: Tensor) -> Tensor:
+    """The per-bank work of :func:`knn` done once, for a bank searched many times.
+
+    On the CPU, ``knn`` codes the bank to int8 for its first pass on every call, about as much
+    work as scoring 64 query rows against it; ``knn(query, bank, k, prepared=knn_prepare(bank))``
+    skips that, which is what makes small queries (one image's patches, a single row) fast.
+
+    Args:
+        bank: (N, D) float32 (float16/bfloat16 accepted), N >= 1.
+
+    Returns:
+        A 1-D uint8 tensor on ``bank``'s device, about N x D bytes: opaque, tied to this bank
+        (``knn`` checks its shape and a fingerprint of sampled rows on every call) and to this
+        build of fastad, so recompute it rather than store it. Empty where there is nothing to
+        prepare (CUDA banks, D < 32, a CPU without AVX2, non-finite bank values); ``knn`` accepts
+        an empty one with any bank. Prepare the bank again after changing it.
+    """
+    return torch.ops.fastad.knn_prepare(bank)
+
+
+@torch.library.register_fake("fastad::knn_prepare")
+def _knn_prepare_fake(bank):
+    torch._check(bank.dim() == 2, lambda: f"bank must be 2-D (N, D), got {bank.dim()}-D")
+    size = torch.library.get_ctx().new_dynamic_size()
+    return bank.new_empty((size,), dtype=torch.uint8)
 
 
 def kcenter_greedy(x: Tensor, k: int, *, start: int = 0) -> tuple[Tensor, Tensor]:
@@ -197,4 +227,4 @@ def omp_error(x: Tensor, indices: Tensor, coefs: Tensor, dictionary: Tensor) -> 
     return (x - omp_reconstruct(indices, coefs, dictionary)).square().sum(-1)
 
 
-__all__ = ["kcenter_greedy", "knn", "mahalanobis", "omp", "omp_error", "omp_reconstruct"]
+__all__ = ["kcenter_greedy", "knn", "knn_prepare", "mahalanobis", "omp", "omp_error", "omp_reconstruct"]

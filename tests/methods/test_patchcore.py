@@ -116,6 +116,25 @@ def test_half_bank_and_save_load(rng, tmp_path):
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
 
 
+def test_prepared_bank_follows_the_bank(rng):
+    # Scoring searches a prepared copy of the bank (ops.knn_prepare); replacing the bank or
+    # changing it in place must give the scores of the new bank, never of a stale preparation.
+    train, test = textures(6, rng), textures(2, rng)
+    m = model(coreset_ratio=0.5).fit(train)
+    prepared = m._prepared_bank()
+    assert prepared.numel() > 0 and m._prepared_bank() is prepared  # made once, at fit
+    query = m.patch_features(test).reshape(-1, m.bank_.shape[1]).double()
+
+    def expected_map(bank):
+        return torch.cdist(query, bank.double()).min(dim=1).values.reshape(2, 8, 8)
+
+    m.bank_ = m.bank_[: m.bank_.shape[0] // 2].clone()
+    torch.testing.assert_close(m._score_batch(test)[0].double(), expected_map(m.bank_), rtol=1e-4, atol=1e-4)
+    m.bank_.mul_(1.5)
+    torch.testing.assert_close(m._score_batch(test)[0].double(), expected_map(m.bank_), rtol=1e-4, atol=1e-4)
+    assert "_prepared_cache" not in m._learned_attributes()
+
+
 @pytest.mark.parametrize("params,message", [
     ({"coreset_ratio": 0}, "coreset_ratio must be in"),
     ({"coreset_ratio": 1.5}, "coreset_ratio must be in"),

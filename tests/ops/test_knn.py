@@ -14,10 +14,11 @@ from fastad import reference
 
 from ..conftest import CUDA_SKIP
 
-# (M, N, D, k). The CPU kernel has two paths: an int8-screened one (D >= 32, N >= 1024,
-# 32 k <= N, M >= 64; AVX-512 VNNI or AVX2 micro-kernel) and a float32 GEMM one (everything else); the
-# shapes below exercise both, with sizes that are not multiples of any tile (4 or 8 query rows,
-# 16 or 32 bank columns, 64-row blocks, 512-column chunks, 1024 x 4096 GEMM tiles).
+# (M, N, D, k). The CPU kernel has two paths: an int8-screened one (D >= 32, 32 k <= N, and
+# without a prepared bank N >= 1024 and M >= 64; AMX, AVX-512 VNNI or AVX2 micro-kernel) and a
+# float32 GEMM one (everything else); the shapes below exercise both, with sizes that are not
+# multiples of any tile (4, 8 or 32 query rows, 16 or 32 bank columns, 64 padded dims, 64-row
+# blocks, 512-column chunks, 1024 x 4096 GEMM tiles).
 SHAPES = [
     (1, 1, 1, 1),
     (1, 7, 3, 7),  # k = N
@@ -74,10 +75,11 @@ def assert_knn_correct(query, bank, k, squared, dist, idx, seed=None):
     assert torch.equal(idx[clear], ref_i[:, :k][clear]), msg
 
 
-@pytest.fixture(params=["auto", "avx2", "gemm"])
+@pytest.fixture(params=["auto", "vnni", "avx2", "gemm"])
 def cpu_path(request, device, monkeypatch):
-    """Runs a CPU case through the automatic path choice (the AVX-512 VNNI screen where the CPU
-    has it), the AVX2 screen and the float32 GEMM path."""
+    """Runs a CPU case through the automatic path choice (the AMX screen where the CPU has it),
+    the AVX-512 VNNI screen, the AVX2 screen and the float32 GEMM path (a kernel the CPU lacks
+    falls back to the next lesser one)."""
     if request.param != "auto":
         if device != "cpu":
             pytest.skip("the CPU path switch is a CPU kernel knob")
@@ -91,6 +93,111 @@ def test_matches_float64_reference(m, n, d, k, squared, device, cpu_path, rng):
     q, b = random_inputs(m, n, d, rng, device)
     dist, idx = fastad.ops.knn(q, b, k, squared=squared)
     assert_knn_correct(q, b, k, squared, dist, idx, rng.initial_seed())
+
+
+@pytest.mark.parametrize("m,n,d,k", SHAPES)
+def test_prepared_bank_gives_the_same_results(m, n, d, k, device, cpu_path, rng):
+    q, b = random_inputs(m, n, d, rng, device)
+    prepared = fastad.ops.knn_prepare(b)
+    dist, idx = fastad.ops.knn(q, b, k, prepared=prepared)
+    assert_knn_correct(q, b, k, False, dist, idx, rng.initial_seed())
+    plain_d, plain_i = fastad.ops.knn(q, b, k)
+    # Both paths re-rank with the same exact float32 sum, so they agree to the bit.
+    assert torch.equal(dist, plain_d) and torch.equal(idx, plain_i)
+
+
+@pytest.mark.parametrize("m", [1, 3, 31, 33, 65])
+@pytest.mark.parametrize("k", [1, 9])
+def test_prepared_bank_screens_small_queries(m, k, cpu_path, rng):
+    # With the bank prepared, a few query rows take the screen too (partial row tiles, the bank
+    # split across threads); clustered rows, like CNN patches, make it rule most rows out.
+    centres = 3.0 * torch.randn(40, 152, generator=rng)
+    b = centres[torch.randint(40, (6000,), generator=rng)] + 0.5 * torch.randn(6000, 152, generator=rng)
+    q = centres[torch.randint(40, (m,), generator=rng)] + 0.5 * torch.randn(m, 152, generator=rng)
+    prepared = fastad.ops.knn_prepare(b)
+    assert prepared.dtype == torch.uint8 and prepared.numel() > 0
+    dist, idx = fastad.ops.knn(q, b, k, prepared=prepared)
+    assert_knn_correct(q, b, k, False, dist, idx, rng.initial_seed())
+    dist, idx = fastad.ops.knn(b[:m], b, k, prepared=prepared)  # bank rows find themselves first
+    assert torch.equal(idx[:, 0], torch.arange(m)) and torch.all(dist[:, 0] == 0)
+
+
+def test_prepared_half_bank(rng):
+    q, b = random_inputs(70, 3000, 64, rng, "cpu", torch.bfloat16)
+    dist, idx = fastad.ops.knn(q, b, 3, prepared=fastad.ops.knn_prepare(b))
+    assert_knn_correct(q.float(), b.float(), 3, False, dist, idx, rng.initial_seed())
+
+
+@pytest.mark.parametrize("d,poison", [(16, None), (64, "nan"), (64, "inf")])
+def test_prepare_is_empty_where_nothing_can_be_prepared(d, poison, rng):
+    # D < 32 goes to the float32 path anyway; a non-finite bank cannot be bounded.
+    q, b = random_inputs(70, 2000, d, rng, "cpu")
+    if poison:
+        b[5, 3] = float(poison)
+    prepared = fastad.ops.knn_prepare(b)
+    assert prepared.shape == (0,) and prepared.dtype == torch.uint8
+    dist, idx = fastad.ops.knn(q, b, 2, prepared=prepared)
+    plain_d, plain_i = fastad.ops.knn(q, b, 2)
+    assert torch.equal(idx, plain_i) and torch.equal(dist.isnan(), plain_d.isnan())
+    if poison is None:
+        assert_knn_correct(q, b, 2, False, dist, idx, rng.initial_seed())
+    # An empty preparation fits any bank.
+    other = torch.randn(50, d, generator=rng)
+    assert torch.equal(fastad.ops.knn(q[:4], other, 1, prepared=prepared)[1], fastad.ops.knn(q[:4], other, 1)[1])
+
+
+def test_prepared_bank_belongs_to_its_bank(rng):
+    q, b = random_inputs(10, 2000, 64, rng, "cpu")
+    prepared = fastad.ops.knn_prepare(b)
+    with pytest.raises(RuntimeError, match="another bank"):
+        fastad.ops.knn(q, torch.randn(2000, 64, generator=rng), 1, prepared=prepared)
+    with pytest.raises(RuntimeError, match=r"bank of shape \(2000, 64\), not this bank of shape \(1999, 64\)"):
+        fastad.ops.knn(q, b[:-1], 1, prepared=prepared)
+    changed = b.clone()
+    changed[0] += 1.0  # row 0 is always among the fingerprinted rows
+    with pytest.raises(RuntimeError, match="the bank has changed since"):
+        fastad.ops.knn(q, changed, 1, prepared=prepared)
+    # Checked whichever path the call takes, even when the query is empty.
+    with pytest.raises(RuntimeError, match="another bank"):
+        fastad.ops.knn(q[:0], torch.randn(2000, 64, generator=rng), 1, prepared=prepared)
+
+
+BAD_PREPARED = [
+    (lambda p: p.float(), "1-D uint8 CPU tensor"),
+    (lambda p: p.view(-1, 64), "1-D uint8 CPU tensor"),
+    (lambda p: p[:40], "too short"),
+    (lambda p: p[:-64], "corrupt layout"),
+    (lambda p: torch.cat([torch.zeros(8, dtype=torch.uint8), p[8:]]), "not a prepared bank"),
+]
+
+
+@pytest.mark.parametrize("tamper,message", BAD_PREPARED)
+def test_bad_prepared_bank_raises_clear_error(tamper, message, rng):
+    q, b = random_inputs(10, 2000, 64, rng, "cpu")
+    with pytest.raises(RuntimeError, match=message):
+        fastad.ops.knn(q, b, 1, prepared=tamper(fastad.ops.knn_prepare(b)))
+
+
+@pytest.mark.parametrize(
+    "bank,message",
+    [(torch.randn(5), "bank must be a 2-D"), (torch.randn(0, 40), "at least one row"),
+     (torch.ones(5, 40, dtype=torch.int32), "float32")],
+)
+def test_prepare_bad_input_raises_clear_error(bank, message):
+    with pytest.raises(RuntimeError, match=message):
+        fastad.ops.knn_prepare(bank)
+
+
+def test_prepare_on_cuda_is_empty_and_a_cpu_one_is_refused(rng):
+    if CUDA_SKIP is not None:
+        pytest.skip(CUDA_SKIP)
+    q, b = random_inputs(70, 3000, 64, rng, "cuda")
+    prepared = fastad.ops.knn_prepare(b)
+    assert prepared.shape == (0,) and prepared.device == b.device
+    dist, idx = fastad.ops.knn(q, b, 3, prepared=prepared)
+    assert_knn_correct(q, b, 3, False, dist, idx, rng.initial_seed())
+    with pytest.raises(RuntimeError, match="which is empty"):
+        fastad.ops.knn(q, b, 3, prepared=fastad.ops.knn_prepare(b.cpu()).cuda())
 
 
 @pytest.mark.parametrize("n,d", [(600, 64), (1500, 64), (1200, 8)])
@@ -219,6 +326,10 @@ def test_opcheck(device, rng):
     q, b = random_inputs(12, 40, 8, rng, device)
     for squared in (False, True):
         torch.library.opcheck(torch.ops.fastad.knn.default, (q, b, 3, squared))
+    q, b = random_inputs(12, 200, 40, rng, device)
+    prepared = fastad.ops.knn_prepare(b)
+    torch.library.opcheck(torch.ops.fastad.knn.default, (q, b, 3, False, prepared))
+    torch.library.opcheck(torch.ops.fastad.knn_prepare.default, (b,))
 
 
 def test_torch_compile_fullgraph(device, rng):
@@ -230,6 +341,15 @@ def test_torch_compile_fullgraph(device, rng):
     q, b = random_inputs(16, 64, 8, rng, device)
     expected = fastad.ops.knn(q, b, 3)[0].mean(dim=1) * 2.0
     torch.testing.assert_close(nearest_distance_score(q, b), expected)
+
+    @torch.compile(fullgraph=True)
+    def prepared_score(query, bank, prepared):
+        dist, _ = fastad.ops.knn(query, bank, 1, prepared=prepared)
+        return dist[:, 0] + 1.0
+
+    q, b = random_inputs(16, 300, 40, rng, device)
+    expected = fastad.ops.knn(q, b, 1)[0][:, 0] + 1.0
+    torch.testing.assert_close(prepared_score(q, b, fastad.ops.knn_prepare(b)), expected)
 
 
 _MEMORY_PROBE = textwrap.dedent(

@@ -12,6 +12,12 @@
 #include <cstdlib>
 #include <string>
 
+#if defined(__linux__) && defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace fastad {
 
 enum class CpuIsa { kPortable, kAvx2, kAvx512 };
@@ -60,6 +66,26 @@ inline CpuIsa cpu_isa(const char* env_name) {
   if (wanted == CpuIsa::kAvx512 && cpu_supports(CpuIsa::kAvx512)) return CpuIsa::kAvx512;
   if (wanted != CpuIsa::kPortable && cpu_supports(CpuIsa::kAvx2)) return CpuIsa::kAvx2;
   return CpuIsa::kPortable;
+}
+
+// Whether AMX int8 tiles (Sapphire Rapids and later) can be used by this process: the CPU has
+// AMX-TILE and AMX-INT8, and Linux granted the process the tile data state (a kernel must ask
+// for it with arch_prctl before the first tile instruction, or that instruction faults). Asked
+// once per process; the grant covers every thread.
+inline bool cpu_amx_int8_ready() {
+#if defined(__linux__) && defined(__x86_64__)
+  static const bool ready = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = d & (1u << 24), int8 = d & (1u << 25);
+    if (!tile || !int8) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ready;
+#else
+  return false;
+#endif
 }
 
 }  // namespace fastad

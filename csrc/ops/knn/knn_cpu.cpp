@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -141,32 +142,103 @@ void knn_gemm_tiles(const float* q, int64_t m, const float* b, int64_t n, int64_
 
 }  // namespace knn_detail
 
+namespace {
+
+// The screen needs AVX2, a width its int32 sums hold exactly, and room to rule rows out (k well
+// below n). Without a prepared bank it must also code the bank, which costs about as much as the
+// float32 products of 64 query rows against it: fewer rows, or a small bank, go to the GEMM.
+bool screen_suits(int64_t m, int64_t n, int64_t d, int64_t k, bool prepared) {
+  if (!cpu_supports(CpuIsa::kAvx2) || d < 32 || d > knn_detail::kMaxScreenDim || k > 1024 || k * 32 > n)
+    return false;
+  return prepared || (n >= 1024 && m >= 64);
+}
+
+bool prepares(int64_t d) {
+  return cpu_supports(CpuIsa::kAvx2) && d >= 32 && d <= knn_detail::kMaxScreenDim;
+}
+
+bool cpu_has_avx512_vnni() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
+// FASTAD_KNN_CPU_PATH picks a lesser path than the best this CPU has, so that tests and
+// benchmarks reach every kernel on one machine: gemm (the float32 path), avx2, vnni or amx (the
+// screen's micro-kernels). Unset or empty means the best; a kernel the CPU lacks falls back to
+// the next lesser one.
+struct CpuPath {
+  bool gemm;
+  knn_detail::ScreenKernel kernel;
+};
+
+CpuPath cpu_path() {
+  using knn_detail::ScreenKernel;
+  const char* env = std::getenv("FASTAD_KNN_CPU_PATH");
+  const std::string forced = env ? env : "";
+  TORCH_CHECK(forced.empty() || forced == "gemm" || forced == "avx2" || forced == "vnni" || forced == "amx",
+              "FASTAD_KNN_CPU_PATH must be gemm, avx2, vnni or amx, got '", forced, "'");
+  ScreenKernel kernel = ScreenKernel::kAvx2;
+  if (forced != "avx2" && cpu_has_avx512_vnni()) kernel = ScreenKernel::kVnni;
+  if ((forced.empty() || forced == "amx") && cpu_amx_int8_ready() && cpu_supports(CpuIsa::kAvx512))
+    kernel = ScreenKernel::kAmx;
+  return {forced == "gemm", kernel};
+}
+
+// Float32 contiguous copies (views when they are already).
+at::Tensor as_float_rows(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& bank,
-                                           int64_t k, bool squared) {
+                                           int64_t k, bool squared,
+                                           const std::optional<at::Tensor>& prepared) {
   check_knn_args(query, bank, k);
   const int64_t m = query.size(0), n = bank.size(0), d = query.size(1);
   at::Tensor dist = at::empty({m, k}, query.options().dtype(at::kFloat));
   at::Tensor idx = at::empty({m, k}, query.options().dtype(at::kLong));
+
+  const at::Tensor b = as_float_rows(bank);
+  const float* bp = b.data_ptr<float>();
+  // A prepared bank is checked on every call, whichever path runs, so a stale one never passes
+  // unnoticed. An empty one means knn_prepare found nothing to prepare.
+  const bool has_codes = prepared.has_value() && prepared->numel() > 0;
+  knn_detail::BankCodes codes;
+  if (has_codes) codes = knn_detail::view_bank_codes(*prepared, bp, n, d);
   if (m == 0) return {dist, idx};
 
-  const at::Tensor q = query.to(at::kFloat).contiguous();
-  const at::Tensor b = bank.to(at::kFloat).contiguous();
+  const at::Tensor q = as_float_rows(query);
   const float* qp = q.data_ptr<float>();
-  const float* bp = b.data_ptr<float>();
   float* dp = dist.data_ptr<float>();
   int64_t* ip = idx.data_ptr<int64_t>();
 
-  // FASTAD_KNN_CPU_PATH=gemm forces the float32 path and =avx2 the AVX2 screen on a CPU with
-  // AVX-512 VNNI, so that tests and benchmarks reach every path on one machine.
-  const char* env = std::getenv("FASTAD_KNN_CPU_PATH");
-  const std::string forced = env ? env : "";
-  const bool screened = forced != "gemm" &&
-                        knn_detail::knn_screened_int8(qp, m, bp, n, d, k, forced != "avx2", dp, ip);
+  const CpuPath path = cpu_path();
+  bool screened = false;
+  if (!path.gemm && screen_suits(m, n, d, k, has_codes)) {
+    at::Tensor own_codes;
+    if (!has_codes) {
+      own_codes = knn_detail::code_bank(bp, n, d);  // empty when the bank has non-finite values
+      if (own_codes.numel() > 0) codes = knn_detail::view_bank_codes(own_codes, bp, n, d);
+    }
+    if (has_codes || own_codes.numel() > 0)
+      screened = knn_detail::knn_screened_int8(qp, m, bp, codes, k, path.kernel, dp, ip);
+  }
   if (!screened) knn_detail::knn_gemm_tiles(qp, m, bp, n, d, k, dp, ip);
   knn_detail::finish_rows(m, k, squared, dp, ip);
   return {dist, idx};
 }
 
-TORCH_LIBRARY_IMPL(fastad, CPU, m) { m.impl("knn", &knn_cpu); }
+at::Tensor knn_prepare_cpu(const at::Tensor& bank) {
+  check_knn_bank(bank);
+  const int64_t n = bank.size(0), d = bank.size(1);
+  if (!prepares(d)) return at::empty({0}, bank.options().dtype(at::kByte));
+  const at::Tensor b = as_float_rows(bank);
+  return knn_detail::code_bank(b.data_ptr<float>(), n, d);
+}
+
+TORCH_LIBRARY_IMPL(fastad, CPU, m) {
+  m.impl("knn", &knn_cpu);
+  m.impl("knn_prepare", &knn_prepare_cpu);
+}
 
 }  // namespace fastad

@@ -286,8 +286,13 @@ at::Tensor centred_rows(const at::Tensor& x, int64_t r0, int64_t rows, const at:
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at::Tensor& bank_in,
-                                            int64_t k, bool squared) {
+                                            int64_t k, bool squared,
+                                            const std::optional<at::Tensor>& prepared) {
   check_knn_args(query_in, bank_in, k);
+  // The CUDA kernel codes nothing per bank, so its prepared bank is empty (see knn_prepare_cuda).
+  TORCH_CHECK(!prepared.has_value() || prepared->numel() == 0,
+              "prepared must be fastad.ops.knn_prepare(bank) of this CUDA bank, which is empty; "
+              "got ", prepared.has_value() ? prepared->numel() : 0, " bytes (a CPU bank's?)");
   TORCH_CHECK(query_in.is_cuda(), "knn_cuda expects CUDA tensors, got ", query_in.device());
   const c10::cuda::CUDAGuard guard(query_in.device());
   // Row-major rows make the survivors' exact distances coalesced reads (a no-op when they are).
@@ -365,6 +370,15 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at
   return {dist, idx};
 }
 
-TORCH_LIBRARY_IMPL(fastad, CUDA, m) { m.impl("knn", &knn_cuda); }
+// Nothing to prepare on CUDA: an empty byte tensor, which knn_cuda accepts.
+at::Tensor knn_prepare_cuda(const at::Tensor& bank) {
+  check_knn_bank(bank);
+  return at::empty({0}, bank.options().dtype(at::kByte));
+}
+
+TORCH_LIBRARY_IMPL(fastad, CUDA, m) {
+  m.impl("knn", &knn_cuda);
+  m.impl("knn_prepare", &knn_prepare_cuda);
+}
 
 }  // namespace fastad

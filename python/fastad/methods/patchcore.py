@@ -7,11 +7,13 @@ the reweighted score of its worst patch (the paper's Eq. 7).
 Fitting streams: each batch's patch features are kept as one chunk with their random projection
 beside them; the coreset is chosen on the projections (``fastad.ops.kcenter_greedy``), and the
 chosen rows are copied chunk by chunk into the bank, each chunk freed once read, so the full set of
-training patches never exists twice. Scoring is ``fastad.ops.knn`` on the model's device.
+training patches never exists twice. Scoring is ``fastad.ops.knn`` on the model's device, with the
+bank prepared once (``fastad.ops.knn_prepare``) since every image searches it twice.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -152,6 +154,18 @@ class PatchCore(FeatureModel):
             self.coreset_radius_ = float(radii[-1])
         self.bank_ = _gather_rows(chunks, selected, n, dtype, self.device)
         self.n_patches_ = n
+        self._prepared_bank()  # now rather than in the first prediction
+
+    def _prepared_bank(self) -> torch.Tensor:
+        """``ops.knn_prepare(bank_)``, made again only when ``bank_`` is replaced or changed in
+        place; a cache, never saved."""
+        bank = self.bank_
+        cached = self.__dict__.get("_prepared_cache")
+        if cached is not None and cached[0]() is bank and cached[1] == _version_of(bank):
+            return cached[2]
+        prepared = ops.knn_prepare(bank)
+        self.__dict__["_prepared_cache"] = (weakref.ref(bank), _version_of(bank), prepared)
+        return prepared
 
     # -- score ---------------------------------------------------------------------------------------
 
@@ -161,7 +175,7 @@ class PatchCore(FeatureModel):
         if d != self.bank_.shape[1]:
             raise ValueError(f"patch features have {d} dims but the bank has {self.bank_.shape[1]}; were the layers changed after fit?")
         query = patches.reshape(b * h * w, d)
-        dist, index = ops.knn(query.to(self.bank_.dtype), self.bank_, 1, squared=self.squared)
+        dist, index = ops.knn(query.to(self.bank_.dtype), self.bank_, 1, squared=self.squared, prepared=self._prepared_bank())
         scores = dist[:, 0].reshape(b, h * w)
         patch_map = scores.reshape(b, h, w)
         if not self.reweight:
@@ -178,7 +192,7 @@ class PatchCore(FeatureModel):
         m_test = query[rows, worst]  # (B, D)
         m_star = nearest[rows, worst]  # (B,)
         b = min(self.num_neighbours, self.bank_.shape[0])
-        _, support = ops.knn(self.bank_[m_star], self.bank_, b)  # (B, b), m* first
+        _, support = ops.knn(self.bank_[m_star], self.bank_, b, prepared=self._prepared_bank())  # (B, b), m* first
         neighbours = self.bank_[support].float()  # (B, b, D)
         distances = (neighbours - m_test[:, None, :].float()).norm(dim=2)
         if self.squared:
@@ -188,6 +202,15 @@ class PatchCore(FeatureModel):
         distances[:, 0] = s_star
         weight = 1.0 - torch.softmax(distances, dim=1)[:, 0]
         return weight * s_star
+
+
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter, or None for an inference tensor (which has none; the op's
+    fingerprint check still catches a changed bank)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def _gather_rows(chunks: list[torch.Tensor], selected: torch.Tensor | None, n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
