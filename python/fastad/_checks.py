@@ -7,6 +7,8 @@ clear message rather than silently poor features.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 RANGE_TOLERANCE = 1e-3  # resizing filters overshoot [0, 1] by rounding; real mistakes are far off
@@ -34,8 +36,9 @@ def check_image_batch(images: object, what: str = "images", *, check_values: boo
 
 def check_pixel_values(images: torch.Tensor, what: str = "images") -> torch.Tensor:
     """ValueError unless every value is finite and in [0, 1] (one device sync). Returns ``images``."""
+    # One pass: aminmax propagates NaN to both ends, and an infinity is an end itself.
     low, high = (float(v) for v in torch.aminmax(images.detach()))
-    if low != low or high != high or not torch.isfinite(images).all():
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"{what} must hold finite values in [0, 1], got NaN or infinite values")
     if not (low >= -RANGE_TOLERANCE and high <= 1.0 + RANGE_TOLERANCE):
         hint = " (divide 0..255 images by 255)" if high > 2.0 else ""

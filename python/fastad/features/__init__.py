@@ -23,6 +23,7 @@ from .backbones import (
 )
 from .extractor import FeatureExtractor
 from .folding import fold_batchnorm
+from .same_padding import inline_same_padding
 from .weights import WeightsFileError, WeightsNotFoundError, read_state_dict
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "backbone_from_network",
     "build_network",
     "fold_batchnorm",
+    "inline_same_padding",
     "layers_at_strides",
     "load_backbone",
     "read_state_dict",

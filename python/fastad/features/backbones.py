@@ -462,11 +462,18 @@ class Backbone(nn.Module):
         images = images.to(self.mean.dtype)
         return (images - self.mean) / self.std
 
-    def forward(self, images: torch.Tensor, layers: str | Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, layers: str | Iterable[str] | None = None, *,
+                channels_last: bool = False) -> dict[str, torch.Tensor]:
+        """Features ``{layer: (B, C, h, w)}`` of ``layers`` (default: all). ``channels_last``
+        runs the stages on NHWC memory (for a backbone moved to ``memory_format=channels_last``);
+        the images are normalised before the conversion, where broadcasting the per-channel
+        mean and std over NCHW memory is about four times faster."""
         check_image_batch(images, check_values=False)  # the extractor checks values once
         wanted = self.check_layers(layers)
         deepest = wanted[-1]
         x = self.normalize(images)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         features: dict[str, torch.Tensor] = {}
         for name, stage in self.stages.items():
             x = stage(x)

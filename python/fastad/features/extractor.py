@@ -84,9 +84,7 @@ class FeatureExtractor:
     def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
             images = images.to(self.device, non_blocking=True).to(self.dtype)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            features = self.backbone(images, self.layers)
+            features = self.backbone(images, self.layers, channels_last=self.channels_last)
             return {layer: value.float().contiguous() for layer, value in features.items()}
 
     def extract(self, data: Iterable[Any], progress: bool | None = None) -> Iterator[dict[str, torch.Tensor]]:

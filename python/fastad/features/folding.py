@@ -83,9 +83,10 @@ def _fold_one(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter(shift.to(dtype), requires_grad=False)
 
 
-def _features_for_check(backbone: Backbone, layers: list[str]) -> dict[str, torch.Tensor]:
+def features_on_random_images(backbone: Backbone, layers: list[str], size: tuple[int, int] = (64, 64)) -> dict[str, torch.Tensor]:
+    """Features of two fixed random images: the probe that checks a rewrite kept the function."""
     gen = torch.Generator().manual_seed(0)
-    images = torch.rand(2, 3, 64, 64, generator=gen).to(backbone.device)
+    images = torch.rand(2, 3, *size, generator=gen).to(backbone.device)
     return backbone(images, layers)
 
 
@@ -106,14 +107,14 @@ def fold_batchnorm(backbone: Backbone) -> int:
         return 0
     layers = backbone.layer_names
     with torch.inference_mode():
-        before = _features_for_check(backbone, layers)
+        before = features_on_random_images(backbone, layers)
     folds = []
     for parent, conv, name, norm in pairs:
         folds.append(_Fold(parent, conv, name, norm, conv.weight, conv.bias))
         _fold_one(conv, norm)
         setattr(parent, name, _remainder(norm))
     with torch.inference_mode():
-        after = _features_for_check(backbone, layers)
+        after = features_on_random_images(backbone, layers)
     worst = max(float((after[k] - before[k]).norm() / before[k].norm().clamp_min(1e-12)) for k in layers)
     if worst > _TOLERANCE:
         for fold in reversed(folds):

@@ -120,7 +120,7 @@ class FeatureModel(AnomalyModel):
         cached = self.__dict__.get("_extractor_cache")
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
-        from ..features import FeatureExtractor, fold_batchnorm, load_backbone
+        from ..features import FeatureExtractor, fold_batchnorm, inline_same_padding, load_backbone
 
         network = load_backbone(self.backbone, self.weights, self.device, **options)
         # Every parameter and buffer of the stages, before a half cast changes them: the identity
@@ -134,8 +134,10 @@ class FeatureModel(AnomalyModel):
                 "provide the same weights file (weights=...) or fit again"
             )
         # The network is this model's own: batch norms fold into their convolutions (40 % off
-        # Lite0's CPU forward; features change by float32 rounding only).
+        # Lite0's CPU forward; features change by float32 rounding only), and TF "same" depthwise
+        # convolutions pad inside conv2d instead of copying their input (another 10 %; same bits).
         fold_batchnorm(network)
+        inline_same_padding(network)
         extractor = FeatureExtractor(
             network, list(key[1]), device=self.device, half=self.half,
             channels_last=self.channels_last, batch_size=self.batch_size,

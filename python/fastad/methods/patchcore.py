@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from .._checks import check_int
+from .._versions import in_place_version
 from .base import register_method
 from .feature_model import FeatureModel, bank_dtype_of
 
@@ -158,13 +159,15 @@ class PatchCore(FeatureModel):
 
     def _prepared_bank(self) -> torch.Tensor:
         """``ops.knn_prepare(bank_)``, made again only when ``bank_`` is replaced or changed in
-        place; a cache, never saved."""
+        place; a cache, never saved. A bank made in inference mode (a model loaded inside
+        ``torch.inference_mode()``) has no version to watch, so it is prepared at every call."""
         bank = self.bank_
+        version = in_place_version(bank)
         cached = self.__dict__.get("_prepared_cache")
-        if cached is not None and cached[0]() is bank and cached[1] == _version_of(bank):
+        if cached is not None and version is not None and cached[0]() is bank and cached[1] == version:
             return cached[2]
         prepared = ops.knn_prepare(bank)
-        self.__dict__["_prepared_cache"] = (weakref.ref(bank), _version_of(bank), prepared)
+        self.__dict__["_prepared_cache"] = (weakref.ref(bank), version, prepared)
         return prepared
 
     # -- score ---------------------------------------------------------------------------------------
@@ -202,15 +205,6 @@ class PatchCore(FeatureModel):
         distances[:, 0] = s_star
         weight = 1.0 - torch.softmax(distances, dim=1)[:, 0]
         return weight * s_star
-
-
-def _version_of(tensor: torch.Tensor) -> int | None:
-    """The in-place version counter, or None for an inference tensor (which has none; the op's
-    fingerprint check still catches a changed bank)."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
 
 
 def _gather_rows(chunks: list[torch.Tensor], selected: torch.Tensor | None, n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
