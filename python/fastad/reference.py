@@ -9,7 +9,8 @@ from torch import Tensor
 
 def knn(query: Tensor, bank: Tensor, k: int, *, squared: bool = False) -> tuple[Tensor, Tensor]:
     """k nearest bank rows of each query row: float64 sums of squared differences, sorted
-    stably so that equal distances come in index order."""
+    stably so that equal distances come in index order. (``fastad.ops.knn``'s ``prepared``
+    argument, from ``knn_prepare``, only saves work: the meaning is this either way.)"""
     q, b = query.double(), bank.double()
     m, n, d = q.shape[0], b.shape[0], q.shape[1]
     rows = max(1, (1 << 24) // max(1, n * d))  # bound the (rows, N, D) difference tensor
