@@ -19,8 +19,8 @@ PatchCore: the layers at strides 8 and 16 (fastad ``block2``/``block4``, timm ``
 Fit time is the wall time of fitting on the training images, reading and resizing them included
 (fastad's also includes reading the backbone's weights, well under a second). Latency is the
 median wall time of one batch-1 prediction on an already preprocessed 224 x 224 image, over
-``--latency-images`` test images; throughput is images per second of one prediction on a batch of
-32 of them. Metrics: image AUROC, pixel AUROC, AUPRO (FPR up to 0.3); the anomalib row shows
+``--latency-images`` test images; throughput is images per second of a prediction on a batch of
+32 of them (median of 3 calls after a warm-up call at batch 32). Metrics: image AUROC, pixel AUROC, AUPRO (FPR up to 0.3); the anomalib row shows
 anomalib's own metric classes, and the script recomputes them from anomalib's scores and maps
 with ``fastad.metrics`` as a cross-check, and correlates the two libraries' scores.
 

@@ -80,20 +80,24 @@ def _time_latency(model: AnomalyModel, images: torch.Tensor, repeats: int) -> fl
     return 1e3 * statistics.median(times)
 
 
-def _time_throughput(model: AnomalyModel, images: torch.Tensor, batch: int) -> float:
+def _time_throughput(model: AnomalyModel, images: torch.Tensor, batch: int, repeats: int = 3) -> float:
     """Images per second of predict on one batch of ``batch`` images (repeating the test images
-    when there are fewer)."""
+    when there are fewer): the median of ``repeats`` timed calls after one warm-up call at that
+    batch size (the first call at a new size builds the convolution primitives)."""
     reps = -(-batch // images.shape[0])
     block = images.repeat(reps, 1, 1, 1)[:batch]
     saved = model.batch_size
     model.batch_size = batch
     try:
-        model.predict(block[:1])
-        start = time.perf_counter()
         model.predict(block)
-        if str(model.device).startswith("cuda"):
-            torch.cuda.synchronize()
-        return batch / (time.perf_counter() - start)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.predict(block)
+            if str(model.device).startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return batch / statistics.median(times)
     finally:
         model.batch_size = saved
 
