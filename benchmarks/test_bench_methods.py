@@ -35,8 +35,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def torch_knn(query, bank, k, *, squared=False):
-    """kNN the pure-PyTorch way, 4096 query rows at a time so memory stays bounded."""
+def torch_knn(query, bank, k, *, squared=False, prepared=None):
+    """kNN the pure-PyTorch way, 4096 query rows at a time so memory stays bounded (``prepared``
+    is the reference's empty preparation: there is nothing to prepare)."""
     parts = [cdist_topk(q.float(), bank.float(), k) for q in query.split(4096)]
     dist = torch.cat([p[0] for p in parts])
     return (dist.square() if squared else dist), torch.cat([p[1] for p in parts])
@@ -64,7 +65,7 @@ def torch_omp(x, dictionary, n_nonzero):
     return indices, coefs.float()
 
 
-TORCH_OPS = types.SimpleNamespace(knn=torch_knn, kcenter_greedy=torch_kcenter, mahalanobis=torch_mahalanobis,
+TORCH_OPS = types.SimpleNamespace(knn=torch_knn, knn_prepare=fastad.reference.knn_prepare, kcenter_greedy=torch_kcenter, mahalanobis=torch_mahalanobis,
                                   omp=torch_omp, omp_error=fastad.ops.omp_error)
 GAUSSIAN_METHODS = ("padim", "gaussian_ad")
 # Methods whose fit has no pure-PyTorch twin here: timed for fastad only.

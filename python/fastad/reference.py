@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 
 
-def knn(query: Tensor, bank: Tensor, k: int, *, squared: bool = False) -> tuple[Tensor, Tensor]:
+def knn(query: Tensor, bank: Tensor, k: int, *, squared: bool = False, prepared: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """k nearest bank rows of each query row: float64 sums of squared differences, sorted
-    stably so that equal distances come in index order. (``fastad.ops.knn``'s ``prepared``
-    argument, from ``knn_prepare``, only saves work: the meaning is this either way.)"""
+    stably so that equal distances come in index order. ``prepared`` (see :func:`knn_prepare`)
+    only saves the kernel work; the meaning is the same with or without it."""
     q, b = query.double(), bank.double()
     m, n, d = q.shape[0], b.shape[0], q.shape[1]
     rows = max(1, (1 << 24) // max(1, n * d))  # bound the (rows, N, D) difference tensor
@@ -24,6 +24,12 @@ def knn(query: Tensor, bank: Tensor, k: int, *, squared: bool = False) -> tuple[
         return q.new_empty((0, k)).float(), q.new_empty((0, k), dtype=torch.int64)
     dist = torch.cat(dists)
     return (dist if squared else dist.sqrt()).float(), torch.cat(idxs)
+
+
+def knn_prepare(bank: Tensor) -> Tensor:
+    """Nothing needs preparing for the definition: an empty uint8 tensor, which ``knn`` (this
+    one and ``fastad.ops.knn``) accepts with any bank."""
+    return torch.empty(0, dtype=torch.uint8, device=bank.device)
 
 
 def kcenter_greedy(x: Tensor, k: int, *, start: int = 0) -> tuple[Tensor, Tensor]:
