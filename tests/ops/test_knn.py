@@ -316,6 +316,12 @@ def test_inputs_on_different_devices():
         fastad.ops.knn(torch.randn(4, 3), torch.randn(5, 3, device="cuda"), 1)
 
 
+def test_unknown_cpu_path_is_refused(monkeypatch):
+    monkeypatch.setenv("FASTAD_KNN_CPU_PATH", "avx512")
+    with pytest.raises(RuntimeError, match="FASTAD_KNN_CPU_PATH must be gemm, avx2, vnni or amx, got 'avx512'"):
+        fastad.ops.knn(torch.randn(4, 3), torch.randn(5, 3), 1)
+
+
 @pytest.mark.parametrize("k", [1.5, True, "3"])
 def test_k_must_be_an_int(k):
     with pytest.raises(TypeError, match="k must be an int"):
