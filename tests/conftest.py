@@ -14,6 +14,9 @@ import torch
 
 import fastad
 
+# Hypothesis profiles ("fast" for make test, FASTAD_HYPOTHESIS=long for the thorough run).
+from . import hypothesis_profiles  # noqa: E402,F401
+
 
 def _cuda_skip_reason() -> str | None:
     if not fastad.build_info()["cuda"]:
@@ -56,3 +59,14 @@ def rng() -> torch.Generator:
 def np_rng(rng: torch.Generator) -> np.random.Generator:
     """A NumPy generator seeded from ``rng`` (same seed, printed with it)."""
     return np.random.default_rng(rng.initial_seed())
+
+
+@pytest.fixture(scope="session")
+def isolated():
+    """A worker process for code that might crash the interpreter (tests/isolation.py): error
+    paths of the compiled ops and the generated-input suites. Replaced after each death."""
+    from .isolation import IsolatedRunner
+
+    runner = IsolatedRunner()
+    yield runner
+    runner.close()

@@ -39,11 +39,11 @@ def knn(query: Tensor, bank: Tensor, k: int, *, squared: bool = False, prepared:
 
 @torch.library.register_fake("fastad::knn")
 def _knn_fake(query, bank, k, squared=False, prepared=None):
-    torch._check(query.dim() == 2, lambda: f"query must be 2-D (M, D), got {query.dim()}-D")
-    torch._check(bank.dim() == 2, lambda: f"bank must be 2-D (N, D), got {bank.dim()}-D")
-    torch._check(query.shape[1] == bank.shape[1], lambda: "query and bank must have the same D")
-    torch._check(1 <= k, lambda: f"k must be at least 1, got {k}")
-    torch._check(k <= bank.shape[0], lambda: f"k must be at most N = {bank.shape[0]}, got {k}")
+    torch._check_value(query.dim() == 2, lambda: f"query must be 2-D (M, D), got {query.dim()}-D")
+    torch._check_value(bank.dim() == 2, lambda: f"bank must be 2-D (N, D), got {bank.dim()}-D")
+    torch._check_value(query.shape[1] == bank.shape[1], lambda: "query and bank must have the same D")
+    torch._check_value(1 <= k, lambda: f"k must be at least 1, got {k}")
+    torch._check_value(k <= bank.shape[0], lambda: f"k must be at most N = {bank.shape[0]}, got {k}")
     m = query.shape[0]
     return (
         query.new_empty((m, k), dtype=torch.float32),
@@ -73,7 +73,7 @@ def knn_prepare(bank: Tensor) -> Tensor:
 
 @torch.library.register_fake("fastad::knn_prepare")
 def _knn_prepare_fake(bank):
-    torch._check(bank.dim() == 2, lambda: f"bank must be 2-D (N, D), got {bank.dim()}-D")
+    torch._check_value(bank.dim() == 2, lambda: f"bank must be 2-D (N, D), got {bank.dim()}-D")
     size = torch.library.get_ctx().new_dynamic_size()
     return bank.new_empty((size,), dtype=torch.uint8)
 
@@ -104,12 +104,12 @@ def kcenter_greedy(x: Tensor, k: int, *, start: int = 0) -> tuple[Tensor, Tensor
 
 @torch.library.register_fake("fastad::kcenter_greedy")
 def _kcenter_greedy_fake(x, k, start=0):
-    torch._check(x.dim() == 2, lambda: f"x must be 2-D (N, D), got {x.dim()}-D")
-    torch._check(x.shape[0] >= 1, lambda: "x must hold at least one row")
-    torch._check(1 <= k, lambda: f"k must be at least 1, got {k}")
-    torch._check(k <= x.shape[0], lambda: f"k must be at most N = {x.shape[0]}, got {k}")
-    torch._check(0 <= start, lambda: f"start must be at least 0, got {start}")
-    torch._check(start < x.shape[0], lambda: f"start must be below N = {x.shape[0]}, got {start}")
+    torch._check_value(x.dim() == 2, lambda: f"x must be 2-D (N, D), got {x.dim()}-D")
+    torch._check_value(x.shape[0] >= 1, lambda: "x must hold at least one row")
+    torch._check_value(1 <= k, lambda: f"k must be at least 1, got {k}")
+    torch._check_value(k <= x.shape[0], lambda: f"k must be at most N = {x.shape[0]}, got {k}")
+    torch._check_value(0 <= start, lambda: f"start must be at least 0, got {start}")
+    torch._check_value(start < x.shape[0], lambda: f"start must be below N = {x.shape[0]}, got {start}")
     return x.new_empty((k,), dtype=torch.int64), x.new_empty((k,), dtype=torch.float32)
 
 
@@ -138,15 +138,15 @@ def mahalanobis(x: Tensor, mean: Tensor, L: Tensor) -> Tensor:
 
 @torch.library.register_fake("fastad::mahalanobis")
 def _mahalanobis_fake(x, mean, L):
-    torch._check(x.dim() == 3, lambda: f"x must be 3-D (B, P, D), got {x.dim()}-D")
-    torch._check(mean.dim() == 2, lambda: f"mean must be 2-D (P, D) or (1, D), got {mean.dim()}-D")
-    torch._check(L.dim() == 3, lambda: f"L must be 3-D (Q, D, D), got {L.dim()}-D")
+    torch._check_value(x.dim() == 3, lambda: f"x must be 3-D (B, P, D), got {x.dim()}-D")
+    torch._check_value(mean.dim() == 2, lambda: f"mean must be 2-D (P, D) or (1, D), got {mean.dim()}-D")
+    torch._check_value(L.dim() == 3, lambda: f"L must be 3-D (Q, D, D), got {L.dim()}-D")
     b, p, d = x.shape
-    torch._check(d >= 1, lambda: "x must have at least one feature (D >= 1)")
-    torch._check(mean.shape[1] == d, lambda: f"mean must have D = {d} columns, got {mean.shape[1]}")
-    torch._check(mean.shape[0] == p or mean.shape[0] == 1, lambda: f"mean must have P = {p} rows or 1")
-    torch._check(L.shape[1] == d and L.shape[2] == d, lambda: f"L must be (Q, {d}, {d}), got {tuple(L.shape)}")
-    torch._check(L.shape[0] == p or L.shape[0] == 1, lambda: f"L must hold Q = P = {p} factors or 1")
+    torch._check_value(d >= 1, lambda: "x must have at least one feature (D >= 1)")
+    torch._check_value(mean.shape[1] == d, lambda: f"mean must have D = {d} columns, got {mean.shape[1]}")
+    torch._check_value(mean.shape[0] == p or mean.shape[0] == 1, lambda: f"mean must have P = {p} rows or 1")
+    torch._check_value(L.shape[1] == d and L.shape[2] == d, lambda: f"L must be (Q, {d}, {d}), got {tuple(L.shape)}")
+    torch._check_value(L.shape[0] == p or L.shape[0] == 1, lambda: f"L must hold Q = P = {p} factors or 1")
     return x.new_empty((b, p), dtype=torch.float32)
 
 
@@ -177,14 +177,14 @@ def omp(x: Tensor, dictionary: Tensor, n_nonzero: int) -> tuple[Tensor, Tensor]:
 
 @torch.library.register_fake("fastad::omp")
 def _omp_fake(x, dictionary, n_nonzero):
-    torch._check(x.dim() == 3, lambda: f"x must be 3-D (G, M, d), got {x.dim()}-D")
-    torch._check(dictionary.dim() == 3, lambda: f"dictionary must be 3-D (G, K, d), got {dictionary.dim()}-D")
+    torch._check_value(x.dim() == 3, lambda: f"x must be 3-D (G, M, d), got {x.dim()}-D")
+    torch._check_value(dictionary.dim() == 3, lambda: f"dictionary must be 3-D (G, K, d), got {dictionary.dim()}-D")
     g, m, d = x.shape
-    torch._check(dictionary.shape[0] == g, lambda: f"dictionary must hold G = {g} dictionaries")
-    torch._check(dictionary.shape[2] == d, lambda: f"dictionary atoms must have d = {d} features")
-    torch._check(1 <= n_nonzero, lambda: f"n_nonzero must be at least 1, got {n_nonzero}")
-    torch._check(n_nonzero <= dictionary.shape[1], lambda: f"n_nonzero must be at most K = {dictionary.shape[1]}")
-    torch._check(n_nonzero <= d, lambda: f"n_nonzero must be at most d = {d}")
+    torch._check_value(dictionary.shape[0] == g, lambda: f"dictionary must hold G = {g} dictionaries")
+    torch._check_value(dictionary.shape[2] == d, lambda: f"dictionary atoms must have d = {d} features")
+    torch._check_value(1 <= n_nonzero, lambda: f"n_nonzero must be at least 1, got {n_nonzero}")
+    torch._check_value(n_nonzero <= dictionary.shape[1], lambda: f"n_nonzero must be at most K = {dictionary.shape[1]}")
+    torch._check_value(n_nonzero <= d, lambda: f"n_nonzero must be at most d = {d}")
     return (
         x.new_empty((g, m, n_nonzero), dtype=torch.int64),
         x.new_empty((g, m, n_nonzero), dtype=torch.float32),

@@ -146,49 +146,7 @@ def test_prepare_is_empty_where_nothing_can_be_prepared(d, poison, rng):
     assert torch.equal(fastad.ops.knn(q[:4], other, 1, prepared=prepared)[1], fastad.ops.knn(q[:4], other, 1)[1])
 
 
-def test_prepared_bank_belongs_to_its_bank(rng):
-    q, b = random_inputs(10, 2000, 64, rng, "cpu")
-    prepared = fastad.ops.knn_prepare(b)
-    with pytest.raises(RuntimeError, match="another bank"):
-        fastad.ops.knn(q, torch.randn(2000, 64, generator=rng), 1, prepared=prepared)
-    with pytest.raises(RuntimeError, match=r"bank of shape \(2000, 64\), not this bank of shape \(1999, 64\)"):
-        fastad.ops.knn(q, b[:-1], 1, prepared=prepared)
-    changed = b.clone()
-    changed[0] += 1.0  # row 0 is always among the fingerprinted rows
-    with pytest.raises(RuntimeError, match="the bank has changed since"):
-        fastad.ops.knn(q, changed, 1, prepared=prepared)
-    # Checked whichever path the call takes, even when the query is empty.
-    with pytest.raises(RuntimeError, match="another bank"):
-        fastad.ops.knn(q[:0], torch.randn(2000, 64, generator=rng), 1, prepared=prepared)
-
-
-BAD_PREPARED = [
-    (lambda p: p.float(), "1-D uint8 CPU tensor"),
-    (lambda p: p.view(-1, 64), "1-D uint8 CPU tensor"),
-    (lambda p: p[:40], "too short"),
-    (lambda p: p[:-64], "corrupt layout"),
-    (lambda p: torch.cat([torch.zeros(8, dtype=torch.uint8), p[8:]]), "not a prepared bank"),
-]
-
-
-@pytest.mark.parametrize("tamper,message", BAD_PREPARED)
-def test_bad_prepared_bank_raises_clear_error(tamper, message, rng):
-    q, b = random_inputs(10, 2000, 64, rng, "cpu")
-    with pytest.raises(RuntimeError, match=message):
-        fastad.ops.knn(q, b, 1, prepared=tamper(fastad.ops.knn_prepare(b)))
-
-
-@pytest.mark.parametrize(
-    "bank,message",
-    [(torch.randn(5), "bank must be a 2-D"), (torch.randn(0, 40), "at least one row"),
-     (torch.ones(5, 40, dtype=torch.int32), "float32")],
-)
-def test_prepare_bad_input_raises_clear_error(bank, message):
-    with pytest.raises(RuntimeError, match=message):
-        fastad.ops.knn_prepare(bank)
-
-
-def test_prepare_on_cuda_is_empty_and_a_cpu_one_is_refused(rng):
+def test_prepare_on_cuda_is_empty(rng):
     if CUDA_SKIP is not None:
         pytest.skip(CUDA_SKIP)
     q, b = random_inputs(70, 3000, 64, rng, "cuda")
@@ -196,8 +154,6 @@ def test_prepare_on_cuda_is_empty_and_a_cpu_one_is_refused(rng):
     assert prepared.shape == (0,) and prepared.device == b.device
     dist, idx = fastad.ops.knn(q, b, 3, prepared=prepared)
     assert_knn_correct(q, b, 3, False, dist, idx, rng.initial_seed())
-    with pytest.raises(RuntimeError, match="which is empty"):
-        fastad.ops.knn(q, b, 3, prepared=fastad.ops.knn_prepare(b.cpu()).cuda())
 
 
 @pytest.mark.parametrize("n,d", [(600, 64), (1500, 64), (1200, 8)])
@@ -287,45 +243,6 @@ def test_non_finite_values_never_give_bad_indices(where, device, rng):
     t[11] = float("nan")
     dist, idx = fastad.ops.knn(q, b, 5)
     assert torch.all(idx >= 0) and torch.all(idx < b.shape[0])
-
-
-BAD_INPUTS = [
-    (lambda dev: (torch.randn(4, device=dev), torch.randn(5, 4, device=dev), 1), "query must be a 2-D"),
-    (lambda dev: (torch.randn(4, 3, device=dev), torch.randn(5, 4, 1, device=dev), 1), "bank must be a 2-D"),
-    (lambda dev: (torch.randn(4, 3, device=dev), torch.randn(5, 4, device=dev), 1), "same feature size D"),
-    (lambda dev: (torch.randn(4, 3, device=dev), torch.randn(5, 3, device=dev), 0), "k must be between 1"),
-    (lambda dev: (torch.randn(4, 3, device=dev), torch.randn(5, 3, device=dev), 6), "k must be between 1"),
-    (lambda dev: (torch.randn(4, 3, device=dev), torch.randn(0, 3, device=dev), 1), "at least one row"),
-    (lambda dev: (torch.randn(4, 3, device=dev).double(), torch.randn(5, 3, device=dev).double(), 1), "float32"),
-    (lambda dev: (torch.ones(4, 3, dtype=torch.int64, device=dev), torch.ones(5, 3, dtype=torch.int64, device=dev), 1), "float32"),
-    (lambda dev: (torch.randn(4, 3, device=dev), torch.randn(5, 3, device=dev).half(), 1), "same dtype"),
-]
-
-
-@pytest.mark.parametrize("make,message", BAD_INPUTS)
-def test_bad_input_raises_clear_error(make, message, device):
-    q, b, k = make(device)
-    with pytest.raises(RuntimeError, match=message):
-        fastad.ops.knn(q, b, k)
-
-
-def test_inputs_on_different_devices():
-    if not (fastad.build_info()["cuda"] and torch.cuda.is_available()):
-        pytest.skip("needs a CUDA device and fastad's CUDA kernels")
-    with pytest.raises(RuntimeError, match="same device"):
-        fastad.ops.knn(torch.randn(4, 3), torch.randn(5, 3, device="cuda"), 1)
-
-
-def test_unknown_cpu_path_is_refused(monkeypatch):
-    monkeypatch.setenv("FASTAD_KNN_CPU_PATH", "avx512")
-    with pytest.raises(RuntimeError, match="FASTAD_KNN_CPU_PATH must be gemm, avx2, vnni or amx, got 'avx512'"):
-        fastad.ops.knn(torch.randn(4, 3), torch.randn(5, 3), 1)
-
-
-@pytest.mark.parametrize("k", [1.5, True, "3"])
-def test_k_must_be_an_int(k):
-    with pytest.raises(TypeError, match="k must be an int"):
-        fastad.ops.knn(torch.randn(4, 3), torch.randn(5, 3), k)
 
 
 def test_opcheck(device, rng):

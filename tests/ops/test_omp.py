@@ -207,66 +207,19 @@ def test_non_contiguous_inputs(rng):
         assert torch.equal(a, b)
 
 
-def _args(x_shape=(2, 3, 4), d_shape=(2, 5, 4), x_dtype=torch.float32, d_dtype=torch.float32):
-    atoms = torch.ones(d_shape, dtype=d_dtype)
-    if len(d_shape) == 3 and d_shape[-1]:
-        atoms = atoms / d_shape[-1] ** 0.5
-    return torch.ones(x_shape, dtype=x_dtype), atoms
-
-
-BAD_INPUTS = [
-    (_args(x_shape=(3, 4)), 2, r"x must be a 3-D tensor of shape \(G, M, d\), got 2-D"),
-    (_args(d_shape=(5, 4)), 2, r"dictionary must be a 3-D tensor of shape \(G, K, d\), got 2-D"),
-    (_args(x_dtype=torch.float64), 2, r"x must be float32, got Double \(cast it with \.float\(\)\)"),
-    (_args(d_dtype=torch.float16), 2, "dictionary must be float32, got Half"),
-    (_args(d_shape=(3, 5, 4)), 2, r"dictionary must hold one dictionary per group of x \(G = 2\)"),
-    (_args(d_shape=(2, 5, 3)), 2, "dictionary atoms must have x's signal size d = 4"),
-    (_args(), 0, r"n_nonzero must be between 1 and min\(K, d\) = 4 \(K = 5 atoms, d = 4 features\), got 0"),
-    (_args(), 5, r"n_nonzero must be between 1 and min\(K, d\) = 4"),
-    (_args(d_shape=(2, 3, 4)), 4, r"n_nonzero must be between 1 and min\(K, d\) = 3"),
-    ((torch.ones(2, 3, 4), torch.ones(2, 5, 4)), 2, "dictionary atoms must have unit norm \\(within 1e-3\\), got norm 2 for atom 0 of group 0"),
-]
-
-
-@pytest.mark.parametrize("args,s,message", BAD_INPUTS)
-def test_bad_input_raises_clear_error(args, s, message):
-    with pytest.raises(RuntimeError, match=message):
-        fastad.ops.omp(*args, s)
-
-
-def test_nearly_unit_atoms_accepted_and_bad_atom_named(rng):
+def test_nearly_unit_atoms_accepted(rng):
+    # Atoms 1.01 long are refused (tests/ops/error_cases.py); 1 + 5e-4 is within the tolerance.
     dictionary = unit_atoms(2, 6, 8, rng) * (1 + 5e-4)
     fastad.ops.omp(torch.randn(2, 3, 8, generator=rng), dictionary, 2)
-    dictionary[1, 4] *= 1.01
-    with pytest.raises(RuntimeError, match="atom 4 of group 1"):
-        fastad.ops.omp(torch.randn(2, 3, 8, generator=rng), dictionary, 2)
 
 
-def test_python_argument_errors():
-    x, atoms = _args()
-    with pytest.raises(TypeError, match="n_nonzero must be an int, got float"):
-        fastad.ops.omp(x, atoms, 2.0)
-    with pytest.raises(TypeError, match="indices must be int64"):
-        fastad.ops.omp_reconstruct(torch.zeros(2, 3, 2, dtype=torch.int32), torch.zeros(2, 3, 2), atoms)
-    with pytest.raises(ValueError, match="need indices and coefs"):
-        fastad.ops.omp_reconstruct(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3), atoms)
-
-
-def test_cuda_edge_cases_and_atom_check(device, rng):
-    # The CUDA-only paths: its device-side unit-norm check (same error as the CPU, NaN atoms
-    # included), empty shapes, non-contiguous inputs, and opcheck on the device.
+def test_cuda_edge_cases(device, rng):
+    # The CUDA-only paths: empty shapes, non-contiguous inputs, and opcheck on the device (its
+    # device-side unit-norm check is among tests/ops/error_cases.py).
     if device == "cpu":
         pytest.skip("the CPU kernel's cases are the tests above")
     dictionary = unit_atoms(2, 6, 8, rng).to(device)
     x = torch.randn(2, 3, 8, generator=rng).to(device)
-    bad = dictionary.clone()
-    bad[1, 4] *= 1.01
-    with pytest.raises(RuntimeError, match="unit norm \\(within 1e-3\\), got norm 1.01 for atom 4 of group 1"):
-        fastad.ops.omp(x, bad, 2)
-    bad = dictionary.clone()
-    bad[0, 2, 0] = float("nan")
-    with pytest.raises(RuntimeError, match="atom 2 of group 0"):
-        fastad.ops.omp(x, bad, 2)
     for g, m in [(0, 5), (3, 0), (0, 0)]:
         atoms = torch.eye(4, device=device).expand(g, 4, 4)
         indices, coefs = fastad.ops.omp(torch.ones(g, m, 4, device=device), atoms, 2)

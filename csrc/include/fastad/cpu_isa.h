@@ -60,7 +60,7 @@ inline CpuIsa cpu_isa(const char* env_name) {
   } else if (forced == "portable") {
     wanted = CpuIsa::kPortable;
   } else {
-    TORCH_CHECK(forced.empty() || forced == "avx512", env_name,
+    TORCH_CHECK_VALUE(forced.empty() || forced == "avx512", env_name,
                 " must be avx512, avx2 or portable, got '", forced, "'");
   }
   if (wanted == CpuIsa::kAvx512 && cpu_supports(CpuIsa::kAvx512)) return CpuIsa::kAvx512;

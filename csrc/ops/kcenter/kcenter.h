@@ -39,11 +39,11 @@ inline void check_kcenter_args(const at::Tensor& x, int64_t k, int64_t start) {
   check_dims(x, "x", 2, "(N, D)");
   check_float_input(x, "x");
   const int64_t n = x.size(0);
-  TORCH_CHECK(n >= 1, "x must hold at least one row, got N = 0");
-  TORCH_CHECK(x.size(1) >= 1, "x must have at least one feature column, got D = 0");
-  TORCH_CHECK(k >= 1 && k <= n, "k must be between 1 and the number of rows of x (", n,
+  TORCH_CHECK_VALUE(n >= 1, "x must hold at least one row, got N = 0");
+  TORCH_CHECK_VALUE(x.size(1) >= 1, "x must have at least one feature column, got D = 0");
+  TORCH_CHECK_VALUE(k >= 1 && k <= n, "k must be between 1 and the number of rows of x (", n,
               "), got k = ", k);
-  TORCH_CHECK(start >= 0 && start < n, "start must be a row of x, between 0 and ", n - 1,
+  TORCH_CHECK_VALUE(start >= 0 && start < n, "start must be a row of x, between 0 and ", n - 1,
               ", got start = ", start);
 }
 

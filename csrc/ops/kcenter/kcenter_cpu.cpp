@@ -152,8 +152,8 @@ void refresh_bounds(const DistanceKernels& kernels, std::vector<Pending>& batch,
 // Rejects non-finite rows with a message that says which problem it is. Called only when the
 // first pass found a non-finite or huge distance, so finite inputs never pay for the scan.
 [[noreturn]] void report_bad_values(const at::Tensor& x, int64_t start) {
-  TORCH_CHECK(at::isfinite(x).all().item<bool>(), "x must hold only finite values, got NaN or Inf");
-  TORCH_CHECK(false, "squared distances between rows of x overflow float32 (some row is too far from row ",
+  TORCH_CHECK_VALUE(at::isfinite(x).all().item<bool>(), "x must hold only finite values, got NaN or Inf");
+  TORCH_CHECK_VALUE(false, "squared distances between rows of x overflow float32 (some row is too far from row ",
               start, "); scale x down");
 }
 
@@ -196,6 +196,10 @@ std::tuple<at::Tensor, at::Tensor> kcenter_greedy_cpu(const at::Tensor& x_in, in
     }
     if (local_bad) bad = true;
   });
+  // A lone row has no distance to reveal a NaN or Inf in it: look at its values.
+  if (n == 1) {
+    for (int64_t j = 0; j < d; ++j) bad = bad || !std::isfinite(xp[j]);
+  }
   if (bad) report_bad_values(x, start);
   if (k == 1) return {indices, radii};
 

@@ -36,7 +36,7 @@ namespace fastad {
 inline void check_knn_bank(const at::Tensor& bank) {
   check_dims(bank, "bank", 2, "(N, D)");
   check_float_input(bank, "bank");
-  TORCH_CHECK(bank.size(0) >= 1, "bank must hold at least one row, got N = 0");
+  TORCH_CHECK_VALUE(bank.size(0) >= 1, "bank must hold at least one row, got N = 0");
 }
 
 inline void check_knn_args(const at::Tensor& query, const at::Tensor& bank, int64_t k) {
@@ -45,9 +45,9 @@ inline void check_knn_args(const at::Tensor& query, const at::Tensor& bank, int6
   check_same_device(query, "query", bank, "bank");
   check_float_input(query, "query");
   check_same_dtype(query, "query", bank, "bank");
-  TORCH_CHECK(query.size(1) == bank.size(1), "query and bank must have the same feature size D, got ",
+  TORCH_CHECK_VALUE(query.size(1) == bank.size(1), "query and bank must have the same feature size D, got ",
               "query D = ", query.size(1), " and bank D = ", bank.size(1));
-  TORCH_CHECK(k >= 1 && k <= bank.size(0), "k must be between 1 and the number of bank rows (",
+  TORCH_CHECK_VALUE(k >= 1 && k <= bank.size(0), "k must be between 1 and the number of bank rows (",
               bank.size(0), "), got k = ", k);
 }
 

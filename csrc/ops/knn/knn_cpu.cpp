@@ -176,7 +176,7 @@ CpuPath cpu_path() {
   using knn_detail::ScreenKernel;
   const char* env = std::getenv("FASTAD_KNN_CPU_PATH");
   const std::string forced = env ? env : "";
-  TORCH_CHECK(forced.empty() || forced == "gemm" || forced == "avx2" || forced == "vnni" || forced == "amx",
+  TORCH_CHECK_VALUE(forced.empty() || forced == "gemm" || forced == "avx2" || forced == "vnni" || forced == "amx",
               "FASTAD_KNN_CPU_PATH must be gemm, avx2, vnni or amx, got '", forced, "'");
   ScreenKernel kernel = ScreenKernel::kAvx2;
   if (forced != "avx2" && cpu_has_avx512_vnni()) kernel = ScreenKernel::kVnni;

@@ -282,23 +282,23 @@ at::Tensor code_bank(const float* b, int64_t n, int64_t d) {
 
 BankCodes view_bank_codes(const at::Tensor& codes, const float* b, int64_t n, int64_t d) {
   const char* remedy = "; make it again with fastad.ops.knn_prepare(bank)";
-  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.dim() == 1 &&
+  TORCH_CHECK_VALUE(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.dim() == 1 &&
                   codes.is_contiguous(),
               "prepared must be the 1-D uint8 CPU tensor that fastad.ops.knn_prepare(bank) returns, got ",
               codes.scalar_type(), " of shape ", codes.sizes(), " on ", codes.device());
-  TORCH_CHECK(codes.numel() >= static_cast<int64_t>(sizeof(CodesHeader)),
+  TORCH_CHECK_VALUE(codes.numel() >= static_cast<int64_t>(sizeof(CodesHeader)),
               "prepared is too short to be a prepared bank", remedy);
   CodesHeader h;
   uint8_t* base = codes.data_ptr<uint8_t>();
   std::memcpy(&h, base, sizeof(h));
-  TORCH_CHECK(std::memcmp(h.magic, kMagic, sizeof(kMagic)) == 0 && h.version == kLayoutVersion,
+  TORCH_CHECK_VALUE(std::memcmp(h.magic, kMagic, sizeof(kMagic)) == 0 && h.version == kLayoutVersion,
               "prepared is not a prepared bank of this fastad build", remedy);
-  TORCH_CHECK(h.n == n && h.d == d, "prepared was made for a bank of shape (", h.n, ", ", h.d,
+  TORCH_CHECK_VALUE(h.n == n && h.d == d, "prepared was made for a bank of shape (", h.n, ", ", h.d,
               "), not this bank of shape (", n, ", ", d, ")", remedy);
-  TORCH_CHECK(h.dp == round_up(d, kDimChunk) && h.np == round_up(n, kColumnPad) &&
+  TORCH_CHECK_VALUE(h.dp == round_up(d, kDimChunk) && h.np == round_up(n, kColumnPad) &&
                   codes.numel() == Layout(d, h.dp, h.np).total,
               "prepared has a corrupt layout", remedy);
-  TORCH_CHECK(h.fingerprint == fingerprint(b, n, d),
+  TORCH_CHECK_VALUE(h.fingerprint == fingerprint(b, n, d),
               "prepared was made for another bank, or the bank has changed since", remedy);
   return view_of(base, h);
 }

@@ -290,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at
                                             const std::optional<at::Tensor>& prepared) {
   check_knn_args(query_in, bank_in, k);
   // The CUDA kernel codes nothing per bank, so its prepared bank is empty (see knn_prepare_cuda).
-  TORCH_CHECK(!prepared.has_value() || prepared->numel() == 0,
+  TORCH_CHECK_VALUE(!prepared.has_value() || prepared->numel() == 0,
               "prepared must be fastad.ops.knn_prepare(bank) of this CUDA bank, which is empty; "
               "got ", prepared.has_value() ? prepared->numel() : 0, " bytes (a CPU bank's?)");
   TORCH_CHECK(query_in.is_cuda(), "knn_cuda expects CUDA tensors, got ", query_in.device());

@@ -148,7 +148,7 @@ void check_unit_atoms(const at::Tensor& gram) {
   const int64_t first_bad = at::where(ok, groups * K, position).min().item<int64_t>();
   if (first_bad == groups * K) return;
   const double norm = norms[first_bad].item<double>();  // error path only
-  TORCH_CHECK(false, "dictionary atoms must have unit norm (within 1e-3), got ", "norm ", norm, " for atom ",
+  TORCH_CHECK_VALUE(false, "dictionary atoms must have unit norm (within 1e-3), got ", "norm ", norm, " for atom ",
               first_bad % K, " of group ", first_bad / K,
               " (normalise the rows: dictionary / dictionary.norm(dim=-1, keepdim=True))");
 }
