@@ -158,3 +158,73 @@ def test_backbone_methods_through_the_cli(method, extra, dataset, tmp_path, caps
         assert metrics["pixel_auroc"] is None
     else:
         assert 0.5 < metrics["pixel_auroc"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- predict on bad image files
+# `fastad predict` given a file that is not a usable image: exit status 1, one line on stderr that
+# names the file (no traceback), and nothing half-written in --out (outputs are written atomically;
+# scores.json only once every image is scored).
+
+
+@pytest.fixture(scope="module")
+def toy_model_file(dataset, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bad_images_model") / "toy.safetensors"
+    assert main(["fit", "--method", "toy-mean", "--data", str(dataset), "--model", str(path), "--set", "pool=16"]) == 0
+    return path
+
+
+def _bad_image(kind: str, dataset, folder):
+    """A file named like an image that is not a usable one."""
+    import struct
+    import zlib
+
+    good = sorted((dataset / "test").rglob("*.png"))[0].read_bytes()
+    if kind == "empty":
+        data = b""
+    elif kind == "truncated":
+        data = good[: len(good) // 2]
+    elif kind == "text":
+        data = b"this is a text file with an image's name\n"
+    else:  # "too-large": a header claiming 100000 x 100000 pixels, past PIL's decompression-bomb limit
+        def chunk(kind, body):
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path = folder / f"bad {kind}.png"
+    path.write_bytes(data)
+    return path
+
+
+def _check_one_line_error(err: str, path) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fastad predict: error: ") and str(path) in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("kind", ["empty", "truncated", "text", "too-large"])
+def test_predict_refuses_a_bad_image_file(kind, dataset, toy_model_file, tmp_path, capsys):
+    bad = _bad_image(kind, dataset, tmp_path)
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(toy_model_file), "--out", str(out), str(bad)]) == 1
+    _check_one_line_error(capsys.readouterr().err, bad)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.faults
+def test_predict_stops_at_a_bad_image_without_half_written_files(dataset, toy_model_file, tmp_path, capsys):
+    """A good image, then a bad one: the good image's map and overlay are complete files (written
+    atomically), no scores.json (it would claim a finished run), no temporary files."""
+    from PIL import Image
+
+    good = sorted((dataset / "test").rglob("*.png"))[0]
+    bad = _bad_image("truncated", dataset, tmp_path)
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(toy_model_file), "--out", str(out), str(good), str(bad)]) == 1
+    _check_one_line_error(capsys.readouterr().err, bad)
+    left = sorted(p.name for p in out.iterdir())
+    assert "scores.json" not in left and not [name for name in left if name.startswith(".") or name.endswith(".tmp")], left
+    for name in left:
+        with Image.open(out / name) as image:
+            image.load()  # complete: decodes every pixel

@@ -7,6 +7,7 @@ import gzip
 import io
 import struct
 import zipfile
+import zlib
 from fractions import Fraction
 from pathlib import Path
 
@@ -169,6 +170,20 @@ def test_undecodable_file_is_named(kind: str, tmp_path: Path, np_rng: np.random.
     members["train/a/1.png"] = b""
     with pytest.raises(ValueError, match=r"train/a/1\.png is empty"):
         load_image_folder(_store(kind, tmp_path / "empty", members))
+
+
+@pytest.mark.parametrize("kind", STORAGES)
+def test_image_past_the_pixel_limit_is_named(kind: str, tmp_path: Path, np_rng: np.random.Generator) -> None:
+    # A PNG whose header claims 100000 x 100000 pixels: refused before decoding, as by load_image.
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    huge = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    good = _png(np_rng.integers(0, 256, (5, 5, 3), dtype=np.uint8))
+    members = {"train/a/0.png": good, "train/a/1.png": huge, "train/b/0.png": good}
+    with pytest.raises(ValueError, match=r"train/a/1\.png is larger than the image size limit: 10000000000 pixels"):
+        load_image_folder(_store(kind, tmp_path, members))
 
 
 @pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])

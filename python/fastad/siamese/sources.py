@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from ..data.datasets import IMAGE_EXTENSIONS
 from .._checks import check_int
 from .._progress import progress_bar
-from ..data.images import _convert, _SIXTEEN_BIT_MODES, _sixteen_bit_values
+from ..data.images import _SIXTEEN_BIT_MODES, _bomb_error, _convert, _reason, _sixteen_bit_values
 
 __all__ = ["LabelledImages", "load_image_folder", "load_mnist", "stratified_subset"]
 
@@ -292,10 +292,10 @@ def _decode_rgb(data: bytes, what: str) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # decodes every pixel: where a truncated or corrupt file shows
-    except Image.DecompressionBombError:
-        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise _bomb_error("image", Path(what), err) from err
     except Exception as err:  # PIL raises OSError, SyntaxError, EOFError, struct.error...
-        raise ValueError(f"cannot decode image {what}: {err}") from err
+        raise ValueError(f"cannot decode image {what}: {_reason(err)}") from err
     # getexif() is cheap; exif_transpose is not, and almost no image needs it.
     if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)
