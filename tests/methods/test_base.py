@@ -258,14 +258,12 @@ def test_mismatched_files_are_refused(fitted, tmp_path):
 def test_failed_save_leaves_the_old_file_intact(fitted, tmp_path, monkeypatch):
     path = fitted.save(tmp_path / "m.safetensors")
     before = path.read_bytes()
-    import safetensors.torch
 
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def broken(f, tensors, metadata):
+        f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(model_io, "_write_safetensors", broken)
     with pytest.raises(OSError, match="disk full"):
         fitted.save(path)
     assert path.read_bytes() == before

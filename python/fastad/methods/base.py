@@ -16,6 +16,8 @@ constructor stores them, ``get_params`` reads them back, learned state ends in `
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch
 
 from .. import io as model_io
 from .._batching import describe, group_by_size, is_map_dataset, iterate, stack_images, stack_labels
-from .._checks import check_device, check_image_batch, check_int
+from .._checks import check_choice, check_device, check_image_batch, check_int
 
 # ----------------------------------------------------------------------------------------------
 # Registry
@@ -217,7 +219,14 @@ class AnomalyModel:
         return self
 
     def _check_params(self) -> None:
+        from ..postprocess import UPSAMPLE_MODES
+
         check_int(self.batch_size, "batch_size")
+        for name in ("holdout", "threshold_quantile", "blur_sigma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        check_choice(self.upsample_mode, "upsample_mode", UPSAMPLE_MODES)
         if not (0.0 <= float(self.holdout) <= 0.5):
             raise ValueError(f"holdout must be in [0, 0.5] (the share of training images held back), got {self.holdout!r}")
         if not (0.0 < float(self.threshold_quantile) <= 1.0):
@@ -268,6 +277,17 @@ class AnomalyModel:
             scores = torch.cat([self.predict(group).scores for group in _same_size_runs(held)])
             self.threshold_ = float(good_quantile_threshold(scores, self.threshold_quantile))
         return self
+
+    def _check_state(self) -> None:
+        """Checks the learned state read from a model file (ValueError or TypeError naming the
+        attribute): a file can be edited and its checksum recomputed. The base checks what it sets
+        itself; a method overrides this (calling super) to check its own state against its
+        parameters (tensor shapes and dtypes), so that a wrong file fails at load, not at predict."""
+        check_int(getattr(self, "n_train_images_", None), "n_train_images_")
+        threshold = getattr(self, "threshold_", None)
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not math.isfinite(threshold)):
+            raise ValueError(f"threshold_ must be None or a finite number, got {threshold!r}")
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "n_train_images_"):
@@ -389,6 +409,11 @@ class AnomalyModel:
             raise model_io.ModelFileError(f"{path} holds a {name!r} model, which is not available here: {exc}") from None
         if cls is not AnomalyModel and not issubclass(klass, cls):
             raise model_io.ModelFileError(f"{path} holds a {name!r} model, not a {cls.__name__}")
+        for field in ("params", "state", "rebuild"):  # an edited file whose checksum was recomputed
+            value = header.get(field, {})
+            if not isinstance(value, dict) or (field == "rebuild" and not all(
+                    isinstance(v, list) and all(isinstance(n, str) for n in v) for v in value.values())):
+                raise model_io.ModelFileError(f"{path}: the header's {field!r} entry is malformed ({value!r:.80})")
         params = dict(header.get("params") or {})
         if device is not None:
             params["device"] = device
@@ -397,15 +422,21 @@ class AnomalyModel:
             raise model_io.ModelFileError(
                 f"{path} was written with parameters this {klass.__name__} does not have: {', '.join(sorted(unknown))}"
             )
-        model = klass(**params)
-        state = dict(header.get("state") or {})
-        state.update(_rebuild_state(tensors, header.get("rebuild") or {}, path))
-        for name_, value in state.items():
-            if not (name_.isidentifier() and name_.endswith("_") and not name_.startswith("_")):
-                raise model_io.ModelFileError(f"{path}: {name_!r} is not a learned attribute name")
-            setattr(model, name_, value)
+        try:
+            model = klass(**params)
+            state = dict(header.get("state") or {})
+            state.update(_rebuild_state(tensors, header.get("rebuild") or {}, path))
+            for name_, value in state.items():
+                if not (name_.isidentifier() and name_.endswith("_") and not name_.startswith("_")):
+                    raise model_io.ModelFileError(f"{path}: {name_!r} is not a learned attribute name")
+                setattr(model, name_, value)
+            model._check_params()
+            model._check_state()
+        except model_io.ModelFileError:
+            raise
+        except (TypeError, ValueError) as exc:  # a parameter or learned value that cannot be right
+            raise model_io.ModelFileError(f"{path} does not hold a usable {name!r} model: {exc}") from exc
         model._check_fitted()
-        model._check_params()
         return model.to(model.device)
 
 
