@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .io import write_json
+from .io import output_folder, write_json
 
 
 class CliError(Exception):
@@ -86,8 +86,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model = _load_model(args.model, args.device)
     transform = model.transform()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(args.out)
     results, used = [], set()
     for n, path in enumerate(args.images):
         image = load_image(path)
@@ -122,8 +121,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args.device)
     dataset = open_dataset(args.data, "test")  # evaluate applies the method's transform()
     result = evaluate(model, dataset)
-    report_dir = Path(args.report)
-    report_dir.mkdir(parents=True, exist_ok=True)
+    report_dir = output_folder(args.report, "--report")
     write_json(report_dir / "metrics.json", dict(result.metrics, per_defect=result.per_defect,
                                                   model=str(args.model), data=str(args.data)))
     info = {"method": model.method_name, "file": str(args.model), "parameters": model.get_params()}

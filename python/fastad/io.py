@@ -280,6 +280,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp.shown
 
 
+def output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+    """The folder ``path``, made (with its parents) if missing. A path that exists as something
+    else raises NotADirectoryError naming the option it came from, instead of mkdir's bare
+    "File exists"."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{option} {folder} exists and is not a folder; give a folder for the output files")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """``data`` as indented JSON at ``path``, written atomically."""
     with atomic_path(path) as tmp:

@@ -228,3 +228,17 @@ def test_predict_stops_at_a_bad_image_without_half_written_files(dataset, toy_mo
     for name in left:
         with Image.open(out / name) as image:
             image.load()  # complete: decodes every pixel
+
+
+@pytest.mark.parametrize("option", ["predict", "evaluate"])
+def test_an_output_path_that_is_a_file_is_named(option, dataset, toy_model_file, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    image = sorted((dataset / "test").rglob("*.png"))[0]
+    args = (["predict", "--model", str(toy_model_file), "--out", str(taken), str(image)] if option == "predict"
+            else ["evaluate", "--model", str(toy_model_file), "--data", str(dataset), "--report", str(taken)])
+    assert main(args) == 1
+    flag = "--out" if option == "predict" else "--report"
+    assert capsys.readouterr().err.strip() == (
+        f"fastad {option}: error: {flag} {taken} exists and is not a folder; give a folder for the output files")
+    assert taken.read_text() == "keep me"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import atomic_path, write_json
+from ..io import atomic_path, output_folder, write_json
 
 # Above this many input pixels, detect writes its pictures at the map's resolution (one pixel per
 # cell, blocks of cells beyond PICTURE_SIDE) rather than upsampled to the input's: a 20,000 x
@@ -155,8 +155,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     detector = _load_detector(args.model, args.device)
     if args.padding:
         detector.padding = args.padding
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(args.out)
     start = time.perf_counter()
     detection = detector.detect(args.template, args.inspected, dense=args.dense, tile=args.tile,
                                 progress=None)
@@ -198,8 +197,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         config.cifar_model = PRETRAINED_PATH if args.cifar_model == "shipped" else Path(args.cifar_model)
     if args.device:
         config.device = args.device
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(args.out)
     results = reproduce(out_dir, config)
     print(json.dumps(_headline(results), indent=2))
     print(f"figures and results.json in {out_dir}")
