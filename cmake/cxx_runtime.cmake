@@ -14,12 +14,13 @@
 #   -DFASTAD_COMPILER_DESC=<text> -P cmake/cxx_runtime.cmake     (exit code != 0 when refused)
 
 # Sets ${out_var} to "" when `file` links the shared libstdc++ and carries no runtime of its own,
-# else to a sentence saying what is wrong.
+# to "UNREADABLE: <why>" when readelf could not read it (no verdict), else to a sentence saying
+# what is wrong.
 function(fastad_cxx_runtime_problem file readelf out_var)
   execute_process(COMMAND "${readelf}" -d -W "${file}" OUTPUT_VARIABLE _dyn ERROR_VARIABLE _err
                   RESULT_VARIABLE _rc)
   if(NOT _rc EQUAL 0)
-    set(${out_var} "could not read ${file} with ${readelf}: ${_err}" PARENT_SCOPE)
+    set(${out_var} "UNREADABLE: ${readelf} could not read ${file} (exit code ${_rc}): ${_err}" PARENT_SCOPE)
     return()
   endif()
   # Defined (not UND) runtime symbols: the exception machinery and the stream inserters that
@@ -65,7 +66,12 @@ endfunction()
 if(CMAKE_SCRIPT_MODE_FILE)
   # POST_BUILD: inspect the linked module; delete it when refused so nothing installs it.
   fastad_cxx_runtime_problem("${FASTAD_MODULE}" "${FASTAD_READELF}" _problem)
-  if(_problem)
+  if(_problem MATCHES "^UNREADABLE: (.*)")
+    # No verdict: keep the module (it may be fine) but do not pass it unchecked.
+    message(FATAL_ERROR "fastad: cannot check which C++ runtime the linked module uses: ${CMAKE_MATCH_1}\n"
+            "Install binutils (readelf), or configure again in a fresh build folder if the cached "
+            "CMAKE_READELF is stale.")
+  elseif(_problem)
     file(REMOVE "${FASTAD_MODULE}")
     fastad_cxx_runtime_refuse("the linked module ${FASTAD_MODULE}" "${_problem}"
                               "${FASTAD_COMPILER_DESC}" "")
@@ -133,6 +139,9 @@ endfunction()
 _fastad_probe_compiler("${CMAKE_CXX_COMPILER}" _problem)
 if(_problem STREQUAL "SKIP")
   message(STATUS "fastad: the C++ runtime probe did not link; the linked module is checked instead")
+elseif(_problem MATCHES "^UNREADABLE: (.*)")
+  message(WARNING "fastad: the C++ runtime probe could not be inspected (${CMAKE_MATCH_1}); "
+                  "the linked module is checked instead")
 elseif(_problem)
   # Name a compiler on this machine that would work, if there is one.
   set(_advice "")
@@ -142,7 +151,7 @@ elseif(_problem)
       file(REAL_PATH "${_candidate}" _real)
       if(NOT _real STREQUAL _current)
         _fastad_probe_compiler("${_candidate}" _other)
-        if(NOT _other)
+        if(_other STREQUAL "")
           set(_advice " (${_candidate} here links the shared runtime: CXX=${_candidate})")
           break()
         endif()

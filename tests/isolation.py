@@ -37,6 +37,10 @@ class Outcome:
     traceback: str = ""
     log: str = ""
 
+    def skipped(self) -> bool:
+        """The target called pytest.skip (e.g. pytest.importorskip of a missing package)."""
+        return self.kind == "raised" and self.exc_type.endswith("outcomes.Skipped")
+
     def describe(self) -> str:
         if self.kind == "returned":
             return f"returned {self.value!r}"
@@ -51,6 +55,8 @@ def _serve(conn, log_path: str) -> None:
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 2)
     os.close(fd)
+    # Messages are compared whole: no C++ stack traces appended to them.
+    os.environ.pop("TORCH_SHOW_CPP_STACKTRACES", None)
     while True:
         try:
             request = conn.recv()
@@ -63,11 +69,15 @@ def _serve(conn, log_path: str) -> None:
         try:
             function = getattr(importlib.import_module(module_name), function_name)
             value = function(*args, **kwargs)
+            reply = ("returned", value, "", "", "")
         except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
-            conn.send(("raised", None, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc),
-                       traceback.format_exc()))
-        else:
-            conn.send(("returned", value, "", "", ""))
+            reply = ("raised", None, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc),
+                     traceback.format_exc())
+        try:
+            conn.send(reply)
+        except Exception as exc:  # noqa: BLE001 - a value that does not pickle
+            conn.send(("raised", None, f"{type(exc).__module__}.{type(exc).__qualname__}",
+                       f"the result of {target} could not be sent back: {exc}", traceback.format_exc()))
 
 
 def _signal_name(exitcode: int | None) -> str:
@@ -94,7 +104,9 @@ class IsolatedRunner:
         handle, self._log = tempfile.mkstemp(prefix="fastad-worker-", suffix=".log")
         os.close(handle)
         self._conn, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_serve, args=(child, self._log), daemon=True)
+        # Not a daemon, so that a target may start processes of its own; it still ends with the
+        # parent, whose end closes the pipe (recv raises EOFError).
+        self._proc = self._ctx.Process(target=_serve, args=(child, self._log))
         self._proc.start()
         child.close()
 
@@ -105,8 +117,9 @@ class IsolatedRunner:
         except OSError:
             return ""
 
-    def _discard(self) -> None:
+    def _discard(self, grace: float = 0.0) -> None:
         if self._proc is not None:
+            self._proc.join(grace)
             if self._proc.is_alive():
                 self._proc.kill()
             self._proc.join(10)
@@ -146,7 +159,7 @@ class IsolatedRunner:
     def close(self) -> None:
         if self._proc is not None and self._proc.is_alive():
             try:
-                self._conn.send(None)
+                self._conn.send(None)  # asks the worker to return
             except OSError:
                 pass
-        self._discard()
+        self._discard(grace=5.0)

@@ -6,9 +6,12 @@ exercise the base class, model files, the CLI and the report without any method'
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from fastad._checks import check_choice, check_int
 from fastad.methods import AnomalyModel, register_method
 
 
@@ -21,6 +24,24 @@ class ToyMean(AnomalyModel):
         super().__init__(**common)
         self.pool = pool
         self.image_score = image_score
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        check_int(self.pool, "pool")
+        check_choice(self.image_score, "image_score", ("map", "mean"))
+
+    def _check_state(self) -> None:
+        super()._check_state()
+        mean = getattr(self, "mean_", None)
+        if not (isinstance(mean, torch.Tensor) and mean.dtype == torch.float32 and mean.dim() == 3
+                and mean.shape[0] == 3 and mean.numel() > 0):
+            got = f"a {mean.dtype} tensor of shape {tuple(mean.shape)}" if isinstance(mean, torch.Tensor) else repr(mean)
+            raise ValueError(f"mean_ must be a torch.float32 tensor of shape (3, h, w), got {got}")
+        if not bool(torch.isfinite(mean).all()):
+            raise ValueError("mean_ holds NaN or infinite values")
+        spread = getattr(self, "spread_", None)
+        if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0.0 < spread < math.inf:
+            raise ValueError(f"spread_ must be a positive finite number, got {spread!r}")
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(images, self.pool)

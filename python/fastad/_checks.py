@@ -79,3 +79,23 @@ def check_int(value: object, name: str, *, minimum: int = 1, meaning: str = "") 
         kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
         raise ValueError(f"{name} must be a {kind} int{f' ({meaning})' if meaning else ''}, got {value!r}")
     return value
+
+
+def check_state_tensor(name: str, value: object, dtype, shape: tuple) -> torch.Tensor:
+    """``value`` if it is a tensor of ``dtype`` (one dtype, or a tuple of those allowed) and
+    ``shape`` (an int: that size; a str: a named size, any >= 1) whose floating values are finite,
+    else a ValueError naming ``name`` with what was expected and what was found. For learned
+    state read from a model file; reads the values once, with no temporary of their size."""
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    kinds = " or ".join(str(d) for d in dtypes)
+    want = f"{kinds} tensor of shape ({', '.join(map(str, shape))}{',' if len(shape) == 1 else ''})"
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a {want}, got {'nothing' if value is None else type(value).__name__}")
+    got = tuple(value.shape)
+    if value.dtype not in dtypes or len(got) != len(shape) or any(
+            n != s if isinstance(s, int) else n < 1 for n, s in zip(got, shape)):
+        raise ValueError(f"{name} must be a {want}, got a {value.dtype} tensor of shape {got}")
+    if value.is_floating_point() and value.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(value)):
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return value
+

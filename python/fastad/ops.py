@@ -1,7 +1,9 @@
 """Python entry points of fastad's operators, and their fake kernels for torch.compile.
 
-Each function is a thin wrapper over ``torch.ops.fastad.<op>``; the C++ kernel validates its
-arguments (one place for every device). The meaning of each op is in :mod:`fastad.reference`,
+Each function is a thin wrapper over ``torch.ops.fastad.<op>``: it checks what the dispatcher
+would otherwise refuse with an unclear RuntimeError (arguments that are not tensors, ints beyond
+int64, a ``prepared`` on another device); the C++ kernel validates everything else, in one place
+for every device. The meaning of each op is in :mod:`fastad.reference`,
 its shapes and dtypes in ``csrc/ops/<op>/<op>.h``.
 """
 
@@ -11,10 +13,36 @@ import torch
 from torch import Tensor
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
 def _check_int(value, name: str) -> int:
+    # The schema's int is int64: a larger Python int would fail in the dispatcher with a
+    # multi-line message about types.
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise ValueError(f"{name} must fit in a 64-bit integer, got {value}")
     return value
+
+
+def _check_tensors(**tensors) -> None:
+    # A list or NumPy array would reach the dispatcher and fail there with a RuntimeError (or a
+    # NotImplementedError for None) that does not say which argument was wrong.
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_prepared(prepared, bank: Tensor) -> None:
+    # `prepared` takes part in dispatch: on another device than the bank it would send the call
+    # to that device's kernel (a meta tensor even to the fake kernel, which returns garbage).
+    if prepared is None:
+        return
+    _check_tensors(prepared=prepared)
+    if prepared.device != bank.device:
+        raise ValueError(f"prepared must be on the bank's device ({bank.device}), got {prepared.device}; "
+                         "make it with fastad.ops.knn_prepare(bank)")
 
 
 def knn(query: Tensor, bank: Tensor, k: int, *, squared: bool = False, prepared: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -34,6 +62,8 @@ def knn(query: Tensor, bank: Tensor, k: int, *, squared: bool = False, prepared:
         ``bank``; equal distances are ordered by the lower index. Non-finite inputs give
         unspecified distances (indices stay valid). Memory: one tile, never an M x N matrix.
     """
+    _check_tensors(query=query, bank=bank)
+    _check_prepared(prepared, bank)
     return torch.ops.fastad.knn(query, bank, _check_int(k, "k"), bool(squared), prepared)
 
 
@@ -68,6 +98,7 @@ def knn_prepare(bank: Tensor) -> Tensor:
         prepare (CUDA banks, D < 32, a CPU without AVX2, non-finite bank values); ``knn`` accepts
         an empty one with any bank. Prepare the bank again after changing it.
     """
+    _check_tensors(bank=bank)
     return torch.ops.fastad.knn_prepare(bank)
 
 
@@ -99,6 +130,7 @@ def kcenter_greedy(x: Tensor, k: int, *, start: int = 0) -> tuple[Tensor, Tensor
         contiguous float32 copy of ``x`` on the CPU when it is half or strided; on CUDA a contiguous
         copy in ``x``'s dtype when it is strided).
     """
+    _check_tensors(x=x)
     return torch.ops.fastad.kcenter_greedy(x, _check_int(k, "k"), _check_int(start, "start"))
 
 
@@ -133,6 +165,7 @@ def mahalanobis(x: Tensor, mean: Tensor, L: Tensor) -> Tensor:
         it. Memory: no (B, P, D) difference tensor; each factor is read once for the whole batch.
         ``mean`` and ``L`` (and ``x`` on CUDA) are copied once when not contiguous.
     """
+    _check_tensors(x=x, mean=mean, L=L)
     return torch.ops.fastad.mahalanobis(x, mean, L)
 
 
@@ -172,6 +205,7 @@ def omp(x: Tensor, dictionary: Tensor, n_nonzero: int) -> tuple[Tensor, Tensor]:
         Rebuild the signals with :func:`omp_reconstruct`. CPU and CUDA (the CUDA kernel has never run:
         no GPU was available where it was written; it reads one flag back to check the atoms).
     """
+    _check_tensors(x=x, dictionary=dictionary)
     return torch.ops.fastad.omp(x, dictionary, _check_int(n_nonzero, "n_nonzero"))
 
 

@@ -19,6 +19,8 @@ def _lite0():
 @pytest.mark.parametrize("call", ["predict", "fit"])
 def test_generated_inputs_work_or_raise_clearly(call, method, isolated):
     outcome = isolated.call(f"tests.methods.properties:check_{call}", method, timeout=1800)
+    if outcome.skipped():
+        pytest.skip(outcome.message)
     if outcome.kind != "returned":
         pytest.fail(f"{method}.{call}: {outcome.describe()}")
     print(f"{method}.{call}: {outcome.value}")  # shown with -rA; the reliability table's counts

@@ -74,11 +74,15 @@ def _changed(bank):
 
 def _with_env(name, value, call):
     def run(dev):
+        before = os.environ.get(name)
         os.environ[name] = value
         try:
             return call(dev)
-        finally:
-            del os.environ[name]
+        finally:  # the worker runs the next cases: leave its environment as it was
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
     return run
 
 
@@ -95,6 +99,18 @@ KNN = {
     "mixed-dtype": Case(_knn((4, 3), (5, 3), 1, torch.float32, torch.float16), TYPE, "query and bank must have the same dtype, got Float and Half"),
     "k-float": Case(lambda dev: fastad.ops.knn(_ones((4, 3), dev), _ones((5, 3), dev), 1.5), TYPE, "k must be an int, got float"),
     "k-bool": Case(lambda dev: fastad.ops.knn(_ones((4, 3), dev), _ones((5, 3), dev), True), TYPE, "k must be an int, got bool"),
+    "k-beyond-int64": Case(lambda dev: fastad.ops.knn(_ones((4, 3), dev), _ones((5, 3), dev), 2**70), VALUE,
+                           f"k must fit in a 64-bit integer, got {2**70}"),
+    "query-list": Case(lambda dev: fastad.ops.knn([[1.0, 2.0, 3.0]], _ones((5, 3), dev), 1), TYPE, "query must be a torch.Tensor, got list"),
+    "bank-none": Case(lambda dev: fastad.ops.knn(_ones((4, 3), dev), None, 1), TYPE, "bank must be a torch.Tensor, got NoneType"),
+    "prepared-meta": Case(lambda dev: fastad.ops.knn(_ones((4, 64), dev), _prepared_bank().to(dev), 1,
+                                                     prepared=torch.empty(0, dtype=torch.uint8, device="meta")), VALUE,
+                          "prepared must be on the bank's device ({dev}), got meta; make it with fastad.ops.knn_prepare(bank)"),
+    "prepared-on-cuda-bank-on-cpu": Case(lambda dev: fastad.ops.knn(_ones((4, 64), "cpu"), _prepared_bank(), 1,
+                                                                    prepared=fastad.ops.knn_prepare(_prepared_bank().to(dev))), VALUE,
+                                         "prepared must be on the bank's device (cpu), got {dev}; make it with fastad.ops.knn_prepare(bank)",
+                                         cuda_only=True),
+    "prepare-array": Case(lambda dev: fastad.ops.knn_prepare(_ones((5, 40), "cpu").numpy()), TYPE, "bank must be a torch.Tensor, got ndarray"),
     "k-str": Case(lambda dev: fastad.ops.knn(_ones((4, 3), dev), _ones((5, 3), dev), "3"), TYPE, "k must be an int, got str"),
     "two-devices": Case(lambda dev: fastad.ops.knn(_ones((4, 3), "cpu"), _ones((5, 3), dev), 1), VALUE,
                         "query and bank must be on the same device, got cpu and {dev}", cuda_only=True),
@@ -144,6 +160,11 @@ KCENTER = {
     "k-float": Case(lambda dev: fastad.ops.kcenter_greedy(_ones((5, 3), dev), 1.5), TYPE, "k must be an int, got float"),
     "k-bool": Case(lambda dev: fastad.ops.kcenter_greedy(_ones((5, 3), dev), True), TYPE, "k must be an int, got bool"),
     "start-str": Case(lambda dev: fastad.ops.kcenter_greedy(_ones((5, 3), dev), 2, start="0"), TYPE, "start must be an int, got str"),
+    "x-none": Case(lambda dev: fastad.ops.kcenter_greedy(None, 1), TYPE, "x must be a torch.Tensor, got NoneType"),
+    "start-beyond-int64": Case(lambda dev: fastad.ops.kcenter_greedy(_ones((5, 3), dev), 2, start=-(2**64)), VALUE,
+                               f"start must fit in a 64-bit integer, got {-(2**64)}"),
+    "nan-lone-row": Case(_kcenter((1, 20), 1, poison=(0, float("nan"))), VALUE, "x must hold only finite values, got NaN or Inf",
+                         cpu_only=True),
     "start-float": Case(lambda dev: fastad.ops.kcenter_greedy(_ones((5, 3), dev), 2, start=2.0), TYPE, "start must be an int, got float"),
     "nan-start-row": Case(_kcenter((300, 20), 1, poison=(0, float("nan"))), VALUE, "x must hold only finite values, got NaN or Inf", cpu_only=True),
     "nan-other-row": Case(_kcenter((300, 20), 1, poison=(123, float("nan"))), VALUE, "x must hold only finite values, got NaN or Inf", cpu_only=True),
@@ -179,6 +200,8 @@ MAHALANOBIS = {
                               VALUE, "x and mean must be on the same device, got {dev} and cpu", cuda_only=True),
     "L-other-device": Case(lambda dev: fastad.ops.mahalanobis(_ones((2, 4, 3), dev), _ones((4, 3), dev), _ones((4, 3, 3), "cpu")),
                            VALUE, "x and L must be on the same device, got {dev} and cpu", cuda_only=True),
+    "mean-str": Case(lambda dev: fastad.ops.mahalanobis(_ones((2, 4, 3), dev), "mean", _ones((4, 3, 3), dev)), TYPE,
+                     "mean must be a torch.Tensor, got str"),
     "unknown-isa": Case(_with_env("FASTAD_MAHALANOBIS_CPU_ISA", "sse2", _mahal((1, 1, 1), (1, 1), (1, 1, 1))), VALUE,
                         "FASTAD_MAHALANOBIS_CPU_ISA must be avx512, avx2 or portable, got 'sse2'", cpu_only=True),
 }
@@ -220,6 +243,8 @@ OMP = {
     "not-unit": Case(_omp(2, unit=False), VALUE, "dictionary atoms must have unit norm (within 1e-3), got norm 2 for atom 0 of group 0 (normalise the rows: dictionary / dictionary.norm(dim=-1, keepdim=True))"),
     "one-atom-long": Case(_omp(2, d_shape=(2, 6, 4), tamper=_scale_atom(1, 4, 1.01)), VALUE, "dictionary atoms must have unit norm (within 1e-3), got norm 1.01 for atom 4 of group 1 (normalise the rows: dictionary / dictionary.norm(dim=-1, keepdim=True))"),
     "nan-atom": Case(_omp(2, d_shape=(2, 6, 4), tamper=_nan_atom), VALUE, "dictionary atoms must have unit norm (within 1e-3), got norm nan for atom 2 of group 0 (normalise the rows: dictionary / dictionary.norm(dim=-1, keepdim=True))"),
+    "dictionary-array": Case(lambda dev: fastad.ops.omp(_ones((2, 3, 4), dev), _ones((2, 5, 4), "cpu").numpy(), 2), TYPE,
+                             "dictionary must be a torch.Tensor, got ndarray"),
     "s-float": Case(lambda dev: _omp(2.0)(dev), TYPE, "n_nonzero must be an int, got float"),
     "reconstruct-int32": Case(lambda dev: fastad.ops.omp_reconstruct(torch.zeros(2, 3, 2, dtype=torch.int32, device=dev),
                                                                      torch.zeros(2, 3, 2, device=dev), _ones((2, 5, 4), dev)), TYPE, "indices must be int64, got torch.int32"),

@@ -83,7 +83,8 @@ def _poison(t: torch.Tensor, value: float | None, gen: torch.Generator) -> bool:
 
 
 def _materialise(values: torch.Tensor, dtype: torch.dtype, layout: str, device: str) -> torch.Tensor:
-    return _layout(values, layout).to(device=device, dtype=dtype)
+    # The layout last: .to() would make a strided view contiguous again.
+    return _layout(values.to(device=device, dtype=dtype), layout)
 
 
 # What each search did, returned to the test for the reliability table in benchmarks/RESULTS.md.
@@ -127,6 +128,11 @@ def _expect_error(call, allowed: set[type], context: str) -> None:
 
 # ---- knn ----------------------------------------------------------------------------------------
 
+def _pick(draw, flaw: str, table: dict, otherwise):
+    """``table[flaw]`` when the flaw sets this value (0 included), else a draw from ``otherwise``."""
+    return table[flaw] if flaw in table else draw(otherwise)
+
+
 def _flaw(draw, flaws: list[str]) -> str:
     """Most cases are valid; the others carry one flaw, so the exception they must raise is known."""
     return draw(st.sampled_from(["none"] * len(flaws) * 2 + flaws))
@@ -141,8 +147,8 @@ def knn_cases(draw):
     # One case in four is large enough for the CPU's int8 screen (N >= 1024, M >= 64, D >= 32).
     big = draw(st.sampled_from([False, False, False, True]))
     n = 0 if flaw == "empty-bank" else draw(st.integers(1000, 3000) if big else st.integers(1, 70))
-    k = {"k-0": 0, "k-negative": -3, "k-above-n": n + 1, "k-huge": 2**40}.get(flaw) or draw(st.integers(1, max(1, min(n, 40))))
-    q_dtype = {"query-double": torch.float64, "bank-int": torch.float32}.get(flaw) or draw(VALID_FLOATS)
+    k = _pick(draw, flaw, {"k-0": 0, "k-negative": -3, "k-above-n": n + 1, "k-huge": 2**40}, st.integers(1, max(1, min(n, 40))))
+    q_dtype = _pick(draw, flaw, {"query-double": torch.float64, "bank-int": torch.float32}, VALID_FLOATS)
     b_dtype = {"bank-int": torch.int32, "query-double": torch.float64,
                "mixed-dtype": torch.float16 if q_dtype != torch.float16 else torch.float32}.get(flaw, q_dtype)
     return dict(
@@ -213,9 +219,9 @@ def kcenter_cases(draw):
     n = 0 if flaw == "no-rows" else draw(st.integers(500, 3000) if big else st.integers(1, 60))
     return dict(
         flaw=flaw, n=n, d=0 if flaw == "no-columns" else draw(st.sampled_from([1, 2, 3, 5, 16, 33])),
-        k={"k-0": 0, "k-above-n": n + 1}.get(flaw) or draw(st.integers(1, max(1, min(n, 150)))),
-        start={"start-negative": -1, "start-n": n}.get(flaw, draw(st.integers(0, max(0, n - 1)))),
-        dtype={"double": torch.float64, "int": torch.int32}.get(flaw) or draw(VALID_FLOATS), layout=draw(LAYOUTS),
+        k=_pick(draw, flaw, {"k-0": 0, "k-above-n": n + 1}, st.integers(1, max(1, min(n, 150)))),
+        start=_pick(draw, flaw, {"start-negative": -1, "start-n": n}, st.integers(0, max(0, n - 1))),
+        dtype=_pick(draw, flaw, {"double": torch.float64, "int": torch.int32}, VALID_FLOATS), layout=draw(LAYOUTS),
         kind=draw(st.sampled_from(["normal", "integers", "duplicates", "constant", "far", "huge"])),
         poison=draw(POISONS), seed=draw(st.integers(0, 2**32 - 1)),
     )
@@ -289,7 +295,7 @@ def run_mahalanobis_case(case: dict, device: str) -> None:
     rows = 1 if case["shared_mean"] else p
     x_values = torch.randn(b, p, d, generator=gen, dtype=torch.float64)
     if case["x_layout"] == "channels-first":  # features (B, D, P) read as (B, P, D), as PaDiM holds them
-        x = x_values.transpose(1, 2).contiguous().transpose(1, 2).to(device=device, dtype=case["x_dtype"])
+        x = x_values.to(device=device, dtype=case["x_dtype"]).transpose(1, 2).contiguous().transpose(1, 2)
     else:
         x = _materialise(x_values, case["x_dtype"], case["x_layout"], device)
     mean = _materialise(torch.randn(rows, d, generator=gen, dtype=torch.float64), case["mean_dtype"], case["mean_layout"], device)
@@ -334,10 +340,10 @@ def omp_cases(draw):
     g = draw(st.integers(1, 3)) if flaw in ("atom-long", "atom-nan") else draw(st.integers(0, 3))
     return dict(
         flaw=flaw, g=g, m=draw(st.integers(0, 6)), k=k, d=d,
-        s={"s-0": 0, "s-negative": -1, "s-above": most + 1}.get(flaw) or draw(st.integers(1, most)),
+        s=_pick(draw, flaw, {"s-0": 0, "s-negative": -1, "s-above": most + 1}, st.integers(1, most)),
         signals=draw(st.sampled_from(["normal", "sparse", "zeros", "atom"])),
         duplicate_atoms=draw(st.booleans()),
-        atom_scale={"atom-long": 1.01, "atom-nan": float("nan")}.get(flaw) or draw(st.sampled_from([1.0, 1.0005])),
+        atom_scale=_pick(draw, flaw, {"atom-long": 1.01, "atom-nan": float("nan")}, st.sampled_from([1.0, 1.0005])),
         x_dtype=torch.float64 if flaw == "x-double" else torch.float32,
         d_dtype=torch.float16 if flaw == "dictionary-half" else torch.float32,
         x_layout=draw(LAYOUTS), d_layout=draw(st.sampled_from(["contiguous", "transposed", "row-strided", "column-slice"])),

@@ -42,6 +42,8 @@ def test_a_crash_is_one_failed_case(isolated):
 
 def _die_by_segfault():
     import faulthandler
+    import resource
 
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file of a whole torch process
     faulthandler.enable()  # prints "Fatal Python error: Segmentation fault" to the worker's log
     faulthandler._sigsegv()

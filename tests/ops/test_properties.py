@@ -14,6 +14,8 @@ from ..conftest import DEVICES
 @pytest.mark.parametrize("device", DEVICES)
 def test_generated_inputs_match_the_reference_or_raise_clearly(op, device, isolated):
     outcome = isolated.call(f"tests.ops.properties:check_{op}", device, timeout=1800)
+    if outcome.skipped():
+        pytest.skip(outcome.message)
     if outcome.kind != "returned":
         pytest.fail(f"{op} on {device}: {outcome.describe()}")
     tally = outcome.value

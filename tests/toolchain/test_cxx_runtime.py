@@ -28,17 +28,28 @@ NINJA = shutil.which("ninja", path=str(VENV_BIN)) or shutil.which("ninja")
 GXX = shutil.which("g++")
 READELF = shutil.which("readelf")
 
+
+
+def _has_static_libstdcxx() -> bool:
+    """Whether g++ can link libstdc++ statically at all (Fedora/RHEL need libstdc++-static)."""
+    if not GXX:
+        return False
+    out = subprocess.run([GXX, "-print-file-name=libstdc++.a"], capture_output=True, text=True, timeout=60)
+    return os.path.isabs(out.stdout.strip())
+
+
 needs_toolchain = pytest.mark.skipif(
-    not (CMAKE and GXX and READELF and sys.platform.startswith("linux")),
-    reason="needs Linux with cmake, g++ and readelf (binutils)",
+    not (CMAKE and GXX and READELF and sys.platform.startswith("linux") and _has_static_libstdcxx()),
+    reason="needs Linux with cmake, g++, readelf (binutils) and a static libstdc++ to refuse",
 )
 REFUSAL = "torch's libraries use the shared libstdc++.so.6"
 
 
-def _configure(build_dir: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "LDFLAGS", "CXXFLAGS")}
+def _configure(build_dir: Path, env_extra: dict[str, str], extra: list[str] = ()) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CXX", "LDFLAGS", "CXXFLAGS", "CMAKE_TOOLCHAIN_FILE") and not k.startswith("CMAKE_GENERATOR")}
     env.update(env_extra)
-    cmd = [CMAKE, "-S", str(ROOT), "-B", str(build_dir), "-DFASTAD_CUDA=off"]
+    cmd = [CMAKE, "-S", str(ROOT), "-B", str(build_dir), "-DFASTAD_CUDA=off", *extra]
     if NINJA:
         cmd += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={NINJA}"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -76,13 +87,19 @@ def test_configure_refuses_a_compiler_that_links_the_runtime_statically(tmp_path
 
 
 @needs_toolchain
-def test_configure_accepts_the_shared_runtime(tmp_path):
-    """The same configure with plain flags gets past the probe (it may stop later, e.g. where
-    pybind11 is not on CMake's path here, but not at the runtime check)."""
-    result = _configure(tmp_path / "build", {})
+def test_configure_accepts_the_shared_runtime_and_checks_the_linked_module(tmp_path):
+    """Plain flags pass the probe, configuring completes, and the build checks _C after linking."""
+    pybind11 = pytest.importorskip("pybind11")
+    if not NINJA:
+        pytest.skip("needs ninja to read the generated build")
+    result = _configure(tmp_path / "build", {}, [f"-DPython_EXECUTABLE={sys.executable}",
+                                                 f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"])
     text = _message(result)
-    assert "fastad: the extension links the shared C++ runtime (checked with" in text, text
+    assert result.returncode == 0, text
+    assert "fastad: the extension links the shared C++ runtime (checked with" in text
     assert REFUSAL not in text
+    rules = (tmp_path / "build" / "build.ninja").read_text()
+    assert f"-P {SCRIPT}" in rules and "-DFASTAD_MODULE=" in rules and "_C" in rules
 
 
 def _run_module_check(module: Path) -> subprocess.CompletedProcess:
@@ -118,6 +135,16 @@ def test_linked_module_with_the_shared_runtime_passes(tmp_path):
                    check=True, capture_output=True, timeout=120)
     result = _run_module_check(module)
     assert result.returncode == 0, _message(result)
+    assert module.exists()
+
+
+@needs_toolchain
+def test_an_unreadable_module_is_not_passed_and_not_deleted(tmp_path):
+    module = tmp_path / "_C.so"
+    module.write_bytes(b"not an ELF file")
+    result = _run_module_check(module)
+    assert result.returncode != 0
+    assert "cannot check which C++ runtime the linked module uses" in _message(result)
     assert module.exists()
 
 

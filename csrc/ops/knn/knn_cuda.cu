@@ -293,7 +293,11 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at
   TORCH_CHECK_VALUE(!prepared.has_value() || prepared->numel() == 0,
               "prepared must be fastad.ops.knn_prepare(bank) of this CUDA bank, which is empty; "
               "got ", prepared.has_value() ? prepared->numel() : 0, " bytes (a CPU bank's?)");
-  TORCH_CHECK(query_in.is_cuda(), "knn_cuda expects CUDA tensors, got ", query_in.device());
+  // Reached with CPU query and bank only when `prepared` alone is a CUDA tensor (it takes part
+  // in dispatch); fastad.ops.knn refuses that first, a direct torch.ops call lands here.
+  TORCH_CHECK_VALUE(query_in.is_cuda(), "query and bank must be on prepared's device (",
+                    prepared.has_value() ? prepared->device() : query_in.device(), "), got ",
+                    query_in.device());
   const c10::cuda::CUDAGuard guard(query_in.device());
   // Row-major rows make the survivors' exact distances coalesced reads (a no-op when they are).
   const at::Tensor query = query_in.contiguous();

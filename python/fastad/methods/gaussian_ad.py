@@ -21,6 +21,7 @@ from .. import ops
 from ..gaussian_stats import GaussianAccumulator, check_regularization, precision_factors
 from .base import register_method
 from .feature_model import FeatureModel
+from .._checks import check_state_tensor
 
 
 @register_method("gaussian_ad")
@@ -69,6 +70,30 @@ class GaussianAD(FeatureModel):
         super()._check_params()
         check_regularization(self.covariance, self.eps)
 
+    def _check_state(self) -> None:
+        from ..features import BACKBONES
+
+        super()._check_state()
+        info = BACKBONES[self.backbone].layer_info
+        levels = self.feature_layers()
+        for name in ("mean_", "precision_factor_"):
+            value = getattr(self, name, None)
+            if not isinstance(value, dict) or set(value) != set(levels):
+                raise ValueError(f"{name} must be a dict of the levels {levels}, got {_keys(value)}")
+        for level in levels:
+            c = info[level][0]
+            check_state_tensor(f"mean_[{level!r}]", self.mean_[level], torch.float32, (1, c))
+            factor = check_state_tensor(f"precision_factor_[{level!r}]", self.precision_factor_[level], torch.float32, (1, c, c))
+            if not float(factor.diagonal(dim1=-2, dim2=-1).amin()) > 0:
+                raise ValueError(f"precision_factor_[{level!r}] must be a Cholesky factor (a positive diagonal), "
+                                 "got a diagonal entry <= 0")
+        shrinkage = getattr(self, "shrinkage_", None)  # a record (Ledoit-Wolf only), not used in scoring
+        if not isinstance(shrinkage, dict) or (shrinkage and set(shrinkage) != set(levels)):
+            raise ValueError(f"shrinkage_ must be a dict of the levels {levels} or empty, got {_keys(shrinkage)}")
+        for level, value in shrinkage.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"shrinkage_[{level!r}] must be a number in [0, 1], got {value!r}")
+
     def pooled_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{level: (B, C) float32}``: each level's feature map averaged over its positions."""
         return {layer: f.mean(dim=(2, 3)) for layer, f in self._features(images).items()}
@@ -104,3 +129,7 @@ class GaussianAD(FeatureModel):
             distance = squared[:, 0].clamp_min(0.0).sqrt()
             total = distance if total is None else total + distance
         return None, total
+
+
+def _keys(value: Any) -> str:
+    return str(list(value)) if isinstance(value, dict) else f"a {type(value).__name__}"

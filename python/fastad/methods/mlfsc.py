@@ -25,13 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .._checks import check_int
+from .._checks import check_int, check_state_tensor
 from ..dictionary import DictionaryLearner
 from .base import register_method
 from .feature_model import FeatureModel
 
 # Patches of at most this many values (all channels) are formed at once: 32 M floats, 128 MB.
 _CHUNK_VALUES = 2**25
+# How far from 1 an atom's norm may be: what fastad.ops.omp accepts.
+_ATOM_NORM_TOLERANCE = 1e-3
 
 
 @register_method("mlfsc")
@@ -102,6 +104,16 @@ class MLFSC(FeatureModel):
                              f"patch_stride ({self.patch_stride}) so that the patches cover the crop")
         if self.n_nonzero > min(self.n_atoms, self.patch_size**2):
             raise ValueError(f"n_nonzero ({self.n_nonzero}) must be at most n_atoms ({self.n_atoms}) and patch_size**2 ({self.patch_size**2})")
+
+    def _check_state(self) -> None:
+        super()._check_state()
+        shape = (self.feature_channels(), self.n_atoms, self.patch_size**2)  # one dictionary per channel
+        dictionary = check_state_tensor("dictionary_", getattr(self, "dictionary_", None), torch.float32, shape)
+        # ops.omp codes over unit-norm atoms only (and refuses others, within this tolerance).
+        low, high = (float(v) for v in torch.aminmax(torch.linalg.vector_norm(dictionary, dim=-1, dtype=torch.float64)))
+        if not (abs(low - 1.0) <= _ATOM_NORM_TOLERANCE and abs(high - 1.0) <= _ATOM_NORM_TOLERANCE):
+            raise ValueError(f"dictionary_ must hold atoms of unit norm (within {_ATOM_NORM_TOLERANCE}), "
+                             f"got norms from {low:.6g} to {high:.6g}")
 
     # -- patches ---------------------------------------------------------------------------------
 

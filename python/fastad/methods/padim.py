@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .._checks import check_int
+from .._checks import check_int, check_state_tensor
 from ..gaussian_stats import GaussianAccumulator, check_regularization, precision_factors
 from .base import register_method
 from .feature_model import FeatureModel
@@ -74,6 +74,29 @@ class PaDiM(FeatureModel):
             check_int(self.n_features, "n_features", meaning="or None: the paper's subset for the backbone")
         check_regularization(self.covariance, self.eps)
         check_int(self.seed, "seed", minimum=0)
+
+    def _check_state(self) -> None:
+        super()._check_state()
+        total = self.feature_channels()
+        # The subset's size is what fit drew, not n_features now (set_params after fit changes only
+        # the parameter); the Gaussians must agree with it.
+        channels = check_state_tensor("channels_", getattr(self, "channels_", None), torch.int64, ("D",))
+        d = channels.numel()
+        low, high = (int(v) for v in torch.aminmax(channels))
+        if low < 0 or high >= total:
+            raise ValueError(f"channels_ must index the {total} embedding channels, got values from {low} to {high}")
+        if d > 1 and not bool((channels[1:] > channels[:-1]).all()):
+            raise ValueError("channels_ must be increasing (a subset of the embedding's channels, in their order)")
+        grid = getattr(self, "grid_", None)
+        if not isinstance(grid, (list, tuple)) or len(grid) != 2:
+            raise ValueError(f"grid_ must be the feature grid [h, w], got {grid!r}")
+        for value in grid:
+            check_int(value, "grid_")
+        p = grid[0] * grid[1]
+        check_state_tensor("mean_", getattr(self, "mean_", None), torch.float32, (p, d))
+        factor = check_state_tensor("precision_factor_", getattr(self, "precision_factor_", None), torch.float32, (p, d, d))
+        if not float(factor.diagonal(dim1=-2, dim2=-1).amin()) > 0:
+            raise ValueError("precision_factor_ must be Cholesky factors (a positive diagonal), got a diagonal entry <= 0")
 
     # -- embedding -------------------------------------------------------------------------------
 

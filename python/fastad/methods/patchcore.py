@@ -13,6 +13,7 @@ bank prepared once (``fastad.ops.knn_prepare``) since every image searches it tw
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any, ClassVar
 
@@ -20,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .._checks import check_int
+from .._checks import check_int, check_state_tensor
 from .._versions import in_place_version
 from .base import register_method
-from .feature_model import FeatureModel, bank_dtype_of
+from .feature_model import BANK_DTYPES, FeatureModel, bank_dtype_of
 
 
 
@@ -92,6 +93,20 @@ class PatchCore(FeatureModel):
         if self.projection_dim is not None:
             check_int(self.projection_dim, "projection_dim", minimum=0, meaning="or None: select on the patches themselves")
         bank_dtype_of(self.bank_dtype)  # raises on an unknown name
+
+    def _check_state(self) -> None:
+        super()._check_state()
+        dim = min(self.feature_channels(), self.embed_dim)  # patch_features' width
+        # Any bank dtype fastad writes: set_params(bank_dtype=...) after fit changes the parameter,
+        # not the bank, and such a model must still load.
+        bank = check_state_tensor("bank_", getattr(self, "bank_", None), tuple(BANK_DTYPES.values()), ("K", dim))
+        n = check_int(getattr(self, "n_patches_", None), "n_patches_")
+        if bank.shape[0] > n:
+            raise ValueError(f"bank_ holds {bank.shape[0]} patches, more than the {n} training patches (n_patches_)")
+        radius = getattr(self, "coreset_radius_", None)
+        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0.0 <= radius < math.inf:
+            raise ValueError(f"coreset_radius_ must be a finite number >= 0, got {radius!r}")
+
     # -- patch features --------------------------------------------------------------------------
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:

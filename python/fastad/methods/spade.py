@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_int, check_state_tensor
 from ..ops import knn
 from .base import register_method
-from .feature_model import FeatureModel, bank_dtype_of
+from .feature_model import BANK_DTYPES, FeatureModel, bank_dtype_of
 
 _IMAGE_SCORES = ("knn", "max")
 # The image-level retrieval uses the network's last stage, whatever its name on each backbone.
@@ -102,6 +102,25 @@ class SPADE(FeatureModel):
         check_int(self.k_features, "k_features", meaning="the number of nearest gallery features")
         check_choice(self.image_score, "image_score", _IMAGE_SCORES)
         bank_dtype_of(self.bank_dtype)  # raises on an unknown name
+
+    def _check_state(self) -> None:
+        from ..features import BACKBONES
+
+        super()._check_state()
+        info = BACKBONES[self.backbone].layer_info
+        n = self.n_train_images_  # one pooled row and one map per training image
+        check_state_tensor("pooled_", getattr(self, "pooled_", None), torch.float32, (n, info[self.image_layer()][0]))
+        features, layers = getattr(self, "features_", None), self.map_layers()
+        if not isinstance(features, dict) or set(features) != set(layers):
+            raise ValueError(f"features_ must be a dict of the map layers {layers}, got {_keys(features)}")
+        # As PatchCore's bank: whatever bank_dtype was at fit, but one for every layer.
+        dtype = tuple(BANK_DTYPES.values())
+        for layer in layers:
+            check_state_tensor(f"features_[{layer!r}]", features[layer], dtype, (n, info[layer][0], "h", "w"))
+            if features[layer].dtype != features[layers[0]].dtype:
+                raise ValueError(f"features_[{layer!r}] is {features[layer].dtype} but features_[{layers[0]!r}] is "
+                                 f"{features[layers[0]].dtype}: every layer's maps have the bank's one dtype")
+
     # -- fit -------------------------------------------------------------------------------------
 
     def _fit_batches(self, batches: Iterator[torch.Tensor]) -> None:
@@ -138,7 +157,7 @@ class SPADE(FeatureModel):
 
     def _score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         map_layers = self.map_layers()
-        if list(self.features_) != map_layers:
+        if set(self.features_) != set(map_layers):  # a model file gives the layers in name order
             raise ValueError(f"this SPADE was fitted on layers {list(self.features_)} but its layers are now {map_layers}; fit again")
         features = self._features(images)
         pooled = features[self.image_layer()].mean(dim=(2, 3))
@@ -175,3 +194,7 @@ class SPADE(FeatureModel):
             distances, _ = knn(query_rows[i], gallery, self.k_features)
             maps.append(distances.mean(dim=1).reshape(h, w))
         return torch.stack(maps)
+
+
+def _keys(value: Any) -> str:
+    return str(list(value)) if isinstance(value, dict) else f"a {type(value).__name__}"

@@ -181,8 +181,16 @@ class SiameseDetector:
             net.load_state_dict(tensors, strict=True)
         except RuntimeError as exc:
             raise model_io.ModelFileError(f"{path}: the tensors do not fit the network: {exc}") from exc
+        # An edited file whose checksum was recomputed can hold anything in these two entries.
+        for entry in ("history", "training"):
+            if not isinstance(header.get(entry) or {}, dict):
+                raise model_io.ModelFileError(f"{path}: the header's {entry!r} entry is malformed ({header[entry]!r:.80})")
+        try:
+            history = TrainingHistory.from_dict(header.get("history") or {})
+        except (TypeError, ValueError) as exc:
+            raise model_io.ModelFileError(f"{path}: the header's 'history' entry is malformed: {exc}") from exc
         detector.network_ = net.to(detector.device).eval()
-        detector.history_ = TrainingHistory.from_dict(header.get("history") or {})
+        detector.history_ = history
         detector.training_info_ = dict(header.get("training") or {})
         return detector
 
