@@ -49,6 +49,22 @@ class Outcome:
         return f"{self.kind}: {self.message}\n--- worker stderr (tail) ---\n{self.log}"
 
 
+def run_search(runner: "IsolatedRunner", target: str, *args: Any, what: str) -> Any:
+    """Runs a generated-input search ``target`` in the worker and returns its tally: the test
+    skips when the search did (a missing package), fails with the reason when it raised or the
+    worker died, and prints the tally (shown with ``pytest -rA``: the reliability table's counts)."""
+    import pytest
+
+    outcome = runner.call(target, *args, timeout=1800)
+    if outcome.skipped():
+        pytest.skip(outcome.message)
+    if outcome.kind != "returned":
+        pytest.fail(f"{what}: {outcome.describe()}")
+    print(f"{what}: {outcome.value}")
+    assert sum(outcome.value.values()) > 0, f"{what}: no case ran"
+    return outcome.value
+
+
 def _serve(conn, log_path: str) -> None:
     # The worker's stderr goes to a file, so that what a dying process prints (a signal report,
     # "terminate called after...", an abort message) can be shown with the failure.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ..conftest import require_lite0
+from ..isolation import run_search
 from .properties import METHODS
 
 
@@ -18,10 +19,4 @@ def _lite0():
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("call", ["predict", "fit"])
 def test_generated_inputs_work_or_raise_clearly(call, method, isolated):
-    outcome = isolated.call(f"tests.methods.properties:check_{call}", method, timeout=1800)
-    if outcome.skipped():
-        pytest.skip(outcome.message)
-    if outcome.kind != "returned":
-        pytest.fail(f"{method}.{call}: {outcome.describe()}")
-    print(f"{method}.{call}: {outcome.value}")  # shown with -rA; the reliability table's counts
-    assert sum(outcome.value.values()) > 0
+    run_search(isolated, f"tests.methods.properties:check_{call}", method, what=f"{method}.{call}")

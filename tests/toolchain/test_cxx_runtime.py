@@ -110,14 +110,20 @@ def _run_module_check(module: Path) -> subprocess.CompletedProcess:
     )
 
 
-@needs_toolchain
-def test_linked_module_with_its_own_runtime_is_refused_and_deleted(tmp_path):
-    source = tmp_path / "m.cpp"
+def _link_module(folder: Path, *flags: str) -> Path:
+    """A small shared library that formats a number with a C++ stream, linked with ``flags``."""
+    source = folder / "m.cpp"
     source.write_text('#include <sstream>\n#include <string>\n'
                       'std::string f(long v) { std::ostringstream s; s << v; return s.str(); }\n')
-    module = tmp_path / "_C.so"
-    subprocess.run([GXX, "-fPIC", "-shared", str(source), "-o", str(module), "-static-libstdc++"],
+    module = folder / "_C.so"
+    subprocess.run([GXX, "-fPIC", "-shared", str(source), "-o", str(module), *flags],
                    check=True, capture_output=True, timeout=120)
+    return module
+
+
+@needs_toolchain
+def test_linked_module_with_its_own_runtime_is_refused_and_deleted(tmp_path):
+    module = _link_module(tmp_path, "-static-libstdc++")
     result = _run_module_check(module)
     text = _message(result)
     assert result.returncode != 0
@@ -127,12 +133,7 @@ def test_linked_module_with_its_own_runtime_is_refused_and_deleted(tmp_path):
 
 @needs_toolchain
 def test_linked_module_with_the_shared_runtime_passes(tmp_path):
-    source = tmp_path / "m.cpp"
-    source.write_text('#include <sstream>\n#include <string>\n'
-                      'std::string f(long v) { std::ostringstream s; s << v; return s.str(); }\n')
-    module = tmp_path / "_C.so"
-    subprocess.run([GXX, "-fPIC", "-shared", str(source), "-o", str(module)],
-                   check=True, capture_output=True, timeout=120)
+    module = _link_module(tmp_path)
     result = _run_module_check(module)
     assert result.returncode == 0, _message(result)
     assert module.exists()
