@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastad._checks import check_choice, check_int
+from fastad._checks import check_choice, check_int, check_state_tensor
 from fastad.methods import AnomalyModel, register_method
 
 
@@ -32,13 +32,7 @@ class ToyMean(AnomalyModel):
 
     def _check_state(self) -> None:
         super()._check_state()
-        mean = getattr(self, "mean_", None)
-        if not (isinstance(mean, torch.Tensor) and mean.dtype == torch.float32 and mean.dim() == 3
-                and mean.shape[0] == 3 and mean.numel() > 0):
-            got = f"a {mean.dtype} tensor of shape {tuple(mean.shape)}" if isinstance(mean, torch.Tensor) else repr(mean)
-            raise ValueError(f"mean_ must be a torch.float32 tensor of shape (3, h, w), got {got}")
-        if not bool(torch.isfinite(mean).all()):
-            raise ValueError("mean_ holds NaN or infinite values")
+        check_state_tensor("mean_", getattr(self, "mean_", None), torch.float32, (3, "h", "w"))
         spread = getattr(self, "spread_", None)
         if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0.0 < spread < math.inf:
             raise ValueError(f"spread_ must be a positive finite number, got {spread!r}")

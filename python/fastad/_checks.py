@@ -99,3 +99,7 @@ def check_state_tensor(name: str, value: object, dtype, shape: tuple) -> torch.T
         raise ValueError(f"{name} holds NaN or infinite values")
     return value
 
+
+def keys_of(value: object) -> str:
+    """How a state check names what it found where a dict was expected: its keys, or its type."""
+    return str(list(value)) if isinstance(value, dict) else f"a {type(value).__name__}"

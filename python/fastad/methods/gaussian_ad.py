@@ -21,7 +21,7 @@ from .. import ops
 from ..gaussian_stats import GaussianAccumulator, check_regularization, precision_factors
 from .base import register_method
 from .feature_model import FeatureModel
-from .._checks import check_state_tensor
+from .._checks import check_state_tensor, keys_of
 
 
 @register_method("gaussian_ad")
@@ -79,7 +79,7 @@ class GaussianAD(FeatureModel):
         for name in ("mean_", "precision_factor_"):
             value = getattr(self, name, None)
             if not isinstance(value, dict) or set(value) != set(levels):
-                raise ValueError(f"{name} must be a dict of the levels {levels}, got {_keys(value)}")
+                raise ValueError(f"{name} must be a dict of the levels {levels}, got {keys_of(value)}")
         for level in levels:
             c = info[level][0]
             check_state_tensor(f"mean_[{level!r}]", self.mean_[level], torch.float32, (1, c))
@@ -89,7 +89,7 @@ class GaussianAD(FeatureModel):
                                  "got a diagonal entry <= 0")
         shrinkage = getattr(self, "shrinkage_", None)  # a record (Ledoit-Wolf only), not used in scoring
         if not isinstance(shrinkage, dict) or (shrinkage and set(shrinkage) != set(levels)):
-            raise ValueError(f"shrinkage_ must be a dict of the levels {levels} or empty, got {_keys(shrinkage)}")
+            raise ValueError(f"shrinkage_ must be a dict of the levels {levels} or empty, got {keys_of(shrinkage)}")
         for level, value in shrinkage.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"shrinkage_[{level!r}] must be a number in [0, 1], got {value!r}")
@@ -129,7 +129,3 @@ class GaussianAD(FeatureModel):
             distance = squared[:, 0].clamp_min(0.0).sqrt()
             total = distance if total is None else total + distance
         return None, total
-
-
-def _keys(value: Any) -> str:
-    return str(list(value)) if isinstance(value, dict) else f"a {type(value).__name__}"

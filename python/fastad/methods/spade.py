@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_choice, check_int, check_state_tensor
+from .._checks import check_choice, check_int, check_state_tensor, keys_of
 from ..ops import knn
 from .base import register_method
 from .feature_model import BANK_DTYPES, FeatureModel, bank_dtype_of
@@ -112,7 +112,7 @@ class SPADE(FeatureModel):
         check_state_tensor("pooled_", getattr(self, "pooled_", None), torch.float32, (n, info[self.image_layer()][0]))
         features, layers = getattr(self, "features_", None), self.map_layers()
         if not isinstance(features, dict) or set(features) != set(layers):
-            raise ValueError(f"features_ must be a dict of the map layers {layers}, got {_keys(features)}")
+            raise ValueError(f"features_ must be a dict of the map layers {layers}, got {keys_of(features)}")
         # As PatchCore's bank: whatever bank_dtype was at fit, but one for every layer.
         dtype = tuple(BANK_DTYPES.values())
         for layer in layers:
@@ -194,7 +194,3 @@ class SPADE(FeatureModel):
             distances, _ = knn(query_rows[i], gallery, self.k_features)
             maps.append(distances.mean(dim=1).reshape(h, w))
         return torch.stack(maps)
-
-
-def _keys(value: Any) -> str:
-    return str(list(value)) if isinstance(value, dict) else f"a {type(value).__name__}"
