@@ -163,10 +163,28 @@ def mahalanobis(x: Tensor, mean: Tensor, L: Tensor) -> Tensor:
         (B, P) float32, non-negative; empty when B or P is 0. Values are not checked: a NaN or Inf
         in ``x[b, p]`` makes ``out[b, p]`` non-finite, one in a mean or factor every output using
         it. Memory: no (B, P, D) difference tensor; each factor is read once for the whole batch.
-        ``mean`` and ``L`` (and ``x`` on CUDA) are copied once when not contiguous.
+
+    Layouts: on the CPU no argument is copied. ``L`` is read where it lies when row-major
+    (``L.contiguous()``) or column-major (what ``torch.linalg.cholesky`` returns), equally fast,
+    so pass the factor as cholesky gives it; other strides cost a copy of one factor at a time.
+    ``x`` may be channels-last (``(B, P, D)`` memory, fastest) or channels-first (a CNN's
+    ``(B, D, H*W)`` output seen as ``(B, P, D)``); ``mean`` may be any view. On CUDA, arguments
+    that are not contiguous are copied once per call.
     """
     _check_tensors(x=x, mean=mean, L=L)
     return torch.ops.fastad.mahalanobis(x, mean, L)
+
+
+def mahalanobis_factor_layout(L: Tensor) -> Tensor:
+    """``L`` in the memory layout :func:`mahalanobis` reads fastest on ``L``'s device: column-major
+    on the CPU (as ``torch.linalg.cholesky`` returns factors; other layouts are transposed one
+    factor at a time on every call), contiguous on CUDA. Returns ``L`` itself when it already is,
+    else a copy (same values). For models that hold their factors between calls."""
+    if not isinstance(L, Tensor) or L.dim() != 3:
+        raise TypeError(f"L must be a (Q, D, D) tensor, got {type(L).__name__ if not isinstance(L, Tensor) else tuple(L.shape)}")
+    if L.device.type == "cpu":
+        return L if L.stride(1) == 1 or L.shape[1] == 1 else L.mT.contiguous().mT
+    return L.contiguous()
 
 
 @torch.library.register_fake("fastad::mahalanobis")
@@ -261,4 +279,4 @@ def omp_error(x: Tensor, indices: Tensor, coefs: Tensor, dictionary: Tensor) -> 
     return (x - omp_reconstruct(indices, coefs, dictionary)).square().sum(-1)
 
 
-__all__ = ["kcenter_greedy", "knn", "knn_prepare", "mahalanobis", "omp", "omp_error", "omp_reconstruct"]
+__all__ = ["kcenter_greedy", "knn", "knn_prepare", "mahalanobis", "mahalanobis_factor_layout", "omp", "omp_error", "omp_reconstruct"]

@@ -103,6 +103,9 @@ def test_model_file_round_trip_gives_identical_predictions(rng, tmp_path):
     loaded = AnomalyModel.load(model.save(tmp_path / "padim.safetensors"))
     assert type(loaded) is PaDiM and loaded.get_params() == model.get_params()
     assert torch.equal(loaded.channels_, model.channels_) and torch.equal(loaded.precision_factor_, model.precision_factor_)
+    # The file stores the factors contiguous; fitted and loaded models both hold them column-major,
+    # the layout the CPU kernel reads in place.
+    assert model.precision_factor_.stride(1) == 1 and loaded.precision_factor_.stride(1) == 1
     before, after = model.predict(test), loaded.predict(test)
     assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
 

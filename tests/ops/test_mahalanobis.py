@@ -155,6 +155,45 @@ def test_non_contiguous_inputs(device, rng):
         assert_close_to_reference(fastad.ops.mahalanobis(xv, mv, lv), xv, mv, lv, f"seed {rng.initial_seed()}")
 
 
+def factor_layouts(L: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same factors in the layouts users hold: row-major, column-major (what
+    torch.linalg.cholesky returns) and neither (each row's entries two floats apart)."""
+    wide = torch.zeros(*L.shape[:-1], 2 * L.shape[-1])
+    wide[..., ::2] = L
+    return {"row-major": L.contiguous(), "column-major": L.mT.contiguous().mT, "strided": wide[..., ::2]}
+
+
+@pytest.mark.parametrize("b", [5, 40])  # a few samples (one per row) and 40 (samples in vector lanes: 32 + 8)
+@pytest.mark.parametrize("d", [21, 64])  # 21: a partial block of factor columns
+def test_every_factor_layout_gives_the_same_result(b, d, device, cpu_isa, rng):
+    # Each layout is read where it lies (or, for odd strides, copied once per position) and summed
+    # in the same order, so the results are equal bit for bit, and close to the float64 reference.
+    x, mean, L = make_inputs(b, 7, d, 7, 7, rng)
+    outs = {}
+    for name, lv in factor_layouts(L).items():
+        outs[name] = fastad.ops.mahalanobis(x.to(device), mean.to(device), lv.to(device)).cpu()
+        assert_close_to_reference(outs[name], x, mean, lv, f"{name}, seed {rng.initial_seed()}")
+    assert torch.equal(outs["column-major"], outs["row-major"]) and torch.equal(outs["strided"], outs["row-major"])
+
+
+def test_factor_straight_from_cholesky(device, cpu_isa, rng):
+    # The way PaDiM users hold it: torch.linalg.cholesky's column-major result, passed as returned.
+    x, mean, _, cov = make_inputs_and_covariances(33, 6, 50, 6, 6, rng)
+    L = torch.linalg.cholesky(torch.linalg.inv(cov).float())
+    assert L.stride()[1:] == (1, 50), "torch.linalg.cholesky is expected to return column-major factors"
+    out = fastad.ops.mahalanobis(x.to(device), mean.to(device), L.to(device))
+    assert_close_to_reference(out, x, mean, L, f"seed {rng.initial_seed()}")
+
+
+def test_factor_layout_helper(rng):
+    L = make_inputs(2, 3, 9, 3, 3, rng)[2]
+    column_major = fastad.ops.mahalanobis_factor_layout(L)
+    assert torch.equal(column_major, L) and column_major.stride(1) == 1
+    assert fastad.ops.mahalanobis_factor_layout(column_major) is column_major  # no copy when already so
+    with pytest.raises(TypeError, match="L must be a"):
+        fastad.ops.mahalanobis_factor_layout(L[0])
+
+
 @pytest.mark.parametrize("q", [150, 1])
 def test_channels_first_features(q, device, cpu_isa, rng):
     # A CNN's (B, D, H*W) memory seen as (B, P, D): features strided, positions contiguous. The CPU

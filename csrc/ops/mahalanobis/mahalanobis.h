@@ -17,13 +17,20 @@
 //   when P = 1 both readings agree).
 //
 // Computation is float32 with float32 accumulation; the centred differences are formed once
-// (one rounding) and every inner product runs over i in ascending order. Each position's factor
-// is read once for its whole batch (once per 64 samples on the CPU, per 128 on CUDA); there is no
-// (B, P, D) difference tensor: working memory is, per thread on the CPU, a tile of centred rows
-// (at most max(2^18, 64 D) floats) and one packed factor (about D (D + 16) / 2 floats), and per
-// block on CUDA a 32 x 32 tile of the factor in shared memory. L and mean are made contiguous (a copy only when they are
-// not); on the CPU x is read through its strides, fastest with contiguous features (channels-last
-// CNN output) and fast with contiguous positions (channels-first); on CUDA it is made contiguous.
+// (one rounding) and every inner product runs over i in ascending order, so the result does not
+// depend on the layout of any argument. Each position's factor is read once for its whole batch
+// (once per 64 samples on the CPU, per 128 on CUDA); there is no (B, P, D) difference tensor.
+//
+// Layouts, CPU: nothing is copied per call. x, mean and L are read through their strides. L is
+// read in place when row-major (stride 1 along j: what .contiguous() gives) or column-major
+// (stride 1 along i: what torch.linalg.cholesky returns, i.e. the transpose of a row-major upper
+// factor); the two are equally fast. A factor with neither stride 1 is copied one position at a
+// time into a thread's buffer. x is fastest with contiguous features (channels-last CNN output)
+// and fast with contiguous positions (channels-first). Working memory per thread: a tile of
+// centred values (at most max(2^18, 64 D) floats) and one factor's worth of scratch (at most
+// D^2 floats).
+// Layouts, CUDA: x, mean and L are made contiguous (a copy when they are not); per block, a
+// 32 x 32 tile of the factor lives in shared memory.
 //
 // Values are not checked (on CUDA that would cost a host synchronisation): a NaN or Inf in
 // x[b, p] gives a non-finite out[b, p] only; one in mean[m] or in the lower triangle of L[q]

@@ -167,6 +167,13 @@ class PaDiM(FeatureModel):
         self.mean_ = accumulator.mean().float()
         self.precision_factor_ = precision_factors(accumulator, covariance=self.covariance, eps=float(self.eps))
 
+    def _moved_to(self, device: str) -> None:
+        super()._moved_to(device)
+        # A loaded or moved model holds row-major factors (model files store tensors contiguous);
+        # the op reads another layout fastest on the CPU, so it is made once here, not per call.
+        if isinstance(getattr(self, "precision_factor_", None), torch.Tensor):
+            self.precision_factor_ = ops.mahalanobis_factor_layout(self.precision_factor_)
+
     # -- score -----------------------------------------------------------------------------------
 
     def _score_batch(self, images: torch.Tensor):
