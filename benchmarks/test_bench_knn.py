@@ -27,6 +27,9 @@ CPU_SHAPES = [
     (784, 16384, 1536, 1),
     # one image's EfficientNet-Lite0 patches against a magnetic-tile-sized PatchCore bank
     (784, 7840, 152, 1),
+    # SPADE's pixel search at its first Lite0 layer (stride 4, 24 channels): one image's 56 x 56
+    # positions against every position of its 50 nearest training images
+    (3136, 156800, 24, 1),
 ]
 
 
@@ -86,7 +89,9 @@ def test_knn_cpu(benchmark, record, contender, m, n, d, k, kind):
     if contender.startswith("faiss") and not HAS_FAISS:
         pytest.skip("faiss-cpu is not installed (pip install faiss-cpu)")
     if kind == "clustered" and (m, n) == CPU_SHAPES[1][:2]:
-        pytest.skip("clustered data at the acceptance and PatchCore shapes only")
+        pytest.skip("clustered data at the acceptance, PatchCore and SPADE shapes only")
+    if contender == "torch.cdist + topk" and m * n > 2**28:
+        pytest.skip("torch.cdist would materialise the whole M x N matrix (2 GB); chunked matmul stands in")
     if "screen" in contender and kind == "clustered" or "GEMM" in contender and kind == "clustered":
         pytest.skip("forced fastad paths on random data only")
     sgemm_rate("cpu")

@@ -92,10 +92,10 @@ def knn_prepare(bank: Tensor) -> Tensor:
         bank: (N, D) float32 (float16/bfloat16 accepted), N >= 1.
 
     Returns:
-        A 1-D uint8 tensor on ``bank``'s device, about N x D bytes: opaque, tied to this bank
-        (``knn`` checks its shape and a fingerprint of sampled rows on every call) and to this
-        build of fastad, so recompute it rather than store it. Empty where there is nothing to
-        prepare (CUDA banks, D < 32, a CPU without AVX2, non-finite bank values); ``knn`` accepts
+        A 1-D uint8 tensor on ``bank``'s device, about N x (D rounded up to 64, + 20) bytes: opaque,
+        tied to this bank (``knn`` checks its shape and a fingerprint of sampled rows on every
+        call) and to this build of fastad, so recompute it rather than store it. Empty where there is nothing to
+        prepare (CUDA banks, D < 8, a CPU without AVX2, non-finite bank values); ``knn`` accepts
         an empty one with any bank. Prepare the bank again after changing it.
     """
     _check_tensors(bank=bank)

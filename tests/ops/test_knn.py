@@ -14,7 +14,7 @@ from fastad import reference
 
 from ..conftest import CUDA_SKIP
 
-# (M, N, D, k). The CPU kernel has two paths: an int8-screened one (D >= 32, 32 k <= N, and
+# (M, N, D, k). The CPU kernel has two paths: an int8-screened one (D >= 8, 32 k <= N, and
 # without a prepared bank N >= 1024 and M >= 64; AMX, AVX-512 VNNI or AVX2 micro-kernel) and a
 # float32 GEMM one (everything else); the shapes below exercise both, with sizes that are not
 # multiples of any tile (4, 8 or 32 query rows, 16 or 32 bank columns, 64 padded dims, 64-row
@@ -26,11 +26,14 @@ SHAPES = [
     (33, 100, 1, 5),  # D = 1
     (50, 500, 64, 9),  # float32 path
     (10, 200, 50, 200),  # k = N, float32 path
-    (1030, 4500, 20, 4),  # several GEMM tiles
+    (1030, 4500, 20, 4),  # several GEMM tiles (when the path is forced; else screened)
     (70, 1030, 384, 9),  # screened path, ragged tails
     (3, 2000, 1536, 3),  # D = 1536, few rows: float32 path
     (64, 2000, 1536, 3),  # one block of query rows: the screen splits the bank across threads
     (130, 5000, 100, 64),  # screened, large k
+    (100, 3000, 24, 1),  # screened at small D (SPADE's first Lite0 layer)
+    (70, 1100, 8, 9),  # the screen's smallest D
+    (70, 1100, 7, 9),  # one below: float32 path
 ]
 
 
@@ -128,9 +131,9 @@ def test_prepared_half_bank(rng):
     assert_knn_correct(q.float(), b.float(), 3, False, dist, idx, rng.initial_seed())
 
 
-@pytest.mark.parametrize("d,poison", [(16, None), (64, "nan"), (64, "inf")])
+@pytest.mark.parametrize("d,poison", [(7, None), (64, "nan"), (64, "inf")])
 def test_prepare_is_empty_where_nothing_can_be_prepared(d, poison, rng):
-    # D < 32 goes to the float32 path anyway; a non-finite bank cannot be bounded.
+    # D < 8 goes to the float32 path anyway; a non-finite bank cannot be bounded.
     q, b = random_inputs(70, 2000, d, rng, "cpu")
     if poison:
         b[5, 3] = float(poison)

@@ -14,7 +14,7 @@
 // knn_prepare does once the per-bank work the CPU screen otherwise repeats on every call (the
 // bank's int8 coding and the terms of its bound), for a bank that is searched many times. The
 // result is a plain byte tensor on the bank's device: empty where nothing can be prepared (CUDA,
-// D < 32, no AVX2, non-finite bank values), which knn accepts for any bank. Results are the same
+// D < 8, no AVX2, non-finite bank values), which knn accepts for any bank. Results are the same
 // with or without it. knn checks a non-empty one against the bank on every call (shape, layout,
 // a fingerprint of sampled rows) and raises when it belongs to another bank.
 //

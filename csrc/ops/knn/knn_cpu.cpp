@@ -144,17 +144,24 @@ void knn_gemm_tiles(const float* q, int64_t m, const float* b, int64_t n, int64_
 
 namespace {
 
-// The screen needs AVX2, a width its int32 sums hold exactly, and room to rule rows out (k well
-// below n). Without a prepared bank it must also code the bank, which costs about as much as the
+// Below this many dims the codes (each row padded to 64 dims, one AMX tile row of bytes) would
+// take over twice the float rows' memory in a prepared bank. Down to it the screen wins clearly:
+// at SPADE's first Lite0 layer (3136 queries, 156,800 gallery rows, D = 24, k = 1) 72 ms with AMX,
+// 93 with VNNI and 172 with AVX2 against 299 ms on the float32 path; 70 against 261 ms at D = 8.
+// (Up to 2026-12 the screen started at D = 32.)
+constexpr int64_t kMinScreenDim = 8;
+
+// The screen needs AVX2, enough dims to be worth its codes (kMinScreenDim), a width its int32
+// sums hold exactly, and room to rule rows out (k well below n). Without a prepared bank it must also code the bank, which costs about as much as the
 // float32 products of 64 query rows against it: fewer rows, or a small bank, go to the GEMM.
 bool screen_suits(int64_t m, int64_t n, int64_t d, int64_t k, bool prepared) {
-  if (!cpu_supports(CpuIsa::kAvx2) || d < 32 || d > knn_detail::kMaxScreenDim || k > 1024 || k * 32 > n)
+  if (!cpu_supports(CpuIsa::kAvx2) || d < kMinScreenDim || d > knn_detail::kMaxScreenDim || k > 1024 || k * 32 > n)
     return false;
   return prepared || (n >= 1024 && m >= 64);
 }
 
 bool prepares(int64_t d) {
-  return cpu_supports(CpuIsa::kAvx2) && d >= 32 && d <= knn_detail::kMaxScreenDim;
+  return cpu_supports(CpuIsa::kAvx2) && d >= kMinScreenDim && d <= knn_detail::kMaxScreenDim;
 }
 
 bool cpu_has_avx512_vnni() {
