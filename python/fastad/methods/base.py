@@ -324,6 +324,13 @@ class AnomalyModel:
             threshold=getattr(self, "threshold_", None),
         )
 
+    def tile_geometry(self):
+        """How this method's patch scores tile for :func:`fastad.highres.predict_large`
+        (a :class:`fastad.highres.TileGeometry`); methods whose scores depend on where a patch sits
+        or on the whole image raise a ValueError that says what they support instead."""
+        raise ValueError(f"{type(self).__name__} does not score images tile by tile at their own resolution; "
+                         "predict resizes them to the training size")
+
     # -- state and model files -----------------------------------------------------------------
 
     def _learned_attributes(self) -> dict[str, Any]:

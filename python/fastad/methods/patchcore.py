@@ -17,6 +17,7 @@ import math
 import weakref
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -115,6 +116,7 @@ class PatchCore(FeatureModel):
         first layer's grid, concatenated, and average-pooled along channels to ``embed_dim``."""
         features = self._features(images)
         layers = self.feature_layers()
+        strides = self._layer_strides()
         p = self.neighbourhood
         grid = features[layers[0]].shape[-2:]
         maps = []
@@ -123,13 +125,78 @@ class PatchCore(FeatureModel):
             if p > 1:
                 f = F.avg_pool2d(f, p, stride=1, padding=p // 2)  # zeros beyond the border count, as in the authors' unfold
             if f.shape[-2:] != grid:
-                f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+                # By the exact ratio of the strides, then cropped: the same as resizing to the grid
+                # whenever the image's sides are multiples of the deeper stride, and independent of
+                # the image's size otherwise, so that tiles of a large image give the untiled values.
+                ratio = strides[layer] // strides[layers[0]]
+                f = F.interpolate(f, scale_factor=ratio, mode="bilinear", align_corners=False)[..., : grid[0], : grid[1]]
             maps.append(f)
         patches = torch.cat(maps, dim=1).permute(0, 2, 3, 1)  # (B, h, w, C)
         if patches.shape[-1] > self.embed_dim:
             b, h, w, c = patches.shape
             patches = F.adaptive_avg_pool1d(patches.reshape(b * h * w, 1, c), self.embed_dim).reshape(b, h, w, self.embed_dim)
         return patches.contiguous()
+
+    def _layer_strides(self) -> dict[str, int]:
+        from ..features import BACKBONES
+
+        info = BACKBONES[self.backbone].layer_info
+        return {layer: info[layer][1] for layer in self.feature_layers()}
+
+    # -- native resolution (fastad.highres) ------------------------------------------------------
+
+    def tile_geometry(self):
+        """Patch map at the first layer's stride; windows aligned to the deepest layer's stride;
+        the halo is the measured receptive field of the whole patch pipeline (backbone,
+        neighbourhood averaging, upsampling), plus one aligned cell of margin. Measured once per
+        model on random inputs (a check of where outputs stop changing, see
+        ``fastad.tiling.receptive_field``) and cached."""
+        from ..features import BACKBONES
+        from ..highres import TileGeometry
+        from ..tiling import receptive_field
+
+        strides = self._layer_strides()
+        stride, align = min(strides.values()), max(strides.values())
+        key = (self.backbone, tuple(self.feature_layers()), self.neighbourhood, str(self.weights))
+        cached = self.__dict__.get("_tile_geometry")
+        if cached is None or cached[0] != key:
+            def scores(images):
+                return self.patch_features(images).norm(dim=-1)[:, None]
+
+            field = receptive_field(scores, 3, stride_hint=stride, size=4 * align, max_size=2048, device=self.device)
+            halo = -(-field.radius // align) * align + align
+            same_padding = BACKBONES[self.backbone].same_padding
+            cached = (key, TileGeometry(stride=stride, align=align, halo=halo, same_padding=same_padding))
+            self.__dict__["_tile_geometry"] = cached
+        return cached[1]
+
+    def _tile_outputs(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 2, h, w): each patch's score and the index of its nearest bank patch (as float,
+        exact below 2^24 bank rows)."""
+        patches = self.patch_features(images)
+        b, h, w, d = patches.shape
+        dist, index = ops.knn(patches.reshape(-1, d).to(self.bank_.dtype), self.bank_, 1, squared=self.squared,
+                              prepared=self._prepared_bank())
+        return torch.stack([dist[:, 0].reshape(b, h, w), index[:, 0].reshape(b, h, w).float()], dim=1)
+
+    def _tile_image_score(self, outputs, reader, geometry) -> float:
+        """Eq. 7 at the image's worst patch (the first maximum in row-major order, as ``argmax``
+        on the untiled map), whose feature is recomputed from the one window around it."""
+        from ..highres import window_around
+
+        scores = torch.from_numpy(np.ascontiguousarray(outputs[0]))
+        flat = int(scores.flatten().argmax())
+        cy, cx = divmod(flat, scores.shape[1])
+        s_star = scores[cy, cx]
+        if not self.reweight:
+            return float(s_star)
+        _, height, width = reader.shape
+        y0, y1, x0, x1 = window_around((cy * geometry.stride, cx * geometry.stride), (height, width), geometry)
+        window = reader.read(y0, y1, x0, x1)[None].to(self.device, torch.float32)
+        patch = self.patch_features(window)[0, (cy * geometry.stride - y0) // geometry.stride,
+                                            (cx * geometry.stride - x0) // geometry.stride]
+        nearest = torch.tensor([[int(outputs[1, cy, cx])]], device=self.device)
+        return float(self._reweighted(patch[None, None], s_star.reshape(1, 1).to(self.device), nearest)[0])
 
     # -- fit ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,158 @@
+"""Native-resolution prediction: an image of any size scored tile by tile, equal to the untiled call.
+
+``predict_large(model, image, tile=1024)`` scores a whole scene at its own resolution, reading it
+tile by tile (``fastad.tiling``), for the methods whose patch scores do not depend on where a patch
+sits (PatchCore so far; see each method's ``tile_geometry``). Two passes:
+
+1. **Patch level.** The method's patch outputs (PatchCore: each patch's distance to the bank and
+   the index of its nearest bank patch) are computed with :func:`fastad.tiling.tiled_apply` at the
+   map's stride (8 for PatchCore's default layers). Window origins are multiples of the deepest
+   stride inside the method (``align``), so every strided layer samples the grid of the untiled
+   call, and the halo covers the receptive field of everything the method does before its patch
+   map (backbone, neighbourhood averaging, upsampling of deeper layers). Memory: one tile's
+   activations plus the patch map, (H / 8) x (W / 8) x channels floats.
+2. **Pixel level.** The patch map is upsampled by exactly the stride and blurred (the same
+   :func:`fastad.postprocess.anomaly_maps` as ``predict``) in bands of rows with a halo of the
+   blur's radius, each band written to ``out`` (a NumPy array or ``np.memmap``) as it is made.
+
+The image score comes from the whole patch map (PatchCore: Eq. 7 at the global worst patch, whose
+feature is recomputed from the one tile around it). The result equals ``model.predict`` on the whole
+image up to float32 rounding where that fits in memory, with one convention made explicit: upsampling
+is by the exact stride, then cropped, so that it does not depend on the image size; ``predict``
+upsamples to the image size, which is the same whenever the sides are multiples of the stride.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import tiling
+from ._checks import check_int
+from .postprocess import _kernel_radius, gaussian_blur
+
+__all__ = ["TileGeometry", "LargePrediction", "predict_large"]
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """How a method's patch outputs tile: ``stride`` of its patch map in input pixels, ``align``
+    (the deepest stride inside it; window origins are multiples of it), ``halo`` (input pixels
+    around a patch its outputs depend on, a multiple of ``align``) and ``same_padding`` (the
+    backbone pads like TensorFlow's "same"; see :func:`fastad.tiling.tiled_apply`)."""
+
+    stride: int
+    align: int
+    halo: int
+    same_padding: bool = False
+
+
+@dataclass
+class LargePrediction:
+    """``score``: the image score; ``map``: (H, W) float32 anomaly map (``out`` when given);
+    ``patch_map``: (ceil(H / stride), ceil(W / stride)) float32 patch scores; ``stride``."""
+
+    score: float
+    map: np.ndarray
+    patch_map: np.ndarray
+    stride: int
+
+
+def predict_large(
+    model: Any,
+    image: Any,
+    *,
+    tile: int = 1024,
+    out: np.ndarray | None = None,
+    band: int = 512,
+    progress: bool | None = None,
+) -> LargePrediction:
+    """Scores one image of any size at its own resolution, tile by tile.
+
+    Args:
+        model: a fitted method that supports tiling (PatchCore); others raise a ValueError that
+            says what they support instead.
+        image: (3, H, W) float tensor or array in the model's input scale (what ``predict`` takes
+            after its transform), a ``.npy`` / ``.tif`` path, or any :class:`fastad.tiling.TileReader`.
+        tile: core side of a tile in input pixels, rounded down to a multiple of the method's
+            ``align`` (at least one ``align``). Memory grows with (tile + 2 halo)^2.
+        out: (H, W) float32 array or writable ``np.memmap`` to write the map into; allocated when
+            None.
+        band: output rows per band of the pixel-level pass.
+        progress: a bar over tiles; None shows one when stderr is a terminal.
+
+    Returns:
+        :class:`LargePrediction`.
+    """
+    model._check_fitted()
+    geometry = model.tile_geometry()
+    check_int(tile, "tile")
+    check_int(band, "band")
+    tile = max(geometry.align, tile - tile % geometry.align)
+    reader = tiling.open_reader(image)
+    channels, height, width = reader.shape
+    if channels != 3:
+        raise ValueError(f"predict_large needs a 3-channel image, got {channels} channels")
+    if out is not None:
+        if not isinstance(out, np.ndarray) or out.shape != (height, width) or out.dtype != np.float32:
+            raise ValueError(f"out must be a float32 (H, W) = ({height}, {width}) array or np.memmap, got "
+                             f"{type(out).__name__} {getattr(out, 'shape', '')} {getattr(out, 'dtype', '')}")
+        if not out.flags.writeable:
+            raise ValueError("out is read-only (an np.memmap opened with mode='r'?)")
+    with torch.inference_mode():
+        outputs = tiling.tiled_apply(
+            model._tile_outputs, reader, tile=tile, halo=geometry.halo, stride=geometry.stride,
+            align=geometry.align, same_padding=geometry.same_padding, device=model.device, progress=progress,
+        )
+        score = float(model._tile_image_score(outputs, reader, geometry))
+        patch_map = np.ascontiguousarray(outputs[0], dtype=np.float32)
+        if out is None:
+            out = np.empty((height, width), dtype=np.float32)
+        _pixel_map_in_bands(torch.from_numpy(patch_map), geometry.stride, (height, width), model.upsample_mode,
+                            float(model.blur_sigma), out, band)
+    return LargePrediction(score=score, map=out, patch_map=patch_map, stride=geometry.stride)
+
+
+def window_around(position: tuple[int, int], size: tuple[int, int], geometry: TileGeometry) -> tuple[int, int, int, int]:
+    """The read window (y0, y1, x0, x1) of one ``align`` cell around input ``position`` with the
+    method's halo, clipped to the image (and, for "same" padding, grown to the image's length
+    modulo ``align``): what a method re-reads to recompute one patch's feature exactly as the tile
+    that held it did."""
+    (y, x), (height, width), a, h = position, size, geometry.align, geometry.halo
+    residue = a if geometry.same_padding else 0
+    rows = tiling._axis_spans(height, a, h, residue)[y // a]
+    cols = tiling._axis_spans(width, a, h, residue)[x // a]
+    return rows[2], rows[3], cols[2], cols[3]
+
+
+def upsample_by_stride(patch_maps: Tensor, stride: int, size: tuple[int, int], mode: str) -> Tensor:
+    """(N, h, w) -> (N, H, W): upsampled by exactly ``stride`` (``align_corners=False``), then
+    cropped to ``size``; position-free, unlike resizing to a size that is not a multiple."""
+    align = {} if mode == "nearest" else {"align_corners": False}
+    up = F.interpolate(patch_maps[:, None], scale_factor=stride, mode=mode, **align)[:, 0]
+    return up[:, : size[0], : size[1]]
+
+
+def _pixel_map_in_bands(patch_map: Tensor, stride: int, size: tuple[int, int], mode: str, sigma: float,
+                        out: np.ndarray, band: int) -> None:
+    """Upsamples and blurs the whole (h, w) patch map into ``out`` (H, W), ``band`` rows at a
+    time. A band is computed from the patch rows that cover it plus the blur's radius and the
+    interpolation's reach; rows within the halo of an inner band edge are discarded, and at the
+    image's own top and bottom the blur mirrors exactly as on the whole map."""
+    height, width = size
+    radius = _kernel_radius(sigma) if sigma > 0 else 0
+    reach = 2 if mode == "bicubic" else 1  # patch rows beyond a band's own that interpolation reads
+    halo_rows = math.ceil(radius / stride) + reach
+    for y0 in range(0, height, band):
+        y1 = min(height, y0 + band)
+        p0 = max(0, y0 // stride - halo_rows)
+        p1 = min(patch_map.shape[0], -(-y1 // stride) + halo_rows)
+        up = upsample_by_stride(patch_map[None, p0:p1].float(), stride, (height - p0 * stride, width), mode)
+        blurred = gaussian_blur(up, sigma)[0] if sigma > 0 else up[0]
+        out[y0:y1] = blurred[y0 - p0 * stride : y1 - p0 * stride].numpy()

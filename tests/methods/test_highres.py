@@ -1,0 +1,98 @@
+"""fastad.highres.predict_large: tile by tile at native resolution, equal to the untiled predict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastad
+from fastad.highres import predict_large, upsample_by_stride
+from fastad.postprocess import upsample
+
+from ..conftest import require_lite0
+
+require_lite0()
+
+
+def scene(height, width, gen):
+    """A smooth random texture with a brighter rectangle (a defect) in it, (3, H, W) in [0, 1]."""
+    base = torch.rand(1, 3, height // 16 + 1, width // 16 + 1, generator=gen)
+    up = F.interpolate(base, size=(height, width), mode="bilinear", align_corners=False)[0]
+    image = (0.3 + 0.4 * up + 0.05 * torch.rand(3, height, width, generator=gen)).clamp(0, 1)
+    image[:, height // 3 : height // 3 + 40, width // 2 : width // 2 + 60] = 0.95
+    return image
+
+
+@pytest.fixture(scope="module")
+def patchcore():
+    gen = torch.Generator().manual_seed(0)
+    train = torch.stack([scene(192, 192, gen) for _ in range(4)])
+    return fastad.PatchCore(backbone="efficientnet_lite0", resize=None, crop=None, holdout=0).fit(train)
+
+
+def assert_equals_untiled(model, image, tile, map_rtol=1e-5):
+    untiled = model.predict(image[None])
+    with torch.inference_mode():
+        patch_map, _ = model._score_batch(image[None])
+    tiled = predict_large(model, image, tile=tile, band=200)
+    assert tiled.map.shape == tuple(image.shape[1:]) and tiled.map.dtype == np.float32
+    scale = float(untiled.maps.abs().max())
+    np.testing.assert_allclose(tiled.patch_map, patch_map[0].numpy(), rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(tiled.map, untiled.maps[0].numpy(), rtol=0, atol=map_rtol * scale)
+    assert tiled.score == pytest.approx(float(untiled.scores[0]), rel=1e-5)
+    return tiled
+
+
+def test_patchcore_tiled_equals_untiled_on_a_2048_image(patchcore):
+    image = scene(2048, 2048, torch.Generator().manual_seed(1))
+    assert_equals_untiled(patchcore, image, tile=512)
+
+
+@pytest.mark.parametrize("size", [(1000, 1512), (520, 1320)])
+def test_sides_that_are_not_multiples_of_the_deepest_stride(patchcore, size):
+    # Lite0 pads like TensorFlow's "same": windows keep the image's length modulo the deepest
+    # stride, or every strided layer would sample another grid (the maps then differ everywhere).
+    image = scene(*size, torch.Generator().manual_seed(2))
+    assert_equals_untiled(patchcore, image, tile=256)
+
+
+def test_odd_sides_give_the_same_patch_map_and_score(patchcore):
+    # predict upsamples to the image's size; predict_large by exactly the stride, then crops: the
+    # same patch map and score, and maps that differ only by that resampling.
+    image = scene(999, 1001, torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        patch_map, _ = patchcore._score_batch(image[None])
+    tiled = predict_large(patchcore, image, tile=256)
+    np.testing.assert_allclose(tiled.patch_map, patch_map[0].numpy(), rtol=0, atol=1e-5 * float(patch_map.max()))
+    assert tiled.score == pytest.approx(float(patchcore.predict(image[None]).scores[0]), rel=1e-5)
+
+
+def test_the_map_is_written_into_a_memmap(patchcore, tmp_path):
+    image = scene(640, 704, torch.Generator().manual_seed(4))
+    out = np.lib.format.open_memmap(tmp_path / "map.npy", mode="w+", dtype=np.float32, shape=(640, 704))
+    tiled = predict_large(patchcore, image, tile=256, out=out)
+    assert tiled.map is out
+    out.flush()
+    # Another tile size: other window sizes, so convolutions round differently.
+    np.testing.assert_allclose(np.load(tmp_path / "map.npy"), predict_large(patchcore, image, tile=512).map, rtol=1e-5)
+    with pytest.raises(ValueError, match="out must be a float32"):
+        predict_large(patchcore, image, out=np.zeros((640, 703), np.float32))
+
+
+def test_methods_that_do_not_tile_say_so(patchcore):
+    gen = torch.Generator().manual_seed(5)
+    padim = fastad.PaDiM(backbone="efficientnet_lite0", resize=None, crop=None, holdout=0, n_features=8)
+    padim.fit(torch.stack([scene(64, 64, gen) for _ in range(3)]))
+    with pytest.raises(ValueError, match="does not score images tile by tile"):
+        predict_large(padim, scene(256, 256, gen))
+    with pytest.raises(ValueError, match="3-channel"):
+        predict_large(patchcore, torch.rand(1, 256, 256))
+
+
+def test_upsampling_by_the_stride_equals_resizing_on_multiples():
+    maps = torch.rand(2, 13, 17)
+    for mode in ("bilinear", "nearest", "bicubic"):
+        torch.testing.assert_close(upsample_by_stride(maps, 8, (104, 136), mode), upsample(maps, (104, 136), mode))
+    assert upsample_by_stride(maps, 8, (99, 130), "bilinear").shape == (2, 99, 130)
