@@ -2,7 +2,7 @@
 
     fastad fit --method NAME [--backbone NAME] --data DIR --model OUT [--device cpu|cuda]
                [--batch-size N] [--set key=value ...]
-    fastad predict --model M --out DIR [--device D] IMAGES...
+    fastad predict --model M --out DIR [--device D] [--tile PX] IMAGES...
     fastad evaluate --model M --data DIR --report DIR [--device D]
     fastad info
     fastad siamese train | detect | reproduce ...   (see fastad.siamese.cli)
@@ -88,7 +88,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     transform = model.transform()
     out_dir = output_folder(args.out)
     results, used = [], set()
+    if args.tile is not None:
+        model.tile_geometry()  # a method that does not tile says so before any image is read
     for n, path in enumerate(args.images):
+        stem = Path(path).stem
+        if stem in used:  # same file name from different folders
+            stem = f"{stem}_{n}"
+        used.add(stem)
+        if args.tile is not None:
+            results.append(_predict_tiled(model, path, stem, out_dir, args.tile))
+            continue
         image = load_image(path)
         item = {"image": image, "mask": torch.zeros(image.shape[-2:], dtype=torch.bool), "has_mask": False,
                 "label": 0, "defect": "", "path": str(path)}
@@ -96,10 +105,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
             item = transform(item)
         pred = model.predict(item["image"])
         score = float(pred.scores[0])
-        stem = Path(path).stem
-        if stem in used:  # same file name from different folders
-            stem = f"{stem}_{n}"
-        used.add(stem)
         entry = {"path": str(path), "score": score, "anomalous": None if pred.threshold is None else score > pred.threshold}
         if pred.maps is not None:  # methods that score whole images only have no map
             amap = pred.maps[0]
@@ -111,6 +116,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"{path}: score {score:.6g}" + ("" if pred.threshold is None else f" ({'anomalous' if score > pred.threshold else 'good'})"))
     write_json(out_dir / "scores.json", {"model": str(args.model), "threshold": model.threshold_, "images": results})
     return 0
+
+
+def _predict_tiled(model, path: str, stem: str, out_dir: Path, tile: int) -> dict[str, Any]:
+    """One image at its own resolution, tile by tile: the map as a float32 GeoTIFF (with the
+    input's CRS and geotransform when it has them; NaN where it has no data) and a quick-look PNG,
+    both written only once complete."""
+    from .geo import MapWriter, RasterReader
+    from .highres import predict_large
+    from .tiling import NpyReader
+
+    if Path(path).suffix.lower() == ".npy":
+        reader, georeferenced = NpyReader(path), None
+    else:
+        reader = georeferenced = RasterReader(path)
+    try:
+        _, height, width = reader.shape
+        start = time.perf_counter()
+        with MapWriter(out_dir / f"{stem}_map.tif", height, width, like=georeferenced,
+                       quicklook=out_dir / f"{stem}_quicklook.png") as writer:
+            result = predict_large(model, reader, tile=tile, out=writer)
+        elapsed = time.perf_counter() - start
+    finally:
+        if georeferenced is not None:
+            georeferenced.close()
+    threshold = model.threshold_
+    anomalous = None if threshold is None else result.score > threshold
+    print(f"{path}: score {result.score:.6g}" + ("" if anomalous is None else f" ({'anomalous' if anomalous else 'good'})")
+          + f"; {height} x {width} px in {elapsed:.1f} s ({height * width / 1e6 / elapsed:.2f} MP/s)")
+    return {"path": str(path), "score": result.score, "anomalous": anomalous, "map": f"{stem}_map.tif",
+            "quicklook": f"{stem}_quicklook.png", "size": [height, width], "seconds": elapsed}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -181,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device")
+    p.add_argument("--tile", type=int, metavar="PX",
+                   help="score each image at its own resolution in tiles of PX pixels (PatchCore; GeoTIFF, "
+                        "TIFF, PNG, JPEG or .npy): the map as a GeoTIFF with the input's georeference, and a quick-look")
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(run=cmd_predict)
 

@@ -55,7 +55,8 @@ class TileGeometry:
 
 @dataclass
 class LargePrediction:
-    """``score``: the image score; ``map``: (H, W) float32 anomaly map (``out`` when given);
+    """``score``: the image score; ``map``: (H, W) float32 anomaly map (``out`` when an array was
+    given, None when ``out`` was a sink);
     ``patch_map``: (ceil(H / stride), ceil(W / stride)) float32 patch scores; ``stride``."""
 
     score: float
@@ -69,7 +70,7 @@ def predict_large(
     image: Any,
     *,
     tile: int = 1024,
-    out: np.ndarray | None = None,
+    out: Any = None,
     band: int = 512,
     progress: bool | None = None,
 ) -> LargePrediction:
@@ -79,16 +80,20 @@ def predict_large(
         model: a fitted method that supports tiling (PatchCore); others raise a ValueError that
             says what they support instead.
         image: (3, H, W) float tensor or array in the model's input scale (what ``predict`` takes
-            after its transform), a ``.npy`` / ``.tif`` path, or any :class:`fastad.tiling.TileReader`.
+            after its transform), a ``.npy`` / ``.tif`` path, a :class:`fastad.geo.RasterReader`
+            or any :class:`fastad.tiling.TileReader`. A reader with a ``valid(y0, y1, x0, x1)``
+            method (``RasterReader``: nodata, alpha, masks) masks the map with NaN where the image
+            holds no data, and the image score ignores patches centred there.
         tile: core side of a tile in input pixels, rounded down to a multiple of the method's
             ``align`` (at least one ``align``). Memory grows with (tile + 2 halo)^2.
-        out: (H, W) float32 array or writable ``np.memmap`` to write the map into; allocated when
-            None.
+        out: where the (H, W) float32 map goes: None (a new array), an (H, W) float32 array or
+            writable ``np.memmap``, or a sink with ``write(y0, rows)`` taking bands of rows in
+            order (:class:`fastad.geo.MapWriter`: a GeoTIFF and a quick-look).
         band: output rows per band of the pixel-level pass.
         progress: a bar over tiles; None shows one when stderr is a terminal.
 
     Returns:
-        :class:`LargePrediction`.
+        :class:`LargePrediction` (``map`` is None when ``out`` is a sink).
     """
     model._check_fitted()
     geometry = model.tile_geometry()
@@ -99,24 +104,46 @@ def predict_large(
     channels, height, width = reader.shape
     if channels != 3:
         raise ValueError(f"predict_large needs a 3-channel image, got {channels} channels")
-    if out is not None:
-        if not isinstance(out, np.ndarray) or out.shape != (height, width) or out.dtype != np.float32:
+    if out is None:
+        out = np.empty((height, width), dtype=np.float32)
+    if isinstance(out, np.ndarray):
+        if out.shape != (height, width) or out.dtype != np.float32:
             raise ValueError(f"out must be a float32 (H, W) = ({height}, {width}) array or np.memmap, got "
-                             f"{type(out).__name__} {getattr(out, 'shape', '')} {getattr(out, 'dtype', '')}")
+                             f"{out.dtype} {out.shape}")
         if not out.flags.writeable:
             raise ValueError("out is read-only (an np.memmap opened with mode='r'?)")
+        array = out
+
+        def emit(y0: int, rows: np.ndarray) -> None:
+            array[y0 : y0 + rows.shape[0]] = rows
+    elif callable(getattr(out, "write", None)) and tuple(getattr(out, "shape", ())) == (height, width):
+        emit = out.write
+    else:
+        raise ValueError(f"out must be None, a float32 ({height}, {width}) array or a sink with write(y0, rows) "
+                         f"and shape ({height}, {width}), got {type(out).__name__}")
+    valid = getattr(reader, "valid", None)
     with torch.inference_mode():
         outputs = tiling.tiled_apply(
             model._tile_outputs, reader, tile=tile, halo=geometry.halo, stride=geometry.stride,
             align=geometry.align, same_padding=geometry.same_padding, device=model.device, progress=progress,
         )
-        score = float(model._tile_image_score(outputs, reader, geometry))
         patch_map = np.ascontiguousarray(outputs[0], dtype=np.float32)
-        if out is None:
-            out = np.empty((height, width), dtype=np.float32)
-        _pixel_map_in_bands(torch.from_numpy(patch_map), geometry.stride, (height, width), model.upsample_mode,
-                            float(model.blur_sigma), out, band)
-    return LargePrediction(score=score, map=out, patch_map=patch_map, stride=geometry.stride)
+        patch_valid = None if valid is None else np.ones(patch_map.shape, dtype=bool)
+        s = geometry.stride
+
+        def masked_emit(y0: int, rows: np.ndarray) -> None:
+            if valid is not None:
+                ok = valid(y0, y0 + rows.shape[0], 0, width)
+                rows = np.where(ok, rows, np.float32(np.nan))
+                first = -(-y0 // s) * s  # the band's rows that are patch centres
+                patch_valid[first // s : -(-(y0 + rows.shape[0]) // s)] = ok[first - y0 :: s, ::s]
+            emit(y0, rows)
+
+        _pixel_map_in_bands(torch.from_numpy(patch_map), s, (height, width), model.upsample_mode,
+                            float(model.blur_sigma), masked_emit, band)
+        score = float(model._tile_image_score(outputs, reader, geometry, patch_valid))
+    return LargePrediction(score=score, map=out if isinstance(out, np.ndarray) else None, patch_map=patch_map,
+                           stride=geometry.stride)
 
 
 def window_around(position: tuple[int, int], size: tuple[int, int], geometry: TileGeometry) -> tuple[int, int, int, int]:
@@ -140,9 +167,9 @@ def upsample_by_stride(patch_maps: Tensor, stride: int, size: tuple[int, int], m
 
 
 def _pixel_map_in_bands(patch_map: Tensor, stride: int, size: tuple[int, int], mode: str, sigma: float,
-                        out: np.ndarray, band: int) -> None:
-    """Upsamples and blurs the whole (h, w) patch map into ``out`` (H, W), ``band`` rows at a
-    time. A band is computed from the patch rows that cover it plus the blur's radius and the
+                        emit, band: int) -> None:
+    """Upsamples and blurs the whole (h, w) patch map into (H, W) rows, ``band`` rows at a time,
+    each band handed to ``emit(y0, rows)`` in order. A band is computed from the patch rows that cover it plus the blur's radius and the
     interpolation's reach; rows within the halo of an inner band edge are discarded, and at the
     image's own top and bottom the blur mirrors exactly as on the whole map."""
     height, width = size
@@ -155,4 +182,4 @@ def _pixel_map_in_bands(patch_map: Tensor, stride: int, size: tuple[int, int], m
         p1 = min(patch_map.shape[0], -(-y1 // stride) + halo_rows)
         up = upsample_by_stride(patch_map[None, p0:p1].float(), stride, (height - p0 * stride, width), mode)
         blurred = gaussian_blur(up, sigma)[0] if sigma > 0 else up[0]
-        out[y0:y1] = blurred[y0 - p0 * stride : y1 - p0 * stride].numpy()
+        emit(y0, blurred[y0 - p0 * stride : y1 - p0 * stride].numpy())

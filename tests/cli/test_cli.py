@@ -242,3 +242,44 @@ def test_an_output_path_that_is_a_file_is_named(option, dataset, toy_model_file,
     assert capsys.readouterr().err.strip() == (
         f"fastad {option}: error: {flag} {taken} exists and is not a folder; give a folder for the output files")
     assert taken.read_text() == "keep me"
+
+
+def test_predict_tiled_writes_a_georeferenced_map(dataset, tmp_path, capsys):
+    # fit at native resolution (no resize, no crop), then a scene larger than any training image
+    # scored in tiles: a GeoTIFF map with the scene's georeference, a quick-look, and scores.json.
+    require_lite0()
+    rasterio = pytest.importorskip("rasterio", reason="rasterio is not installed (pip install 'fastad[geo]')")
+    from affine import Affine
+
+    from fastad.data import load_image
+    from fastad.highres import predict_large
+
+    model_path = tmp_path / "patchcore.safetensors"
+    assert main(["fit", "--method", "patchcore", "--backbone", "efficientnet_lite0", "--data", str(dataset),
+                 "--model", str(model_path), "--set", "resize=null", "--set", "crop=null", "--set", "holdout=0"]) == 0
+    tiles = [load_image(p) for p in sorted((dataset / "test").rglob("*.png"))[:4]]
+    scene = torch.cat([torch.cat(tiles[:2], dim=2), torch.cat(tiles[2:], dim=2)], dim=1)  # 2 x 2 images
+    pixels = (scene.numpy() * 255 + 0.5).astype(np.uint8)
+    transform = Affine(2.0, 0.0, 300000.0, 0.0, -2.0, 5000000.0)
+    path = tmp_path / "scene.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=pixels.shape[1], width=pixels.shape[2], count=3,
+                       dtype="uint8", crs="EPSG:3035", transform=transform, tiled=True, compress="deflate") as ds:
+        ds.write(pixels)
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(model_path), "--out", str(out), "--tile", "128", str(path)]) == 0
+    assert "MP/s" in capsys.readouterr().out
+    written = json.loads((out / "scores.json").read_text())["images"][0]
+    expected = predict_large(AnomalyModel.load(model_path), torch.from_numpy(pixels.astype(np.float32) / 255), tile=128)
+    assert written["score"] == pytest.approx(expected.score, rel=1e-6)
+    with rasterio.open(out / written["map"]) as ds:
+        assert ds.crs == rasterio.crs.CRS.from_string("EPSG:3035") and ds.transform == transform
+        np.testing.assert_allclose(ds.read(1), expected.map, rtol=1e-6)
+    assert (out / written["quicklook"]).is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["scene_map.tif", "scene_quicklook.png", "scores.json"]
+
+
+def test_predict_tiled_refuses_a_method_that_does_not_tile(dataset, toy_model_file, tmp_path, capsys):
+    image = sorted((dataset / "test").rglob("*.png"))[0]
+    assert main(["predict", "--model", str(toy_model_file), "--out", str(tmp_path / "o"), "--tile", "256", str(image)]) == 1
+    err = capsys.readouterr().err
+    assert "does not score images tile by tile" in err and "Traceback" not in err

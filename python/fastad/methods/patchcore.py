@@ -179,12 +179,17 @@ class PatchCore(FeatureModel):
                               prepared=self._prepared_bank())
         return torch.stack([dist[:, 0].reshape(b, h, w), index[:, 0].reshape(b, h, w).float()], dim=1)
 
-    def _tile_image_score(self, outputs, reader, geometry) -> float:
+    def _tile_image_score(self, outputs, reader, geometry, patch_valid=None) -> float:
         """Eq. 7 at the image's worst patch (the first maximum in row-major order, as ``argmax``
-        on the untiled map), whose feature is recomputed from the one window around it."""
+        on the untiled map), whose feature is recomputed from the one window around it; patches
+        where ``patch_valid`` is False (no data in the image) are not candidates."""
         from ..highres import window_around
 
         scores = torch.from_numpy(np.ascontiguousarray(outputs[0]))
+        if patch_valid is not None:
+            if not patch_valid.any():
+                return math.nan
+            scores = scores.masked_fill(torch.from_numpy(~patch_valid), -math.inf)
         flat = int(scores.flatten().argmax())
         cy, cx = divmod(flat, scores.shape[1])
         s_star = scores[cy, cx]
