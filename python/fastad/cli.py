@@ -121,25 +121,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _predict_tiled(model, path: str, stem: str, out_dir: Path, tile: int) -> dict[str, Any]:
     """One image at its own resolution, tile by tile: the map as a float32 GeoTIFF (with the
     input's CRS and geotransform when it has them; NaN where it has no data) and a quick-look PNG,
-    both written only once complete."""
-    from .geo import MapWriter, RasterReader
+    both written only once complete. GDAL's block cache is capped so that memory stays bounded
+    by the tile."""
+    from .geo import MapWriter, RasterReader, gdal_cache
     from .highres import predict_large
     from .tiling import NpyReader
 
-    if Path(path).suffix.lower() == ".npy":
-        reader, georeferenced = NpyReader(path), None
-    else:
-        reader = georeferenced = RasterReader(path)
-    try:
-        _, height, width = reader.shape
-        start = time.perf_counter()
-        with MapWriter(out_dir / f"{stem}_map.tif", height, width, like=georeferenced,
-                       quicklook=out_dir / f"{stem}_quicklook.png") as writer:
-            result = predict_large(model, reader, tile=tile, out=writer)
-        elapsed = time.perf_counter() - start
-    finally:
-        if georeferenced is not None:
-            georeferenced.close()
+    with gdal_cache():
+        reader = NpyReader(path) if Path(path).suffix.lower() == ".npy" else RasterReader(path)
+        georeferenced = reader if isinstance(reader, RasterReader) else None
+        try:
+            _, height, width = reader.shape
+            start = time.perf_counter()
+            with MapWriter(out_dir / f"{stem}_map.tif", height, width, like=georeferenced,
+                           quicklook=out_dir / f"{stem}_quicklook.png") as writer:
+                result = predict_large(model, reader, tile=tile, out=writer)
+            elapsed = time.perf_counter() - start
+        finally:
+            if georeferenced is not None:
+                georeferenced.close()
     threshold = model.threshold_
     anomalous = None if threshold is None else result.score > threshold
     print(f"{path}: score {result.score:.6g}" + ("" if anomalous is None else f" ({'anomalous' if anomalous else 'good'})")
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device")
     p.add_argument("--tile", type=int, metavar="PX",
-                   help="score each image at its own resolution in tiles of PX pixels (PatchCore; GeoTIFF, "
+                   help="score each image at its own resolution in tiles of PX pixels (PatchCore, SPADE; GeoTIFF, "
                         "TIFF, PNG, JPEG or .npy): the map as a GeoTIFF with the input's georeference, and a quick-look")
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(run=cmd_predict)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["RasterReader", "MapWriter", "block_max"]
+__all__ = ["RasterReader", "MapWriter", "block_max", "gdal_cache"]
 
 # Pixel values are scaled to [0, 1] by the largest value of their integer type (what predict
 # takes from an 8-bit image); float rasters are taken as they are.
@@ -35,6 +35,14 @@ def _rasterio():
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("reading and writing GeoTIFFs needs rasterio: pip install 'fastad[geo]' (or pip install rasterio)") from exc
     return rasterio
+
+
+def gdal_cache(megabytes: int = 256):
+    """A ``rasterio.Env`` that caps GDAL's block cache, to wrap a run that reads and writes large
+    rasters. GDAL keeps decoded and not yet written blocks in it, up to 5 % of the machine's
+    memory by default (1.2 GB here), which a 20,000-px scene fills: with the cap a scene's
+    memory stays bounded by the tile, not by the machine."""
+    return _rasterio().Env(GDAL_CACHEMAX=int(megabytes) * 2**20)
 
 
 class RasterReader:

@@ -2,7 +2,8 @@
 
 ``predict_large(model, image, tile=1024)`` scores a whole scene at its own resolution, reading it
 tile by tile (``fastad.tiling``), for the methods whose patch scores do not depend on where a patch
-sits (PatchCore so far; see each method's ``tile_geometry``). Two passes:
+sits (PatchCore and SPADE so far; see each method's ``tile_geometry``). Two passes (three for SPADE,
+whose first pools its deepest layer over the whole image to choose its gallery):
 
 1. **Patch level.** The method's patch outputs (PatchCore: each patch's distance to the bank and
    the index of its nearest bank patch) are computed with :func:`fastad.tiling.tiled_apply` at the
@@ -16,7 +17,8 @@ sits (PatchCore so far; see each method's ``tile_geometry``). Two passes:
    blur's radius, each band written to ``out`` (a NumPy array or ``np.memmap``) as it is made.
 
 The image score comes from the whole patch map (PatchCore: Eq. 7 at the global worst patch, whose
-feature is recomputed from the one tile around it). The result equals ``model.predict`` on the whole
+feature is recomputed from the one tile around it; SPADE: the mean distance to the chosen images,
+or the final map's maximum). The result equals ``model.predict`` on the whole
 image up to float32 rounding where that fits in memory, with one convention made explicit: upsampling
 is by the exact stride, then cropped, so that it does not depend on the image size; ``predict``
 upsamples to the image size, which is the same whenever the sides are multiples of the stride.
@@ -77,7 +79,7 @@ def predict_large(
     """Scores one image of any size at its own resolution, tile by tile.
 
     Args:
-        model: a fitted method that supports tiling (PatchCore); others raise a ValueError that
+        model: a fitted method that supports tiling (PatchCore, SPADE); others raise a ValueError that
             says what they support instead.
         image: (3, H, W) float tensor or array in the model's input scale (what ``predict`` takes
             after its transform), a ``.npy`` / ``.tif`` path, a :class:`fastad.geo.RasterReader`
@@ -123,13 +125,15 @@ def predict_large(
                          f"and shape ({height}, {width}), got {type(out).__name__}")
     valid = getattr(reader, "valid", None)
     with torch.inference_mode():
+        fn, image_score = model._tiled_scorer(reader, geometry, tile, progress)
         outputs = tiling.tiled_apply(
-            model._tile_outputs, reader, tile=tile, halo=geometry.halo, stride=geometry.stride,
+            fn, reader, tile=tile, halo=geometry.halo, stride=geometry.stride,
             align=geometry.align, same_padding=geometry.same_padding, device=model.device, progress=progress,
         )
         patch_map = np.ascontiguousarray(outputs[0], dtype=np.float32)
         patch_valid = None if valid is None else np.ones(patch_map.shape, dtype=bool)
         s = geometry.stride
+        top = [-math.inf]  # the map's largest value where the image holds data
 
         def masked_emit(y0: int, rows: np.ndarray) -> None:
             if valid is not None:
@@ -137,13 +141,26 @@ def predict_large(
                 rows = np.where(ok, rows, np.float32(np.nan))
                 first = -(-y0 // s) * s  # the band's rows that are patch centres
                 patch_valid[first // s : -(-(y0 + rows.shape[0]) // s)] = ok[first - y0 :: s, ::s]
+            if np.isfinite(rows).any():
+                top[0] = max(top[0], float(np.nanmax(rows)))
             emit(y0, rows)
 
         _pixel_map_in_bands(torch.from_numpy(patch_map), s, (height, width), model.upsample_mode,
                             float(model.blur_sigma), masked_emit, band)
-        score = float(model._tile_image_score(outputs, reader, geometry, patch_valid))
+        score = image_score(outputs, patch_valid)
+        if score is None:  # the method's image score is the map's maximum
+            score = top[0] if math.isfinite(top[0]) else math.nan
+        score = float(score)
     return LargePrediction(score=score, map=out if isinstance(out, np.ndarray) else None, patch_map=patch_map,
                            stride=geometry.stride)
+
+
+def measured_halo(fn, stride: int, align: int, device) -> int:
+    """The receptive-field radius of ``fn`` (3-channel input, output at ``stride``), measured on
+    random inputs (:func:`fastad.tiling.receptive_field`), rounded up to ``align`` plus one
+    ``align`` of margin for dependences the probe could not see."""
+    field = tiling.receptive_field(fn, 3, stride_hint=stride, size=4 * align, max_size=2048, device=device)
+    return -(-field.radius // align) * align + align
 
 
 def window_around(position: tuple[int, int], size: tuple[int, int], geometry: TileGeometry) -> tuple[int, int, int, int]:

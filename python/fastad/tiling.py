@@ -47,6 +47,7 @@ __all__ = [
     "TiffReader",
     "open_reader",
     "tiled_apply",
+    "tiled_sum",
     "ReceptiveField",
     "receptive_field",
 ]
@@ -597,24 +598,62 @@ def tiled_apply(
         _check_halo_covers_field(fn, reader.shape[0], halo, stride, device, dtype)
 
     tiles = _plan_tiles(height, width, tile, halo, align if same_padding else 0)
-    bar = progress_bar(len(tiles), "tiled_apply", "tile", progress)
+    for t, y in _tile_outputs(fn, reader, tiles, batch_tiles, stride, device, dtype, progress, "tiled_apply"):
+        if out is None:
+            out = np.empty((y.shape[0], *out_hw), dtype=_numpy_dtype_for(y.dtype))
+        elif out.shape[0] != y.shape[0]:
+            raise ValueError(f"out has {out.shape[0]} channels but fn returns {y.shape[0]}")
+        host = y.to("cpu", dtype=torch.float64 if y.dtype == torch.float64 else torch.float32).numpy()
+        _write_core(out, host, t, stride)
+    return out
+
+
+def tiled_sum(
+    fn: Callable[[Tensor], Tensor],
+    reader: TileReader | str | os.PathLike | np.ndarray | Tensor,
+    *,
+    tile: int,
+    halo: int,
+    stride: int = 1,
+    align: int | None = None,
+    same_padding: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> tuple[Tensor, int]:
+    """The sum over all output positions of ``fn``'s untiled output, tile by tile: (C_out,)
+    float64 sums and the number of positions (``sum / count`` is a global average pool). Only the
+    sums are kept, never the output map. Arguments as for :func:`tiled_apply`."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    device, dtype = _probe_placement(fn, device, None)
+    tile, halo, stride, _, align = _check_tiling_args(tile, halo, stride, 1, align)
+    reader = open_reader(reader)
+    _, height, width = reader.shape
+    tiles = _plan_tiles(height, width, tile, halo, align if same_padding else 0)
+    total, count = None, 0
+    for t, y in _tile_outputs(fn, reader, tiles, 1, stride, device, dtype, progress, "tiled_sum"):
+        cy, cx = (t.y0 - t.ya) // stride, (t.x0 - t.xa) // stride
+        oh, ow = -(-t.y1 // stride) - t.y0 // stride, -(-t.x1 // stride) - t.x0 // stride
+        part = y[:, cy : cy + oh, cx : cx + ow].to(torch.float64).sum(dim=(1, 2)).cpu()
+        total = part if total is None else total + part
+        count += oh * ow
+    return total, count
+
+
+def _tile_outputs(fn, reader, tiles, batch_tiles, stride, device, dtype, progress, what) -> Iterator[tuple[_Tile, Tensor]]:
+    """(tile, fn's output for its window (C_out, h', w')) for every tile, in inference mode, with
+    a bar over tiles."""
+    bar = progress_bar(len(tiles), what, "tile", progress)
     try:
         with torch.inference_mode():
             for group in _batches(tiles, batch_tiles):
                 batch = _read_batch(reader, group)
                 y = fn(batch.to(device=device, dtype=dtype))
                 _check_output(y, group, stride)
-                if out is None:
-                    out = np.empty((y.shape[1], *out_hw), dtype=_numpy_dtype_for(y.dtype))
-                elif out.shape[0] != y.shape[1]:
-                    raise ValueError(f"out has {out.shape[0]} channels but fn returns {y.shape[1]}")
-                host = y.to("cpu", dtype=torch.float64 if y.dtype == torch.float64 else torch.float32).numpy()
-                for t, result in zip(group, host):
-                    _write_core(out, result, t, stride)
+                yield from zip(group, y)
                 bar.update(len(group))
     finally:
         bar.close()
-    return out
 
 
 def _check_halo_covers_field(fn, channels: int, halo: int, stride: int, device, dtype) -> None:

@@ -81,6 +81,32 @@ def test_the_map_is_written_into_a_memmap(patchcore, tmp_path):
         predict_large(patchcore, image, out=np.zeros((640, 703), np.float32))
 
 
+@pytest.fixture(scope="module")
+def spade():
+    gen = torch.Generator().manual_seed(6)
+    train = torch.stack([scene(192, 192, gen) for _ in range(5)])
+    return fastad.SPADE(backbone="efficientnet_lite0", resize=None, crop=None, holdout=0, k_images=3).fit(train)
+
+
+@pytest.mark.parametrize("size,image_score", [((2048, 2048), "knn"), ((712, 1000), "max")])
+def test_spade_tiled_equals_untiled(spade, size, image_score):
+    # The gallery choice pools the stride-32 layer over the whole image (a sum over tiles); the
+    # maps combine three layers; "max" takes the image score from the final map.
+    spade.image_score = image_score
+    image = scene(*size, torch.Generator().manual_seed(7))
+    assert_equals_untiled(spade, image, tile=256)
+
+
+def test_wide_resnet_on_random_weights(rng):
+    # The paper's backbone, with a random initialisation (weights=None: an explicit opt-in, for
+    # tests and timing; nothing is downloaded): symmetric padding, a larger receptive field.
+    torch.manual_seed(0)  # the random initialisation
+    model = fastad.PatchCore(backbone="wide_resnet50_2", weights=None, resize=None, crop=None, holdout=0)
+    model.fit(torch.stack([scene(128, 128, rng) for _ in range(2)]))
+    assert not model.tile_geometry().same_padding
+    assert_equals_untiled(model, scene(2048, 1024, rng), tile=512)
+
+
 def test_methods_that_do_not_tile_say_so(patchcore):
     gen = torch.Generator().manual_seed(5)
     padim = fastad.PaDiM(backbone="efficientnet_lite0", resize=None, crop=None, holdout=0, n_features=8)

@@ -331,6 +331,14 @@ class AnomalyModel:
         raise ValueError(f"{type(self).__name__} does not score images tile by tile at their own resolution; "
                          "predict resizes them to the training size")
 
+    def _tiled_scorer(self, reader, geometry, tile: int, progress):
+        """For :func:`fastad.highres.predict_large`: (fn, image_score). ``fn`` maps (N, 3, h, w)
+        windows to (N, C, h', w') patch outputs at ``geometry.stride`` (channel 0 the patch
+        score); ``image_score(outputs, patch_valid)`` gives the image's score from the stitched
+        outputs (``patch_valid``: None, or False where the image holds no data), or None for the
+        final map's maximum. A method may read ``reader`` first (a pre-pass over the image)."""
+        raise NotImplementedError
+
     # -- state and model files -----------------------------------------------------------------
 
     def _learned_attributes(self) -> dict[str, Any]:

@@ -100,6 +100,13 @@ class FeatureModel(AnomalyModel):
         info = BACKBONES[self.backbone].layer_info
         return sum(info[layer][0] for layer in self.feature_layers())
 
+    def _layer_strides(self) -> dict[str, int]:
+        """``{layer: output stride}`` of the extracted layers."""
+        from ..features import BACKBONES
+
+        info = BACKBONES[self.backbone].layer_info
+        return {layer: info[layer][1] for layer in self.feature_layers()}
+
     def _check_params(self) -> None:
         super()._check_params()
         self.feature_layers()  # a bad backbone or layer name fails before any work

@@ -137,12 +137,6 @@ class PatchCore(FeatureModel):
             patches = F.adaptive_avg_pool1d(patches.reshape(b * h * w, 1, c), self.embed_dim).reshape(b, h, w, self.embed_dim)
         return patches.contiguous()
 
-    def _layer_strides(self) -> dict[str, int]:
-        from ..features import BACKBONES
-
-        info = BACKBONES[self.backbone].layer_info
-        return {layer: info[layer][1] for layer in self.feature_layers()}
-
     # -- native resolution (fastad.highres) ------------------------------------------------------
 
     def tile_geometry(self):
@@ -152,8 +146,7 @@ class PatchCore(FeatureModel):
         model on random inputs (a check of where outputs stop changing, see
         ``fastad.tiling.receptive_field``) and cached."""
         from ..features import BACKBONES
-        from ..highres import TileGeometry
-        from ..tiling import receptive_field
+        from ..highres import TileGeometry, measured_halo
 
         strides = self._layer_strides()
         stride, align = min(strides.values()), max(strides.values())
@@ -163,12 +156,14 @@ class PatchCore(FeatureModel):
             def scores(images):
                 return self.patch_features(images).norm(dim=-1)[:, None]
 
-            field = receptive_field(scores, 3, stride_hint=stride, size=4 * align, max_size=2048, device=self.device)
-            halo = -(-field.radius // align) * align + align
+            halo = measured_halo(scores, stride, align, self.device)
             same_padding = BACKBONES[self.backbone].same_padding
             cached = (key, TileGeometry(stride=stride, align=align, halo=halo, same_padding=same_padding))
             self.__dict__["_tile_geometry"] = cached
         return cached[1]
+
+    def _tiled_scorer(self, reader, geometry, tile, progress):
+        return self._tile_outputs, lambda outputs, valid: self._tile_image_score(outputs, reader, geometry, valid)
 
     def _tile_outputs(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 2, h, w): each patch's score and the index of its nearest bank patch (as float,

@@ -165,14 +165,96 @@ class SPADE(FeatureModel):
         image_distances, neighbours = knn(pooled, self.pooled_, k_images)
 
         layer_maps = [self._layer_distances(features[layer], self.features_[layer], neighbours, layer) for layer in map_layers]
-        size = layer_maps[0].shape[-2:]
-        resized = [
-            m if m.shape[-2:] == size else F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-            for m in layer_maps
-        ]
-        patch_map = torch.stack(resized).mean(dim=0)
         image_scores = image_distances.mean(dim=1) if self.image_score == "knn" else None
-        return patch_map, image_scores
+        return self._combined(layer_maps), image_scores
+
+    def _combined(self, layer_maps: list[torch.Tensor]) -> torch.Tensor:
+        """The per-layer (B, h_l, w_l) maps (in map-layer order) at the first layer's grid,
+        averaged. Deeper maps are upsampled by the exact ratio of the strides and cropped: the
+        same as resizing to the grid when the image's sides are multiples of the deepest stride,
+        and independent of the image's size otherwise (so tiles give the untiled values)."""
+        strides = self._layer_strides()
+        layers = self.map_layers()
+        grid = layer_maps[0].shape[-2:]
+        resized = []
+        for layer, m in zip(layers, layer_maps):
+            if m.shape[-2:] != grid:
+                ratio = strides[layer] // strides[layers[0]]
+                m = F.interpolate(m[:, None], scale_factor=ratio, mode="bilinear", align_corners=False)[:, 0, : grid[0], : grid[1]]
+            resized.append(m)
+        return torch.stack(resized).mean(dim=0)
+
+    # -- native resolution (fastad.highres) ------------------------------------------------------
+
+    def _geometry_of(self, layers: list[str], fn) -> Any:
+        """Tile geometry of ``fn`` (built on ``layers``): stride of the first, aligned to the
+        deepest, halo measured once per backbone, layers and weights and cached."""
+        from ..features import BACKBONES
+        from ..highres import TileGeometry, measured_halo
+
+        strides = self._layer_strides()
+        stride, align = strides[layers[0]], max(strides[layer] for layer in layers)
+        key = (self.backbone, tuple(layers), str(self.weights))
+        cache = self.__dict__.setdefault("_tile_geometries", {})
+        if key not in cache:
+            cache[key] = TileGeometry(stride=stride, align=align, halo=measured_halo(fn, stride, align, self.device),
+                                      same_padding=BACKBONES[self.backbone].same_padding)
+        return cache[key]
+
+    def tile_geometry(self):
+        """The pixel maps tile: patch map at the first map layer's stride, windows aligned to the
+        deepest map layer, the halo of the features and the upsampling of the deeper maps."""
+        def probe(images):  # the per-layer maps' dependence on the image, through the same combination
+            features = self._features(images)
+            return self._combined([features[layer].sum(dim=1) for layer in self.map_layers()])[:, None]
+
+        return self._geometry_of(self.map_layers(), probe)
+
+    def _pooled_geometry(self):
+        def probe(images):
+            return self._features(images)[self.image_layer()].sum(dim=1, keepdim=True)
+
+        return self._geometry_of([self.image_layer()], probe)
+
+    def _tiled_scorer(self, reader, geometry, tile, progress):
+        """A first pass pools the image layer over the whole image (a sum over tiles, exact), picks
+        the ``k_images`` nearest training images and gives the image score; then each map layer's
+        gallery (every position of those images) is gathered and prepared once for all tiles."""
+        from ..ops import knn_prepare
+        from ..tiling import tiled_sum
+
+        pooled_geometry = self._pooled_geometry()
+        image_layer = self.image_layer()
+        total, count = tiled_sum(
+            lambda x: self._features(x)[image_layer], reader, tile=max(pooled_geometry.align, tile - tile % pooled_geometry.align),
+            halo=pooled_geometry.halo, stride=pooled_geometry.stride, align=pooled_geometry.align,
+            same_padding=pooled_geometry.same_padding, device=self.device, progress=progress,
+        )
+        pooled = (total / count).to(device=self.device, dtype=torch.float32)[None]
+        k_images = min(self.k_images, self.pooled_.shape[0])
+        image_distances, neighbours = knn(pooled, self.pooled_, k_images)
+        galleries = {}
+        for layer in self.map_layers():
+            bank = self.features_[layer]
+            gallery = bank.permute(0, 2, 3, 1).index_select(0, neighbours[0]).reshape(-1, bank.shape[1]).contiguous()
+            if self.k_features > gallery.shape[0]:
+                raise ValueError(f"k_features={self.k_features} exceeds the {gallery.shape[0]} gallery features of layer {layer!r}")
+            galleries[layer] = (gallery, knn_prepare(gallery))
+
+        def fn(images: torch.Tensor) -> torch.Tensor:
+            features = self._features(images)
+            maps = []
+            for layer in self.map_layers():
+                query = features[layer]
+                b, c, h, w = query.shape
+                gallery, prepared = galleries[layer]
+                rows = query.to(gallery.dtype).permute(0, 2, 3, 1).reshape(b * h * w, c)
+                distances, _ = knn(rows, gallery, self.k_features, prepared=prepared)
+                maps.append(distances.mean(dim=1).reshape(b, h, w))
+            return self._combined(maps)[:, None]
+
+        score = float(image_distances.mean()) if self.image_score == "knn" else None
+        return fn, lambda outputs, valid: score
 
     def _layer_distances(self, query: torch.Tensor, bank: torch.Tensor, neighbours: torch.Tensor, layer: str) -> torch.Tensor:
         """Per-position score of one layer: query (B, C, h, w) float32, bank (N, C, h', w'),
