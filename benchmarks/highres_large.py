@@ -1,10 +1,10 @@
 """A large georeferenced scene scored end to end through the CLI, in bounded memory.
 
-    python -m benchmarks.highres_large [--size 20000] [--tile 1024] [--folder DIR] [--keep]
+    python -m benchmarks.highres_large [--size 20000] [--tile 1024] [--method patchcore|spade] [--folder DIR] [--keep]
 
 Generates (never committed) a size x size RGB GeoTIFF (tiled, DEFLATE, BigTIFF when needed, UTM
 georeference): a smooth random surface with fine grain and 12 planted defects (dark scratches and
-bright spots of 6-48 px), written window by window. PatchCore (EfficientNet-Lite0, native
+bright spots of 6-48 px), written window by window. PatchCore or SPADE (EfficientNet-Lite0, native
 resolution: no resize, no crop) is fitted on eight defect-free 384-px crops of the same surface,
 then ``fastad predict --tile`` scores the scene in a separate process, whose peak resident memory
 is measured (``getrusage`` of the child). Reports the time, the throughput in megapixels per
@@ -74,7 +74,7 @@ def write_scene(path: Path, size: int, seed: int, rows: int = 512) -> list[tuple
     return boxes
 
 
-def fit_model(path: Path, size: int, seed: int) -> None:
+def fit_model(path: Path, size: int, seed: int, method: str = "patchcore") -> None:
     import fastad
 
     crops = []
@@ -82,7 +82,7 @@ def fit_model(path: Path, size: int, seed: int) -> None:
     for _ in range(8):  # defect-free crops of the same surface (the defects are drawn on the scene only)
         y, x = (int(v) // 32 * 32 for v in rng.integers(0, size - 384, size=2))
         crops.append(torch.from_numpy(surface(y, y + 384, x, x + 384, size, seed).astype(np.float32) / 255))
-    model = fastad.PatchCore(backbone="efficientnet_lite0", resize=None, crop=None, holdout=0)
+    model = fastad.get_method(method)(backbone="efficientnet_lite0", resize=None, crop=None, holdout=0)
     model.fit(torch.stack(crops)).save(path)
 
 
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=20000)
     parser.add_argument("--tile", type=int, default=1024)
+    parser.add_argument("--method", default="patchcore", choices=["patchcore", "spade"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folder", type=Path, help="where to write (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the scene, model and outputs")
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         boxes = write_scene(folder / "scene.tif", args.size, args.seed)
         print(f"scene {args.size} x {args.size} written in {time.perf_counter() - start:.0f} s "
               f"({(folder / 'scene.tif').stat().st_size / 1e9:.2f} GB)", flush=True)
-        fit_model(folder / "model.safetensors", args.size, args.seed)
+        fit_model(folder / "model.safetensors", args.size, args.seed, args.method)
         out = folder / "out"
         command = [sys.executable, "-m", "fastad", "predict", "--model", str(folder / "model.safetensors"),
                    "--out", str(out), "--tile", str(args.tile), str(folder / "scene.tif")]
@@ -135,7 +136,7 @@ def report(folder: Path, out: Path, boxes, args, elapsed: float, peak_mb: float)
     found = sum(p > max(background) for p in peaks)
     megapixels = args.size * args.size / 1e6
     print(json.dumps({
-        "size": args.size, "tile": args.tile, "threads": torch.get_num_threads(), "seconds": round(elapsed, 1),
+        "method": args.method, "size": args.size, "tile": args.tile, "threads": torch.get_num_threads(), "seconds": round(elapsed, 1),
         "megapixels_per_second": round(megapixels / elapsed, 3), "peak_rss_mb": round(peak_mb),
         "map_georeferenced": georeferenced, "defects_above_background": f"{found} of {len(boxes)}",
         "image_score": scores["score"],
