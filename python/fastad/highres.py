@@ -39,7 +39,7 @@ from . import tiling
 from ._checks import check_int
 from .postprocess import _kernel_radius, gaussian_blur
 
-__all__ = ["TileGeometry", "LargePrediction", "predict_large"]
+__all__ = ["TileGeometry", "LargePrediction", "predict_large", "fit_large"]
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,36 @@ def predict_large(
         score = float(score)
     return LargePrediction(score=score, map=out if isinstance(out, np.ndarray) else None, patch_map=patch_map,
                            stride=geometry.stride)
+
+
+def fit_large(model: Any, images: Any, *, tile: int = 1024, progress: bool | None = None) -> Any:
+    """Fits ``model`` on normal images at their own resolution, each read and processed tile by
+    tile, so the backbone's activations are bounded by the tile whatever the image's size (the
+    method's own state, e.g. PatchCore's patches before the coreset, still grows with the data).
+
+    Args:
+        model: a method that supports it (PatchCore); others raise a ValueError saying so.
+        images: an iterable of images (each a (3, H, W) tensor or array, a path, or a
+            :class:`fastad.tiling.TileReader`; sizes may differ), read one at a time.
+        tile, progress: as for :func:`predict_large`.
+
+    Returns ``model``, fitted as ``fit(..., holdout=0)`` would on the same images: no images are
+    held back, so ``threshold_`` is None.
+    """
+    model._check_params()
+    for name in [n for n in vars(model) if n.endswith("_") and not n.startswith("_")]:
+        delattr(model, name)  # a failed fit must not leave a half-old model that looks fitted
+    check_int(tile, "tile")
+    readers = (tiling.open_reader(image) for image in images)
+    with torch.inference_mode():
+        count = model._fit_tiled(readers, tile, progress)
+    if count == 0:
+        raise ValueError("no images were given to fit on")
+    model.n_train_images_ = count
+    model.threshold_ = None
+    if hasattr(model, "_cached_extractor"):  # the weights' digest, as FeatureModel.fit records it
+        model.backbone_weights_ = dict(model._cached_extractor()[1])
+    return model
 
 
 def measured_halo(fn, stride: int, align: int, device) -> int:

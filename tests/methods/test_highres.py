@@ -122,3 +122,22 @@ def test_upsampling_by_the_stride_equals_resizing_on_multiples():
     for mode in ("bilinear", "nearest", "bicubic"):
         torch.testing.assert_close(upsample_by_stride(maps, 8, (104, 136), mode), upsample(maps, (104, 136), mode))
     assert upsample_by_stride(maps, 8, (99, 130), "bilinear").shape == (2, 99, 130)
+
+
+def test_native_resolution_fit_equals_fit(rng):
+    # Two training images of different sizes, read tile by tile: the bank holds the same patches
+    # as fitting on each whole image (coreset_ratio=1 keeps all, in the same order).
+    from fastad.highres import fit_large
+
+    images = [scene(640, 896, rng), scene(512, 512, rng)]
+    params = dict(backbone="efficientnet_lite0", resize=None, crop=None, holdout=0, coreset_ratio=1.0)
+    tiled = fit_large(fastad.PatchCore(**params), images, tile=256)
+    plain = fastad.PatchCore(**params)
+    plain.fit(images[0][None])
+    first = plain.bank_
+    plain.fit(images[1][None])
+    expected = torch.cat([first, plain.bank_])
+    assert tiled.n_train_images_ == 2 and tiled.threshold_ is None and tiled.backbone_weights_
+    torch.testing.assert_close(tiled.bank_, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit on images tile by tile"):
+        fit_large(fastad.PaDiM(backbone="efficientnet_lite0", resize=None, crop=None), images)

@@ -331,6 +331,12 @@ class AnomalyModel:
         raise ValueError(f"{type(self).__name__} does not score images tile by tile at their own resolution; "
                          "predict resizes them to the training size")
 
+    def _fit_tiled(self, readers, tile: int, progress) -> int:
+        """For :func:`fastad.highres.fit_large`: learn from the images ``readers`` gives (each
+        read tile by tile) and return how many there were."""
+        raise ValueError(f"{type(self).__name__} does not fit on images tile by tile at their own resolution; "
+                         "fit resizes them (resize=..., crop=...)")
+
     def _tiled_scorer(self, reader, geometry, tile: int, progress):
         """For :func:`fastad.highres.predict_large`: (fn, image_score). ``fn`` maps (N, 3, h, w)
         windows to (N, C, h', w') patch outputs at ``geometry.stride`` (channel 0 the patch

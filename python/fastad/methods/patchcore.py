@@ -209,13 +209,36 @@ class PatchCore(FeatureModel):
         return matrix.to(self.device)
 
     def _fit_batches(self, batches) -> None:
+        self._fit_patches(self.patch_features(images).flatten(0, 2) for images in batches)
+
+    def _fit_tiled(self, readers, tile: int, progress) -> int:
+        """Native-resolution fit (``fastad.highres.fit_large``): each image's patch features are
+        computed tile by tile (equal to the untiled ones), one chunk of the bank per image."""
+        from ..tiling import tiled_apply
+
+        geometry = self.tile_geometry()
+        tile = max(geometry.align, tile - tile % geometry.align)
+        count = [0]
+
+        def chunks():
+            for reader in readers:
+                features = tiled_apply(lambda x: self.patch_features(x).permute(0, 3, 1, 2), reader, tile=tile,
+                                       halo=geometry.halo, stride=geometry.stride, align=geometry.align,
+                                       same_padding=geometry.same_padding, device=self.device, progress=progress)
+                count[0] += 1
+                yield torch.from_numpy(features).flatten(1).T.to(self.device)  # (h w, D), row-major positions
+
+        self._fit_patches(chunks())
+        return count[0]
+
+    def _fit_patches(self, patch_chunks) -> None:
+        """The bank from (n, D) chunks of patch features: kept chunk by chunk with their random
+        projection, the coreset chosen on the projections, the chosen rows gathered."""
         dtype = bank_dtype_of(self.bank_dtype)
         chunks: list[torch.Tensor] = []
         projected: list[torch.Tensor] = []
         projection = None
-        for images in batches:
-            patches = self.patch_features(images)
-            patches = patches.reshape(-1, patches.shape[-1])
+        for patches in patch_chunks:
             if not chunks:
                 projection = self._projection(patches.shape[1])
             if projection is not None:
