@@ -82,7 +82,7 @@ def predict_large(
         model: a fitted method that supports tiling (PatchCore, SPADE); others raise a ValueError that
             says what they support instead.
         image: (3, H, W) float tensor or array in the model's input scale (what ``predict`` takes
-            after its transform), a ``.npy`` / ``.tif`` path, a :class:`fastad.geo.RasterReader`
+            after its transform), a path (see :func:`open_image`), a :class:`fastad.geo.RasterReader`
             or any :class:`fastad.tiling.TileReader`. A reader with a ``valid(y0, y1, x0, x1)``
             method (``RasterReader``: nodata, alpha, masks) masks the map with NaN where the image
             holds no data, and the image score ignores patches centred there.
@@ -102,7 +102,7 @@ def predict_large(
     check_int(tile, "tile")
     check_int(band, "band")
     tile = max(geometry.align, tile - tile % geometry.align)
-    reader = tiling.open_reader(image)
+    reader = open_image(image)
     channels, height, width = reader.shape
     if channels != 3:
         raise ValueError(f"predict_large needs a 3-channel image, got {channels} channels")
@@ -173,7 +173,7 @@ def fit_large(model: Any, images: Any, *, tile: int = 1024, progress: bool | Non
     for name in [n for n in vars(model) if n.endswith("_") and not n.startswith("_")]:
         delattr(model, name)  # a failed fit must not leave a half-old model that looks fitted
     check_int(tile, "tile")
-    readers = (tiling.open_reader(image) for image in images)
+    readers = (open_image(image) for image in images)
     with torch.inference_mode():
         count = model._fit_tiled(readers, tile, progress)
     if count == 0:
@@ -183,6 +183,19 @@ def fit_large(model: Any, images: Any, *, tile: int = 1024, progress: bool | Non
     if hasattr(model, "_cached_extractor"):  # the weights' digest, as FeatureModel.fit records it
         model.backbone_weights_ = dict(model._cached_extractor()[1])
     return model
+
+
+def open_image(image: Any):
+    """A tile reader for ``image``: a path other than ``.npy`` opens with
+    :class:`fastad.geo.RasterReader` (GeoTIFF, compressed or tiled TIFF, PNG, JPEG: windows
+    decoded lazily, nodata known), anything else with :func:`fastad.tiling.open_reader`."""
+    import os
+
+    if isinstance(image, (str, os.PathLike)) and not str(image).lower().endswith(".npy"):
+        from .geo import RasterReader
+
+        return RasterReader(image)
+    return tiling.open_reader(image)
 
 
 def measured_halo(fn, stride: int, align: int, device) -> int:

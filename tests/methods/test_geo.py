@@ -110,3 +110,17 @@ def test_georeferenced_map_round_trip_with_nodata(tmp_path, patchcore):
     quick = np.asarray(Image.open(tmp_path / "quick.png"))
     assert quick.shape == (-(-720 // 6), -(-650 // 6)) and quick.max() == 255
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "quick.png", "scene.tif"]
+
+
+def test_paths_open_with_rasterio(tmp_path, patchcore):
+    # A compressed, tiled GeoTIFF given by path (tifffile's reader cannot map it; rasterio reads it).
+    from fastad.highres import fit_large
+
+    pixels = texture(448, 512, 9)
+    write_scene(tmp_path / "s.tif", pixels)
+    by_path = predict_large(patchcore, tmp_path / "s.tif", tile=256)
+    by_array = predict_large(patchcore, torch.from_numpy(pixels.astype(np.float32) / 255), tile=256)
+    np.testing.assert_array_equal(by_path.map, by_array.map)
+    params = dict(backbone="efficientnet_lite0", resize=None, crop=None, coreset_ratio=1.0)
+    fitted = fit_large(fastad.PatchCore(**params), [tmp_path / "s.tif"], tile=256)
+    assert fitted.bank_.shape[0] == (448 // 8) * (512 // 8)
