@@ -1,7 +1,7 @@
 """The ``fastad`` command: fit, predict, evaluate, info.
 
     fastad fit --method NAME [--backbone NAME] --data DIR --model OUT [--device cpu|cuda]
-               [--batch-size N] [--set key=value ...]
+               [--batch-size N] [--tile PX] [--set key=value ...]
     fastad predict --model M --out DIR [--device D] [--tile PX] IMAGES...
     fastad evaluate --model M --data DIR --report DIR [--device D]
     fastad info
@@ -71,7 +71,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     model = klass(**params)
     dataset = open_dataset(args.data, "train")  # fit applies the method's transform()
     start = time.perf_counter()
-    model.fit(dataset)
+    if args.tile is not None:  # native resolution, each image read tile by tile
+        from .geo import gdal_cache
+        from .highres import fit_large
+
+        with gdal_cache():
+            fit_large(model, [sample.path for sample in dataset.samples if sample.label == 0], tile=args.tile)
+    else:
+        model.fit(dataset)
     elapsed = time.perf_counter() - start
     out = model.save(args.model)
     threshold = "none" if model.threshold_ is None else f"{model.threshold_:.6g}"
@@ -210,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other method parameter (repeatable)")
+    p.add_argument("--tile", type=int, metavar="PX",
+                   help="fit at native resolution, each image read in tiles of PX pixels (PatchCore, SPADE; "
+                        "give --set resize=null --set crop=null); no images are held back for a threshold")
     p.set_defaults(run=cmd_fit)
 
     p = sub.add_parser("predict", help="score images; write maps as PNG and scores as JSON")

@@ -65,8 +65,13 @@ class RasterReader:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no such image file: {self.path}")
+        import warnings
+
         try:
-            self._ds = rasterio.open(self.path)
+            with warnings.catch_warnings():
+                # A PNG or JPEG has no georeference; that is not a mistake.
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                self._ds = rasterio.open(self.path)
         except rasterio.errors.RasterioIOError as exc:
             raise ValueError(f"{self.path} is not a raster image rasterio can read ({exc})") from None
         ds = self._ds
@@ -183,7 +188,7 @@ class MapWriter:
         }
         if like is not None and like.crs is not None:
             profile["crs"] = like.crs
-        if like is not None:
+        if like is not None and (like.crs is not None or not like.transform.is_identity):
             profile["transform"] = like.transform
         import warnings
 

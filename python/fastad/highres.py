@@ -161,7 +161,7 @@ def fit_large(model: Any, images: Any, *, tile: int = 1024, progress: bool | Non
     method's own state, e.g. PatchCore's patches before the coreset, still grows with the data).
 
     Args:
-        model: a method that supports it (PatchCore); others raise a ValueError saying so.
+        model: a method that supports it (PatchCore, SPADE); others raise a ValueError saying so.
         images: an iterable of images (each a (3, H, W) tensor or array, a path, or a
             :class:`fastad.tiling.TileReader`; sizes may differ), read one at a time.
         tile, progress: as for :func:`predict_large`.

@@ -256,7 +256,15 @@ def test_predict_tiled_writes_a_georeferenced_map(dataset, tmp_path, capsys):
 
     model_path = tmp_path / "patchcore.safetensors"
     assert main(["fit", "--method", "patchcore", "--backbone", "efficientnet_lite0", "--data", str(dataset),
-                 "--model", str(model_path), "--set", "resize=null", "--set", "crop=null", "--set", "holdout=0"]) == 0
+                 "--model", str(model_path), "--set", "resize=null", "--set", "crop=null", "--set", "holdout=0",
+                 "--set", "coreset_ratio=1"]) == 0
+    # The same fit, each training image read tile by tile: the same bank (all patches kept, so no
+    # near-tie in the coreset can make the two differ).
+    tiled_path = tmp_path / "patchcore-tiled.safetensors"
+    assert main(["fit", "--method", "patchcore", "--backbone", "efficientnet_lite0", "--data", str(dataset),
+                 "--model", str(tiled_path), "--set", "resize=null", "--set", "crop=null", "--set", "coreset_ratio=1",
+                 "--tile", "64"]) == 0
+    torch.testing.assert_close(AnomalyModel.load(tiled_path).bank_, AnomalyModel.load(model_path).bank_, rtol=1e-4, atol=1e-4)
     tiles = [load_image(p) for p in sorted((dataset / "test").rglob("*.png"))[:4]]
     scene = torch.cat([torch.cat(tiles[:2], dim=2), torch.cat(tiles[2:], dim=2)], dim=1)  # 2 x 2 images
     pixels = (scene.numpy() * 255 + 0.5).astype(np.uint8)

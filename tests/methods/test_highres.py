@@ -141,3 +141,17 @@ def test_native_resolution_fit_equals_fit(rng):
     torch.testing.assert_close(tiled.bank_, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="does not fit on images tile by tile"):
         fit_large(fastad.PaDiM(backbone="efficientnet_lite0", resize=None, crop=None), images)
+
+
+def test_spade_native_resolution_fit_equals_fit(rng):
+    from fastad.highres import fit_large
+
+    images = torch.stack([scene(384, 448, rng) for _ in range(2)])
+    params = dict(backbone="efficientnet_lite0", resize=None, crop=None, holdout=0)
+    tiled = fit_large(fastad.SPADE(**params), list(images), tile=128)
+    plain = fastad.SPADE(**params).fit(images)
+    torch.testing.assert_close(tiled.pooled_, plain.pooled_, rtol=1e-5, atol=1e-5)
+    for layer, maps in plain.features_.items():
+        torch.testing.assert_close(tiled.features_[layer], maps, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="training images of one size"):
+        fit_large(fastad.SPADE(**params), [images[0], scene(384, 416, rng)], tile=128)

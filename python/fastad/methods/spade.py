@@ -216,6 +216,47 @@ class SPADE(FeatureModel):
 
         return self._geometry_of([self.image_layer()], probe)
 
+    def _fit_tiled(self, readers, tile, progress) -> int:
+        """Native-resolution fit (``fastad.highres.fit_large``): each training image's map layers
+        and pooled row are computed tile by tile (one pass per map layer and one for the pooled
+        row, each equal to the untiled values); the images must share one size, as in ``fit``."""
+        from ..tiling import tiled_apply, tiled_sum
+
+        dtype = bank_dtype_of(self.bank_dtype)
+        image_layer = self.image_layer()
+        pooled_geometry = self._pooled_geometry()
+        chunks: dict[str, list[torch.Tensor]] = {layer: [] for layer in self.map_layers()}
+        pooled: list[torch.Tensor] = []
+        size = None
+        for reader in readers:
+            if size is None:
+                size = tuple(reader.shape[1:])
+            elif tuple(reader.shape[1:]) != size:
+                raise ValueError(f"SPADE needs training images of one size, got {size[0]}x{size[1]} and then "
+                                 f"{reader.shape[1]}x{reader.shape[2]}")
+            total, count = tiled_sum(lambda x: self._features(x)[image_layer], reader, **self._tiling_args(pooled_geometry, tile, progress))
+            pooled.append((total / count).to(device=self.device, dtype=torch.float32))
+            for layer in chunks:
+                geometry = self._layer_geometry(layer)
+                maps = tiled_apply(lambda x, layer=layer: self._features(x)[layer], reader,
+                                   **self._tiling_args(geometry, tile, progress))
+                chunks[layer].append(torch.from_numpy(maps)[None].to(device=self.device, dtype=dtype))
+        if size is None:
+            return 0
+        self.pooled_ = torch.stack(pooled)
+        self.features_ = {layer: torch.cat(chunks.pop(layer)) for layer in list(chunks)}
+        return len(pooled)
+
+    def _layer_geometry(self, layer: str):
+        def probe(images):
+            return self._features(images)[layer].sum(dim=1, keepdim=True)
+
+        return self._geometry_of([layer], probe)
+
+    def _tiling_args(self, geometry, tile: int, progress) -> dict[str, Any]:
+        return dict(tile=max(geometry.align, tile - tile % geometry.align), halo=geometry.halo, stride=geometry.stride,
+                    align=geometry.align, same_padding=geometry.same_padding, device=self.device, progress=progress)
+
     def _tiled_scorer(self, reader, geometry, tile, progress):
         """A first pass pools the image layer over the whole image (a sum over tiles, exact), picks
         the ``k_images`` nearest training images and gives the image score; then each map layer's
@@ -225,11 +266,8 @@ class SPADE(FeatureModel):
 
         pooled_geometry = self._pooled_geometry()
         image_layer = self.image_layer()
-        total, count = tiled_sum(
-            lambda x: self._features(x)[image_layer], reader, tile=max(pooled_geometry.align, tile - tile % pooled_geometry.align),
-            halo=pooled_geometry.halo, stride=pooled_geometry.stride, align=pooled_geometry.align,
-            same_padding=pooled_geometry.same_padding, device=self.device, progress=progress,
-        )
+        total, count = tiled_sum(lambda x: self._features(x)[image_layer], reader,
+                                 **self._tiling_args(pooled_geometry, tile, progress))
         pooled = (total / count).to(device=self.device, dtype=torch.float32)[None]
         k_images = min(self.k_images, self.pooled_.shape[0])
         image_distances, neighbours = knn(pooled, self.pooled_, k_images)
