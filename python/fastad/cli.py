@@ -131,11 +131,10 @@ def _predict_tiled(model, path: str, stem: str, out_dir: Path, tile: int) -> dic
     both written only once complete. GDAL's block cache is capped so that memory stays bounded
     by the tile."""
     from .geo import MapWriter, RasterReader, gdal_cache
-    from .highres import predict_large
-    from .tiling import NpyReader
+    from .highres import open_image, predict_large
 
     with gdal_cache():
-        reader = NpyReader(path) if Path(path).suffix.lower() == ".npy" else RasterReader(path)
+        reader = open_image(path)
         georeferenced = reader if isinstance(reader, RasterReader) else None
         try:
             _, height, width = reader.shape
@@ -145,8 +144,8 @@ def _predict_tiled(model, path: str, stem: str, out_dir: Path, tile: int) -> dic
                 result = predict_large(model, reader, tile=tile, out=writer)
             elapsed = time.perf_counter() - start
         finally:
-            if georeferenced is not None:
-                georeferenced.close()
+            if callable(getattr(reader, "close", None)):
+                reader.close()
     threshold = model.threshold_
     anomalous = None if threshold is None else result.score > threshold
     print(f"{path}: score {result.score:.6g}" + ("" if anomalous is None else f" ({'anomalous' if anomalous else 'good'})")

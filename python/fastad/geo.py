@@ -213,19 +213,22 @@ class MapWriter:
         self._next_row += rows.shape[0]
 
     def close(self, ok: bool = True) -> None:
-        self._ds.close()
-        if not ok or self._next_row != self.shape[0]:
-            self._tmp.unlink(missing_ok=True)
-            if ok:
+        """Finishes the GeoTIFF (flushing its last blocks) and renames it into place, then writes
+        the quick-look; on any failure, or with ``ok=False``, the temporary file is removed."""
+        try:
+            self._ds.close()
+            if ok and self._next_row != self.shape[0]:
                 raise ValueError(f"{self.path}: only {self._next_row} of {self.shape[0]} rows were written")
-            return
-        if self.quicklook is not None:
+            if ok:
+                os.replace(self._tmp, self.path)
+        finally:
+            self._tmp.unlink(missing_ok=True)
+        if ok and self.quicklook is not None:
             from . import viz
 
             top = float(np.nanmax(self._small)) if np.isfinite(self._small).any() else 0.0
             picture = np.nan_to_num(self._small / top if top > 0 else np.zeros_like(self._small), nan=0.0)
             viz.save_png(self.quicklook, (np.clip(picture, 0, 1) * 255 + 0.5).astype(np.uint8))
-        os.replace(self._tmp, self.path)
 
     def __enter__(self) -> MapWriter:
         return self

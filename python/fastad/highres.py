@@ -85,7 +85,8 @@ def predict_large(
             after its transform), a path (see :func:`open_image`), a :class:`fastad.geo.RasterReader`
             or any :class:`fastad.tiling.TileReader`. A reader with a ``valid(y0, y1, x0, x1)``
             method (``RasterReader``: nodata, alpha, masks) masks the map with NaN where the image
-            holds no data, and the image score ignores patches centred there.
+            holds no data; PatchCore's image score (and any score taken from the map's maximum)
+            ignores those places, SPADE's mean distance to its chosen images does not.
         tile: core side of a tile in input pixels, rounded down to a multiple of the method's
             ``align`` (at least one ``align``). Memory grows with (tile + 2 halo)^2.
         out: where the (H, W) float32 map goes: None (a new array), an (H, W) float32 array or
@@ -97,12 +98,20 @@ def predict_large(
     Returns:
         :class:`LargePrediction` (``map`` is None when ``out`` is a sink).
     """
+    _check_native_resolution(model)
     model._check_fitted()
     geometry = model.tile_geometry()
     check_int(tile, "tile")
     check_int(band, "band")
     tile = max(geometry.align, tile - tile % geometry.align)
     reader = open_image(image)
+    try:
+        return _predict_large(model, reader, geometry, tile, out, band, progress)
+    finally:
+        _close_if_opened(image, reader)
+
+
+def _predict_large(model, reader, geometry: TileGeometry, tile: int, out: Any, band: int, progress) -> LargePrediction:
     channels, height, width = reader.shape
     if channels != 3:
         raise ValueError(f"predict_large needs a 3-channel image, got {channels} channels")
@@ -170,12 +179,21 @@ def fit_large(model: Any, images: Any, *, tile: int = 1024, progress: bool | Non
     held back, so ``threshold_`` is None.
     """
     model._check_params()
+    _check_native_resolution(model)
     for name in [n for n in vars(model) if n.endswith("_") and not n.startswith("_")]:
         delattr(model, name)  # a failed fit must not leave a half-old model that looks fitted
     check_int(tile, "tile")
-    readers = (open_image(image) for image in images)
+
+    def readers():
+        for image in images:
+            reader = open_image(image)
+            try:
+                yield reader
+            finally:
+                _close_if_opened(image, reader)
+
     with torch.inference_mode():
-        count = model._fit_tiled(readers, tile, progress)
+        count = model._fit_tiled(readers(), tile, progress)
     if count == 0:
         raise ValueError("no images were given to fit on")
     model.n_train_images_ = count
@@ -185,17 +203,50 @@ def fit_large(model: Any, images: Any, *, tile: int = 1024, progress: bool | Non
     return model
 
 
+# Raster formats read window by window with rasterio; other image files are decoded whole with
+# fastad.data.load_image (EXIF orientation, palettes, grey + alpha), as predict reads them.
+_RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+
+
 def open_image(image: Any):
-    """A tile reader for ``image``: a path other than ``.npy`` opens with
-    :class:`fastad.geo.RasterReader` (GeoTIFF, compressed or tiled TIFF, PNG, JPEG: windows
-    decoded lazily, nodata known), anything else with :func:`fastad.tiling.open_reader`."""
+    """A tile reader for ``image``: a GeoTIFF / TIFF path (also ``.vrt``, ``.jp2``, ``.img``)
+    opens with :class:`fastad.geo.RasterReader` (windows decoded lazily, nodata known; a TIFF falls
+    back to :class:`fastad.tiling.TiffReader` without rasterio), another image file (PNG, JPEG) is
+    decoded whole by :func:`fastad.data.load_image`, and a ``.npy`` path, an array or a reader goes
+    to :func:`fastad.tiling.open_reader`."""
     import os
 
-    if isinstance(image, (str, os.PathLike)) and not str(image).lower().endswith(".npy"):
-        from .geo import RasterReader
+    if isinstance(image, (str, os.PathLike)):
+        suffix = os.path.splitext(str(image))[1].lower()
+        if suffix in _RASTER_SUFFIXES:
+            try:
+                from .geo import RasterReader
 
-        return RasterReader(image)
+                return RasterReader(image)
+            except ImportError:
+                if suffix not in (".tif", ".tiff"):
+                    raise
+        elif suffix != ".npy":
+            from .data import load_image
+
+            return tiling.ArrayReader(load_image(image))
     return tiling.open_reader(image)
+
+
+def _check_native_resolution(model: Any) -> None:
+    """Tiles are scored at the image's own scale; a model that resizes its inputs learned another."""
+    if getattr(model, "resize", None) is not None or getattr(model, "crop", None) is not None:
+        raise ValueError(
+            f"this {type(model).__name__} resizes its inputs (resize={model.resize}, crop={model.crop}), but tiles are "
+            "scored at the image's own resolution, a scale it did not learn: fit it with resize=None and crop=None "
+            "(fastad fit ... --set resize=null --set crop=null)"
+        )
+
+
+def _close_if_opened(image: Any, reader: Any) -> None:
+    """Closes a reader made here from a path (a reader the caller passed stays open)."""
+    if reader is not image and callable(getattr(reader, "close", None)):
+        reader.close()
 
 
 def measured_halo(fn, stride: int, align: int, device) -> int:

@@ -598,13 +598,14 @@ def tiled_apply(
         _check_halo_covers_field(fn, reader.shape[0], halo, stride, device, dtype)
 
     tiles = _plan_tiles(height, width, tile, halo, align if same_padding else 0)
-    for t, y in _tile_outputs(fn, reader, tiles, batch_tiles, stride, device, dtype, progress, "tiled_apply"):
-        if out is None:
-            out = np.empty((y.shape[0], *out_hw), dtype=_numpy_dtype_for(y.dtype))
-        elif out.shape[0] != y.shape[0]:
-            raise ValueError(f"out has {out.shape[0]} channels but fn returns {y.shape[0]}")
-        host = y.to("cpu", dtype=torch.float64 if y.dtype == torch.float64 else torch.float32).numpy()
-        _write_core(out, host, t, stride)
+    with torch.inference_mode():
+        for t, y in _tile_outputs(fn, reader, tiles, batch_tiles, stride, device, dtype, progress, "tiled_apply"):
+            if out is None:
+                out = np.empty((y.shape[0], *out_hw), dtype=_numpy_dtype_for(y.dtype))
+            elif out.shape[0] != y.shape[0]:
+                raise ValueError(f"out has {out.shape[0]} channels but fn returns {y.shape[0]}")
+            host = y.to("cpu", dtype=torch.float64 if y.dtype == torch.float64 else torch.float32).numpy()
+            _write_core(out, host, t, stride)
     return out
 
 
@@ -631,27 +632,28 @@ def tiled_sum(
     _, height, width = reader.shape
     tiles = _plan_tiles(height, width, tile, halo, align if same_padding else 0)
     total, count = None, 0
-    for t, y in _tile_outputs(fn, reader, tiles, 1, stride, device, dtype, progress, "tiled_sum"):
-        cy, cx = (t.y0 - t.ya) // stride, (t.x0 - t.xa) // stride
-        oh, ow = -(-t.y1 // stride) - t.y0 // stride, -(-t.x1 // stride) - t.x0 // stride
-        part = y[:, cy : cy + oh, cx : cx + ow].to(torch.float64).sum(dim=(1, 2)).cpu()
-        total = part if total is None else total + part
-        count += oh * ow
+    with torch.inference_mode():
+        for t, y in _tile_outputs(fn, reader, tiles, 1, stride, device, dtype, progress, "tiled_sum"):
+            cy, cx = (t.y0 - t.ya) // stride, (t.x0 - t.xa) // stride
+            oh, ow = -(-t.y1 // stride) - t.y0 // stride, -(-t.x1 // stride) - t.x0 // stride
+            part = y[:, cy : cy + oh, cx : cx + ow].to(torch.float64).sum(dim=(1, 2)).cpu()
+            total = part if total is None else total + part
+            count += oh * ow
     return total, count
 
 
 def _tile_outputs(fn, reader, tiles, batch_tiles, stride, device, dtype, progress, what) -> Iterator[tuple[_Tile, Tensor]]:
-    """(tile, fn's output for its window (C_out, h', w')) for every tile, in inference mode, with
-    a bar over tiles."""
+    """(tile, fn's output for its window (C_out, h', w')) for every tile, with a bar over tiles.
+    The callers hold inference mode around the loop (a mode entered inside a generator would stay
+    on for them if they stopped with an exception)."""
     bar = progress_bar(len(tiles), what, "tile", progress)
     try:
-        with torch.inference_mode():
-            for group in _batches(tiles, batch_tiles):
-                batch = _read_batch(reader, group)
-                y = fn(batch.to(device=device, dtype=dtype))
-                _check_output(y, group, stride)
-                yield from zip(group, y)
-                bar.update(len(group))
+        for group in _batches(tiles, batch_tiles):
+            batch = _read_batch(reader, group)
+            y = fn(batch.to(device=device, dtype=dtype))
+            _check_output(y, group, stride)
+            yield from zip(group, y)
+            bar.update(len(group))
     finally:
         bar.close()
 

@@ -155,3 +155,20 @@ def test_spade_native_resolution_fit_equals_fit(rng):
         torch.testing.assert_close(tiled.features_[layer], maps, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="training images of one size"):
         fit_large(fastad.SPADE(**params), [images[0], scene(384, 416, rng)], tile=128)
+
+
+def test_plain_maximum_score_and_models_that_resize(patchcore):
+    # reweight=False: predict's score is the final map's maximum, and so is predict_large's.
+    image = scene(512, 640, torch.Generator().manual_seed(8))
+    patchcore.reweight = False
+    try:
+        assert predict_large(patchcore, image, tile=256).score == pytest.approx(float(patchcore.predict(image[None]).scores[0]), rel=1e-5)
+    finally:
+        patchcore.reweight = True
+    resizing = fastad.PatchCore(backbone="efficientnet_lite0", holdout=0)  # resize 256, crop 224
+    with pytest.raises(ValueError, match="resizes its inputs"):
+        predict_large(resizing, image)
+    from fastad.highres import fit_large
+
+    with pytest.raises(ValueError, match="resize=None and crop=None"):
+        fit_large(resizing, [image])

@@ -166,13 +166,15 @@ class PatchCore(FeatureModel):
         return self._tile_outputs, lambda outputs, valid: self._tile_image_score(outputs, reader, geometry, valid)
 
     def _tile_outputs(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 2, h, w): each patch's score and the index of its nearest bank patch (as float,
-        exact below 2^24 bank rows)."""
+        """(N, 2, h, w) float64: each patch's score and the index of its nearest bank patch
+        (float64 holds any bank index exactly)."""
         patches = self.patch_features(images)
         b, h, w, d = patches.shape
+        if d != self.bank_.shape[1]:
+            raise ValueError(f"patch features have {d} dims but the bank has {self.bank_.shape[1]}; were the layers changed after fit?")
         dist, index = ops.knn(patches.reshape(-1, d).to(self.bank_.dtype), self.bank_, 1, squared=self.squared,
                               prepared=self._prepared_bank())
-        return torch.stack([dist[:, 0].reshape(b, h, w), index[:, 0].reshape(b, h, w).float()], dim=1)
+        return torch.stack([dist[:, 0].reshape(b, h, w).double(), index[:, 0].reshape(b, h, w).double()], dim=1)
 
     def _tile_image_score(self, outputs, reader, geometry, patch_valid=None) -> float:
         """Eq. 7 at the image's worst patch (the first maximum in row-major order, as ``argmax``
@@ -181,6 +183,8 @@ class PatchCore(FeatureModel):
         from ..highres import window_around
 
         scores = torch.from_numpy(np.ascontiguousarray(outputs[0]))
+        if not self.reweight:
+            return None  # predict's score then: the final map's maximum
         if patch_valid is not None:
             if not patch_valid.any():
                 return math.nan
@@ -188,8 +192,6 @@ class PatchCore(FeatureModel):
         flat = int(scores.flatten().argmax())
         cy, cx = divmod(flat, scores.shape[1])
         s_star = scores[cy, cx]
-        if not self.reweight:
-            return float(s_star)
         _, height, width = reader.shape
         y0, y1, x0, x1 = window_around((cy * geometry.stride, cx * geometry.stride), (height, width), geometry)
         window = reader.read(y0, y1, x0, x1)[None].to(self.device, torch.float32)

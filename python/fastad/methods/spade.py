@@ -264,6 +264,9 @@ class SPADE(FeatureModel):
         from ..ops import knn_prepare
         from ..tiling import tiled_sum
 
+        if set(self.features_) != set(self.map_layers()):
+            raise ValueError(f"this SPADE was fitted on layers {list(self.features_)} but its layers are now "
+                             f"{self.map_layers()}; fit again")
         pooled_geometry = self._pooled_geometry()
         image_layer = self.image_layer()
         total, count = tiled_sum(lambda x: self._features(x)[image_layer], reader,
