@@ -1,5 +1,5 @@
-"""MLF-SC: multi-level features and sparse coding (Sakai et al., "Anomaly Detection and
-Localization with Multi-Level Features and Sparse Coding", 2021).
+"""MLF-SC: multi-layer features and sparse coding (Imamura et al., "MLF-SC: Incorporating
+multi-layer features to sparse coding for anomaly detection", arXiv:2104.04289, 2021).
 
 Feature maps of three levels of a pretrained CNN (VGG-16's ``conv2_2``, ``conv3_3`` and
 ``conv4_3`` before their ReLU: 128 + 256 + 512 = 896 channels) are each resized to 32 x 32 and
