@@ -4,7 +4,7 @@
 // Why this shape: out[r] = ||c_r L||^2 over the samples c_r of a chunk is a small triangular
 // matrix product, (n x D) by (D x D lower), so the kernels are register-blocked like a GEMM
 // micro-kernel, in one of two layouts (mahalanobis_cpu_kernels.h):
-//  * samples in lanes (17 samples or more, AVX-512): a tile is centred into [feature][sample]
+//  * samples in lanes (17 samples or more; AVX-512, AVX2): a tile is centred into [feature][sample]
 //    order; the kernel multiplies vectors of 16 samples by single factor entries, 2 vectors x 8
 //    columns at a time, over the rows i >= j of those columns. Entries are broadcast one by one,
 //    so the factor is read where it lies, row-major or column-major (torch.linalg.cholesky's

@@ -174,84 +174,27 @@ __attribute__((target("avx512f"))) void rows_sums(const float* c, int64_t n, int
   for (int64_t r = 0; r < n; ++r) out[r] = sum16(sq + 16 * r);
 }
 
-// ---- the lanes kernel: V vectors of 16 samples by J <= 8 columns of a column-major factor -------
+// ---- the lanes kernel: 2 vectors of 16 samples by 8 columns of a column-major factor -----------
 
-// The factor's entries are broadcast one at a time, so it needs no packing: a column-major factor
-// (as torch.linalg.cholesky returns it) is read in place, J columns as J sequential streams.
-// Skipping the pack saves a pass over D^2 / 2 floats per position, which at PaDiM's shape
-// (B 32, D 100) cost as much as a third of the arithmetic. Row-major factors are not read in
-// place: each step would start a new row D floats on, a stride that past 2 KB escapes the hardware
-// prefetchers and costs a page per row (3.6x slower at D = 550); the driver transposes them.
+// The traits and the kernel compile for this instruction set (the intrinsics must inline).
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+struct Vec512 {
+  using type = __m512;
+  static constexpr int kWidth = 16;
+  static type zero() { return _mm512_setzero_ps(); }
+  static type load(const float* p) { return _mm512_load_ps(p); }
+  static type set1(float x) { return _mm512_set1_ps(x); }
+  static type fmadd(type a, type b, type c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, type x) { _mm512_store_ps(p, x); }
+};
+#include "mahalanobis_cpu_lanes.inc"
+#pragma GCC pop_options
 
-// sums[16 v + s] += the squares of (c L)[j0 + l] for l < J, sample 16 v + s (sums 64-byte
-// aligned); c points at feature 0 of the first sample vector, `col` at entry (j0, j0), columns
-// `ld` floats apart. Rows j0 .. j0+J-1 cross the diagonal: there only entries on or below it are
-// read.
-template <int V, int J>
-__attribute__((target("avx512f"))) void lanes_block(const float* c, int64_t lanes, int64_t d, const float* col,
-                                                   int64_t ld, int64_t j0, float* sums) {
-  __m512 acc[V][J];
-#pragma GCC unroll 8
-  for (int l = 0; l < J; ++l)
-#pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) acc[v][l] = _mm512_setzero_ps();
-#pragma GCC unroll 8
-  for (int t = 0; t < J; ++t) {  // the diagonal block: row j0 + t reaches columns j0 .. j0+t
-    __m512 cv[V];
-#pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) cv[v] = _mm512_load_ps(c + (j0 + t) * lanes + 16 * v);
-#pragma GCC unroll 8
-    for (int l = 0; l <= t; ++l) {
-      const __m512 e = _mm512_set1_ps(col[l * ld + t]);
-#pragma GCC unroll 2
-      for (int v = 0; v < V; ++v) acc[v][l] = _mm512_fmadd_ps(cv[v], e, acc[v][l]);
-    }
-  }
-  for (int64_t i = j0 + J; i < d; ++i) {
-    __m512 cv[V];
-#pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) cv[v] = _mm512_load_ps(c + i * lanes + 16 * v);
-#pragma GCC unroll 8
-    for (int l = 0; l < J; ++l) {
-      const __m512 e = _mm512_set1_ps(col[l * ld + (i - j0)]);
-#pragma GCC unroll 2
-      for (int v = 0; v < V; ++v) acc[v][l] = _mm512_fmadd_ps(cv[v], e, acc[v][l]);
-    }
-  }
-  __m512 sq[V];
-#pragma GCC unroll 2
-  for (int v = 0; v < V; ++v) sq[v] = _mm512_load_ps(sums + 16 * v);
-#pragma GCC unroll 8
-  for (int l = 0; l < J; ++l)
-#pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) sq[v] = _mm512_fmadd_ps(acc[v][l], acc[v][l], sq[v]);
-#pragma GCC unroll 2
-  for (int v = 0; v < V; ++v) _mm512_store_ps(sums + 16 * v, sq[v]);
-}
-
-using LanesBlockFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*);
-
-constexpr int kLanesColumns = 8;  // 2 x 8 accumulators, 2 sample vectors, 1 broadcast, 2 sums
-
-template <int V, std::size_t... J>
-constexpr std::array<LanesBlockFn, sizeof...(J)> lanes_blocks(std::index_sequence<J...>) {
-  return {&lanes_block<V, static_cast<int>(J) + 1>...};
-}
-
-__attribute__((target("avx512f"))) void lanes_sums(const float* c, int64_t n, int64_t lanes, int64_t d,
-                                                  FactorView L, float* out) {
-  static constexpr std::array<std::array<LanesBlockFn, kLanesColumns>, 2> kBlocks = {
-      lanes_blocks<1>(std::make_index_sequence<kLanesColumns>{}),
-      lanes_blocks<2>(std::make_index_sequence<kLanesColumns>{})};
-  for (int64_t g = 0; g < n; g += 32) {
-    const int v_count = n - g > 16 ? 2 : 1;
-    alignas(64) float s[32] = {};  // the sums of squares of 32 samples
-    for (int64_t j0 = 0; j0 < d; j0 += kLanesColumns) {
-      const int64_t columns = std::min<int64_t>(kLanesColumns, d - j0);
-      kBlocks[v_count - 1][columns - 1](c + g, lanes, d, L.p + j0 * L.sj + j0, L.sj, j0, s);
-    }
-    for (int64_t r = g; r < std::min(n, g + 32); ++r) out[r] = s[r - g];
-  }
+// 2 x 8 accumulators, 2 sample vectors, 1 broadcast of 32 zmm registers.
+__attribute__((target("avx512f"))) void lanes_sums(const float* c, int64_t n, int64_t lanes, int64_t d, FactorView L,
+                                                  float* out) {
+  lanes_sums_for<Vec512, 8>(c, n, lanes, d, L, out);
 }
 
 // ---- centring ---------------------------------------------------------------------------------

@@ -7,10 +7,11 @@
 //           multiplies it by a vector of W factor columns ("samples in rows"); good for a few
 //           samples (B < 17), where lanes spent on samples would stay empty.
 //  * lanes: [position][feature][sample], the samples padded to `lanes` = a multiple of 16. The
-//           kernel loads 16 samples' values of one feature as a vector and broadcasts one factor
-//           entry per output column ("samples in lanes"): two vectors of samples by 8 columns make
-//           16 independent FMA chains for 10 loads, where the rows kernel needs 17 loads for 16
-//           FMAs, and no horizontal sums are needed at the end. Broadcasts read single entries, so
+//           kernel (mahalanobis_cpu_lanes.inc, for any vector width) loads one vector of samples'
+//           values of one feature and broadcasts one factor entry per output column ("samples in
+//           lanes"): on AVX-512 two vectors of samples by 8 columns make 16 independent FMA chains
+//           for 10 loads, where the rows kernel needs 17 loads for 16 FMAs (AVX2: 2 by 6), and no
+//           horizontal sums are needed at the end. Broadcasts read single entries, so
 //           this kernel reads the factor where it lies, with no packing. Padding lanes hold
 //           whatever the centring wrote there and are never output.
 #pragma once
