@@ -9,7 +9,9 @@ resolution: no resize, no crop) is fitted on eight defect-free 384-px crops of t
 then ``fastad predict --tile`` scores the scene in a separate process, whose peak resident memory
 is measured (``getrusage`` of the child). Reports the time, the throughput in megapixels per
 second, the peak memory, whether the map GeoTIFF carries the scene's CRS and transform, and how
-many defects stand above the map's background. Files are removed afterwards unless --keep.
+many defects stand above the map's background. Files are removed afterwards unless --keep
+(``make demo-highres`` keeps a 4,000-px run in build/highres-demo). In the quick-look the eight
+training crops' areas read darker than the rest: the bank holds their very colours.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ def surface(y0: int, y1: int, x0: int, x1: int, size: int, seed: int, cell: int 
     window is asked for: a coarse grid of random colours (from ``seed``) interpolated bilinearly,
     plus grain drawn per window from its position."""
     grid = np.random.default_rng(seed).random((3, size // cell + 2, size // cell + 2), dtype=np.float32)
-    c0, c1 = y0 // cell, (y1 - 1) // cell + 2
-    d0, d1 = x0 // cell, (x1 - 1) // cell + 2
+    # One grid cell of margin above and left: the interpolation clamps at the edges of the part it
+    # is given, which must therefore be the scene's own edges, not the window's (else seams).
+    c0, c1 = max(0, y0 // cell - 1), (y1 - 1) // cell + 2
+    d0, d1 = max(0, x0 // cell - 1), (x1 - 1) // cell + 2
     part = torch.from_numpy(grid[None, :, c0 : c1 + 1, d0 : d1 + 1].copy())
     smooth = torch.nn.functional.interpolate(part, scale_factor=cell, mode="bilinear", align_corners=False)[0]
     block = smooth[:, y0 - c0 * cell : y1 - c0 * cell, x0 - d0 * cell : x1 - d0 * cell].numpy()
