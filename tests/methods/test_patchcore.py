@@ -109,7 +109,17 @@ def test_half_bank_and_save_load(rng, tmp_path):
     full = model(coreset_ratio=0.5).fit(train)
     half = model(coreset_ratio=0.5, bank_dtype="float16").fit(train)
     assert half.bank_.dtype == torch.float16
-    torch.testing.assert_close(half.predict(test).scores, full.predict(test).scores, rtol=2e-3, atol=2e-3)
+    # Rounding a bank row to float16 moves it by at most 2^-11 of its norm, and a nearest distance
+    # by as much: a bound relative to the bank's norms, not to the (smaller) distances. The maps
+    # and their maxima follow that bound; Eq. 7's weight need not (its worst patch can switch
+    # between two near-equal ones), so it is compared with reweighting off. A fixed 2e-3 relative
+    # tolerance on the Eq. 7 scores failed on some seeds.
+    bound = 2 * 2.0**-11 * float(full.bank_.norm(dim=1).max())
+    full.reweight = half.reweight = False
+    plain_half, plain_full = half.predict(test), full.predict(test)
+    torch.testing.assert_close(plain_half.maps, plain_full.maps, rtol=0, atol=bound)
+    torch.testing.assert_close(plain_half.scores, plain_full.scores, rtol=0, atol=bound)
+    full.reweight = True
     loaded = AnomalyModel.load(full.save(tmp_path / "pc.safetensors"))
     assert isinstance(loaded, fastad.PatchCore)
     a, b = full.predict(test), loaded.predict(test)
