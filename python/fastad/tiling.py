@@ -48,6 +48,8 @@ __all__ = [
     "open_reader",
     "tiled_apply",
     "tiled_sum",
+    "tiled_cores",
+    "tile_windows",
     "ReceptiveField",
     "receptive_field",
 ]
@@ -609,6 +611,63 @@ def tiled_apply(
     return out
 
 
+def tile_windows(
+    reader: TileReader | str | os.PathLike | np.ndarray | Tensor,
+    *,
+    tile: int,
+    halo: int,
+    align: int = 1,
+    same_padding: bool = False,
+    progress: bool | None = None,
+) -> Iterator[tuple[tuple[int, int, int, int], tuple[int, int, int, int], Tensor]]:
+    """The tiles of an image in row-major order, for callers that need to know where each lies:
+    yields ``(core, window, pixels)``, ``core`` = (y0, y1, x0, x1) the tile's own pixels, ``window``
+    = (ya, yb, xa, xb) the core plus ``halo`` clipped to the image (grown as
+    :func:`tiled_apply` grows it for ``same_padding``), ``pixels`` the window's (C, h, w) float32.
+    ``tile`` and ``halo`` are multiples of ``align``; only one window is held at a time."""
+    tile, halo, _, _, align = _check_tiling_args(tile, halo, 1, 1, align)
+    reader = open_reader(reader)
+    _, height, width = reader.shape
+    tiles = _plan_tiles(height, width, tile, halo, align if same_padding else 0)
+    bar = progress_bar(len(tiles), "tile_windows", "tile", progress)
+    try:
+        for t in tiles:
+            yield (t.y0, t.y1, t.x0, t.x1), (t.ya, t.yb, t.xa, t.xb), reader.read(t.ya, t.yb, t.xa, t.xb)
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def tiled_cores(
+    fn: Callable[[Tensor], Tensor],
+    reader: TileReader | str | os.PathLike | np.ndarray | Tensor,
+    *,
+    tile: int,
+    halo: int,
+    stride: int = 1,
+    align: int | None = None,
+    same_padding: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> Iterator[tuple[tuple[int, int], Tensor]]:
+    """``fn``'s untiled output, one tile's core at a time, never stitched: yields ``((oy, ox),
+    core)``, ``core`` the (C_out, oh, ow) output positions of the tile's core on ``device`` and
+    ``(oy, ox)`` the first one's place in the whole output. For reductions that need positions
+    (sums over a region, the k largest values of each channel) over outputs too large to keep.
+    Arguments as for :func:`tiled_apply`; the caller holds ``torch.inference_mode`` if wanted."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    device, dtype = _probe_placement(fn, device, None)
+    tile, halo, stride, _, align = _check_tiling_args(tile, halo, stride, 1, align)
+    reader = open_reader(reader)
+    _, height, width = reader.shape
+    tiles = _plan_tiles(height, width, tile, halo, align if same_padding else 0)
+    for t, y in _tile_outputs(fn, reader, tiles, 1, stride, device, dtype, progress, "tiled_cores"):
+        cy, cx = (t.y0 - t.ya) // stride, (t.x0 - t.xa) // stride
+        oh, ow = -(-t.y1 // stride) - t.y0 // stride, -(-t.x1 // stride) - t.x0 // stride
+        yield (t.y0 // stride, t.x0 // stride), y[:, cy : cy + oh, cx : cx + ow]
+
+
 def tiled_sum(
     fn: Callable[[Tensor], Tensor],
     reader: TileReader | str | os.PathLike | np.ndarray | Tensor,
@@ -624,21 +683,13 @@ def tiled_sum(
     """The sum over all output positions of ``fn``'s untiled output, tile by tile: (C_out,)
     float64 sums and the number of positions (``sum / count`` is a global average pool). Only the
     sums are kept, never the output map. Arguments as for :func:`tiled_apply`."""
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    device, dtype = _probe_placement(fn, device, None)
-    tile, halo, stride, _, align = _check_tiling_args(tile, halo, stride, 1, align)
-    reader = open_reader(reader)
-    _, height, width = reader.shape
-    tiles = _plan_tiles(height, width, tile, halo, align if same_padding else 0)
     total, count = None, 0
     with torch.inference_mode():
-        for t, y in _tile_outputs(fn, reader, tiles, 1, stride, device, dtype, progress, "tiled_sum"):
-            cy, cx = (t.y0 - t.ya) // stride, (t.x0 - t.xa) // stride
-            oh, ow = -(-t.y1 // stride) - t.y0 // stride, -(-t.x1 // stride) - t.x0 // stride
-            part = y[:, cy : cy + oh, cx : cx + ow].to(torch.float64).sum(dim=(1, 2)).cpu()
+        for _, core in tiled_cores(fn, reader, tile=tile, halo=halo, stride=stride, align=align,
+                                   same_padding=same_padding, device=device, progress=progress):
+            part = core.to(torch.float64).sum(dim=(1, 2)).cpu()
             total = part if total is None else total + part
-            count += oh * ow
+            count += core.shape[1] * core.shape[2]
     return total, count
 
 

@@ -138,7 +138,7 @@ def test_python_dash_m_fastad_runs():
     ("spade", ["--set", "k_images=5"]),
     ("padim", ["--set", "n_features=40"]),
     ("gaussian_ad", ["--set", "layers=[\"block2\", \"block4\", \"head\"]"]),
-    ("mlfsc", ["--set", "layers=[\"block1\", \"block2\"]"]),
+    ("mlfsc", ["--set", "layers=[\"block1\", \"block2\"]", "--set", "cutoff=0", "--set", "dictionary_steps=5"]),
 ])
 def test_backbone_methods_through_the_cli(method, extra, dataset, tmp_path, capsys):
     """fit / evaluate of the real methods on Lite0 (the one backbone with offline weights); the

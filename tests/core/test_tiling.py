@@ -543,3 +543,27 @@ def test_huge_image_in_bounded_memory(tmp_path, rng):
     finally:
         for p in (image_path, out_path, net_path):
             p.unlink(missing_ok=True)
+
+
+def test_tiled_cores_and_windows_say_where_each_tile_lies(rng):
+    # The cores of tiled_cores placed at their (oy, ox) rebuild tiled_apply's output; tile_windows
+    # covers the image once with cores and gives each window's pixels.
+    from fastad.tiling import tile_windows, tiled_cores, tiled_sum
+
+    conv = nn.Conv2d(3, 5, 5, stride=4, padding=2)
+    image = torch.rand(3, 70, 90, generator=rng)
+    with torch.inference_mode():
+        whole = tiled_apply(conv, image, tile=24, halo=8, stride=4)
+        rebuilt = np.full(whole.shape, np.nan, dtype=np.float32)
+        for (oy, ox), core in tiled_cores(conv, image, tile=24, halo=8, stride=4):
+            rebuilt[:, oy : oy + core.shape[1], ox : ox + core.shape[2]] = core.numpy()
+    np.testing.assert_array_equal(rebuilt, whole)
+    total, count = tiled_sum(conv, image, tile=24, halo=8, stride=4)
+    np.testing.assert_allclose(total.numpy(), whole.sum(axis=(1, 2), dtype=np.float64), rtol=1e-6)
+    assert count == whole.shape[1] * whole.shape[2]
+    covered = np.zeros((70, 90), dtype=int)
+    for (y0, y1, x0, x1), (ya, yb, xa, xb), pixels in tile_windows(image, tile=32, halo=16, align=16):
+        covered[y0:y1, x0:x1] += 1
+        assert ya == max(0, y0 - 16) and yb == min(70, y1 + 16) and xa % 16 == 0
+        torch.testing.assert_close(pixels, image[:, ya:yb, xa:xb], rtol=0, atol=0)
+    assert (covered == 1).all()

@@ -21,6 +21,8 @@ METHODS = ["patchcore", "spade", "padim", "gaussian_ad", "mlfsc"]
 # Small and quick, otherwise the defaults: the images' own size, every image fitted on.
 OPTIONS = {"backbone": "efficientnet_lite0", "resize": None, "crop": None, "holdout": 0}
 TRAIN_SIZE = 48
+# MLF-SC's 8 x 8 patches after a 2-cell cut-off need 96 px; valid inputs here start at 17 px (2 cells).
+EXTRA = {"mlfsc": {"patch_size": 2, "patch_stride": 1, "cutoff": 0, "n_atoms": 3, "n_nonzero": 2, "dictionary_steps": 4}}
 _FITTED: dict[str, object] = {}
 TALLY: dict[str, int] = {}
 
@@ -32,7 +34,7 @@ def _count(outcome: str) -> None:
 def _fitted(method: str):
     if method not in _FITTED:
         train = torch.rand(6, 3, TRAIN_SIZE, TRAIN_SIZE, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
-        _FITTED[method] = get_method(method)(**OPTIONS).fit(train)
+        _FITTED[method] = get_method(method)(**OPTIONS, **EXTRA.get(method, {})).fit(train)
     return _FITTED[method]
 
 
@@ -157,7 +159,7 @@ def run_fit_case(method: str, spec: dict) -> None:
     passed, images = _make_images(spec)
     context = f"{method}.fit({spec})"
     try:
-        model = get_method(method)(**OPTIONS).fit(passed)
+        model = get_method(method)(**OPTIONS, **EXTRA.get(method, {})).fit(passed)
     except Exception as exc:  # noqa: BLE001
         _clear_error(exc, context)
         assert _may_raise(spec, method, True, len(images)), f"{context}: a valid input was refused: {exc}"

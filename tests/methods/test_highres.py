@@ -172,3 +172,38 @@ def test_plain_maximum_score_and_models_that_resize(patchcore):
 
     with pytest.raises(ValueError, match="resize=None and crop=None"):
         fit_large(resizing, [image])
+
+
+@pytest.fixture(scope="module")
+def mlfsc():
+    # The authors' pipeline on Lite0 (80 channels at the paper's strides 2, 4, 8), native size.
+    gen = torch.Generator().manual_seed(9)
+    train = torch.stack([scene(256, 256, gen) for _ in range(3)])
+    return fastad.MLFSC(backbone="efficientnet_lite0", resize=None, crop=None, holdout=0, dictionary_steps=10).fit(train)
+
+
+def test_mlfsc_tiled_equals_untiled_on_a_2048_image(mlfsc):
+    # The standardisation's statistics come from a first tiled pass over the whole image, the
+    # per-channel top 5 from every tile's core, the map from each cell's last covering patch.
+    assert mlfsc.tile_geometry().align == 16  # the patch grid's step: 2 cells of 8 pixels
+    assert_equals_untiled(mlfsc, scene(2048, 2048, torch.Generator().manual_seed(10)), tile=512)
+
+
+def test_mlfsc_odd_sides_and_resized_levels(mlfsc):
+    # Lite0 pads like "same": the last cell of a side that is not a multiple of 8 exists in both.
+    assert_equals_untiled(mlfsc, scene(600, 1000, torch.Generator().manual_seed(11)), tile=256)
+    variant = fastad.MLFSC(backbone="efficientnet_lite0", resize=None, crop=None, levels="resized_maps")
+    with pytest.raises(ValueError, match="levels='scaled_inputs'"):
+        variant.tile_geometry()
+
+
+def test_mlfsc_native_resolution_fit_equals_fit(rng):
+    # The lasso fit sees the Gram matrix of all patches and a keyed sample of them: both are the
+    # same whether the images come whole or tile by tile.
+    from fastad.highres import fit_large
+
+    images = torch.stack([scene(384, 320, rng) for _ in range(2)])
+    model = fastad.MLFSC(backbone="efficientnet_lite0", resize=None, crop=None, holdout=0, dictionary_steps=8)
+    plain = model.fit(images).dictionary_.clone()
+    tiled = fit_large(model, list(images), tile=128).dictionary_
+    torch.testing.assert_close(tiled, plain, rtol=1e-4, atol=1e-4)

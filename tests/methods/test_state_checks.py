@@ -19,6 +19,8 @@ require_lite0()
 
 OPTIONS = {"backbone": "efficientnet_lite0", "resize": None, "crop": None, "holdout": 0}
 METHODS = {"patchcore": PatchCore, "spade": SPADE, "padim": PaDiM, "gaussian_ad": GaussianAD, "mlfsc": MLFSC}
+# MLF-SC's 8 x 8 patches need a 12-cell grid; these 48-px images give 6 cells at stride 8.
+EXTRA = {"mlfsc": {"patch_size": 4, "patch_stride": 1, "cutoff": 1, "dictionary_steps": 4}}
 WRITTEN_BY_SAVE = ("format", "format_version", "digest")  # save_model_file adds these itself
 
 
@@ -36,7 +38,7 @@ def fitted(images, tmp_path_factory):
 
     def get(name: str):
         if name not in cache:
-            model = ToyMean(pool=8, holdout=0) if name == "toy-mean" else METHODS[name](**OPTIONS)
+            model = ToyMean(pool=8, holdout=0) if name == "toy-mean" else METHODS[name](**OPTIONS, **EXTRA.get(name, {}))
             model.fit(images)
             cache[name] = model, model.save(folder / f"{name}.safetensors")
         return cache[name]

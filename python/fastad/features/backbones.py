@@ -41,11 +41,12 @@ torchvision and timm are imported only when a backbone is built, so ``import fas
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_device, check_image_batch
@@ -469,17 +470,38 @@ class Backbone(nn.Module):
         return (images - self.mean) / self.std
 
     def forward(self, images: torch.Tensor, layers: str | Iterable[str] | None = None, *,
-                channels_last: bool = False) -> dict[str, torch.Tensor]:
+                channels_last: bool = False, input_pools: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
         """Features ``{layer: (B, C, h, w)}`` of ``layers`` (default: all). ``channels_last``
         runs the stages on NHWC memory (for a backbone moved to ``memory_format=channels_last``);
         the images are normalised before the conversion, where broadcasting the per-channel
-        mean and std over NCHW memory is about four times faster."""
+        mean and std over NCHW memory is about four times faster.
+
+        ``input_pools`` (``{layer: factor}``, missing layers 1): a layer with a factor above 1 is
+        computed from the normalised images max-pooled by that factor (kernel = stride = factor),
+        one truncated pass per distinct factor. MLF-SC's authors take their levels this way, so
+        that a shallow layer of a 4x smaller input lands on the grid of a deep layer of the
+        whole image."""
         check_image_batch(images, check_values=False)  # the extractor checks values once
         wanted = self.check_layers(layers)
-        deepest = wanted[-1]
         x = self.normalize(images)
+        pools = {layer: int((input_pools or {}).get(layer, 1)) for layer in wanted}
+        if any(factor < 1 for factor in pools.values()):
+            raise ValueError(f"input_pools must map layers to factors >= 1, got {dict(input_pools or {})}")
+        largest = max(pools.values())
+        if min(images.shape[-2:]) < largest:
+            raise ValueError(f"images of {images.shape[-2]} x {images.shape[-1]} px are too small to be max-pooled by "
+                             f"{largest} (input_pools); give images of at least {largest} px a side")
+        features: dict[str, torch.Tensor] = {}
+        for factor in sorted(set(pools.values())):
+            pooled = F.max_pool2d(x, factor) if factor > 1 else x
+            features.update(self._run_stages(pooled, [layer for layer in wanted if pools[layer] == factor], channels_last))
+        return {layer: features[layer] for layer in wanted}
+
+    def _run_stages(self, x: torch.Tensor, wanted: list[str], channels_last: bool) -> dict[str, torch.Tensor]:
+        """The stages in order on normalised ``x`` up to the deepest of ``wanted`` (network order)."""
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        deepest = wanted[-1]
         features: dict[str, torch.Tensor] = {}
         for name, stage in self.stages.items():
             x = stage(x)

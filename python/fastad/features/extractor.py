@@ -34,7 +34,8 @@ class FeatureExtractor:
     there, in place, not copied (a second copy of a large network would double its memory).
     ``half`` (float16 compute) and ``channels_last`` (NHWC memory, faster convolutions on tensor
     cores) are CUDA options; ``half`` on the CPU raises ValueError. ``batch_size`` bounds how many
-    images go through the network at once.
+    images go through the network at once. ``input_pools`` (``{layer: factor}``): layers computed
+    from the input max-pooled by a factor (see :meth:`Backbone.forward`).
 
     ``extractor(images)`` returns ``{layer: float32 (B, C, h, w)}`` on the extractor's device, in
     network order; only the stages up to the deepest requested layer are computed. They are made
@@ -51,6 +52,7 @@ class FeatureExtractor:
         half: bool = False,
         channels_last: bool = False,
         batch_size: int = 32,
+        input_pools: dict[str, int] | None = None,
     ) -> None:
         if not isinstance(backbone, Backbone):
             raise TypeError(f"backbone must be a fastad Backbone (see load_backbone), got {type(backbone).__name__}")
@@ -62,6 +64,7 @@ class FeatureExtractor:
         self.half = bool(half)
         self.channels_last = bool(channels_last)
         self.batch_size = batch_size
+        self.input_pools = dict(input_pools) if input_pools else None
         self.dtype = torch.float16 if self.half else torch.float32
         backbone = backbone.to(device=self.device, dtype=self.dtype)
         if self.channels_last:
@@ -84,7 +87,7 @@ class FeatureExtractor:
     def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
             images = images.to(self.device, non_blocking=True).to(self.dtype)
-            features = self.backbone(images, self.layers, channels_last=self.channels_last)
+            features = self.backbone(images, self.layers, channels_last=self.channels_last, input_pools=self.input_pools)
             return {layer: value.float().contiguous() for layer, value in features.items()}
 
     def extract(self, data: Iterable[Any], progress: bool | None = None) -> Iterator[dict[str, torch.Tensor]]:

@@ -117,13 +117,18 @@ class FeatureModel(AnomalyModel):
         """Keyword options of ``load_backbone`` this method needs (e.g. ``pre_relu``)."""
         return {}
 
+    def _extractor_options(self) -> dict[str, Any]:
+        """Keyword options of :class:`~fastad.features.FeatureExtractor` this method needs
+        (e.g. ``input_pools``); values must be hashable after ``repr``."""
+        return {}
+
     def _cached_extractor(self) -> tuple[Any, dict[str, str]]:
         """The :class:`~fastad.features.FeatureExtractor` for the current backbone, layers,
         weights and device, and the record of its weights (source, SHA-256); built once and
         rebuilt only when one of those changed."""
         options = self._backbone_options()
         key = (self.backbone, tuple(self.feature_layers()), str(self.weights), self.device, bool(self.half),
-               bool(self.channels_last), tuple(sorted(options.items())))
+               bool(self.channels_last), tuple(sorted(options.items())), repr(self._extractor_options()))
         cached = self.__dict__.get("_extractor_cache")
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
@@ -147,7 +152,7 @@ class FeatureModel(AnomalyModel):
         inline_same_padding(network)
         extractor = FeatureExtractor(
             network, list(key[1]), device=self.device, half=self.half,
-            channels_last=self.channels_last, batch_size=self.batch_size,
+            channels_last=self.channels_last, batch_size=self.batch_size, **self._extractor_options(),
         )
         self.__dict__["_extractor_cache"] = (key, extractor, record)
         return extractor, record
