@@ -3,7 +3,8 @@
 ``predict_large(model, image, tile=1024)`` scores a whole scene at its own resolution, reading it
 tile by tile (``fastad.tiling``), for the methods whose patch scores do not depend on where a patch
 sits (PatchCore, SPADE and MLF-SC; see each method's ``tile_geometry``). Two passes (three for SPADE,
-whose first pools its deepest layer over the whole image to choose its gallery):
+whose first pools its deepest layer over the whole image to choose its gallery, and for MLF-SC,
+whose first sums each channel over the whole image for its standardisation):
 
 1. **Patch level.** The method's patch outputs (PatchCore: each patch's distance to the bank and
    the index of its nearest bank patch) are computed with :func:`fastad.tiling.tiled_apply` at the
