@@ -127,11 +127,20 @@ class IsolatedRunner:
         child.close()
 
     def _log_tail(self, limit: int = 4000) -> str:
+        """The worker's stderr from its last fatal-error report on (or its end), at most ``limit``
+        characters: the report's head and its tail when longer. Python lists every loaded
+        extension module at the end of such a report, which with scipy and scikit-learn loaded
+        is longer than the limit, so a plain tail would lose the line that names the signal."""
         try:
             with open(self._log, "rb") as f:
-                return f.read()[-limit:].decode(errors="replace")
+                text = f.read().decode(errors="replace")
         except OSError:
             return ""
+        start = text.rfind("Fatal Python error")
+        text = text[start:] if start >= 0 else text[-limit:]
+        if len(text) > limit:
+            text = text[: limit // 2] + "\n[...]\n" + text[-(limit // 2):]
+        return text
 
     def _discard(self, grace: float = 0.0) -> None:
         if self._proc is not None:

@@ -51,21 +51,23 @@ def reference_spade(model: SPADE, train: torch.Tensor, test: torch.Tensor, k_ima
             query = test_f[layer][i].permute(1, 2, 0).reshape(-1, c)
             d = torch.cdist(query, gallery).sort(dim=1).values[:, :k_features].mean(dim=1)
             per_layer.append(d.reshape(1, 1, h, w))
-        first = per_layer[0].shape[-2:]
-        up = [F.interpolate(m, size=first, mode="bilinear", align_corners=False) for m in per_layer]
+        # The reference code upsamples each layer's map to the image, then averages the layers.
+        target = test.shape[-2:] if model.layer_maps == "to_image" else per_layer[0].shape[-2:]
+        up = [F.interpolate(m, size=target, mode="bilinear", align_corners=False) for m in per_layer]
         maps.append(torch.cat(up).mean(dim=0)[0])
     return torch.stack(maps), nearest_d.mean(dim=1)
 
 
-@pytest.mark.parametrize(("k_images", "k_features"), [(3, 1), (5, 4)])
-def test_scores_and_maps_equal_a_float64_reference(rng, k_images, k_features):
+@pytest.mark.parametrize(("k_images", "k_features", "layer_maps"), [(3, 1, "to_image"), (5, 4, "to_image"), (3, 1, "to_first_layer")])
+def test_scores_and_maps_equal_a_float64_reference(rng, k_images, k_features, layer_maps):
     train, test = varied_images(8, rng), varied_images(3, rng)
-    model = lite0(k_images=k_images, k_features=k_features, batch_size=3).fit(train)  # 3 batches
+    model = lite0(k_images=k_images, k_features=k_features, batch_size=3, layer_maps=layer_maps).fit(train)  # 3 batches
+    assert SPADE().layer_maps == "to_image"  # the reference code's way is the default
     assert model.features_["block1"].shape == (8, 24, 16, 16) and model.pooled_.shape == (8, 1280)
     with torch.inference_mode():
         patch_map, scores = model._score_batch(test)
     ref_map, ref_scores = reference_spade(model, train, test, k_images, k_features)
-    assert patch_map.shape == (3, 16, 16) and patch_map.dtype == torch.float32
+    assert patch_map.shape == ((3, SIZE, SIZE) if layer_maps == "to_image" else (3, 16, 16)) and patch_map.dtype == torch.float32
     torch.testing.assert_close(patch_map.double(), ref_map, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(scores.double(), ref_scores, rtol=1e-4, atol=1e-4)
 
@@ -178,6 +180,7 @@ def test_chosen_layers_only_are_stored_and_must_not_change_after_fit(rng):
         ({"k_features": 0}, "k_features must be a positive int"),
         ({"image_score": "mean"}, "image_score must be one of 'knn', 'max', got 'mean'"),
         ({"bank_dtype": "float64"}, "bank_dtype must be one of 'float32', 'float16', 'bfloat16', got 'float64'"),
+        ({"layer_maps": "mean"}, "layer_maps must be one of"),
         ({"layers": ["layer1"]}, "not all layers of 'efficientnet_lite0'"),
     ],
 )

@@ -27,6 +27,8 @@ from .._versions import in_place_version
 from .base import register_method
 from .feature_model import BANK_DTYPES, FeatureModel, bank_dtype_of
 
+EMBEDDINGS = ("per_layer", "concatenated")
+
 
 
 @register_method("patchcore")
@@ -34,12 +36,18 @@ class PatchCore(FeatureModel):
     """PatchCore with the paper's defaults; parity switches are named parameters.
 
     Parameters (besides :class:`FeatureModel`'s and :class:`AnomalyModel`'s):
-        neighbourhood: side p of the local neighbourhood each layer's features are averaged over
-            (p x p, stride 1, zero padding counted at the borders as the authors' code does; it
-            damps the border features, whose padding artefacts otherwise dominate image scores);
-            1 turns it off.
-        embed_dim: the concatenated layers are average-pooled along channels to this many dims
-            (1024 in the paper); a backbone with fewer channels keeps them all.
+        neighbourhood: side p of the local neighbourhood around each position (p x p, stride 1,
+            zero padding at the borders, as the authors' unfold); 1 turns it off.
+        embedding: how a position's neighbourhoods of the layers become one vector.
+            ``"per_layer"`` (the authors' code, amazon-science/patchcore-inspection): each layer's
+            p x p x C neighbourhood, flattened channel-major, is average-pooled to ``layer_dim``
+            values, deeper layers upsampled to the first layer's grid, and the layers' vectors,
+            concatenated, pooled to ``embed_dim``, so every layer gets an equal share.
+            ``"concatenated"`` (earlier fastad): each layer averaged over its p x p neighbourhood,
+            the layers concatenated and pooled once to ``embed_dim`` (the deeper, wider layer
+            then takes most of the dimensions); a backbone with fewer channels keeps them all.
+        layer_dim: the per-layer width of ``"per_layer"`` (1024: the authors' pretrain_embed_dimension).
+        embed_dim: the patch features' width (1024: the authors' target_embed_dimension).
         coreset_ratio: share of training patches kept in the bank, in (0, 1]; 1 keeps them all.
         projection_dim: the coreset is chosen on a Gaussian random projection to this many dims
             (0 or None: on the patches themselves); the bank keeps the full patches.
@@ -61,6 +69,8 @@ class PatchCore(FeatureModel):
         self,
         *,
         neighbourhood: int = 3,
+        embedding: str = "per_layer",
+        layer_dim: int = 1024,
         embed_dim: int = 1024,
         coreset_ratio: float = 0.1,
         projection_dim: int | None = 128,
@@ -73,6 +83,8 @@ class PatchCore(FeatureModel):
     ) -> None:
         super().__init__(**common)
         self.neighbourhood = neighbourhood
+        self.embedding = embedding
+        self.layer_dim = layer_dim
         self.embed_dim = embed_dim
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
@@ -84,8 +96,10 @@ class PatchCore(FeatureModel):
 
     def _check_params(self) -> None:
         super()._check_params()
-        for name in ("neighbourhood", "embed_dim", "num_neighbours"):
+        for name in ("neighbourhood", "layer_dim", "embed_dim", "num_neighbours"):
             check_int(getattr(self, name), name)
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {', '.join(map(repr, EMBEDDINGS))}, got {self.embedding!r}")
         check_int(self.seed, "seed", minimum=0)
         if self.neighbourhood % 2 == 0:
             raise ValueError(f"neighbourhood must be odd (a centred p x p window), got {self.neighbourhood}")
@@ -97,7 +111,7 @@ class PatchCore(FeatureModel):
 
     def _check_state(self) -> None:
         super()._check_state()
-        dim = min(self.feature_channels(), self.embed_dim)  # patch_features' width
+        dim = self.embedding_width()
         # Any bank dtype fastad writes: set_params(bank_dtype=...) after fit changes the parameter,
         # not the bank, and such a model must still load.
         bank = check_state_tensor("bank_", getattr(self, "bank_", None), tuple(BANK_DTYPES.values()), ("K", dim))
@@ -110,10 +124,15 @@ class PatchCore(FeatureModel):
 
     # -- patch features --------------------------------------------------------------------------
 
+    def embedding_width(self) -> int:
+        """D, the width of :meth:`patch_features` (from the layer table, no forward)."""
+        if self.embedding == "per_layer":
+            return int(self.embed_dim)
+        return min(self.feature_channels(), int(self.embed_dim))
+
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Locally aware patch features (B, h, w, D) float32 of a batch, on the model's device:
-        each layer averaged over p x p neighbourhoods, deeper layers upsampled bilinearly to the
-        first layer's grid, concatenated, and average-pooled along channels to ``embed_dim``."""
+        """Locally aware patch features (B, h, w, D) float32 of a batch on the model's device, on
+        the first layer's grid (``embedding`` says how the layers combine)."""
         features = self._features(images)
         layers = self.feature_layers()
         strides = self._layer_strides()
@@ -122,19 +141,23 @@ class PatchCore(FeatureModel):
         maps = []
         for layer in layers:
             f = features[layer]
-            if p > 1:
+            if self.embedding == "per_layer":
+                f = _pooled_neighbourhoods(f, p, int(self.layer_dim))
+            elif p > 1:
                 f = F.avg_pool2d(f, p, stride=1, padding=p // 2)  # zeros beyond the border count, as in the authors' unfold
             if f.shape[-2:] != grid:
                 # By the exact ratio of the strides, then cropped: the same as resizing to the grid
                 # whenever the image's sides are multiples of the deeper stride, and independent of
                 # the image's size otherwise, so that tiles of a large image give the untiled values.
+                # (The authors upsample the neighbourhoods before pooling them; both steps are
+                # linear, one across positions, one within a position, so the order is free.)
                 ratio = strides[layer] // strides[layers[0]]
                 f = F.interpolate(f, scale_factor=ratio, mode="bilinear", align_corners=False)[..., : grid[0], : grid[1]]
             maps.append(f)
         patches = torch.cat(maps, dim=1).permute(0, 2, 3, 1)  # (B, h, w, C)
-        if patches.shape[-1] > self.embed_dim:
-            b, h, w, c = patches.shape
-            patches = F.adaptive_avg_pool1d(patches.reshape(b * h * w, 1, c), self.embed_dim).reshape(b, h, w, self.embed_dim)
+        b, h, w, c = patches.shape
+        if self.embedding == "per_layer" or c > self.embed_dim:
+            patches = F.adaptive_avg_pool1d(patches.reshape(b * h * w, 1, c), int(self.embed_dim)).reshape(b, h, w, -1)
         return patches.contiguous()
 
     # -- native resolution (fastad.highres) ------------------------------------------------------
@@ -150,7 +173,8 @@ class PatchCore(FeatureModel):
 
         strides = self._layer_strides()
         stride, align = min(strides.values()), max(strides.values())
-        key = (self.backbone, tuple(self.feature_layers()), self.neighbourhood, str(self.weights))
+        key = (self.backbone, tuple(self.feature_layers()), self.neighbourhood, self.embedding, self.layer_dim,
+               self.embed_dim, str(self.weights))
         cached = self.__dict__.get("_tile_geometry")
         if cached is None or cached[0] != key:
             def scores(images):
@@ -312,6 +336,22 @@ class PatchCore(FeatureModel):
         distances[:, 0] = s_star
         weight = 1.0 - torch.softmax(distances, dim=1)[:, 0]
         return weight * s_star
+
+
+def _pooled_neighbourhoods(features: torch.Tensor, p: int, width: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, width, h, w): each position's p x p x C neighbourhood (zero padded),
+    flattened channel-major as ``F.unfold`` lays it out, average-pooled to ``width`` values
+    (``adaptive_avg_pool1d``: consecutive runs averaged; a shorter vector has its values repeated).
+    A few images at a time: the unfolded neighbourhoods are p^2 times the features."""
+    b, c, h, w = features.shape
+    step = max(1, 2**25 // (c * p * p * h * w))
+    parts = []
+    for start in range(0, b, step):
+        chunk = F.unfold(features[start : start + step], p, padding=p // 2)  # (n, C p p, h w)
+        n = chunk.shape[0]
+        pooled = F.adaptive_avg_pool1d(chunk.transpose(1, 2).reshape(n * h * w, 1, -1), width)
+        parts.append(pooled.reshape(n, h, w, width).permute(0, 3, 1, 2))
+    return torch.cat(parts)
 
 
 def _gather_rows(chunks: list[torch.Tensor], selected: torch.Tensor | None, n: int, dtype: torch.dtype, device: str) -> torch.Tensor:

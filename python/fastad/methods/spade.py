@@ -8,9 +8,10 @@ Two stages, both plain nearest-neighbour search on pretrained features:
   is the mean distance to them;
 * pixel level: every position of every map layer (``layer1..layer3`` on a ResNet, i.e. strides
   4, 8 and 16) is compared with all positions of those same neighbours at that layer; its score
-  is the distance to the nearest one (the mean of the ``k_features`` nearest). The per-layer maps
-  are brought to the first layer's resolution and averaged; upsampling to the input and the
-  Gaussian blur are the base class's.
+  is the distance to the nearest one (the mean of the ``k_features`` nearest). Each per-layer map
+  is upsampled to the input's resolution and the layers' maps are averaged (as the reference
+  implementations do, ``layer_maps="to_image"``; ``"to_first_layer"``: averaged on the first
+  layer's grid, then upsampled); the Gaussian blur is the base class's.
 
 Restricting the pixel gallery to the test image's own neighbours is what keeps the comparison to
 aligned, similar images; it is also why the whole per-layer training feature maps are kept
@@ -31,6 +32,7 @@ from .base import register_method
 from .feature_model import BANK_DTYPES, FeatureModel, bank_dtype_of
 
 _IMAGE_SCORES = ("knn", "max")
+_LAYER_MAPS = ("to_image", "to_first_layer")
 # The image-level retrieval uses the network's last stage, whatever its name on each backbone.
 _IMAGE_STRIDE = 32
 
@@ -48,7 +50,10 @@ class SPADE(FeatureModel):
     * ``image_score``: ``"knn"`` (the paper: mean distance to the K images) or ``"max"`` (the
       maximum of the blurred anomaly map);
     * ``bank_dtype``: ``"float32"``, or ``"float16"`` / ``"bfloat16"`` to halve the memory of the
-      stored training feature maps (distances are still accumulated in float32).
+      stored training feature maps (distances are still accumulated in float32);
+    * ``layer_maps``: ``"to_image"`` (each layer's distance map upsampled bilinearly to the image,
+      then the layers averaged: the reference code) or ``"to_first_layer"`` (averaged on the first
+      layer's grid, then upsampled: earlier fastad, a quarter of the memory at stride 4 for tiles).
 
     Layers: ``layers`` names the map layers (default: the strides 4, 8, 16: ``layer1..layer3`` on
     ResNets, ``block1``/``block2``/``block4`` on EfficientNet-Lite0); the image layer is always
@@ -67,6 +72,7 @@ class SPADE(FeatureModel):
         k_features: int = 1,
         image_score: str = "knn",
         bank_dtype: str = "float32",
+        layer_maps: str = "to_image",
         **common: Any,
     ) -> None:
         super().__init__(**common)
@@ -74,6 +80,7 @@ class SPADE(FeatureModel):
         self.k_features = k_features
         self.image_score = image_score
         self.bank_dtype = bank_dtype
+        self.layer_maps = layer_maps
 
     # -- layers ----------------------------------------------------------------------------------
 
@@ -101,6 +108,7 @@ class SPADE(FeatureModel):
         check_int(self.k_images, "k_images", meaning="the number of nearest training images")
         check_int(self.k_features, "k_features", meaning="the number of nearest gallery features")
         check_choice(self.image_score, "image_score", _IMAGE_SCORES)
+        check_choice(self.layer_maps, "layer_maps", _LAYER_MAPS)
         bank_dtype_of(self.bank_dtype)  # raises on an unknown name
 
     def _check_state(self) -> None:
@@ -166,35 +174,39 @@ class SPADE(FeatureModel):
 
         layer_maps = [self._layer_distances(features[layer], self.features_[layer], neighbours, layer) for layer in map_layers]
         image_scores = image_distances.mean(dim=1) if self.image_score == "knn" else None
-        return self._combined(layer_maps), image_scores
+        return self._combined(layer_maps, images.shape[-2:]), image_scores
 
-    def _combined(self, layer_maps: list[torch.Tensor]) -> torch.Tensor:
-        """The per-layer (B, h_l, w_l) maps (in map-layer order) at the first layer's grid,
-        averaged. Deeper maps are upsampled by the exact ratio of the strides and cropped: the
-        same as resizing to the grid when the image's sides are multiples of the deepest stride,
-        and independent of the image's size otherwise (so tiles give the untiled values)."""
+    def _combined(self, layer_maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """The per-layer (B, h_l, w_l) maps (in map-layer order) averaged: ``"to_image"``, each
+        upsampled to the images' ``size`` (B, H, W); ``"to_first_layer"``, on the first layer's
+        grid. Maps are upsampled by the exact ratio of the strides and cropped: the same as
+        resizing to the size when the image's sides are multiples of the strides, and independent
+        of the image's size otherwise (so tiles give the untiled values)."""
         strides = self._layer_strides()
         layers = self.map_layers()
-        grid = layer_maps[0].shape[-2:]
+        to_image = self.layer_maps == "to_image"
+        base = 1 if to_image else strides[layers[0]]
+        grid = tuple(size) if to_image else layer_maps[0].shape[-2:]
         resized = []
         for layer, m in zip(layers, layer_maps):
-            if m.shape[-2:] != grid:
-                ratio = strides[layer] // strides[layers[0]]
-                m = F.interpolate(m[:, None], scale_factor=ratio, mode="bilinear", align_corners=False)[:, 0, : grid[0], : grid[1]]
-            resized.append(m)
+            ratio = strides[layer] // base
+            if ratio > 1:
+                m = F.interpolate(m[:, None], scale_factor=ratio, mode="bilinear", align_corners=False)[:, 0]
+            resized.append(m[:, : grid[0], : grid[1]])
         return torch.stack(resized).mean(dim=0)
 
     # -- native resolution (fastad.highres) ------------------------------------------------------
 
-    def _geometry_of(self, layers: list[str], fn) -> Any:
-        """Tile geometry of ``fn`` (built on ``layers``): stride of the first, aligned to the
-        deepest, halo measured once per backbone, layers and weights and cached."""
+    def _geometry_of(self, layers: list[str], fn, stride: int | None = None) -> Any:
+        """Tile geometry of ``fn`` (built on ``layers``): output ``stride`` (default the first
+        layer's), aligned to the deepest, halo measured once per backbone, layers, weights and
+        stride, and cached."""
         from ..features import BACKBONES
         from ..highres import TileGeometry, measured_halo
 
         strides = self._layer_strides()
-        stride, align = strides[layers[0]], max(strides[layer] for layer in layers)
-        key = (self.backbone, tuple(layers), str(self.weights))
+        stride, align = stride or strides[layers[0]], max(strides[layer] for layer in layers)
+        key = (self.backbone, tuple(layers), str(self.weights), stride)
         cache = self.__dict__.setdefault("_tile_geometries", {})
         if key not in cache:
             cache[key] = TileGeometry(stride=stride, align=align, halo=measured_halo(fn, stride, align, self.device),
@@ -202,13 +214,15 @@ class SPADE(FeatureModel):
         return cache[key]
 
     def tile_geometry(self):
-        """The pixel maps tile: patch map at the first map layer's stride, windows aligned to the
-        deepest map layer, the halo of the features and the upsampling of the deeper maps."""
+        """The pixel maps tile: the combined map at stride 1 (``"to_image"``) or the first map
+        layer's stride, windows aligned to the deepest map layer, the halo of the features and the
+        upsampling of the maps."""
         def probe(images):  # the per-layer maps' dependence on the image, through the same combination
             features = self._features(images)
-            return self._combined([features[layer].sum(dim=1) for layer in self.map_layers()])[:, None]
+            return self._combined([features[layer].sum(dim=1) for layer in self.map_layers()], images.shape[-2:])[:, None]
 
-        return self._geometry_of(self.map_layers(), probe)
+        stride = 1 if self.layer_maps == "to_image" else None
+        return self._geometry_of(self.map_layers(), probe, stride)
 
     def _pooled_geometry(self):
         def probe(images):
@@ -292,7 +306,7 @@ class SPADE(FeatureModel):
                 rows = query.to(gallery.dtype).permute(0, 2, 3, 1).reshape(b * h * w, c)
                 distances, _ = knn(rows, gallery, self.k_features, prepared=prepared)
                 maps.append(distances.mean(dim=1).reshape(b, h, w))
-            return self._combined(maps)[:, None]
+            return self._combined(maps, images.shape[-2:])[:, None]
 
         score = float(image_distances.mean()) if self.image_score == "knn" else None
         return fn, lambda outputs, valid: score
