@@ -1,10 +1,10 @@
 """A large georeferenced scene scored end to end through the CLI, in bounded memory.
 
-    python -m benchmarks.highres_large [--size 20000] [--tile 1024] [--method patchcore|spade] [--folder DIR] [--keep]
+    python -m benchmarks.highres_large [--size 20000] [--tile 1024] [--method patchcore|spade|mlfsc] [--folder DIR] [--keep]
 
 Generates (never committed) a size x size RGB GeoTIFF (tiled, DEFLATE, BigTIFF when needed, UTM
 georeference): a smooth random surface with fine grain and 12 planted defects (dark scratches and
-bright spots of 6-48 px), written window by window. PatchCore or SPADE (EfficientNet-Lite0, native
+bright spots of 6-48 px), written window by window. PatchCore, SPADE or MLF-SC (EfficientNet-Lite0, native
 resolution: no resize, no crop) is fitted on eight defect-free 384-px crops of the same surface,
 then ``fastad predict --tile`` scores the scene in a separate process, whose peak resident memory
 is measured (``getrusage`` of the child). Reports the time, the throughput in megapixels per
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=20000)
     parser.add_argument("--tile", type=int, default=1024)
-    parser.add_argument("--method", default="patchcore", choices=["patchcore", "spade"])
+    parser.add_argument("--method", default="patchcore", choices=["patchcore", "spade", "mlfsc"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folder", type=Path, help="where to write (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the scene, model and outputs")

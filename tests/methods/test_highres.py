@@ -207,3 +207,18 @@ def test_mlfsc_native_resolution_fit_equals_fit(rng):
     plain = model.fit(images).dictionary_.clone()
     tiled = fit_large(model, list(images), tile=128).dictionary_
     torch.testing.assert_close(tiled, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_spade_and_mlfsc_on_wide_resnet_random_weights(rng):
+    # The paper backbone's receptive field and symmetric padding, with a random initialisation
+    # (weights=None: an explicit opt-in for tests; nothing is downloaded). 1024 px keep the suite
+    # quick; the tiles still cut through every layer's receptive field.
+    torch.manual_seed(0)
+    train = torch.stack([scene(256, 256, rng) for _ in range(2)])
+    spade = fastad.SPADE(backbone="wide_resnet50_2", weights=None, resize=None, crop=None, holdout=0, k_images=2).fit(train)
+    assert_equals_untiled(spade, scene(1024, 768, rng), tile=256)
+    # MLF-SC's levels on WRN: layer1 (stride 4) from the input max-pooled by 2, layer2 (stride 8).
+    mlfsc = fastad.MLFSC(backbone="wide_resnet50_2", layers=["layer1", "layer2"], weights=None, resize=None,
+                         crop=None, holdout=0, dictionary_steps=4).fit(train)
+    assert mlfsc._extractor_options() == {"input_pools": {"layer1": 2, "layer2": 1}}
+    assert_equals_untiled(mlfsc, scene(1024, 768, rng), tile=256)
