@@ -67,16 +67,22 @@ def test_heads(rng):
     x2 = torch.rand(2, 3, 32, 32, generator=rng, dtype=torch.float64)
     concat = _net(1, head="concat")
     distance = _net(1, head="distance")
+    absolute = _net(1, head="abs_difference")
     none = _net(1, head="none")
-    assert concat.discriminator[0].in_channels == 15 and distance.discriminator[0].in_channels == 5
+    assert concat.discriminator[0].in_channels == 15 and absolute.discriminator[0].in_channels == 5
+    assert distance.discriminator[0].in_channels == 1  # Eq. 1's Euclidean distance, one scalar
     assert none.discriminator is None and none(x1, x2).logits is None
     with torch.no_grad():
         out = concat(x1, x2)
         manual = concat.discriminator(torch.cat([out.f1, out.f2, (out.f1 - out.f2).abs()], 1))[:, 0]
         torch.testing.assert_close(out.logits, manual)
         torch.testing.assert_close(concat.anomaly(x1, x2), 1 - torch.sigmoid(manual))
-        # The distance head sees only |f1 - f2|: swapping the inputs changes nothing.
-        torch.testing.assert_close(distance(x1, x2).logits, distance(x2, x1).logits)
+        # The distance head sees only ||f1 - f2||: swapping the inputs changes nothing.
+        out = distance(x1, x2)
+        norm = (out.f1 - out.f2).pow(2).sum(1, keepdim=True).sqrt()
+        torch.testing.assert_close(out.logits, distance.discriminator(norm)[:, 0])
+        torch.testing.assert_close(out.logits, distance(x2, x1).logits)
+        torch.testing.assert_close(absolute(x1, x2).logits, absolute(x2, x1).logits)
         f = none.embed(torch.cat([x1, x2]))
         torch.testing.assert_close(none.anomaly(x1, x2), (f[:2] - f[2:]).norm(dim=1))
 

@@ -359,6 +359,19 @@ def test_digit_pairs_rule_and_balance(similar_fraction: float, rng: torch.Genera
     assert torch.equal(b["x1"], images[b["index1"]].float() / 255)
 
 
+def test_digit_pairs_by_default_are_random_pairs(rng: torch.Generator) -> None:
+    # The paper's pairs: a partner uniform over the other images, similar when the labels agree,
+    # so with ten equally frequent labels about 10 % are similar.
+    images, labels = _labelled(rng, 100, 10)
+    pairs = DigitPairs(images, labels, 20_000, seed=int(torch.randint(0, 2**31, (), generator=rng)))
+    assert pairs.similar_fraction is None
+    b = pairs.batch(range(len(pairs)))
+    assert torch.equal(b["similar"], (b["label1"] == b["label2"]).float())
+    assert not bool((b["index1"] == b["index2"]).any())
+    assert _binomial_ok(int(b["similar"].sum()), 20_000, 9 / 99)  # 9 of the 99 others share a label
+    assert stats.chisquare(torch.bincount(b["index2"], minlength=100).numpy()).pvalue > P_MIN
+
+
 def test_digit_pairs_batch_items_and_epochs(rng: torch.Generator) -> None:
     images, labels = _labelled(rng, 30, 3)
     pairs = DigitPairs(images, labels, 100, seed=2)
@@ -385,10 +398,11 @@ def test_digit_pairs_extremes_and_bad_arguments(rng: torch.Generator) -> None:
     lonely = labels.clone()
     lonely[0] = 99
     with pytest.raises(ValueError, match="label.*99.*single image"):
-        DigitPairs(images, lonely)
+        DigitPairs(images, lonely, similar_fraction=0.5)
+    DigitPairs(images, lonely)  # random pairs (the default) need no second image of a label
     DigitPairs(images, lonely, similar_fraction=0.0)  # fine: no similar pair needed
     with pytest.raises(ValueError, match="two labels"):
-        DigitPairs(images, torch.zeros(12, dtype=torch.int64))
+        DigitPairs(images, torch.zeros(12, dtype=torch.int64), similar_fraction=0.5)
     DigitPairs(images, torch.zeros(12, dtype=torch.int64), similar_fraction=1.0)
     with pytest.raises(TypeError, match="int64"):
         DigitPairs(images, labels.int())

@@ -143,7 +143,15 @@ def test_quick_is_small_and_takes_overrides():
     quick, full = ReproduceConfig.quick(seed=7), ReproduceConfig()
     assert quick.seed == 7 and quick.mosaics == 1 and quick.cifar_epochs == 1 and quick.mnist_epochs == 1
     assert quick.cifar_limit < 1000 and quick.mnist_limit < 1000
-    assert full.cifar_epochs == 20 and full.mnist_epochs == 5 and full.mosaics == 10 and full.cifar_limit is None
+    assert full.cifar_epochs == 20 and full.mosaics == 10 and full.cifar_limit is None
+    # The paper's settings: random MNIST pairs (about 10 % same digit) for 100 epochs, a mosaic of
+    # CIFAR-10 training images.
+    assert full.mnist_epochs == 100 and full.mnist_pairs == 50_000 and full.mnist_similar_fraction is None
+    assert full.mosaic_images == "train"
+    with pytest.raises(ValueError, match="mosaic_images"):
+        ReproduceConfig(mosaic_images="val").check()
+    with pytest.raises(ValueError, match="mnist_similar_fraction"):
+        ReproduceConfig(mnist_similar_fraction=1.5).check()
     assert json.loads(json.dumps(quick.to_dict()))["channels"] == list(quick.channels)
 
 

@@ -250,7 +250,8 @@ class MLFSC(FeatureModel):
         return max(1, _CHUNK_VALUES // (channels * cells * self.patch_size**2 // self.patch_stride**2 + 1))
 
     def _chunks(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
-        cells = (images.shape[-2] // 8) * (images.shape[-1] // 8) if self.levels == "scaled_inputs" else self.feature_size**2
+        stride = max(self._layer_strides().values())
+        cells = (images.shape[-2] // stride) * (images.shape[-1] // stride) if self.levels == "scaled_inputs" else self.feature_size**2
         yield from images.split(self._images_per_chunk(self.feature_channels(), cells))
 
     # -- fit -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import time
@@ -77,6 +78,9 @@ def add_parser(sub) -> None:
     p.add_argument("--cifar-model", help="reuse this trained CIFAR-10 model ('shipped' = fastad's) instead of training")
     p.add_argument("--quick", action="store_true", help="a tiny run (minutes) to check the pipeline, not the numbers")
     p.add_argument("--device")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any ReproduceConfig field (e.g. mnist_epochs=5, mnist_similar_fraction=0.5, "
+                        "mosaic_images=test, cifar_epochs=20); repeatable, applied after --quick")
     p.set_defaults(run=cmd_reproduce)
 
 
@@ -191,7 +195,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .detector import PRETRAINED_PATH
     from .reproduce import ReproduceConfig, reproduce
 
+    from ..cli import CliError, _parse_sets
+
     config = ReproduceConfig.quick() if args.quick else ReproduceConfig()
+    fields = {f.name for f in dataclasses.fields(ReproduceConfig)}
+    for name, value in _parse_sets(args.set or []).items():
+        if name not in fields:
+            raise CliError(f"--set {name}: not a setting of the reproduction; known: {', '.join(sorted(fields))}")
+        setattr(config, name, tuple(value) if isinstance(value, list) else value)
     config.data_root = Path(args.data)
     if args.cifar_model:
         config.cifar_model = PRETRAINED_PATH if args.cifar_model == "shipped" else Path(args.cifar_model)

@@ -67,7 +67,7 @@ class SiameseDetector:
 
     Network: ``window`` (training image size = receptive field), ``in_channels``, ``channels``
     (five encoder widths), ``embed_dim``, ``head`` ("concat" = [f1, f2, |f1 - f2|], "distance" =
-    |f1 - f2|, "none" = embedding only), ``hidden`` (discriminator width).
+    ||f1 - f2|| (Eq. 1, a scalar per position), "abs_difference" = |f1 - f2|, "none" = embedding only), ``hidden`` (discriminator width).
     Training: ``loss`` ("both", "bce", "contrastive"), ``margin`` (contrastive margin r),
     ``epochs``, ``batch_size``, ``lr`` (Adam), ``seed`` (weights' initialisation and batch order).
     Inference: ``dense`` (1: map step 4 px; 2: step 2 at 4x the cost; 4: per-pixel at 16x),

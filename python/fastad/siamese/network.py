@@ -14,9 +14,11 @@ Layout for a window w (a multiple of 4, at least 20), channels c0..c4, embedding
     conv3 (c2 -> c3), ReLU, conv k (c3 -> c4), ReLU, conv1 (c4 -> D)  -> 1,   k = (w - 8) / 4 - 2
 
 Output stride 4; receptive field = the window. The discriminator is a 1x1 convolution, ReLU and a
-1x1 convolution from ``[f1, f2, |f1 - f2|]`` (head "concat", the default) or ``|f1 - f2|`` (head
-"distance") to one logit per position: the log-odds that the two inputs are *similar*. Head
-"none" has no discriminator; its anomaly score is the embedding distance.
+1x1 convolution from ``[f1, f2, |f1 - f2|]`` (head "concat", the default), from the Euclidean
+distance ``||f1 - f2||`` of Eq. 1, one scalar per position (head "distance", the paper's), or from
+the element-wise ``|f1 - f2|`` (head "abs_difference", fastad's earlier "distance") to one logit per
+position: the log-odds that the two inputs are *similar*. Head "none" has no discriminator; its
+anomaly score is the embedding distance.
 
 Inputs are images in [0, 1]; the per-channel normalisation learned from the training data is a
 pair of buffers inside the network, so callers never normalise.
@@ -34,7 +36,7 @@ from .._checks import check_choice
 
 __all__ = ["HEADS", "NetworkConfig", "SiameseNet", "SiameseOutput"]
 
-HEADS = ("concat", "distance", "none")
+HEADS = ("concat", "distance", "abs_difference", "none")
 STRIDE = 4  # two 2x2 poolings
 
 
@@ -116,7 +118,7 @@ class SiameseNet(nn.Module):
         if config.head == "none":
             self.discriminator = None
         else:
-            width = 3 * config.embed_dim if config.head == "concat" else config.embed_dim
+            width = {"concat": 3 * config.embed_dim, "distance": 1, "abs_difference": config.embed_dim}[config.head]
             self.discriminator = nn.Sequential(
                 nn.Conv2d(width, config.hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(config.hidden, 1, 1)
             )
@@ -163,7 +165,12 @@ class SiameseNet(nn.Module):
         if self.discriminator is None:
             return None
         difference = (f1 - f2).abs()
-        features = torch.cat([f1, f2, difference], 1) if self.config.head == "concat" else difference
+        if self.config.head == "concat":
+            features = torch.cat([f1, f2, difference], 1)
+        elif self.config.head == "distance":  # Eq. 1: one scalar per position
+            features = torch.linalg.vector_norm(difference, dim=1, keepdim=True)
+        else:
+            features = difference
         return self.discriminator(features).squeeze(1)
 
     def forward(self, x1: Tensor, x2: Tensor) -> SiameseOutput:

@@ -505,10 +505,11 @@ class RectanglePairs(_EpochPairs):
 class DigitPairs(_EpochPairs):
     """Pairs of labelled images, similar (1.0) when their labels are equal.
 
-    Each pair's first image is uniformly random; with probability ``similar_fraction`` its partner
-    is a uniformly random *other* image of the same label, else a uniformly random image of a
-    different label. Pairs are balanced on purpose: with ten classes, two uniformly random images
-    share a label only 10 % of the time, and a network trained on that learns mostly "different".
+    Each pair's first image is uniformly random. With ``similar_fraction`` None its partner is a
+    uniformly random *other* image, whatever its label (the paper's pairs: with ten balanced classes
+    about 10 % share a label). With a number, the partner is a uniformly random other image of the
+    same label with that probability, else a uniformly random image of a different label (0.5:
+    balanced pairs, which teach "same" as often as "different").
     Item ``i`` of epoch ``e`` is a pure function of (``seed``, ``e``, ``i``).
 
     ``images``: uint8 (N, C, H, W) (C = 1 for MNIST); ``labels``: int64 (N,), any values.
@@ -517,7 +518,7 @@ class DigitPairs(_EpochPairs):
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, n_pairs: int = 50_000, *, seed: int = 0,
-                 similar_fraction: float = 0.5):
+                 similar_fraction: float | None = None):
         self.images = _check_uint8_images(images)
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
             got = (f"{labels.dtype} tensor of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)
@@ -525,13 +526,17 @@ class DigitPairs(_EpochPairs):
             raise TypeError(f"labels must be an int64 tensor of shape ({images.shape[0]},), got {got}")
         super().__init__(images.shape[0], n_pairs, seed)
         self.labels = labels
-        self.similar_fraction = _check_fraction(similar_fraction, "similar_fraction")
+        self.similar_fraction = None if similar_fraction is None else _check_fraction(similar_fraction, "similar_fraction")
+        if self.similar_fraction is None and images.shape[0] < 2:
+            raise ValueError("random pairs need at least two images")
         values, classes, counts = np.unique(labels.cpu().numpy(), return_inverse=True, return_counts=True)
-        if self.similar_fraction > 0 and counts.min() < 2:
+        if self.similar_fraction is None:
+            pass  # any two images make a pair; the labels only say whether it is similar
+        elif self.similar_fraction > 0 and counts.min() < 2:
             lonely = ", ".join(str(v) for v in values[counts < 2])
             raise ValueError(f"label(s) {lonely} have a single image: similar pairs need two images of each label "
                              "(or set similar_fraction=0)")
-        if self.similar_fraction < 1 and values.shape[0] < 2:
+        elif self.similar_fraction < 1 and values.shape[0] < 2:
             raise ValueError(f"all images have label {values[0]}: dissimilar pairs need two labels "
                              "(or set similar_fraction=1)")
         # Images grouped by label: a partner is a position in this order.
@@ -547,8 +552,12 @@ class DigitPairs(_EpochPairs):
         n = self._n_images
         keys = self._item_keys(indices)
         first = _below(_uniform(keys, 0), n)
-        similar = _uniform(keys, 1) < self.similar_fraction
         u = _uniform(keys, 2)
+        if self.similar_fraction is None:  # any other image
+            other = _below(u, n - 1)
+            second = other + (other >= first)
+            return {"first": first, "second": second, "similar": self._class[first] == self._class[second]}
+        similar = _uniform(keys, 1) < self.similar_fraction
         cls = self._class[first]
         count, start = self._count[cls], self._start[cls]
         # Same label: one of the count - 1 others, skipping the first image's own position.

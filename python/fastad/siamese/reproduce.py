@@ -1,14 +1,15 @@
 """The Siamese network's four experiments as one call: figures (PNG) and ``results.json``.
 
 1. ``mnist_clustering``: three networks with a 3-D embedding on MNIST digit pairs (same digit =
-   similar): (a) no discriminator, contrastive loss; (b) "concat" discriminator, BCE; (c)
+   similar; 50,000 random pairs an epoch, about 10 % similar, 100 epochs, as the paper): (a) no discriminator, contrastive loss; (b) "concat" discriminator, BCE; (c)
    "distance" discriminator, BCE. Figures: the embeddings of training digits in 3-D and the
    similarity matrices of unseen digits. Numbers: held-out pair accuracy, mean similarity of
    same-digit and different-digit test pairs, pair AUROC.
 2. ``cifar_learning_curve``: the detector trained on CIFAR-10 pairs with synthetic rectangles,
    held-out loss and accuracy on test-set pairs per epoch (or a given model's recorded history).
-3. ``mosaic``: 100 unseen CIFAR-10 test images on a 10 x 10 grid as template, rectangles in half
-   of the cells as inspected; cell-level and pixel-level AUROC over several mosaics.
+3. ``mosaic``: 100 CIFAR-10 training images (as the paper; ``mosaic_images="test"``: unseen ones)
+   on a 10 x 10 grid as template, rectangles in half of the cells as inspected; cell-level and
+   pixel-level AUROC over several mosaics.
 4. ``aerial``: a 1260 x 720 template built from the change-detection "before" images, 100 small
    rectangles scattered over it (pixel AUROC, throughput in megapixels per second), then the
    real before / after pairs of LEVIR-CD and DSIFN-CD against their change masks.
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import metrics
-from .._checks import check_device, check_int, check_positive_float
+from .._checks import check_choice, check_device, check_int, check_positive_float
 from ..io import atomic_path, write_json
 from .network import NetworkConfig
 
@@ -75,10 +76,13 @@ class ReproduceConfig:
     cifar_epochs, cifar_pairs (pairs per epoch; None = one per training image), cifar_limit
         (training images; None = all 50,000), cifar_test_limit (test images read; None = all
         10,000), cifar_heldout_pairs (held-out pairs drawn from the test images).
-    mnist_epochs, mnist_pairs (pairs per epoch), mnist_limit / mnist_test_limit (images read;
-        None = all), mnist_heldout_pairs, mnist_scatter (training digits in the 3-D plots),
-        similarity_per_digit (test digits per class in the similarity matrices).
-    mosaics: independent 10 x 10 mosaics behind the numbers (the figure shows the first).
+    mnist_epochs (100, the paper's), mnist_pairs (pairs per epoch, 50,000), mnist_similar_fraction
+        (None: random pairs, about 10 % of the same digit, as the paper drew them; 0.5: balanced),
+        mnist_limit / mnist_test_limit (images read; None = all), mnist_heldout_pairs (balanced, so
+        that accuracy weighs "same" and "different" alike), mnist_scatter (training digits in the
+        3-D plots), similarity_per_digit (test digits per class in the similarity matrices).
+    mosaics: independent 10 x 10 mosaics behind the numbers (the figure shows the first);
+        mosaic_images: "train" (the paper: 100 CIFAR-10 training images) or "test" (unseen ones).
     change_pairs_shown: before / after pairs per set in ``change_detection.png``.
     channels, embed_dim, hidden, batch_size, lr: the networks' widths and training (MNIST uses
         ``channels``, ``hidden``, ``batch_size`` and ``lr`` too, with its 3-D embedding).
@@ -93,14 +97,16 @@ class ReproduceConfig:
     cifar_limit: int | None = None
     cifar_test_limit: int | None = None
     cifar_heldout_pairs: int = 10_000
-    mnist_epochs: int = 5
+    mnist_epochs: int = 100
     mnist_pairs: int = 50_000
+    mnist_similar_fraction: float | None = None
     mnist_limit: int | None = None
     mnist_test_limit: int | None = None
     mnist_heldout_pairs: int = 10_000
     mnist_scatter: int = 3_000
     similarity_per_digit: int = 2
     mosaics: int = 10
+    mosaic_images: str = "train"
     change_pairs_shown: int = 2
     channels: tuple[int, int, int, int, int] = (16, 32, 64, 64, 128)
     embed_dim: int = 64
@@ -136,6 +142,10 @@ class ReproduceConfig:
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), name, meaning="or None for all")
         check_positive_float(self.lr, "lr")
+        check_choice(self.mosaic_images, "mosaic_images", ("train", "test"))
+        if self.mnist_similar_fraction is not None and not (isinstance(self.mnist_similar_fraction, (int, float))
+                                                            and 0.0 <= self.mnist_similar_fraction <= 1.0):
+            raise ValueError(f"mnist_similar_fraction must be None (random pairs) or in [0, 1], got {self.mnist_similar_fraction!r}")
         if not isinstance(self.data_root, (str, os.PathLike)):
             raise TypeError(f"data_root must be a path, got {type(self.data_root).__name__}")
         if self.progress is not None and not isinstance(self.progress, bool):
@@ -254,10 +264,23 @@ class _Run:
         self.cifar_detector = None  # set by experiment 2
         self.cifar_skip_reason: str | None = None
         self._cifar_test = None
+        self._cifar_train = None
 
     @property
     def cifar_zip(self) -> Path:
         return self.data_root / "cifar10.zip"
+
+    def cifar_train(self):
+        """CIFAR-10 training images (LabelledImages, ``cifar_limit`` of them), read once for
+        experiments 2 and 3."""
+        if self._cifar_train is None:
+            from .sources import load_image_folder
+
+            if not self.cifar_zip.is_file():
+                raise _Skip(f"CIFAR-10 not found: {self.cifar_zip} is missing")
+            self._cifar_train = load_image_folder(self.cifar_zip, "train", limit=self.config.cifar_limit,
+                                                  seed=self.config.seed, progress=self.config.progress)
+        return self._cifar_train
 
     def cifar_test(self):
         """CIFAR-10 test images (LabelledImages), read once for experiments 2 and 3."""
@@ -353,8 +376,8 @@ def _mnist_clustering(run: _Run) -> dict[str, Any]:
         test = load_mnist(root, "test", limit=c.mnist_test_limit, seed=c.seed)
     except FileNotFoundError as exc:
         raise _Skip(f"MNIST incomplete: {exc}") from None
-    train_pairs = DigitPairs(train.images, train.labels, c.mnist_pairs, seed=c.seed)
-    heldout = DigitPairs(test.images, test.labels, c.mnist_heldout_pairs, seed=c.seed + 1)
+    train_pairs = DigitPairs(train.images, train.labels, c.mnist_pairs, seed=c.seed, similar_fraction=c.mnist_similar_fraction)
+    heldout = DigitPairs(test.images, test.labels, c.mnist_heldout_pairs, seed=c.seed + 1, similar_fraction=0.5)
     run.log(f"[mnist_clustering] {len(train)} training digits, {len(train_pairs)} pairs per epoch, "
             f"{len(heldout)} held-out pairs from {len(test)} test digits")
 
@@ -530,9 +553,8 @@ def _train_cifar(run: _Run):
         raise _Skip(f"CIFAR-10 not found: {run.cifar_zip} is missing (or pass cifar_model to reuse a trained detector)")
     from .detector import SiameseDetector
     from .pairs import RectanglePairs
-    from .sources import load_image_folder
 
-    train = load_image_folder(run.cifar_zip, "train", limit=c.cifar_limit, seed=c.seed, progress=c.progress)
+    train = run.cifar_train()
     test = run.cifar_test()
     train_pairs = RectanglePairs(train.images, c.cifar_pairs, seed=c.seed)
     heldout = RectanglePairs(test.images, min(c.cifar_heldout_pairs, len(test)), seed=c.seed + 1)
@@ -591,13 +613,15 @@ def _require_detector(run: _Run, what: str):
 
 def _mosaic(run: _Run) -> dict[str, Any]:
     c = run.config
-    test = run.cifar_test()  # skips first when CIFAR-10 is missing: the data reason is the clearer one
+    # The paper builds its mosaic from CIFAR-10 training images (mosaic_images="test": unseen ones).
+    # Reading them skips first when CIFAR-10 is missing: the data reason is the clearer one.
+    test = run.cifar_train() if c.mosaic_images == "train" else run.cifar_test()
     detector = _require_detector(run, "the mosaic experiment")
     from .pairs import mosaic_pair
 
     cells = MOSAIC_GRID * MOSAIC_GRID
     if len(test) < cells:
-        raise _Skip(f"a {MOSAIC_GRID}x{MOSAIC_GRID} mosaic needs {cells} test images, only {len(test)} were read")
+        raise _Skip(f"a {MOSAIC_GRID}x{MOSAIC_GRID} mosaic needs {cells} {c.mosaic_images} images, only {len(test)} were read")
     generator = _generator(c.seed, _STREAM_MOSAIC)
     aurocs: dict[str, list[float]] = {"cell": [], "aligned_cell": [], "pixel": []}
     figure = None
