@@ -220,8 +220,8 @@ def omp(x: Tensor, dictionary: Tensor, n_nonzero: int) -> tuple[Tensor, Tensor]:
     Returns:
         ``(indices, coefs)``: (G, M, n_nonzero) int64 atoms in selection order, -1 in the slots an
         early stop left unused, and (G, M, n_nonzero) float32 coefficients, 0 in those slots.
-        Rebuild the signals with :func:`omp_reconstruct`. CPU and CUDA (the CUDA kernel has never run:
-        no GPU was available where it was written; it reads one flag back to check the atoms).
+        Rebuild the signals with :func:`omp_reconstruct`. CPU and CUDA (the CUDA kernel reads one flag
+        back to check the atoms; the devices each path has run on: benchmarks/RESULTS.md).
     """
     _check_tensors(x=x, dictionary=dictionary)
     return torch.ops.fastad.omp(x, dictionary, _check_int(n_nonzero, "n_nonzero"))

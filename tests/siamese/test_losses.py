@@ -67,3 +67,21 @@ def test_bad_loss_choices():
         siamese_loss(out, torch.tensor([1.0]), "bce")
     with pytest.raises(ValueError, match="loss must be one of"):
         siamese_loss(out, torch.tensor([1.0]), "hinge")
+
+
+def test_defaults_train_the_discriminator_with_bce_alone():
+    """The paper trains its defect detector's discriminator with binary cross-entropy (the score
+    is 1 - P(similar)); the contrastive term is the MNIST "no discriminator" variant's loss, and
+    their sum is a named option. A drift of any default back to the sum fails here."""
+    import inspect
+
+    from fastad.siamese import SiameseDetector
+    from fastad.siamese.training import train_network
+
+    assert SiameseDetector().loss == "bce"
+    assert inspect.signature(train_network).parameters["loss"].default == "bce"
+    f1, f2 = _emb([1.0, 0.0], [0.0, 0.0]), _emb([0.0, 0.0], [0.0, 0.5])
+    logits = torch.tensor([0.3, -0.2], dtype=torch.float64).view(2, 1, 1)
+    similar = torch.tensor([0.0, 1.0])
+    assert float(siamese_loss(SiameseOutput(f1, f2, logits), similar)) == pytest.approx(
+        float(bce_loss(logits, similar)), rel=1e-12)

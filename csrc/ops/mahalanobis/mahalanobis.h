@@ -37,12 +37,9 @@
 // gives non-finite results at the positions that use it. Finite inputs whose products exceed
 // float32's range give +inf or NaN there.
 //
-// What has run: the CPU kernels (AVX-512, AVX2 and portable, each forced in the tests with
-// FASTAD_MAHALANOBIS_CPU_ISA=avx512|avx2|portable) against the float64 reference. The CUDA kernel
-// (mahalanobis_cuda.cu) has been compiled (no register spills, 4 KB of shared memory) but never
-// run: no GPU was available. Its indexing (tiles, diagonal masks, grid-stride loops, idle threads)
-// was checked only by a sequential Python transliteration against the reference; its launch, its
-// results on a device and its speed are unverified until tests/ops/test_mahalanobis.py runs there.
+// Which devices each path has run on, and when: the table "Devices verified, per kernel" in
+// benchmarks/RESULTS.md. The CPU kernels are forced one by one in the tests with
+// FASTAD_MAHALANOBIS_CPU_ISA=avx512|avx2|portable.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,7 +1,7 @@
 // CUDA squared Mahalanobis distances: one block per position (and chunk of samples), one thread
 // per sample, the position's factor staged through shared memory in tiles.
 //
-// Why this shape (kept simple; it has been compiled but never run, see mahalanobis.h):
+// Why this shape (kept simple; where it has run: see mahalanobis.h):
 //  * Every sample of a position needs the same factor, so a block owns a position and its
 //    threads are samples: each tile of the factor is loaded from global memory once per block
 //    and read by all threads from shared memory (all threads read the same word: a broadcast).

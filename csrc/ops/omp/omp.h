@@ -48,11 +48,10 @@
 // on the device and its verdict is read back once (8 bytes): the op's only host synchronisation,
 // there so that a bad dictionary raises the CPU's error (it also keeps the op out of CUDA graphs).
 //
-// What has run: the CPU kernels (AVX2 and portable) against scikit-learn and the float64
-// reference. The CUDA kernel has been compiled (no register spills, no local stack) but never run:
-// no GPU was available. Its per-thread loop, interleaved scratch indexing, tiling and grid-stride
-// loops were checked by a Python transliteration against the CPU op (identical supports and
-// coefficients); its results on a device are unverified until tests/ops/test_omp.py runs there.
+// Which devices each path has run on, and when: the table "Devices verified, per kernel" in
+// benchmarks/RESULTS.md (one place for it). The CUDA kernel's per-thread loop, interleaved
+// scratch indexing, tiling and grid-stride loops were also checked by a Python transliteration
+// against the CPU op.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,7 +1,7 @@
 // CUDA Orthogonal Matching Pursuit (Gram/Cholesky variant): the GPU twin of omp_cpu.cpp, with the
 // same rules step for step (see omp.h).
 //
-// Why this shape (kept simple; it has been compiled but never run, see omp.h):
+// Why this shape (kept simple; where it has run: see omp.h):
 //  * As on the CPU, the only large work is Xy = x D^T, so it goes to cuBLAS (at::matmul) one tile of
 //    signals at a time (at most kXyTileFloats floats, never the whole (G, M, K)); the tile of x is
 //    made contiguous first so that the GEMM, hence the result, does not depend on x's strides.

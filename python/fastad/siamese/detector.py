@@ -68,14 +68,16 @@ class SiameseDetector:
     Network: ``window`` (training image size = receptive field), ``in_channels``, ``channels``
     (five encoder widths), ``embed_dim``, ``head`` ("concat" = [f1, f2, |f1 - f2|], "distance" =
     ||f1 - f2|| (Eq. 1, a scalar per position), "abs_difference" = |f1 - f2|, "none" = embedding only), ``hidden`` (discriminator width).
-    Training: ``loss`` ("both", "bce", "contrastive"), ``margin`` (contrastive margin r),
+    Training: ``loss``: "bce" (the paper's loss for the defect detector, whose discriminator gives
+    the score), "contrastive" (the embedding alone, with head "none"), "both" (their sum, the
+    shipped weights' loss before 2026-12); ``margin`` (contrastive margin r),
     ``epochs``, ``batch_size``, ``lr`` (Adam), ``seed`` (weights' initialisation and batch order).
     Inference: ``dense`` (1: map step 4 px; 2: step 2 at 4x the cost; 4: per-pixel at 16x),
     ``padding`` of windows past the border ("reflect", "replicate", "zeros"), ``device``.
     """
 
     def __init__(self, *, window: int = 32, in_channels: int = 3, channels: tuple[int, ...] = (16, 32, 64, 64, 128),
-                 embed_dim: int = 64, head: str = "concat", hidden: int = 64, loss: str = "both",
+                 embed_dim: int = 64, head: str = "concat", hidden: int = 64, loss: str = "bce",
                  margin: float = 1.0, epochs: int = 20, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
                  dense: int = 1, padding: str = "reflect", device: str = "cpu") -> None:
         self.window, self.in_channels, self.channels = window, in_channels, tuple(channels)

@@ -43,7 +43,7 @@ def bce_loss(logits: Tensor, similar: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, _per_position(similar, logits))
 
 
-def siamese_loss(out: SiameseOutput, similar: Tensor, kind: str = "both", margin: float = 1.0) -> Tensor:
+def siamese_loss(out: SiameseOutput, similar: Tensor, kind: str = "bce", margin: float = 1.0) -> Tensor:
     """The training loss ``kind``: "contrastive", "bce" or "both" (their sum)."""
     check_choice(kind, "loss", LOSSES)
     if kind != "contrastive" and out.logits is None:

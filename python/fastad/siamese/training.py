@@ -98,7 +98,7 @@ def evaluate_pairs(net: SiameseNet, pairs: PairSource, *, loss: str, margin: flo
 
 
 def train_network(net: SiameseNet, train_pairs: PairSource, heldout_pairs: PairSource | None = None, *,
-                  epochs: int = 20, batch_size: int = 128, lr: float = 1e-3, loss: str = "both",
+                  epochs: int = 20, batch_size: int = 128, lr: float = 1e-3, loss: str = "bce",
                   margin: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
                   progress: bool | None = None, log=None) -> TrainingHistory:
     """Trains ``net`` in place with Adam and returns the per-epoch history.
