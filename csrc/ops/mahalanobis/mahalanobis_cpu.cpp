@@ -10,6 +10,9 @@
 //    so the factor is read where it lies, row-major or column-major (torch.linalg.cholesky's
 //    layout), with no packing: packing cost a pass over D^2 / 2 floats per position, about a
 //    third of the arithmetic at PaDiM's shape. Only the entries on or below the diagonal are read.
+//  * columns (at most 4 samples, AVX-512, a column-major factor): each output column a dot product
+//    of the factor's column, contiguous from the diagonal down, with the sample, so the factor is
+//    read where it lies and only once; a batch of 1 (inline inspection) no longer packs it.
 //  * samples in rows (fewer samples, or no AVX-512): the factor's lower triangle is first packed
 //    into panels of W = vector-width columns, zeros right of the diagonal; the kernel broadcasts
 //    one centred value per sample and multiplies it by W factor entries. Packing is done once per
@@ -61,6 +64,9 @@ constexpr int64_t kMinMacsPerTask = int64_t{1} << 17;
 constexpr int64_t kPrefetchMaxD = 256;
 // The lanes kernel pays from two vectors of samples on; below, the rows kernel wastes no lanes.
 constexpr int64_t kLanesMinSamples = 17;
+// Up to this many samples at a position, a column-major factor is read in place by the columns
+// kernel rather than packed for the rows kernel: the packing pass is what a batch of 1 paid for.
+constexpr int64_t kColumnsMaxSamples = 4;
 
 Kernels kernels_for(CpuIsa isa) {
   switch (isa) {
@@ -133,6 +139,7 @@ at::Tensor mahalanobis_cpu(const at::Tensor& x, const at::Tensor& mean, const at
   const int64_t chunks = (b_size + chunk - 1) / chunk;
   const bool use_lanes = kernels.lanes_sums != nullptr && chunk >= kLanesMinSamples;
   const bool factor_in_place = l_si == 1 || d == 1;  // column-major: the lanes kernel reads it where it lies
+  const bool columns_in_place = kernels.columns_sums != nullptr && l_si == 1;  // and so does the columns kernel
   const int64_t max_lanes = use_lanes ? (chunk + 15) / 16 * 16 : chunk;
   const bool rows_contiguous = sd == 1 || d == 1;
   const int64_t block =
@@ -216,6 +223,8 @@ at::Tensor mahalanobis_cpu(const at::Tensor& x, const at::Tensor& mean, const at
           }
           ready = q;
           kernels.lanes_sums(c + k * d * lanes, tile.n, lanes, d, columns, dist);
+        } else if (columns_in_place && tile.n <= kColumnsMaxSamples) {
+          kernels.columns_sums(c + k * tile.n * d, tile.n, d, factor_at(q), dist);
         } else {
           if (q != ready) {
             factor = kernels.prepare(factor_at(q), d, packed.data);

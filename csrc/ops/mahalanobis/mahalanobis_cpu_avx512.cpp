@@ -197,6 +197,45 @@ __attribute__((target("avx512f"))) void lanes_sums(const float* c, int64_t n, in
   lanes_sums_for<Vec512, 8>(c, n, lanes, d, L, out);
 }
 
+// ---- the columns kernel: one sample at a time, 16 factor columns as dot products ---------------
+
+__attribute__((target("avx512f"))) void columns_sums(const float* c, int64_t n, int64_t d, FactorView L,
+                                                    float* out) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* cr = c + r * d;
+    __m512 sq = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < d; j0 += 16) {
+      const int64_t columns = std::min<int64_t>(16, d - j0);
+      const float* col = L.p + j0 * L.sj;  // column j0 + l starts at col + l * sj
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int l = 0; l < 16; ++l) acc[l] = _mm512_setzero_ps();
+      // Column by column, each read from its diagonal down in one sequential run (the block's
+      // columns are adjacent in memory, so the whole block streams in order); the diagonal
+      // chunk is masked to rows on or below the diagonal, and a zero mask reads nothing.
+#pragma GCC unroll 16
+      for (int l = 0; l < 16; ++l) {
+        if (l >= columns) break;
+        const float* cl = col + l * L.sj;
+        const __mmask16 rows0 = first_lanes16(d - j0);
+        const __mmask16 lower = static_cast<__mmask16>(rows0 & ~first_lanes16(l));
+        acc[l] = _mm512_mul_ps(_mm512_maskz_loadu_ps(lower, cl + j0), _mm512_maskz_loadu_ps(rows0, cr + j0));
+        for (int64_t i0 = j0 + 16; i0 < d; i0 += 16) {
+          const __mmask16 rows = first_lanes16(d - i0);
+          acc[l] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rows, cl + i0), _mm512_maskz_loadu_ps(rows, cr + i0), acc[l]);
+        }
+      }
+      // Lane l of the sum of the transposed vectors is the sum of acc[l]'s lanes: (c L)[j0 + l].
+      transpose16x16(acc);
+      __m512 y = acc[0];
+#pragma GCC unroll 16
+      for (int a = 1; a < 16; ++a) y = _mm512_add_ps(y, acc[a]);
+      sq = _mm512_fmadd_ps(y, y, sq);
+    }
+    out[r] = _mm512_reduce_add_ps(sq);
+  }
+}
+
 // ---- centring ---------------------------------------------------------------------------------
 
 // Rows from positions-contiguous x: 16 positions x 16 features at a time through registers, 16
@@ -275,7 +314,8 @@ float* to_columns(FactorView L, int64_t d, float* dst) {
 }
 
 Kernels kernels_avx512() {
-  return {kW, prepare, rows_sums, lanes_sums, to_columns, rows_from_runs, lanes_from_rows, lanes_from_runs};
+  return {kW, prepare, rows_sums, lanes_sums, to_columns, rows_from_runs, lanes_from_rows, lanes_from_runs,
+          columns_sums};
 }
 
 }  // namespace fastad::mahalanobis_kernels

@@ -40,6 +40,14 @@ using RowsSumsFn = void (*)(const float* c, int64_t n, int64_t d, const float* f
                             float* out);
 using LanesSumsFn = void (*)(const float* c, int64_t n, int64_t lanes, int64_t d, FactorView L, float* out);
 
+// out[r] = ||c_r L||^2 for a few samples (rows layout: n rows of d floats) from a column-major
+// factor (si = 1) read in place: each output column is a dot product of the factor's column,
+// contiguous from its diagonal down, with the sample's values, so nothing is packed and the factor
+// streams through once; 16 columns' partial sums are reduced together through a register
+// transpose. For one or a few samples (an inline inspection's batch of 1), where packing the
+// factor would cost more than the products.
+using ColumnsSumsFn = void (*)(const float* c, int64_t n, int64_t d, FactorView L, float* out);
+
 // Copies a factor's lower triangle column-major into `buffer` (d x d floats; dst[j d + i] for
 // i >= j, the rest unset) and returns it: for the lanes kernel, when L is not column-major.
 using ToColumnsFn = float* (*)(FactorView L, int64_t d, float* buffer);
@@ -61,6 +69,7 @@ struct Kernels {
   CentreFn rows_from_runs;         // nullptr: a scalar loop does it
   CentreFn lanes_from_rows;        // nullptr when lanes_sums is
   CentreFn lanes_from_runs;        // nullptr when lanes_sums is
+  ColumnsSumsFn columns_sums;      // nullptr: the rows kernel serves few samples on any factor
 };
 
 // Floats of the packed layout: panel k holds rows i >= kW of columns kW .. kW+W, W floats each.
