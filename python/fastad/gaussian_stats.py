@@ -267,6 +267,44 @@ class GaussianAccumulator:
         self._count = n
         return self
 
+    @torch.no_grad()
+    def all_reduce_(self, group=None) -> GaussianAccumulator:
+        """Merges the accumulators of every process of ``group`` (torch.distributed), in place on
+        each: afterwards every process holds the statistics of all their samples together, as one
+        process that had seen them all would (equal up to float64 rounding).
+
+        Each process first re-centres its moments on the combined mean (one all-reduce of the
+        first moments), so the sums then add without cancellation, a chunk of positions at a time:
+        memory stays at one chunk beyond the accumulator itself, whatever P and the number of
+        processes.
+        """
+        import torch.distributed as dist
+
+        backend_device = self._shift.device
+        count = torch.tensor([self._count], dtype=torch.int64, device=backend_device)
+        dist.all_reduce(count, group=group)
+        total = int(count.item())
+        if total == 0:
+            return self
+        first = self._shift * self._count + self._sum  # sum of x over this process's samples
+        dist.all_reduce(first, group=group)
+        centre = first / total
+        d = self._shift - centre  # moments of y + d = x - centre
+        track4 = self.fourth_moments
+        for start in self._chunks():
+            c = slice(start, start + self.position_chunk)
+            t3 = self._sum_norm2_vec[c] if track4 else None
+            q4 = self._sum_norm4[c] if track4 else None
+            moments = _shift_moments(self._count, self._sum[c], self._sum_outer[c], t3, q4, d[c])
+            for target, value in zip((self._sum, self._sum_outer, self._sum_norm2_vec, self._sum_norm4), moments):
+                if value is None:
+                    continue
+                dist.all_reduce(value, group=group)
+                target[c] = value
+        self._shift.copy_(centre)
+        self._count = total
+        return self
+
     # ------------------------------------------------------------------------------------------
     # Results
 

@@ -1,0 +1,158 @@
+"""fastad across processes with ``torch.distributed``: the same answers as one process.
+
+Launch with ``torchrun`` (gloo on CPUs, NCCL on GPUs) or initialise a process group yourself;
+without one, every function here behaves as a single process (rank 0 of 1).
+
+- :func:`world`: this process's rank and the number of processes.
+- :func:`shard`: the consecutive block of ``n`` items (images, rows) that a rank owns.
+- :func:`kcenter_greedy`: the exact greedy k-center selection over rows split among the ranks,
+  the selection ``fastad.ops.kcenter_greedy`` makes on all the rows in one process. Each rank
+  keeps the CPU kernel's lazy bounds for its own rows (``torch.classes.fastad.KCenterShard``);
+  per step one all-gather carries each rank's farthest row (squared distance, global row, values)
+  and every rank picks the same winner: the largest distance, ties to the lowest global row.
+- Gaussian statistics: :meth:`fastad.gaussian_stats.GaussianAccumulator.all_reduce_`.
+
+Collectives run on the CPU tensors here, so the process group needs a CPU backend (gloo, or a
+``"cpu:gloo,cuda:nccl"`` group). A rank that dies makes the others' next collective fail with
+the backend's error instead of waiting for ever (gloo notices the closed connection; the group's
+``timeout`` bounds the rest).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ._checks import check_int
+
+__all__ = ["CommunicationLog", "kcenter_greedy", "shard", "world"]
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def world(group=None) -> tuple[int, int]:
+    """(rank, size) in ``group`` (the default group when None); (0, 1) without torch.distributed."""
+    dist = _dist()
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard(n: int, rank: int | None = None, size: int | None = None, *, group=None) -> range:
+    """The items of ``range(n)`` that ``rank`` of ``size`` owns: a consecutive block, the blocks
+    in rank order and at most one item apart in length (defaults: this process in ``group``).
+    Consecutive blocks are what makes the global tie rules (lowest index) come out of per-rank
+    ones."""
+    n = check_int(n, "n", minimum=0)
+    here_rank, here_size = world(group)
+    rank = here_rank if rank is None else check_int(rank, "rank", minimum=0)
+    size = here_size if size is None else check_int(size, "size", minimum=1)
+    if rank >= size:
+        raise ValueError(f"rank must be below size ({size}), got {rank}")
+    return range(n * rank // size, n * (rank + 1) // size)
+
+
+@dataclass
+class CommunicationLog:
+    """What a distributed call sent through collectives: their count and the bytes each rank
+    received."""
+
+    collectives: int = 0
+    bytes_received: int = 0
+    steps: list[str] = field(default_factory=list)
+
+    def add(self, what: str, received: int) -> None:
+        self.collectives += 1
+        self.bytes_received += int(received)
+        if what not in self.steps:
+            self.steps.append(what)
+
+
+def _all_gather(tensor: Tensor, size: int, group, log: CommunicationLog | None, what: str) -> Tensor:
+    """(size, *tensor.shape): every rank's tensor, in rank order."""
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    _dist().all_gather(parts, tensor, group=group)
+    out = torch.stack(parts)
+    if log is not None:
+        log.add(what, out.numel() * out.element_size())
+    return out
+
+
+@torch.no_grad()
+def kcenter_greedy(x: Tensor, k: int, *, start: int = 0, group=None,
+                   log: CommunicationLog | None = None) -> tuple[Tensor, Tensor]:
+    """Greedy k-center selection over the rows of every rank's ``x`` taken together.
+
+    ``x`` (n_r, D) holds this rank's rows, which are rows ``offset_r .. offset_r + n_r`` of the
+    whole (the ranks' blocks in rank order, as :func:`shard` gives them; a rank may hold none).
+    ``k`` and ``start`` (a global row) are the same on every rank. Returns, on every rank,
+    ``(indices (k,) int64 global rows in selection order, radii (k,) float32)``: what
+    ``fastad.ops.kcenter_greedy`` returns for all the rows concatenated in one process, when the
+    ranks' CPUs use the same distance kernels (``FASTAD_KCENTER_CPU_ISA`` can make them). Runs on
+    the CPU (the rows are copied there if needed). Per step: one all-gather of each rank's
+    candidate, (D + 2) float64 values. ``log`` (optional) counts the collectives and bytes.
+    Without a process group it is the op itself.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor of shape (n, D), got {x.dim()}-D with shape {tuple(x.shape)}")
+    k = check_int(k, "k", minimum=1)
+    start = check_int(start, "start", minimum=0)
+    rank, size = world(group)
+    x = x.detach().cpu()
+    if size == 1:
+        from . import ops
+
+        return ops.kcenter_greedy(x, k, start=start)
+    d = x.shape[1]
+    dims = _all_gather(torch.tensor([x.shape[0], d], dtype=torch.int64), size, group, log, "row counts")
+    if bool((dims[:, 1] != d).any()):
+        raise ValueError(f"every rank's x must have the same number of columns, got {dims[:, 1].tolist()}")
+    counts = dims[:, 0]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    total = int(offsets[-1])
+    if total == 0:
+        raise ValueError("the ranks hold no rows at all (every x is empty)")
+    if k > total:
+        raise ValueError(f"k must be between 1 and the number of rows of all ranks ({total}), got k = {k}")
+    if start >= total:
+        raise ValueError(f"start must be a row of all ranks' x, between 0 and {total - 1}, got start = {start}")
+    offset = int(offsets[rank])
+    owner = int(torch.searchsorted(offsets[1:], torch.tensor(start), right=True))
+    engine = torch.classes.fastad.KCenterShard(x, k)
+
+    local_start = start - offset if rank == owner else -1
+    message = torch.zeros(d + 2, dtype=torch.float64)
+    if rank == owner:
+        message[2:] = x[local_start].float().double()
+    # The first row travels in the same message form as every later one: one all-gather.
+    first = _all_gather(message, size, group, log, "candidates")[owner, 2:].float().contiguous()
+    engine.begin(first, local_start)
+
+    indices = torch.empty(k, dtype=torch.int64)
+    radii = torch.empty(k, dtype=torch.float32)
+    indices[0], radii[0] = start, float("inf")
+    for t in range(1, k):
+        bound, local = engine.propose()
+        message[0] = bound
+        message[1] = offset + local if local >= 0 else total  # total: "no candidate here"
+        if local >= 0:
+            message[2:] = x[local].float().double()
+        gathered = _all_gather(message, size, group, log, "candidates")
+        # The largest bound, ties to the lowest global row: the one-process rule.
+        best = max(range(size), key=lambda r: (float(gathered[r, 0]), -float(gathered[r, 1])))
+        winner_row = int(gathered[best, 1])
+        point = gathered[best, 2:].float().contiguous()
+        engine.add(point, local if best == rank else -1)
+        indices[t] = winner_row
+        # sqrt in float64 rounded to float32 is float32's correctly rounded sqrt, the op's std::sqrt.
+        radii[t] = math.sqrt(float(gathered[best, 0]))
+    return indices, radii

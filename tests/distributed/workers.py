@@ -1,0 +1,84 @@
+"""Process bodies for the distributed tests: each rank joins a gloo group on localhost, runs its
+part and writes what it got to ``out/<rank>.pt``; a rank that raises writes the error instead.
+Spawned (not forked), so they import fastad fresh like a torchrun process."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def _join(rank: int, size: int, port: int) -> None:
+    torch.set_num_threads(1)  # the ranks share two cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            timeout=TIMEOUT)
+
+
+def run(rank: int, size: int, port: int, out: str, body: str, args: tuple) -> None:
+    """Joins the group, runs ``BODIES[body](rank, size, *args)`` and saves its result."""
+    result: object
+    try:
+        _join(rank, size, port)
+        result = {"ok": BODIES[body](rank, size, *args)}
+    except BaseException as exc:  # noqa: BLE001 - reported to the test, which decides
+        result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    torch.save(result, Path(out) / f"{rank}.pt")
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a group broken by a dead peer may not close cleanly
+            pass
+
+
+def kcenter_data(seed: int, n: int, d: int, kind: str) -> torch.Tensor:
+    """Rows with exact ties and duplicates (small integers) or plain normal ones."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "integers":
+        x = torch.randint(-2, 3, (n, d), generator=gen).float()
+        x[n // 3] = x[n // 5]  # a duplicate for sure
+        return x
+    return torch.randn(n, d, generator=gen)
+
+
+def kcenter(rank: int, size: int, cases: list) -> list:
+    from fastad.distributed import CommunicationLog, kcenter_greedy
+
+    results = []
+    for seed, n, d, k, start, kind, blocks in cases:
+        x = kcenter_data(seed, n, d, kind)
+        edges = [0, *torch.tensor(blocks).cumsum(0).tolist()]
+        log = CommunicationLog()
+        indices, radii = kcenter_greedy(x[edges[rank]:edges[rank + 1]], k, start=start, log=log)
+        results.append((indices, radii, log.collectives, log.bytes_received))
+    return results
+
+
+def gaussian(rank: int, size: int, seed: int, positions: int, dim: int, counts: list) -> dict:
+    from fastad.gaussian_stats import GaussianAccumulator
+
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(c, positions, dim, generator=gen, dtype=torch.float64) * 3 + 5 for c in counts]
+    acc = GaussianAccumulator(positions, dim, fourth_moments=True, position_chunk=3)
+    for batch in batches[rank::size]:
+        acc.update(batch.float())
+    acc.all_reduce_()
+    return {"count": acc.count, "mean": acc.mean(), "cov": acc.covariance(), "lw": acc.ledoit_wolf()[0]}
+
+
+def dies(rank: int, size: int, k: int) -> object:
+    """Rank 1 leaves mid-selection (before its first collective); the others must fail, not wait."""
+    from fastad.distributed import kcenter_greedy
+
+    if rank == 1:
+        os._exit(3)
+    return kcenter_greedy(torch.randn(50, 4), k)
+
+
+BODIES = {"kcenter": kcenter, "gaussian": gaussian, "dies": dies}
