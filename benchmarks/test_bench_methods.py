@@ -129,7 +129,8 @@ def test_fit(benchmark, record, data, ops_of, method, contender):
         pytest.skip("timed for fastad only: the Gaussian methods' fit has no kernel, MLF-SC's learner no pure-PyTorch twin")
     ops_of(contender)
     train, _ = data
-    benchmark.group = f"{method} fit, {len(train)} images 224x224, Lite0"
+    size = _model(method).transform()({"image": train[0]["image"]})["image"].shape[-2:]
+    benchmark.group = f"{method} fit, {len(train)} images {size[0]}x{size[1]}, Lite0"
     benchmark.pedantic(lambda: _model(method).fit(train), rounds=1, iterations=1, warmup_rounds=0)
     record(benchmark, benchmark.group, contender, 0.0)
 
@@ -144,7 +145,7 @@ def test_predict(benchmark, record, data, ops_of, method, contender, batch):
     transform = model.transform()
     images = torch.stack([transform({"image": test[i % len(test)]["image"]})["image"] for i in range(batch)])
     model.batch_size = batch
-    benchmark.group = f"{method} predict, batch {batch}, 224x224, Lite0"
+    benchmark.group = f"{method} predict, batch {batch}, {images.shape[-2]}x{images.shape[-1]}, Lite0"
     # scikit-learn's OMP codes one signal at a time in Python: at batch 32 one call takes minutes,
     # so it runs once, cold.
     slow = method == "mlfsc" and contender != "fastad" and batch > 1
