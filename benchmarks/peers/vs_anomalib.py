@@ -109,8 +109,10 @@ def build_fastad_model(args: argparse.Namespace):
     common = {"backbone": BACKBONE, "resize": args.resize, "crop": args.crop, "device": "cpu",
               "batch_size": args.batch_size, "holdout": 0.0}
     if args.method == "patchcore":
+        embedding = {} if args.embedding is None else {"embedding": args.embedding}
         return fastad.PatchCore(
-            layers=list(COMPARISONS["patchcore"].fastad_layers), coreset_ratio=args.coreset_ratio, num_neighbours=9, **common
+            layers=list(COMPARISONS["patchcore"].fastad_layers), coreset_ratio=args.coreset_ratio, num_neighbours=9,
+            **embedding, **common
         )
     model = fastad.PaDiM(**common)
     expected = list(COMPARISONS["padim"].fastad_layers)
@@ -297,6 +299,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, default=None, help="fit on N evenly spaced training images (default all)")
     p.add_argument("--limit", type=int, default=None, help="score N evenly spaced test images (default all)")
     p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore only")
+    p.add_argument("--embedding", choices=["per_layer", "concatenated"], default=None,
+                   help="PatchCore only: fastad's embedding (default fastad's own default, the authors' per_layer; "
+                        "concatenated is anomalib's)")
     p.add_argument("--resize", type=int, default=256)
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
