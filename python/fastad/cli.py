@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .io import output_folder, write_json
 
 
@@ -70,6 +71,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
                        f"its parameters: {', '.join(sorted(accepted))}")
     model = klass(**params)
     dataset = open_dataset(args.data, "train")  # fit applies the method's transform()
+    # Under torchrun every process fits on its block of the images and the results are merged;
+    # only rank 0 writes the model file, once every rank has finished.
+    several = distributed.init_from_environment(params.get("device", "cpu"))
+    if several and args.tile is not None:
+        raise CliError("--tile fits one process at a time for now; run it without torchrun")
     start = time.perf_counter()
     if args.tile is not None:  # native resolution, each image read tile by tile
         from .geo import gdal_cache
@@ -80,10 +86,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     else:
         model.fit(dataset)
     elapsed = time.perf_counter() - start
-    out = model.save(args.model)
-    threshold = "none" if model.threshold_ is None else f"{model.threshold_:.6g}"
-    print(f"fitted {args.method} on {model.n_train_images_} images in {elapsed:.1f} s "
-          f"(threshold {threshold}); model written to {out}")
+    distributed.barrier()
+    rank, size = distributed.world()
+    if rank == 0:
+        out = model.save(args.model)
+        threshold = "none" if model.threshold_ is None else f"{model.threshold_:.6g}"
+        ranks = f" across {size} processes" if size > 1 else ""
+        print(f"fitted {args.method} on {model.n_train_images_} images{ranks} in {elapsed:.1f} s "
+              f"(threshold {threshold}); model written to {out}")
+    distributed.barrier()  # the file exists for every rank once this returns
     return 0
 
 

@@ -11,6 +11,10 @@ without one, every function here behaves as a single process (rank 0 of 1).
   per step one all-gather carries each rank's farthest row (squared distance, global row, values)
   and every rank picks the same winner: the largest distance, ties to the lowest global row.
 - Gaussian statistics: :meth:`fastad.gaussian_stats.GaussianAccumulator.all_reduce_`.
+- Fitting: under a process group, ``AnomalyModel.fit`` gives each rank its block of the training
+  images (:func:`shard_data`); PatchCore, PaDiM and Gaussian AD then merge what the ranks learned
+  into the model one process would have fitted (the others refuse, naming the method).
+  :func:`init_from_environment` joins the group ``torchrun`` describes (the CLI calls it).
 
 Collectives run on the CPU tensors here, so the process group needs a CPU backend (gloo, or a
 ``"cpu:gloo,cuda:nccl"`` group). A rank that dies makes the others' next collective fail with
@@ -28,7 +32,8 @@ from torch import Tensor
 
 from ._checks import check_int
 
-__all__ = ["CommunicationLog", "kcenter_greedy", "shard", "world"]
+__all__ = ["CommunicationLog", "all_gather_objects", "all_reduce_sum", "barrier", "init_from_environment",
+           "is_distributed", "kcenter_greedy", "shard", "shard_data", "world"]
 
 
 def _dist():
@@ -43,6 +48,82 @@ def world(group=None) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def is_distributed(group=None) -> bool:
+    """True inside a process group of more than one process."""
+    return world(group)[1] > 1
+
+
+def init_from_environment(device: str = "cpu", *, timeout_s: float = 600.0) -> bool:
+    """Joins the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1,
+    ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), with gloo for CPU work (and NCCL beside it when
+    ``device`` is CUDA); returns whether this process is now one of several. Does nothing when a
+    group exists already or the environment names a single process. ``timeout_s`` bounds every
+    collective, so that a rank that dies stops the others instead of leaving them waiting."""
+    import datetime
+    import os
+
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized():
+        return is_distributed()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 asks for torch.distributed, which this torch was built without")
+    backend = "cpu:gloo,cuda:nccl" if str(device).startswith("cuda") else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return is_distributed()
+
+
+def barrier(group=None) -> None:
+    """Waits for every process of ``group``; nothing without one."""
+    if is_distributed(group):
+        _dist().barrier(group=group)
+
+
+def all_reduce_sum(value: int | float, group=None) -> int | float:
+    """The sum of ``value`` over the processes (``value`` itself without a group)."""
+    if not is_distributed(group):
+        return value
+    kind = torch.int64 if isinstance(value, int) else torch.float64
+    t = torch.tensor([value], dtype=kind)
+    _dist().all_reduce(t, group=group)
+    return type(value)(t.item())
+
+
+def all_gather_objects(value, group=None) -> list:
+    """Every process's ``value`` (picklable), in rank order; ``[value]`` without a group."""
+    if not is_distributed(group):
+        return [value]
+    out = [None] * world(group)[1]
+    _dist().all_gather_object(out, value, group=group)
+    return out
+
+
+def shard_data(data, group=None) -> tuple[object, int, int]:
+    """(this rank's block of ``data``, the global index of its first item, the number of items in
+    all). ``data`` is a tensor of images (N, ...) or a map-style data set; an iterable without a
+    length (a DataLoader) cannot be split by index here and is refused: give the data set itself.
+    Every rank must own at least one item."""
+    from ._batching import is_map_dataset
+
+    if isinstance(data, torch.Tensor):
+        total = data.shape[0] if data.dim() == 4 else 1
+    elif is_map_dataset(data):
+        total = len(data)
+    else:
+        raise ValueError(f"fitting across {world(group)[1]} processes splits the training images by index: give a "
+                         f"data set or an image tensor, not a {type(data).__name__} (a DataLoader cannot be split here)")
+    rank, size = world(group)
+    if total < size:
+        raise ValueError(f"fitting across {size} processes needs at least one training image per process, got {total}")
+    block = shard(total, rank, size)
+    if isinstance(data, torch.Tensor):
+        part = data[block.start:block.stop] if data.dim() == 4 else data
+    else:
+        part = torch.utils.data.Subset(data, list(block))
+    return part, block.start, total
 
 
 def shard(n: int, rank: int | None = None, size: int | None = None, *, group=None) -> range:

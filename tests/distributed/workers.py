@@ -81,4 +81,62 @@ def dies(rank: int, size: int, k: int) -> object:
     return kcenter_greedy(torch.randn(50, 4), k)
 
 
-BODIES = {"kcenter": kcenter, "gaussian": gaussian, "dies": dies}
+def fit_images(seed: int = 0, n: int = 10, size: int = 64) -> torch.Tensor:
+    """Smooth random images in [0, 1] (N, 3, size, size): every process makes the same ones."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, size // 8, size // 8, generator=gen)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+# Small and quick; a threshold from 2 held-back images (one per process). One image per batch and
+# one thread everywhere: oneDNN's convolutions round differently with the batch size and the
+# number of threads (by ~1e-5), and a process's blocks start at other images than one process's
+# batches, so only then are the features, and so the models, the same to the bit.
+FIT_PARAMS = {
+    "patchcore": {"backbone": "efficientnet_lite0", "holdout": 0.25, "coreset_ratio": 0.1, "batch_size": 1},
+    "padim": {"backbone": "efficientnet_lite0", "holdout": 0.25, "batch_size": 1},
+    "gaussian_ad": {"backbone": "efficientnet_lite0", "holdout": 0.25, "batch_size": 1},
+    "spade": {"backbone": "efficientnet_lite0", "holdout": 0, "k_images": 2},
+}
+
+
+def fitted_state(method: str, model) -> dict:
+    """What the fit comparison looks at: the learned tensors, the threshold, and scores."""
+    tensors, values, _ = model._learned_state()
+    prediction = model.predict(fit_images(seed=1, n=4))
+    return {"tensors": tensors, "values": values, "threshold": model.threshold_, "n": model.n_train_images_,
+            "scores": prediction.scores, "maps": prediction.maps}
+
+
+def fit(rank: int, size: int, methods: list) -> dict:
+    import fastad
+
+    out = {}
+    for method in methods:
+        model = fastad.get_method(method)(**FIT_PARAMS[method])
+        try:
+            model.fit(fit_images())
+        except ValueError as exc:
+            out[method] = {"refused": str(exc)}
+            continue
+        out[method] = fitted_state(method, model)
+    return out
+
+
+def fit_dies(rank: int, size: int, model_path: str) -> object:
+    """As ``fastad fit`` does under torchrun (fit, barrier, rank 0 saves), with rank 1 leaving
+    in the middle of fitting: rank 0 must fail and write nothing."""
+    import fastad
+    from fastad import distributed
+    from fastad.methods import patchcore
+
+    if rank == 1:
+        patchcore.PatchCore._fit_patches = lambda self, chunks: os._exit(3)
+    model = fastad.PatchCore(**FIT_PARAMS["patchcore"]).fit(fit_images())
+    distributed.barrier()
+    if rank == 0:
+        model.save(model_path)
+    return "saved"
+
+
+BODIES = {"kcenter": kcenter, "gaussian": gaussian, "dies": dies, "fit": fit, "fit_dies": fit_dies}

@@ -93,7 +93,10 @@ def test_full_bank_scores_are_nearest_patch_distances(rng):
     train, test = textures(5, rng), textures(2, rng)
     m = model(coreset_ratio=1.0, reweight=False, blur_sigma=0).fit(train)
     patches = all_patches(m, train)
-    torch.testing.assert_close(m.bank_, patches)  # every patch, in order
+    # Every patch, in order. fit sees the images in one batch and all_patches in pairs: oneDNN's
+    # convolutions round differently with the batch size (about 1e-5 of the features' scale,
+    # which exceeded float32's default tolerance on one element in 300,000 on a fresh draw).
+    torch.testing.assert_close(m.bank_, patches, rtol=1e-4, atol=1e-4)
     query = m.patch_features(test).reshape(-1, patches.shape[1]).double()
     expected = torch.cdist(query, patches.double()).min(dim=1).values.reshape(2, 8, 8)
     patch_map, image_score = m._score_batch(test)

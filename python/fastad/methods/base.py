@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import distributed
 from .. import io as model_io
 from .._batching import describe, group_by_size, is_map_dataset, iterate, stack_images, stack_labels
 from .._checks import check_choice, check_device, check_image_batch, check_int
@@ -152,6 +153,8 @@ class AnomalyModel:
     """Base class of the methods; see the module docstring for the two hooks a method writes."""
 
     method_name: ClassVar[str] = ""
+    # Whether fit merges what the processes of a torch.distributed group learned (fastad.distributed).
+    fits_across_processes: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -251,15 +254,24 @@ class AnomalyModel:
             delattr(self, name)  # a failed re-fit must not leave a half-old model that looks fitted
         held: list[torch.Tensor] = []
         period = round(1.0 / self.holdout) if self.holdout > 0 else 0
-        counter = {"fit": 0, "seen": 0}
+        data, first_index = self._prepared(data), 0
+        if distributed.is_distributed():
+            if not self.fits_across_processes:
+                raise ValueError(f"{type(self).__name__} does not fit across processes yet (torch.distributed has "
+                                 f"{distributed.world()[1]}): fit it in one process")
+            data, first_index, _ = distributed.shard_data(data)
+        # Images are held back by their global index, so that every process holds back the images
+        # one process would (the cap counts those held before this process's block).
+        held_before = min(MAX_HELD_BACK, first_index // period) if period else 0
+        counter = {"fit": 0, "seen": first_index}
 
         def fit_batches() -> Iterator[torch.Tensor]:
-            for images in iter_image_batches(self._prepared(data), self.batch_size, normal_only=True):
+            for images in iter_image_batches(data, self.batch_size, normal_only=True):
                 first, count = counter["seen"], images.shape[0]
                 counter["seen"] += count
-                if period and len(held) < MAX_HELD_BACK:
+                if period and held_before + len(held) < MAX_HELD_BACK:
                     held_back = torch.arange(first, first + count) % period == period - 1
-                    held_back &= held_back.cumsum(0) <= MAX_HELD_BACK - len(held)  # the cap
+                    held_back &= held_back.cumsum(0) <= MAX_HELD_BACK - held_before - len(held)  # the cap
                     held.extend(images[held_back].cpu())
                     images = images[~held_back]
                 if images.shape[0]:
@@ -267,15 +279,18 @@ class AnomalyModel:
                     yield images.to(self.device, torch.float32)
 
         self._fit_batches(fit_batches())
-        if counter["fit"] == 0:
+        fitted = distributed.all_reduce_sum(counter["fit"])
+        if fitted == 0:
             raise ValueError("no images were left to fit on")
-        self.n_train_images_ = counter["fit"]
+        self.n_train_images_ = fitted
         self.threshold_ = None
-        if len(held) >= 2:
+        scores = [self.predict(group).scores.cpu() for group in _same_size_runs(held)]
+        # In the processes' order, which is the images' order: the scores one process would have.
+        scores = [part for parts in distributed.all_gather_objects(scores) for part in parts]
+        if sum(part.shape[0] for part in scores) >= 2:
             from ..postprocess import good_quantile_threshold
 
-            scores = torch.cat([self.predict(group).scores for group in _same_size_runs(held)])
-            self.threshold_ = float(good_quantile_threshold(scores, self.threshold_quantile))
+            self.threshold_ = float(good_quantile_threshold(torch.cat(scores), self.threshold_quantile))
         return self
 
     def _check_state(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .. import ops
+from .. import distributed, ops
 from ..gaussian_stats import GaussianAccumulator, check_regularization, precision_factors
 from .base import register_method
 from .feature_model import FeatureModel
@@ -41,6 +41,8 @@ class GaussianAD(FeatureModel):
     ``{level: (1, C, C)}`` float32, the lower Cholesky factor of each level's precision;
     ``shrinkage_`` ``{level: float}`` (Ledoit-Wolf only).
     """
+
+    fits_across_processes = True  # see fastad.distributed
 
     def __init__(
         self,
@@ -110,6 +112,9 @@ class GaussianAD(FeatureModel):
                 accumulators[layer].update(pooled.unsqueeze(1))
         if not accumulators:
             return
+        if distributed.is_distributed():
+            for acc in accumulators.values():  # the same levels in the same order on every process
+                acc.all_reduce_()
         self.mean_, self.precision_factor_, self.shrinkage_ = {}, {}, {}
         for layer, acc in accumulators.items():
             self.mean_[layer] = acc.mean().float()
@@ -119,6 +124,15 @@ class GaussianAD(FeatureModel):
                 raise ValueError(f"level {layer!r}: {error}") from None
             if ledoit_wolf:
                 self.shrinkage_[layer] = float(acc.ledoit_wolf()[1][0])
+
+    def _moved_to(self, device: str) -> None:
+        super()._moved_to(device)
+        # As PaDiM: a loaded or moved model holds row-major factors; the layout the op reads
+        # fastest (and in which a fitted model holds them, so both score to the same bits) is
+        # made once here.
+        factors = getattr(self, "precision_factor_", None)
+        if isinstance(factors, dict):
+            self.precision_factor_ = {layer: ops.mahalanobis_factor_layout(f) for layer, f in factors.items()}
 
     # -- score -----------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import distributed, ops
 from .._checks import check_int, check_state_tensor
 from ..gaussian_stats import GaussianAccumulator, check_regularization, precision_factors
 from .base import register_method
@@ -50,6 +50,8 @@ class PaDiM(FeatureModel):
     position's precision, for the P = h * w positions of the training images' grid (``grid_``);
     all training and test images must have one size.
     """
+
+    fits_across_processes = True  # see fastad.distributed
 
     default_strides: ClassVar[tuple[int, ...]] = (4, 8, 16)
 
@@ -163,6 +165,8 @@ class PaDiM(FeatureModel):
             accumulator.update(emb.reshape(b, h * w, d))
         if accumulator is None:
             return
+        if distributed.is_distributed():
+            accumulator.all_reduce_()  # every process's images, as one process would sum them
         self.grid_ = list(grid)
         self.mean_ = accumulator.mean().float()
         self.precision_factor_ = precision_factors(accumulator, covariance=self.covariance, eps=float(self.eps))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import distributed, ops
 from .._checks import check_int, check_state_tensor
 from .._versions import in_place_version
 from .base import register_method
@@ -62,6 +62,8 @@ class PatchCore(FeatureModel):
     Learned: ``bank_`` (K, D) patches; ``coreset_radius_`` the largest distance (in the projected
     space) from a training patch to the bank; ``n_patches_`` the training patches seen.
     """
+
+    fits_across_processes = True  # see fastad.distributed
 
     default_strides: ClassVar[tuple[int, ...]] = (8, 16)
 
@@ -272,19 +274,28 @@ class PatchCore(FeatureModel):
             chunks.append(patches.to(dtype))
         if not chunks:
             return
-        n = sum(chunk.shape[0] for chunk in chunks)
+        n_local = sum(chunk.shape[0] for chunk in chunks)
+        several = distributed.is_distributed()
+        # Under torch.distributed each process holds the patches of its block of images, the
+        # blocks in image order: the coreset is chosen across all of them, as one process would.
+        counts = distributed.all_gather_objects(n_local)
+        offset, n = sum(counts[: distributed.world()[0]]), sum(counts)
         k = max(1, int(round(n * float(self.coreset_ratio))))
         if k >= n:
-            selected = None
+            selected = torch.arange(n) if several else None
             self.coreset_radius_ = 0.0
         else:
-            space = torch.cat(projected) if projection is not None else torch.cat(chunks).float()
+            space = torch.cat(projected) if projected else torch.cat(chunks).float()
             projected.clear()
             start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.seed)))
-            selected, radii = ops.kcenter_greedy(space, k, start=start)
+            select = distributed.kcenter_greedy if several else ops.kcenter_greedy
+            selected, radii = select(space, k, start=start)
             del space
             self.coreset_radius_ = float(radii[-1])
-        self.bank_ = _gather_rows(chunks, selected, n, dtype, self.device)
+        if several:
+            self.bank_ = _bank_across_processes(chunks, selected, offset, n_local, dtype, self.device)
+        else:
+            self.bank_ = _gather_rows(chunks, selected, n, dtype, self.device)
         self.n_patches_ = n
         self._prepared_bank()  # now rather than in the first prediction
 
@@ -352,6 +363,22 @@ def _pooled_neighbourhoods(features: torch.Tensor, p: int, width: int) -> torch.
         pooled = F.adaptive_avg_pool1d(chunk.transpose(1, 2).reshape(n * h * w, 1, -1), width)
         parts.append(pooled.reshape(n, h, w, width).permute(0, 3, 1, 2))
     return torch.cat(parts)
+
+
+def _bank_across_processes(chunks: list[torch.Tensor], selected: torch.Tensor, offset: int, n_local: int,
+                           dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Every process given the chosen rows (global indices ``selected``) in selection order, each
+    contributed by the process that holds it: this one holds rows offset .. offset + n_local."""
+    import torch.distributed as dist
+
+    mine = (selected >= offset) & (selected < offset + n_local)
+    local_rows = _gather_rows(chunks, selected[mine] - offset, n_local, dtype, "cpu")
+    # Each row comes from one process and zeros from the others; float32 holds every bank dtype
+    # exactly, and x + 0 = x, so the sum is the rows themselves.
+    bank = torch.zeros(selected.shape[0], local_rows.shape[1], dtype=torch.float32)
+    bank[mine] = local_rows.float()
+    dist.all_reduce(bank)
+    return bank.to(device, dtype)
 
 
 def _gather_rows(chunks: list[torch.Tensor], selected: torch.Tensor | None, n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
