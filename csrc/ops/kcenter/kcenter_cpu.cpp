@@ -50,6 +50,7 @@ namespace {
 
 using kcenter_detail::DistanceKernels;
 using kcenter_detail::Entry;
+using kcenter_detail::Pending;
 
 // Chosen rows a re-evaluation covers before it checks whether it may stop.
 constexpr int64_t kChunk = 64;
@@ -100,12 +101,6 @@ void heap_pop(std::vector<Entry>& h) {
   h.pop_back();
   if (!h.empty()) sift_down(h, 0);
 }
-
-// A row taken off the heap for re-evaluation.
-struct Pending {
-  Entry entry;
-  int64_t seen;
-};
 
 // Lowers each pending row's bound by its distances to chosen rows seen .. t, a chunk at a time,
 // and stops once the bound is below `enough` (the best bound left in the heap; negative: never).
@@ -179,6 +174,7 @@ KCenterShard::KCenterShard(const at::Tensor& x, int64_t capacity)
       kernels_(kcenter_detail::distance_kernels()),
       want_(kFirstBatch) {
   chosen_.resize(static_cast<size_t>(capacity_ * d_));
+  batch_.reserve(kMaxBatch);
 }
 
 const float* KCenterShard::point_of(const at::Tensor& point) const {
@@ -245,7 +241,7 @@ void KCenterShard::begin_local(int64_t local) {
 }
 
 std::tuple<float, int64_t> KCenterShard::propose_fast() {
-  std::vector<Pending> batch;
+  std::vector<Pending>& batch = batch_;
   while (!heap_.empty()) {
     const Entry top = heap_.front();
     if (seen_[top.row] == t_) return {top.bound, top.row};  // exact: the greedy's choice here

@@ -43,6 +43,11 @@ struct Entry {
   float bound;  // upper bound of the squared distance to the chosen set
   int64_t row;
 };
+// A row taken off the heap for re-evaluation.
+struct Pending {
+  Entry entry;
+  int64_t seen;
+};
 }  // namespace kcenter_detail
 
 class KCenterShard : public torch::CustomClassHolder {
@@ -72,6 +77,7 @@ class KCenterShard : public torch::CustomClassHolder {
   int64_t t_ = 0;              // rows chosen so far
   std::vector<kcenter_detail::Entry> heap_;
   std::vector<int64_t> seen_;
+  std::vector<kcenter_detail::Pending> batch_;  // reused by every step: no allocation per step
   int64_t want_;
   bool begun_ = false;
 };
