@@ -263,8 +263,7 @@ class _Run:
         self.data_root = Path(config.data_root).expanduser().resolve()
         self.cifar_detector = None  # set by experiment 2
         self.cifar_skip_reason: str | None = None
-        self._cifar_test = None
-        self._cifar_train = None
+        self._cifar: dict[str, Any] = {}  # split -> LabelledImages, each read once
 
     @property
     def cifar_zip(self) -> Path:
@@ -273,25 +272,21 @@ class _Run:
     def cifar_train(self):
         """CIFAR-10 training images (LabelledImages, ``cifar_limit`` of them), read once for
         experiments 2 and 3."""
-        if self._cifar_train is None:
-            from .sources import load_image_folder
-
-            if not self.cifar_zip.is_file():
-                raise _Skip(f"CIFAR-10 not found: {self.cifar_zip} is missing")
-            self._cifar_train = load_image_folder(self.cifar_zip, "train", limit=self.config.cifar_limit,
-                                                  seed=self.config.seed, progress=self.config.progress)
-        return self._cifar_train
+        return self._cifar_split("train", self.config.cifar_limit)
 
     def cifar_test(self):
         """CIFAR-10 test images (LabelledImages), read once for experiments 2 and 3."""
-        if self._cifar_test is None:
+        return self._cifar_split("test", self.config.cifar_test_limit)
+
+    def _cifar_split(self, split: str, limit):
+        if split not in self._cifar:
             from .sources import load_image_folder
 
             if not self.cifar_zip.is_file():
                 raise _Skip(f"CIFAR-10 not found: {self.cifar_zip} is missing")
-            self._cifar_test = load_image_folder(self.cifar_zip, "test", limit=self.config.cifar_test_limit,
-                                                 seed=self.config.seed, progress=self.config.progress)
-        return self._cifar_test
+            self._cifar[split] = load_image_folder(self.cifar_zip, split, limit=limit, seed=self.config.seed,
+                                                   progress=self.config.progress)
+        return self._cifar[split]
 
     def detector_kwargs(self) -> dict[str, Any]:
         c = self.config
