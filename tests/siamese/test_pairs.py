@@ -30,24 +30,36 @@ def _binomial_ok(successes: int, trials: int, p: float) -> bool:
     return stats.binomtest(successes, trials, p).pvalue > P_MIN
 
 
-def _area_cdf(height: int, width: int, area=(0.01, 0.99), aspect=(0.5, 1.5)):
-    """CDF of the accepted area fraction in the continuous limit: area and aspect r uniform, kept
-    when the box fits, i.e. r in [a W / H, W / (a H)]; so the density of a is proportional to
-    the length of that interval within the aspect range."""
-    a = np.linspace(area[0], area[1], 20001)
-    length = np.clip(np.minimum(aspect[1], width / (a * height)) - np.maximum(aspect[0], a * width / height), 0, None)
-    cdf = np.concatenate([[0.0], np.cumsum((length[1:] + length[:-1]) / 2 * np.diff(a))])
-    return lambda x: np.interp(x, a, cdf / cdf[-1])
+def _size_law(height: int, width: int, area=(0.01, 0.99), aspect=(0.5, 1.5), grid: int = 2048):
+    """The exact law of the returned (h, w), as the docstring of sample_rectangle defines it, by
+    midpoint quadrature over the two uniforms: area fraction and aspect uniform in their ranges,
+    h = round(sqrt(A / r)), w = round(sqrt(A r)) for A pixels, kept when the whole-pixel box is in
+    the ranges and fits. Returns (sizes (K, 2) int64, probabilities (K,)). The sides are whole
+    pixels, so this law is discrete; its continuous limit differs from it by about 0.01 in CDF at
+    these image sizes, which 3,000 samples detect."""
+    u = (np.arange(grid) + 0.5) / grid
+    pixels = (area[0] + (area[1] - area[0]) * u[:, None]) * (height * width)
+    ratio = aspect[0] + (aspect[1] - aspect[0]) * u[None, :]
+    h = np.rint(np.sqrt(pixels / ratio)).astype(np.int64).ravel()
+    w = np.rint(np.sqrt(pixels * ratio)).astype(np.int64).ravel()
+    fraction, r = h * w / (height * width), w / h
+    kept = ((h <= height) & (w <= width) & (fraction >= area[0]) & (fraction <= area[1])
+            & (r >= aspect[0]) & (r <= aspect[1]))
+    sizes, counts = np.unique(np.stack([h[kept], w[kept]], 1), axis=0, return_counts=True)
+    return sizes, counts / counts.sum()
 
 
-def _aspect_cdf(height: int, width: int, area=(0.01, 0.99), aspect=(0.5, 1.5)):
-    """CDF of the accepted aspect r, likewise: (area, r) is uniform on the region where the box
-    fits, and for a given r it fits for area a <= min(r H / W, W / (r H))."""
-    r = np.linspace(aspect[0], aspect[1], 20001)
-    largest = np.minimum.reduce([np.full_like(r, area[1]), r * height / width, width / (r * height)])
-    length = np.clip(largest - area[0], 0, None)
-    cdf = np.concatenate([[0.0], np.cumsum((length[1:] + length[:-1]) / 2 * np.diff(r))])
-    return lambda x: np.interp(x, r, cdf / cdf[-1])
+def _discrete_pit(values: np.ndarray, support: np.ndarray, probabilities: np.ndarray,
+                  np_rng: np.random.Generator) -> np.ndarray:
+    """Randomised probability integral transform: F(x-) + V (F(x) - F(x-)) with V ~ U(0, 1) is
+    exactly U(0, 1) when x follows the discrete law (support, probabilities), so a KS test on it
+    is exact where one on x itself (ties at the atoms) is not."""
+    atoms, inverse = np.unique(support, return_inverse=True)
+    mass = np.bincount(inverse, weights=probabilities)
+    below = np.concatenate([[0.0], np.cumsum(mass)[:-1]])
+    at = np.searchsorted(atoms, values)
+    assert np.all(at < len(atoms)) and np.allclose(atoms[at], values), "a value outside the law's support"
+    return below[at] + np_rng.random(values.shape[0]) * mass[at]
 
 
 def _as_box(mask: torch.Tensor) -> Box:
@@ -79,8 +91,12 @@ def _check_box_statistics(boxes: torch.Tensor, height: int, width: int, np_rng: 
     assert np.all((fraction >= 0.01) & (fraction <= 0.99))
     assert np.all((w / h >= 0.5) & (w / h <= 1.5))
     assert np.all((top + h <= height) & (left + w <= width))
-    assert stats.kstest(fraction, _area_cdf(height, width)).pvalue > P_MIN
-    assert stats.kstest(w / h, _aspect_cdf(height, width)).pvalue > P_MIN
+    sizes, probabilities = _size_law(height, width)
+    law_h, law_w = sizes[:, 0], sizes[:, 1]
+    # the same float expressions on both sides, so equal sizes give bit-equal values
+    for values, support in ((h * w / (height * width), law_h * law_w / (height * width)), (w / h, law_w / law_h)):
+        pit = _discrete_pit(values, support, probabilities, np_rng)
+        assert stats.kstest(pit, "uniform").pvalue > P_MIN
     # positions: uniform on {0 .. H - h}; adding an independent U(0, 1) makes that exactly U(0, 1) after scaling
     for first, room in ((top, height - h + 1), (left, width - w + 1)):
         assert stats.kstest((first + np_rng.random(first.shape[0])) / room, "uniform").pvalue > P_MIN
