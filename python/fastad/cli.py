@@ -72,7 +72,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     model = klass(**params)
     dataset = open_dataset(args.data, "train")  # fit applies the method's transform()
     # Under torchrun every process fits on its block of the images and the results are merged;
-    # only rank 0 writes the model file, once every rank has finished.
+    # rank 0 writes the model file once every rank has finished (with a bank left split across
+    # the processes, --set shard_bank=true, each writes its part beside it).
     several = distributed.init_from_environment(params.get("device", "cpu"))
     if several and args.tile is not None:
         raise CliError("--tile fits one process at a time for now; run it without torchrun")
@@ -88,12 +89,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     distributed.barrier()
     rank, size = distributed.world()
-    if rank == 0:
+    split = bool(model._split_state_names())
+    if split or rank == 0:
         out = model.save(args.model)
+    if rank == 0:
         threshold = "none" if model.threshold_ is None else f"{model.threshold_:.6g}"
         ranks = f" across {size} processes" if size > 1 else ""
+        parts = f" and {size} part files beside it" if split else ""
         print(f"fitted {args.method} on {model.n_train_images_} images{ranks} in {elapsed:.1f} s "
-              f"(threshold {threshold}); model written to {out}")
+              f"(threshold {threshold}); model written to {out}{parts}")
     distributed.barrier()  # the file exists for every rank once this returns
     return 0
 
@@ -102,19 +106,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from . import viz
     from .data import load_image
 
+    # Under torchrun: the images are divided among the processes, or, for tiled prediction and a
+    # bank split across the processes, every process takes part in every image and rank 0 writes.
+    distributed.init_from_environment(args.device or "cpu")
+    rank, size = distributed.world()
     model = _load_model(args.model, args.device)
     transform = model.transform()
     out_dir = output_folder(args.out)
     results, used = [], set()
     if args.tile is not None:
         model.tile_geometry()  # a method that does not tile says so before any image is read
+    together = args.tile is not None or bool(model._split_state_names())
+    mine = range(len(args.images)) if together else distributed.shard(len(args.images))
+    writes = rank == 0 or not together
     for n, path in enumerate(args.images):
         stem = Path(path).stem
         if stem in used:  # same file name from different folders
             stem = f"{stem}_{n}"
         used.add(stem)
+        if n not in mine:
+            continue
         if args.tile is not None:
-            results.append(_predict_tiled(model, path, stem, out_dir, args.tile))
+            results.append(_predict_tiled(model, path, stem, out_dir, args.tile, writes))
             continue
         image = load_image(path)
         item = {"image": image, "mask": torch.zeros(image.shape[-2:], dtype=torch.bool), "has_mask": False,
@@ -124,23 +137,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
         pred = model.predict(item["image"])
         score = float(pred.scores[0])
         entry = {"path": str(path), "score": score, "anomalous": None if pred.threshold is None else score > pred.threshold}
-        if pred.maps is not None:  # methods that score whole images only have no map
+        if pred.maps is not None and writes:  # methods that score whole images only have no map
             amap = pred.maps[0]
             vmin, vmax = float(amap.min()), float(amap.max())
             viz.save_map_png(out_dir / f"{stem}_map.png", amap, vmin=vmin, vmax=vmax)
             viz.save_png(out_dir / f"{stem}_overlay.png", viz.overlay(item["image"], amap))
             entry.update({"map": f"{stem}_map.png", "map_range": [vmin, vmax], "overlay": f"{stem}_overlay.png"})
         results.append(entry)
-        print(f"{path}: score {score:.6g}" + ("" if pred.threshold is None else f" ({'anomalous' if score > pred.threshold else 'good'})"))
-    write_json(out_dir / "scores.json", {"model": str(args.model), "threshold": model.threshold_, "images": results})
+        if writes:
+            print(f"{path}: score {score:.6g}" + ("" if pred.threshold is None else f" ({'anomalous' if score > pred.threshold else 'good'})"))
+    if not together:  # each process scored its block of the images, in order
+        results = [entry for part in distributed.all_gather_objects(results) for entry in part]
+    if rank == 0:
+        write_json(out_dir / "scores.json", {"model": str(args.model), "threshold": model.threshold_, "images": results})
+    distributed.barrier()
     return 0
 
 
-def _predict_tiled(model, path: str, stem: str, out_dir: Path, tile: int) -> dict[str, Any]:
+def _predict_tiled(model, path: str, stem: str, out_dir: Path, tile: int, writes: bool = True) -> dict[str, Any]:
     """One image at its own resolution, tile by tile: the map as a float32 GeoTIFF (with the
     input's CRS and geotransform when it has them; NaN where it has no data) and a quick-look PNG,
     both written only once complete. GDAL's block cache is capped so that memory stays bounded
-    by the tile."""
+    by the tile. ``writes`` False: a process of a group that helps with the tiles and writes
+    nothing."""
     from .geo import MapWriter, RasterReader, gdal_cache
     from .highres import open_image, predict_large
 
@@ -150,17 +169,21 @@ def _predict_tiled(model, path: str, stem: str, out_dir: Path, tile: int) -> dic
         try:
             _, height, width = reader.shape
             start = time.perf_counter()
-            with MapWriter(out_dir / f"{stem}_map.tif", height, width, like=georeferenced,
-                           quicklook=out_dir / f"{stem}_quicklook.png") as writer:
-                result = predict_large(model, reader, tile=tile, out=writer)
+            if writes:
+                with MapWriter(out_dir / f"{stem}_map.tif", height, width, like=georeferenced,
+                               quicklook=out_dir / f"{stem}_quicklook.png") as writer:
+                    result = predict_large(model, reader, tile=tile, out=writer)
+            else:
+                result = predict_large(model, reader, tile=tile)
             elapsed = time.perf_counter() - start
         finally:
             if callable(getattr(reader, "close", None)):
                 reader.close()
     threshold = model.threshold_
     anomalous = None if threshold is None else result.score > threshold
-    print(f"{path}: score {result.score:.6g}" + ("" if anomalous is None else f" ({'anomalous' if anomalous else 'good'})")
-          + f"; {height} x {width} px in {elapsed:.1f} s ({height * width / 1e6 / elapsed:.2f} MP/s)")
+    if writes:
+        print(f"{path}: score {result.score:.6g}" + ("" if anomalous is None else f" ({'anomalous' if anomalous else 'good'})")
+              + f"; {height} x {width} px in {elapsed:.1f} s ({height * width / 1e6 / elapsed:.2f} MP/s)")
     return {"path": str(path), "score": result.score, "anomalous": anomalous, "map": f"{stem}_map.tif",
             "quicklook": f"{stem}_quicklook.png", "size": [height, width], "seconds": elapsed}
 

@@ -10,6 +10,10 @@ without one, every function here behaves as a single process (rank 0 of 1).
   keeps the CPU kernel's lazy bounds for its own rows (``torch.classes.fastad.KCenterShard``);
   per step one all-gather carries each rank's farthest row (squared distance, global row, values)
   and every rank picks the same winner: the largest distance, ties to the lowest global row.
+- :func:`knn_across_shards` and :func:`rows_across_shards`: a bank split across the ranks
+  (each rank holds some of its rows, with their global indices) searched and read as one: every
+  rank gets the k nearest rows of the whole bank, ties to the lowest global index, as
+  ``fastad.ops.knn`` gives on the whole bank in one process.
 - Gaussian statistics: :meth:`fastad.gaussian_stats.GaussianAccumulator.all_reduce_`.
 - Fitting: under a process group, ``AnomalyModel.fit`` gives each rank its block of the training
   images (:func:`shard_data`); PatchCore, PaDiM and Gaussian AD then merge what the ranks learned
@@ -33,7 +37,8 @@ from torch import Tensor
 from ._checks import check_int
 
 __all__ = ["CommunicationLog", "all_gather_objects", "all_reduce_sum", "barrier", "init_from_environment",
-           "is_distributed", "kcenter_greedy", "shard", "shard_data", "world"]
+           "is_distributed", "kcenter_greedy", "knn_across_shards", "rows_across_shards", "shard", "shard_data",
+           "world"]
 
 
 def _dist():
@@ -237,3 +242,81 @@ def kcenter_greedy(x: Tensor, k: int, *, start: int = 0, group=None,
         # sqrt in float64 rounded to float32 is float32's correctly rounded sqrt, the op's std::sqrt.
         radii[t] = math.sqrt(float(gathered[best, 0]))
     return indices, radii
+
+
+def _check_shard(shard: Tensor, rows: Tensor) -> None:
+    if not isinstance(shard, Tensor) or shard.dim() != 2:
+        raise ValueError(f"shard must be a 2-D tensor (n, D) of this rank's bank rows, got "
+                         f"{tuple(shard.shape) if isinstance(shard, Tensor) else type(shard).__name__}")
+    if not isinstance(rows, Tensor) or rows.dtype != torch.int64 or rows.shape != (shard.shape[0],):
+        raise ValueError(f"rows must be an int64 tensor ({shard.shape[0]},) of the shard's global row indices, got "
+                         f"{(rows.dtype, tuple(rows.shape)) if isinstance(rows, Tensor) else type(rows).__name__}")
+
+
+@torch.no_grad()
+def knn_across_shards(query: Tensor, shard: Tensor, rows: Tensor, k: int, *, squared: bool = False,
+                      prepared: Tensor | None = None, group=None,
+                      log: CommunicationLog | None = None) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest rows of a bank split across the ranks, for a query every rank holds.
+
+    ``query`` (M, D): the same on every rank. ``shard`` (n_r, D): this rank's rows of the bank
+    (n_r may be 0), ``rows`` (n_r,) int64 their indices in the whole bank, ascending. Returns
+    ``(distances (M, k) float32 ascending, indices (M, k) int64 rows of the whole bank)`` on
+    ``query``'s device, equal distances ordered by the lower index: what ``fastad.ops.knn``
+    returns on the whole bank in one process (each distance is computed by the same kernel from
+    the same two rows). ``prepared``: ``fastad.ops.knn_prepare(shard)``. Per call: one all-gather
+    of M k (4 + 8) bytes per rank. Without a process group it is ``ops.knn`` with the indices
+    mapped through ``rows``.
+    """
+    from . import ops
+
+    _check_shard(shard, rows)
+    k = check_int(k, "k")
+    rank, size = world(group)
+    n_local = shard.shape[0]
+    total = all_reduce_sum(int(n_local), group)
+    if k > total:
+        raise ValueError(f"k must be at most the number of rows of the whole bank ({total}), got k = {k}")
+    m = query.shape[0]
+    distances = torch.full((m, k), math.inf, dtype=torch.float32)
+    indices = torch.full((m, k), torch.iinfo(torch.int64).max, dtype=torch.int64)  # "none": sorts last
+    if n_local:
+        here = min(k, n_local)
+        d, i = ops.knn(query, shard, here, squared=squared, prepared=prepared)
+        distances[:, :here] = d.cpu()
+        indices[:, :here] = rows.cpu()[i.cpu()]
+    if size > 1:
+        distances = _all_gather(distances, size, group, log, "distances").permute(1, 0, 2).reshape(m, size * k)
+        indices = _all_gather(indices, size, group, log, "indices").permute(1, 0, 2).reshape(m, size * k)
+        # By index, then stably by distance: the one-process order (distance, ties to the lower index).
+        by_index = indices.argsort(dim=1)
+        distances, indices = distances.gather(1, by_index), indices.gather(1, by_index)
+        by_distance = distances.argsort(dim=1, stable=True)[:, :k]
+        distances, indices = distances.gather(1, by_distance), indices.gather(1, by_distance)
+    return distances.to(query.device), indices.to(query.device)
+
+
+@torch.no_grad()
+def rows_across_shards(indices: Tensor, shard: Tensor, rows: Tensor, *, group=None,
+                       log: CommunicationLog | None = None) -> Tensor:
+    """Rows ``indices`` (any shape, int64 indices of the whole bank) of a bank split across the
+    ranks, on every rank: (*indices.shape, D) float32 on ``shard``'s device. Each row comes from
+    the rank that holds it (one all-reduce of the result's size: the others add zeros, and
+    x + 0 = x, so the rows arrive exact; float32 holds every bank dtype exactly)."""
+    _check_shard(shard, rows)
+    flat = indices.reshape(-1).cpu()
+    local_rows = rows.cpu()
+    where = torch.searchsorted(local_rows, flat).clamp(max=max(0, local_rows.shape[0] - 1))
+    mine = (local_rows[where] == flat) if local_rows.numel() else torch.zeros_like(flat, dtype=torch.bool)
+    out = torch.zeros(flat.shape[0], shard.shape[1], dtype=torch.float32)
+    if bool(mine.any()):
+        out[mine] = shard[where[mine].to(shard.device)].float().cpu()
+    rank, size = world(group)
+    if size > 1:
+        _dist().all_reduce(out, group=group)
+        if log is not None:
+            log.add("rows", out.numel() * out.element_size())
+    found = all_reduce_sum(int(mine.sum()), group)
+    if found != flat.shape[0]:
+        raise ValueError(f"{flat.shape[0] - found} of the {flat.shape[0]} requested rows are held by no rank")
+    return out.reshape(*indices.shape, shard.shape[1]).to(shard.device)

@@ -23,6 +23,15 @@ or the final map's maximum). The result equals ``model.predict`` on the whole
 image up to float32 rounding where that fits in memory, with one convention made explicit: upsampling
 is by the exact stride, then cropped, so that it does not depend on the image size; ``predict``
 upsamples to the image size, which is the same whenever the sides are multiples of the stride.
+
+**Across processes.** Under a ``torch.distributed`` group every process calls ``predict_large``
+with the same image. The tiles of the patch-level pass are divided among the processes in
+consecutive blocks; each fills its tiles' places of a zeroed patch map and one all-reduce (sum)
+joins them, exact because every place comes from one tile and x + 0 = x. Every process then has
+the patch map and the image score of one process; process 0 alone writes the pixel map to
+``out`` (the others return ``map`` None and leave their ``out`` untouched). A PatchCore whose
+bank is split across the processes searches it together for every tile, so there every process
+scores every tile instead.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import tiling
+from . import distributed, tiling
 from ._checks import check_int
 from .postprocess import _kernel_radius, gaussian_blur
 
@@ -63,12 +72,15 @@ class TiledScorer:
     ``image_score(outputs, patch_valid)`` gives the image score from the stitched outputs (or None:
     the final map's maximum); ``stitched``: how many leading channels are stitched into
     ``outputs`` (None: all); ``observe((oy, ox), core)``: sees every tile's full core output as
-    it is made (a reduction over channels too many to stitch, such as MLF-SC's per-channel errors)."""
+    it is made (a reduction over channels too many to stitch, such as MLF-SC's per-channel errors);
+    ``merge()``: when the tiles were divided among processes, joins what ``observe`` saw on each
+    (a collective every process calls), needed whenever ``observe`` is given."""
 
     fn: Any
     image_score: Any
     stitched: int | None = None
     observe: Any = None
+    merge: Any = None
 
 
 @dataclass
@@ -112,7 +124,8 @@ def predict_large(
         progress: a bar over tiles; None shows one when stderr is a terminal.
 
     Returns:
-        :class:`LargePrediction` (``map`` is None when ``out`` is a sink).
+        :class:`LargePrediction` (``map`` is None when ``out`` is a sink, and on every process but
+        0 of a group; see the module docstring).
     """
     _check_native_resolution(model)
     model._check_fitted()
@@ -131,9 +144,12 @@ def _predict_large(model, reader, geometry: TileGeometry, tile: int, out: Any, b
     channels, height, width = reader.shape
     if channels != 3:
         raise ValueError(f"predict_large needs a 3-channel image, got {channels} channels")
-    if out is None:
+    rank, size = distributed.world()
+    if out is None and rank == 0:
         out = np.empty((height, width), dtype=np.float32)
-    if isinstance(out, np.ndarray):
+    if out is None:  # a process other than 0 of a group, given nowhere to write: it writes nothing
+        emit = _discard
+    elif isinstance(out, np.ndarray):
         if out.shape != (height, width) or out.dtype != np.float32:
             raise ValueError(f"out must be a float32 (H, W) = ({height}, {width}) array or np.memmap, got "
                              f"{out.dtype} {out.shape}")
@@ -149,11 +165,15 @@ def _predict_large(model, reader, geometry: TileGeometry, tile: int, out: Any, b
         raise ValueError(f"out must be None, a float32 ({height}, {width}) array or a sink with write(y0, rows) "
                          f"and shape ({height}, {width}), got {type(out).__name__}")
     valid = getattr(reader, "valid", None)
+    if rank != 0:  # process 0 alone writes the map (see the module docstring); out is checked above all the same
+        emit = _discard
+    # A bank split across the processes is searched by all of them together, tile by tile.
+    part = (rank, size) if size > 1 and not model._split_state_names() else None
     with torch.inference_mode():
         scorer = model._tiled_scorer(reader, geometry, tile, progress)
         if not isinstance(scorer, TiledScorer):
             scorer = TiledScorer(*scorer)
-        outputs = _stitched_outputs(scorer, reader, geometry, tile, model.device, progress)
+        outputs = _stitched_outputs(scorer, reader, geometry, tile, model.device, progress, part)
         image_score = scorer.image_score
         patch_map = np.ascontiguousarray(outputs[0], dtype=np.float32)
         patch_valid = None if valid is None else np.ones(patch_map.shape, dtype=bool)
@@ -176,26 +196,46 @@ def _predict_large(model, reader, geometry: TileGeometry, tile: int, out: Any, b
         if score is None:  # the method's image score is the map's maximum
             score = top[0] if math.isfinite(top[0]) else math.nan
         score = float(score)
-    return LargePrediction(score=score, map=out if isinstance(out, np.ndarray) else None, patch_map=patch_map,
-                           stride=geometry.stride)
+    wrote = isinstance(out, np.ndarray) and rank == 0
+    return LargePrediction(score=score, map=out if wrote else None, patch_map=patch_map, stride=geometry.stride)
 
 
-def _stitched_outputs(scorer: TiledScorer, reader, geometry: TileGeometry, tile: int, device, progress) -> np.ndarray:
+def _discard(y0: int, rows: np.ndarray) -> None:
+    """Where the map rows of a process other than 0 of a group go."""
+
+
+def _stitched_outputs(scorer: TiledScorer, reader, geometry: TileGeometry, tile: int, device, progress,
+                      part: tuple[int, int] | None = None) -> np.ndarray:
     """(C, ceil(H / s), ceil(W / s)) outputs of ``scorer.fn`` (its first ``stitched`` channels),
-    every core shown to ``scorer.observe`` on the way."""
+    every core shown to ``scorer.observe`` on the way. ``part`` (rank, size): this process makes
+    its block of the tiles and the processes' maps are summed (each place is made by one tile)."""
     _, height, width = reader.shape
     s = geometry.stride
     out = None
+    if part is not None and scorer.observe is not None and scorer.merge is None:
+        raise ValueError("this method's tiled scorer observes every tile but cannot merge what it saw across "
+                         "processes (TiledScorer.merge)")
     for (oy, ox), core in tiling.tiled_cores(scorer.fn, reader, tile=tile, halo=geometry.halo, stride=s,
                                              align=geometry.align, same_padding=geometry.same_padding,
-                                             device=device, progress=progress):
+                                             device=device, progress=progress, part=part):
         if scorer.observe is not None:
             scorer.observe((oy, ox), core)
         kept = core if scorer.stitched is None else core[: scorer.stitched]
         if out is None:
             dtype = np.float64 if kept.dtype == torch.float64 else np.float32
-            out = np.empty((kept.shape[0], -(-height // s), -(-width // s)), dtype=dtype)
+            allocate = np.zeros if part is not None else np.empty  # zeros: the other processes' places
+            out = allocate((kept.shape[0], -(-height // s), -(-width // s)), dtype=dtype)
         out[:, oy : oy + kept.shape[1], ox : ox + kept.shape[2]] = kept.cpu().numpy()
+    if part is None:
+        return out
+    # A process with no tile (more processes than tiles) learns the map's channels and dtype here.
+    layouts = [x for x in distributed.all_gather_objects(None if out is None else (out.shape[0], out.dtype.str)) if x]
+    if out is None:
+        out = np.zeros((layouts[0][0], -(-height // s), -(-width // s)), dtype=np.dtype(layouts[0][1]))
+    joined = torch.from_numpy(out)
+    torch.distributed.all_reduce(joined)  # in place: x + 0 = x at every place
+    if scorer.merge is not None:
+        scorer.merge()
     return out
 
 

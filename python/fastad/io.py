@@ -346,6 +346,13 @@ def save_model_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], h
     writers in the folder are removed first. A failed write (a full disk) raises an OSError naming
     ``path`` and leaves the old file as it was.
     """
+    return write_model_file(path, tensors, header)[0]
+
+
+def write_model_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                     header: dict[str, Any]) -> tuple[Path, str]:
+    """:func:`save_model_file`, returning ``(path, checksum)``: the checksum is what
+    :func:`load_model_file` reads back as ``header["digest"]`` (an index file names its parts by it)."""
     path = Path(path)
     if path.is_dir():
         raise ModelFileError(f"model path {path} is a folder; give a file name such as model.safetensors")
@@ -371,7 +378,7 @@ def save_model_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], h
 
     with _atomic_file(path, sweep=True) as tmp, open(tmp.fd, "wb", closefd=False) as f:
         _write_safetensors(f, clean, {_METADATA_KEY: text})
-    return path
+    return path, document["digest"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -649,12 +649,15 @@ def tiled_cores(
     same_padding: bool = False,
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[tuple[tuple[int, int], Tensor]]:
     """``fn``'s untiled output, one tile's core at a time, never stitched: yields ``((oy, ox),
     core)``, ``core`` the (C_out, oh, ow) output positions of the tile's core on ``device`` and
     ``(oy, ox)`` the first one's place in the whole output. For reductions that need positions
     (sums over a region, the k largest values of each channel) over outputs too large to keep.
-    Arguments as for :func:`tiled_apply`; the caller holds ``torch.inference_mode`` if wanted."""
+    ``part`` (rank, size): only the rank's consecutive block of the tiles (``fastad.distributed.shard``),
+    for dividing one image among processes. Arguments as for :func:`tiled_apply`; the caller holds
+    ``torch.inference_mode`` if wanted."""
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     device, dtype = _probe_placement(fn, device, None)
@@ -662,6 +665,11 @@ def tiled_cores(
     reader = open_reader(reader)
     _, height, width = reader.shape
     tiles = _plan_tiles(height, width, tile, halo, align if same_padding else 0)
+    if part is not None:
+        from .distributed import shard
+
+        block = shard(len(tiles), *part)
+        tiles = tiles[block.start : block.stop]
     for t, y in _tile_outputs(fn, reader, tiles, 1, stride, device, dtype, progress, "tiled_cores"):
         cy, cx = (t.y0 - t.ya) // stride, (t.x0 - t.xa) // stride
         oh, ow = -(-t.y1 // stride) - t.y0 // stride, -(-t.x1 // stride) - t.x0 // stride

@@ -83,6 +83,42 @@ def test_kcenter_selects_what_one_process_selects(size, tmp_path):
             assert received == size * 2 * 8 + k * size * (d + 2) * 8
 
 
+KNN_CASES = [(5, 300, 40, 16, 5, "normal", [120, 0, 180]),  # an empty shard
+             (6, 200, 30, 3, 9, "integers", [2, 100, 98]),  # exact ties across shards; k above a shard's rows
+             (7, 12, 5, 8, 12, "normal", [4, 4, 4])]  # the whole bank
+
+
+def test_knn_across_shards_is_knn_on_the_whole_bank(tmp_path):
+    per_rank = _ok(spawn(3, "knn_shards", KNN_CASES, tmp_path=tmp_path))
+    for c, (seed, n, m, d, k, kind, _) in enumerate(KNN_CASES):
+        bank, query = workers.kcenter_data(seed, n, d, kind), workers.kcenter_data(seed + 1, m, d, kind)
+        expected_d, expected_i = fastad.ops.knn(query, bank, k)
+        if kind == "integers":
+            assert bool((expected_d[:, 1:] == expected_d[:, :-1]).any())  # the case has ties to break
+        for r in range(3):
+            distances, indices, read, received = per_rank[r][c]
+            assert torch.equal(indices, expected_i), f"case {c}, rank {r}"
+            assert torch.equal(distances, expected_d), f"case {c}, rank {r}"
+            assert torch.equal(read, bank[expected_i])
+            assert received == 3 * m * k * (4 + 8)  # one gather of distances and one of indices
+
+
+def test_knn_across_shards_without_a_group_maps_the_rows():
+    gen = torch.Generator().manual_seed(3)
+    bank, query = torch.randn(50, 8, generator=gen), torch.randn(7, 8, generator=gen)
+    rows = torch.arange(50) * 2 + 5
+    got_d, got_i = distributed.knn_across_shards(query, bank, rows, 4)
+    expected_d, expected_i = fastad.ops.knn(query, bank, 4)
+    assert torch.equal(got_d, expected_d) and torch.equal(got_i, rows[expected_i])
+    assert torch.equal(distributed.rows_across_shards(rows[[3, 0]], bank, rows), bank[[3, 0]])
+    with pytest.raises(ValueError, match="k must be at most the number of rows of the whole bank"):
+        distributed.knn_across_shards(query, bank, rows, 51)
+    with pytest.raises(ValueError, match="held by no rank"):
+        distributed.rows_across_shards(torch.tensor([4]), bank, rows)
+    with pytest.raises(ValueError, match="rows must be an int64 tensor"):
+        distributed.knn_across_shards(query, bank, rows.int(), 1)
+
+
 def test_gaussian_statistics_merge_to_one_process(tmp_path):
     counts = [3, 5, 1, 4, 2]  # batches, dealt round-robin to the ranks
     positions, dim = 7, 5

@@ -100,6 +100,10 @@ FIT_PARAMS = {
 }
 
 
+# For native-resolution (tiled) prediction: fitted on the images as they are.
+NATIVE_PATCHCORE = {**FIT_PARAMS["patchcore"], "resize": None, "crop": None}
+
+
 def fitted_state(method: str, model) -> dict:
     """What the fit comparison looks at: the learned tensors, the threshold, and scores."""
     tensors, values, _ = model._learned_state()
@@ -139,4 +143,74 @@ def fit_dies(rank: int, size: int, model_path: str) -> object:
     return "saved"
 
 
-BODIES = {"kcenter": kcenter, "gaussian": gaussian, "dies": dies, "fit": fit, "fit_dies": fit_dies}
+def knn_shards(rank: int, size: int, cases: list) -> list:
+    """Each case: a bank split in consecutive blocks of the given sizes (some empty), searched by
+    every rank for the same queries; also the rows read back through the split."""
+    from fastad import ops
+    from fastad.distributed import CommunicationLog, knn_across_shards, rows_across_shards
+
+    results = []
+    for seed, n, m, d, k, kind, blocks in cases:
+        bank = kcenter_data(seed, n, d, kind)
+        query = kcenter_data(seed + 1, m, d, kind)
+        edges = [0, *torch.tensor(blocks).cumsum(0).tolist()]
+        shard, rows = bank[edges[rank]:edges[rank + 1]], torch.arange(edges[rank], edges[rank + 1])
+        log = CommunicationLog()
+        prepared = ops.knn_prepare(shard) if shard.shape[0] else None
+        distances, indices = knn_across_shards(query, shard, rows, k, prepared=prepared, log=log)
+        read = rows_across_shards(indices, shard, rows)
+        results.append((distances, indices, read, log.bytes_received))
+    return results
+
+
+def fit_split(rank: int, size: int, model_path: str) -> dict:
+    """PatchCore with its bank left split across the processes: what each holds, its scores,
+    its saved parts, and the scores of the model loaded back inside the group."""
+    import fastad
+
+    model = fastad.PatchCore(**FIT_PARAMS["patchcore"], shard_bank=True).fit(fit_images())
+    out = fitted_state("patchcore", model)
+    out["bank_size"] = model.bank_size_
+    model.save(model_path)
+    loaded = fastad.AnomalyModel.load(model_path)
+    out["loaded_rows"] = loaded.bank_rows_
+    out["loaded_scores"] = loaded.predict(fit_images(seed=1, n=4)).scores
+    dist.destroy_process_group()
+    try:
+        model.predict(fit_images(seed=1, n=1))
+    except RuntimeError as exc:
+        out["outside_group"] = str(exc)
+    return out
+
+
+def tiled_scene(seed: int, height: int, width: int) -> torch.Tensor:
+    """A smooth random (3, H, W) image in [0, 1] with a bright rectangle in it."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, height // 16 + 1, width // 16 + 1, generator=gen)
+    image = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0]
+    image[:, height // 3 : height // 3 + 24, width // 2 : width // 2 + 30] = 0.95
+    return image
+
+
+def predict_tiled(model, image: torch.Tensor, tile: int) -> dict:
+    from fastad.highres import predict_large
+
+    result = predict_large(model, image, tile=tile, band=48)
+    return {"patch_map": result.patch_map, "map": result.map, "score": result.score}
+
+
+def tiled(rank: int, size: int, model_paths: list, seed: int, height: int, width: int, tile: int) -> dict:
+    """One image scored tile by tile by all the processes together: by each saved (whole) model,
+    whose tiles are divided among the processes, and by a PatchCore fitted here with its bank
+    split across them, which every process searches for every tile."""
+    import fastad
+
+    image = tiled_scene(seed, height, width)
+    out = {path: predict_tiled(fastad.AnomalyModel.load(path), image, tile) for path in model_paths}
+    split = fastad.PatchCore(**NATIVE_PATCHCORE, shard_bank=True).fit(fit_images())
+    out["split"] = predict_tiled(split, image, tile)
+    return out
+
+
+BODIES = {"kcenter": kcenter, "gaussian": gaussian, "dies": dies, "fit": fit, "fit_dies": fit_dies,
+          "knn_shards": knn_shards, "fit_split": fit_split, "tiled": tiled}

@@ -29,6 +29,7 @@ from .. import distributed
 from .. import io as model_io
 from .._batching import describe, group_by_size, is_map_dataset, iterate, stack_images, stack_labels
 from .._checks import check_choice, check_device, check_image_batch, check_int
+from . import split_files
 
 # ----------------------------------------------------------------------------------------------
 # Registry
@@ -284,9 +285,15 @@ class AnomalyModel:
             raise ValueError("no images were left to fit on")
         self.n_train_images_ = fitted
         self.threshold_ = None
-        scores = [self.predict(group).scores.cpu() for group in _same_size_runs(held)]
-        # In the processes' order, which is the images' order: the scores one process would have.
-        scores = [part for parts in distributed.all_gather_objects(scores) for part in parts]
+        if self._split_state_names():
+            # A split model predicts together (every process the same images): all the held-back
+            # images, in the processes' order, which is the images' order.
+            held = [image for part in distributed.all_gather_objects(held) for image in part]
+            scores = [self.predict(group).scores.cpu() for group in _same_size_runs(held)]
+        else:
+            scores = [self.predict(group).scores.cpu() for group in _same_size_runs(held)]
+            # In the processes' order, which is the images' order: the scores one process would have.
+            scores = [part for parts in distributed.all_gather_objects(scores) for part in parts]
         if sum(part.shape[0] for part in scores) >= 2:
             from ..postprocess import good_quantile_threshold
 
@@ -405,12 +412,29 @@ class AnomalyModel:
     def _moved_to(self, device: str) -> None:
         """Hook for a method that caches device-bound helpers (a feature extractor)."""
 
+    def _split_state_names(self) -> tuple[str, ...]:
+        """Hook: the learned attributes this process holds only its part of (a bank split across
+        the processes of a group), saved in part files (``split_files``); empty when the model
+        is whole, as it is by default."""
+        return ()
+
+    @classmethod
+    def _joined_state(cls, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Hook: the whole model's learned attributes from every process's part (in process
+        order), for a split model loaded outside its group; ValueError when they do not fit."""
+        raise ValueError(f"{cls.__name__} models are never split across processes")
+
     def _header_extras(self) -> dict[str, Any]:
         """Hook: more header entries for the model file (e.g. the backbone and its weights)."""
         return {}
 
     def save(self, path: str | Path) -> Path:
-        """Writes the model to ``path`` (safetensors + JSON header; atomic)."""
+        """Writes the model to ``path`` (safetensors + JSON header; atomic).
+
+        A model split across the processes of a group (PatchCore's ``shard_bank``) is saved by
+        every process together: each writes its part beside ``path``, and ``path`` names the
+        parts (``fastad.methods.split_files``). A whole model is written by whichever process
+        calls this (under torchrun, let rank 0 do it)."""
         import fastad
 
         self._check_fitted()
@@ -431,6 +455,18 @@ class AnomalyModel:
             "torch_version": torch.__version__,
             **self._header_extras(),
         }
+        split = set(self._split_state_names())
+        if split:
+            def in_part(name: str) -> bool:
+                return name.partition(".")[0] in split
+
+            part_header = {"method": self.method_name, "fastad_version": fastad.__version__,
+                           "state": {n: v for n, v in values.items() if in_part(n)},
+                           "rebuild": {kind: [n for n in names if in_part(n)] for kind, names in rebuild.items()}}
+            header["state"] = {n: v for n, v in values.items() if not in_part(n)}
+            header["rebuild"] = {kind: [n for n in names if not in_part(n)] for kind, names in rebuild.items()}
+            return split_files.write_split_model(path, {n: t for n, t in tensors.items() if not in_part(n)}, header,
+                                                 {n: t for n, t in tensors.items() if in_part(n)}, part_header)
         return model_io.save_model_file(path, tensors, header)
 
     @classmethod
@@ -438,6 +474,11 @@ class AnomalyModel:
         """Reads a model file; ``AnomalyModel.load`` returns whichever method wrote it, a
         subclass's ``load`` insists on that subclass. ``device`` overrides the saved one."""
         tensors, header = model_io.load_model_file(path)
+        part = header.get(split_files.PART)
+        if part is not None:
+            model = part.get("model") if isinstance(part, dict) else None
+            raise model_io.ModelFileError(f"{path} is one part of a model split across processes, not a model: "
+                                          f"load the model file it belongs to ({model!r}, beside it)")
         name = header.get("method")
         try:
             klass = get_method(name)
@@ -462,6 +503,10 @@ class AnomalyModel:
             model = klass(**params)
             state = dict(header.get("state") or {})
             state.update(_rebuild_state(tensors, header.get("rebuild") or {}, path))
+            if split_files.PARTS in header:  # a model saved split across processes
+                parts, whole = split_files.read_parts(path, header)
+                states = [_part_state(part_tensors, part_header, path) for part_tensors, part_header in parts]
+                state.update(klass._joined_state(states) if whole else states[0])
             for name_, value in state.items():
                 if not (name_.isidentifier() and name_.endswith("_") and not name_.startswith("_")):
                     raise model_io.ModelFileError(f"{path}: {name_!r} is not a learned attribute name")
@@ -474,6 +519,15 @@ class AnomalyModel:
             raise model_io.ModelFileError(f"{path} does not hold a usable {name!r} model: {exc}") from exc
         model._check_fitted()
         return model.to(model.device)
+
+
+def _part_state(tensors: dict[str, torch.Tensor], header: dict[str, Any], path: Any) -> dict[str, Any]:
+    """The learned attributes in one part file of a split model."""
+    state, rebuild = header.get("state", {}), header.get("rebuild", {})
+    if not isinstance(state, dict) or not isinstance(rebuild, dict) or not all(
+            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in rebuild.values()):
+        raise model_io.ModelFileError(f"{path}: a part file's header is malformed")
+    return {**state, **_rebuild_state(tensors, rebuild, path)}
 
 
 def _is_tensor_dict(value: Any) -> bool:

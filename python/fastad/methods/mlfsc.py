@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import distributed, ops
 from .._checks import check_int, check_state_tensor
 from ..dictionary import DictionaryLearner, SampledLassoDictionaries
 from .base import register_method
@@ -468,10 +468,16 @@ class MLFSC(FeatureModel):
                 merged = torch.cat([*best, errors[:, found]], dim=1)
                 best[:] = [merged.topk(min(k, merged.shape[1]), dim=1).values]
 
+        def merge() -> None:  # tiles divided among processes: the top k of the union of each one's top k
+            parts = [p for p in distributed.all_gather_objects(best[0].cpu() if best else None) if p is not None]
+            if parts:
+                merged = torch.cat(parts, dim=1).to(self.device)
+                best[:] = [merged.topk(min(k, merged.shape[1]), dim=1).values]
+
         def image_score(outputs, patch_valid) -> float:
             return float(best[0].double().sum()) if best else math.nan
 
-        return TiledScorer(self._window_outputs(mean, std), image_score, stitched=1, observe=observe)
+        return TiledScorer(self._window_outputs(mean, std), image_score, stitched=1, observe=observe, merge=merge)
 
     def _fit_tiled(self, readers, tile: int, progress) -> int:
         """Native-resolution fit: per image, the standardisation's statistics in a first tiled

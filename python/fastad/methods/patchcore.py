@@ -58,9 +58,18 @@ class PatchCore(FeatureModel):
             code) instead of plain L2 (the paper's formula).
         bank_dtype: "float32", "float16" or "bfloat16" storage of the bank (distances are
             computed in float32 either way).
+        shard_bank: under a torch.distributed group, leave the bank split across the processes
+            (each keeps the chosen patches of its own images, so no process ever holds the whole
+            bank) instead of giving every process all of it. ``predict`` then has to be called by
+            every process with the same images: each searches its shard and the nearest patches
+            are merged (``fastad.distributed.knn_across_shards``), so the scores equal one
+            process's. ``save`` writes one file per process plus an index file; loading the index
+            in a group of the same size gives each process its shard, anywhere else the whole bank.
 
     Learned: ``bank_`` (K, D) patches; ``coreset_radius_`` the largest distance (in the projected
-    space) from a training patch to the bank; ``n_patches_`` the training patches seen.
+    space) from a training patch to the bank; ``n_patches_`` the training patches seen. A bank
+    left split across processes (``shard_bank``) also has ``bank_rows_`` (this process's rows of
+    the whole bank, ascending) and ``bank_size_`` (the whole bank's K).
     """
 
     fits_across_processes = True  # see fastad.distributed
@@ -81,6 +90,7 @@ class PatchCore(FeatureModel):
         reweight: bool = True,
         squared: bool = False,
         bank_dtype: str = "float32",
+        shard_bank: bool = False,
         **common: Any,
     ) -> None:
         super().__init__(**common)
@@ -95,6 +105,7 @@ class PatchCore(FeatureModel):
         self.reweight = reweight
         self.squared = squared
         self.bank_dtype = bank_dtype
+        self.shard_bank = shard_bank
 
     def _check_params(self) -> None:
         super()._check_params()
@@ -110,19 +121,32 @@ class PatchCore(FeatureModel):
         if self.projection_dim is not None:
             check_int(self.projection_dim, "projection_dim", minimum=0, meaning="or None: select on the patches themselves")
         bank_dtype_of(self.bank_dtype)  # raises on an unknown name
+        if not isinstance(self.shard_bank, bool):
+            raise ValueError(f"shard_bank must be True or False, got {self.shard_bank!r}")
 
     def _check_state(self) -> None:
         super()._check_state()
         dim = self.embedding_width()
         # Any bank dtype fastad writes: set_params(bank_dtype=...) after fit changes the parameter,
         # not the bank, and such a model must still load.
-        bank = check_state_tensor("bank_", getattr(self, "bank_", None), tuple(BANK_DTYPES.values()), ("K", dim))
+        split = hasattr(self, "bank_rows_") or hasattr(self, "bank_size_")
+        bank = getattr(self, "bank_", None)
+        # A process's shard of a split bank may be empty; a whole bank has K >= 1 rows.
+        rows_here = bank.shape[0] if split and isinstance(bank, torch.Tensor) and bank.dim() == 2 else "K"
+        bank = check_state_tensor("bank_", bank, tuple(BANK_DTYPES.values()), (rows_here, dim))
         n = check_int(getattr(self, "n_patches_", None), "n_patches_")
         if bank.shape[0] > n:
             raise ValueError(f"bank_ holds {bank.shape[0]} patches, more than the {n} training patches (n_patches_)")
         radius = getattr(self, "coreset_radius_", None)
         if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0.0 <= radius < math.inf:
             raise ValueError(f"coreset_radius_ must be a finite number >= 0, got {radius!r}")
+        if split:
+            size = check_int(getattr(self, "bank_size_", None), "bank_size_")
+            rows = check_state_tensor("bank_rows_", getattr(self, "bank_rows_", None), (torch.int64,), (bank.shape[0],))
+            if size > n or (rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= size
+                                              or not bool((rows.diff() > 0).all()))):
+                raise ValueError(f"bank_rows_ must be ascending rows of the whole bank (0 .. bank_size_ - 1 = {size - 1}) "
+                                 f"and bank_size_ at most n_patches_ ({n})")
 
     # -- patch features --------------------------------------------------------------------------
 
@@ -198,8 +222,7 @@ class PatchCore(FeatureModel):
         b, h, w, d = patches.shape
         if d != self.bank_.shape[1]:
             raise ValueError(f"patch features have {d} dims but the bank has {self.bank_.shape[1]}; were the layers changed after fit?")
-        dist, index = ops.knn(patches.reshape(-1, d).to(self.bank_.dtype), self.bank_, 1, squared=self.squared,
-                              prepared=self._prepared_bank())
+        dist, index = self._nearest(patches.reshape(-1, d).to(self.bank_.dtype), 1, squared=self.squared)
         return torch.stack([dist[:, 0].reshape(b, h, w).double(), index[:, 0].reshape(b, h, w).double()], dim=1)
 
     def _tile_image_score(self, outputs, reader, geometry, patch_valid=None) -> float:
@@ -292,18 +315,73 @@ class PatchCore(FeatureModel):
             selected, radii = select(space, k, start=start)
             del space
             self.coreset_radius_ = float(radii[-1])
-        if several:
+        if several and self.shard_bank:
+            # This process keeps the chosen rows of its own images, in selection order: the
+            # whole bank's rows bank_rows_ (ascending), so the lowest-index tie rule carries over.
+            mine = ((selected >= offset) & (selected < offset + n_local)).nonzero().flatten()
+            self.bank_ = _gather_rows(chunks, selected[mine] - offset, n_local, dtype, self.device)
+            self.bank_rows_ = mine
+            self.bank_size_ = int(selected.shape[0])
+        elif several:
             self.bank_ = _bank_across_processes(chunks, selected, offset, n_local, dtype, self.device)
         else:
             self.bank_ = _gather_rows(chunks, selected, n, dtype, self.device)
         self.n_patches_ = n
         self._prepared_bank()  # now rather than in the first prediction
 
+    # -- the bank, whole or split across processes ------------------------------------------------
+
+    def _bank_is_split(self) -> bool:
+        """Whether this process holds only its shard of the bank (``shard_bank`` under a group)."""
+        if not hasattr(self, "bank_rows_"):
+            return False
+        if not distributed.is_distributed():
+            raise RuntimeError(f"this PatchCore's bank of {self.bank_size_} patches is split across processes "
+                               f"(shard_bank) and this process holds {self.bank_.shape[0]} of them, but no process "
+                               "group is running: predict inside the group that fitted it, or save it there and load "
+                               "the model file in one process (AnomalyModel.load joins the parts)")
+        return True
+
+    def _split_state_names(self) -> tuple[str, ...]:
+        return ("bank_", "bank_rows_", "bank_size_") if self._bank_is_split() else ()
+
+    @classmethod
+    def _joined_state(cls, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """The whole bank, rows in the whole bank's order, from every process's shard."""
+        for part in parts:
+            if not isinstance(part.get("bank_"), torch.Tensor) or not isinstance(part.get("bank_rows_"), torch.Tensor):
+                raise ValueError("a part of the split bank has no bank_ / bank_rows_ tensors")
+        rows = torch.cat([part["bank_rows_"] for part in parts])
+        sizes = {part.get("bank_size_") for part in parts}
+        if rows.dtype != torch.int64 or len(sizes) != 1 or not torch.equal(rows.sort().values, torch.arange(rows.numel())) \
+                or rows.numel() != next(iter(sizes)):
+            raise ValueError("the parts' bank rows do not make up the whole bank exactly once")
+        bank = torch.cat([part["bank_"] for part in parts])
+        return {"bank_": bank[rows.argsort()]}
+
+    def _bank_size(self) -> int:
+        return int(self.bank_size_) if hasattr(self, "bank_rows_") else int(self.bank_.shape[0])
+
+    def _nearest(self, query: torch.Tensor, k: int, *, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ops.knn`` of ``query`` against the whole bank (also when it is split across processes)."""
+        if self._bank_is_split():
+            return distributed.knn_across_shards(query, self.bank_, self.bank_rows_, k, squared=squared,
+                                                 prepared=self._prepared_bank())
+        return ops.knn(query, self.bank_, k, squared=squared, prepared=self._prepared_bank())
+
+    def _bank_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows ``indices`` of the whole bank, float32."""
+        if self._bank_is_split():
+            return distributed.rows_across_shards(indices, self.bank_, self.bank_rows_)
+        return self.bank_[indices].float()
+
     def _prepared_bank(self) -> torch.Tensor:
         """``ops.knn_prepare(bank_)``, made again only when ``bank_`` is replaced or changed in
         place; a cache, never saved. A bank made in inference mode (a model loaded inside
         ``torch.inference_mode()``) has no version to watch, so it is prepared at every call."""
         bank = self.bank_
+        if bank.shape[0] == 0:  # a process whose shard of a split bank is empty: nothing to search
+            return torch.empty(0, dtype=torch.uint8, device=bank.device)
         version = in_place_version(bank)
         cached = self.__dict__.get("_prepared_cache")
         if cached is not None and version is not None and cached[0]() is bank and cached[1] == version:
@@ -320,7 +398,7 @@ class PatchCore(FeatureModel):
         if d != self.bank_.shape[1]:
             raise ValueError(f"patch features have {d} dims but the bank has {self.bank_.shape[1]}; were the layers changed after fit?")
         query = patches.reshape(b * h * w, d)
-        dist, index = ops.knn(query.to(self.bank_.dtype), self.bank_, 1, squared=self.squared, prepared=self._prepared_bank())
+        dist, index = self._nearest(query.to(self.bank_.dtype), 1, squared=self.squared)
         scores = dist[:, 0].reshape(b, h * w)
         patch_map = scores.reshape(b, h, w)
         if not self.reweight:
@@ -336,9 +414,9 @@ class PatchCore(FeatureModel):
         s_star = scores[rows, worst]
         m_test = query[rows, worst]  # (B, D)
         m_star = nearest[rows, worst]  # (B,)
-        b = min(self.num_neighbours, self.bank_.shape[0])
-        _, support = ops.knn(self.bank_[m_star], self.bank_, b, prepared=self._prepared_bank())  # (B, b), m* first
-        neighbours = self.bank_[support].float()  # (B, b, D)
+        b = min(self.num_neighbours, self._bank_size())
+        _, support = self._nearest(self._bank_rows(m_star).to(self.bank_.dtype), b)  # (B, b), m* first
+        neighbours = self._bank_rows(support)  # (B, b, D) float32
         distances = (neighbours - m_test[:, None, :].float()).norm(dim=2)
         if self.squared:
             distances = distances.square()
