@@ -13,10 +13,9 @@ two-core machine this measures correctness and overhead, not speed-up: the ranks
 from __future__ import annotations
 
 import argparse
-import datetime
-import multiprocessing
-import socket
 import time
+
+from .ranks import launch
 
 
 def _rows(n: int, d: int):
@@ -25,7 +24,7 @@ def _rows(n: int, d: int):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(0))
 
 
-def _rank(rank: int, size: int, port: int, n: int, d: int, k: int, rounds: int, queue) -> None:
+def _rank(rank: int, size: int, n: int, d: int, k: int, rounds: int):
     import torch
     import torch.distributed as dist
 
@@ -33,8 +32,6 @@ def _rank(rank: int, size: int, port: int, n: int, d: int, k: int, rounds: int, 
     from fastad import distributed
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=300))
     x = _rows(n, d)
     block = distributed.shard(n)
     mine = x[block.start:block.stop].clone()
@@ -45,11 +42,11 @@ def _rank(rank: int, size: int, port: int, n: int, d: int, k: int, rounds: int, 
         started = time.perf_counter()
         result = distributed.kcenter_greedy(mine, k, start=0, log=log)
         best = min(best, time.perf_counter() - started)
-    if rank == 0:
-        expected = fastad.ops.kcenter_greedy(x, k, start=0)
-        same = bool(torch.equal(result[0], expected[0]) and torch.equal(result[1], expected[1]))
-        queue.put((best, log.collectives, log.bytes_received, same))
-    dist.destroy_process_group()
+    if rank != 0:
+        return None
+    expected = fastad.ops.kcenter_greedy(x, k, start=0)
+    same = bool(torch.equal(result[0], expected[0]) and torch.equal(result[1], expected[1]))
+    return best, log.collectives, log.bytes_received, same
 
 
 def _one_process(n: int, d: int, k: int, rounds: int) -> float:
@@ -78,18 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     n, d, k = args.rows, args.dim, args.k
     print(f"greedy k-center, N = {n:,}, D = {d}, k = {k:,}, float32, gloo on localhost, 1 thread per rank")
     print(f"  one process, fastad.ops.kcenter_greedy: {_one_process(n, d, k, args.rounds) * 1e3:.1f} ms")
-    ctx = multiprocessing.get_context("spawn")
     for size in args.ranks:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        queue = ctx.Queue()
-        procs = [ctx.Process(target=_rank, args=(r, size, port, n, d, k, args.rounds, queue)) for r in range(size)]
-        for p in procs:
-            p.start()
-        best, collectives, received, same = queue.get(timeout=1800)
-        for p in procs:
-            p.join(60)
+        best, collectives, received, same = launch(size, _rank, n, d, k, args.rounds)[0]
         per_step = received / max(1, collectives)
         print(f"  {size} rank(s): {best * 1e3:.1f} ms ({best / k * 1e6:.0f} us a step), {collectives:,} collectives, "
               f"{received / 1e6:.2f} MB received per rank ({per_step:.0f} B per collective), "

@@ -37,7 +37,7 @@ from torch import Tensor
 from ._checks import check_int
 
 __all__ = ["CommunicationLog", "all_gather_objects", "all_reduce_sum", "barrier", "init_from_environment",
-           "is_distributed", "kcenter_greedy", "knn_across_shards", "rows_across_shards", "shard", "shard_data",
+           "all_gather_rows", "is_distributed", "kcenter_greedy", "knn_across_shards", "rows_across_shards", "shard", "shard_data",
            "world"]
 
 
@@ -104,6 +104,31 @@ def all_gather_objects(value, group=None) -> list:
     out = [None] * world(group)[1]
     _dist().all_gather_object(out, value, group=group)
     return out
+
+
+def all_gather_rows(rows: Tensor | None, group=None) -> Tensor | None:
+    """Every process's ``rows`` (N_r, ...) concatenated in process order, on every process (on
+    ``rows``' device; CPU where this process has none): the tensor one process would hold had it
+    made every block. A process may give None (it made no rows); all None gives None. The
+    processes' rows must agree in everything but N_r (else a ValueError on every process)."""
+    meta = all_gather_objects(None if rows is None else (tuple(rows.shape), str(rows.dtype).removeprefix("torch.")),
+                              group)
+    present = [m for m in meta if m is not None]
+    if not present:
+        return None
+    if len({(shape[1:], dtype) for shape, dtype in present}) > 1:
+        raise ValueError("the processes' rows differ in shape or dtype beyond their count: "
+                         + ", ".join(f"process {r}: {m[1]} {m[0]}" for r, m in enumerate(meta) if m is not None))
+    tail, dtype = present[0][0][1:], getattr(torch, present[0][1])
+    if not is_distributed(group):
+        return rows
+    longest = max(shape[0] for shape, _ in present)
+    padded = torch.zeros((longest, *tail), dtype=dtype)  # all_gather wants one shape from every process
+    if rows is not None:
+        padded[: rows.shape[0]] = rows.detach().cpu()
+    gathered = _all_gather(padded, world(group)[1], group, None, "rows")
+    out = torch.cat([gathered[r, : m[0][0]] for r, m in enumerate(meta) if m is not None])
+    return out.to(rows.device) if rows is not None else out
 
 
 def shard_data(data, group=None) -> tuple[object, int, int]:

@@ -26,13 +26,13 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 @pytest.fixture(scope="module")
 def two_process_fits(tmp_path_factory):
     require_lite0()
-    results = _ok(spawn(2, "fit", ["patchcore", "padim", "gaussian_ad", "spade"],
+    results = _ok(spawn(2, "fit", ["patchcore", "padim", "gaussian_ad", "spade", "mlfsc"],
                         tmp_path=tmp_path_factory.mktemp("fit")))
     singles = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks (see workers.FIT_PARAMS)
     try:
-        for method in ("patchcore", "padim", "gaussian_ad"):
+        for method in ("patchcore", "padim", "gaussian_ad", "spade"):
             model = fastad.get_method(method)(**workers.FIT_PARAMS[method]).fit(workers.fit_images())
             singles[method] = workers.fitted_state(method, model)
     finally:
@@ -40,12 +40,15 @@ def two_process_fits(tmp_path_factory):
     return results, singles
 
 
-def test_patchcore_bank_threshold_and_scores_equal_one_process(two_process_fits):
+@pytest.mark.parametrize("method", ["patchcore", "spade"])
+def test_bank_threshold_and_scores_equal_one_process(method, two_process_fits):
+    # PatchCore: the coreset chosen across processes; SPADE: every process's features gathered.
     results, singles = two_process_fits
-    one = singles["patchcore"]
+    one = singles[method]
     assert one["threshold"] is not None  # two images were held back, one in each process's block
     for rank, res in enumerate(results):
-        got = res["patchcore"]
+        got = res[method]
+        assert got["tensors"].keys() == one["tensors"].keys()
         for name, tensor in one["tensors"].items():
             assert torch.equal(got["tensors"][name], tensor), f"rank {rank}: {name}"
         assert got["values"] == one["values"] and got["n"] == one["n"] == 8
@@ -72,7 +75,7 @@ def test_gaussian_statistics_equal_one_process(method, two_process_fits):
 def test_methods_that_cannot_merge_say_so(two_process_fits):
     results, _ = two_process_fits
     for res in results:
-        assert "SPADE does not fit across processes yet" in res["spade"]["refused"]
+        assert "MLFSC does not fit across processes yet" in res["mlfsc"]["refused"]
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,8 @@ FIT_PARAMS = {
     "patchcore": {"backbone": "efficientnet_lite0", "holdout": 0.25, "coreset_ratio": 0.1, "batch_size": 1},
     "padim": {"backbone": "efficientnet_lite0", "holdout": 0.25, "batch_size": 1},
     "gaussian_ad": {"backbone": "efficientnet_lite0", "holdout": 0.25, "batch_size": 1},
-    "spade": {"backbone": "efficientnet_lite0", "holdout": 0, "k_images": 2},
+    "spade": {"backbone": "efficientnet_lite0", "holdout": 0.25, "k_images": 2, "batch_size": 1},
+    "mlfsc": {"backbone": "efficientnet_lite0", "holdout": 0, "dictionary_steps": 5},
 }
 
 

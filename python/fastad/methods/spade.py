@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from .._checks import check_choice, check_int, check_state_tensor, keys_of
 from ..ops import knn
 from .base import register_method
@@ -64,6 +65,7 @@ class SPADE(FeatureModel):
     """
 
     default_strides: ClassVar[tuple[int, ...]] = (4, 8, 16)
+    fits_across_processes = True  # each process extracts its block of images; all get the whole gallery
 
     def __init__(
         self,
@@ -151,6 +153,9 @@ class SPADE(FeatureModel):
             for layer in map_layers:
                 chunks[layer].append(features[layer].to(dtype))  # no copy when already the dtype
             del features  # the deep layer's full map is not kept
+        if distributed.is_distributed():
+            self._join_processes(pooled, chunks, map_layers)
+            return
         if size is None:
             return  # the base class reports that there was nothing to fit on
         self.pooled_ = torch.cat(pooled)
@@ -160,6 +165,20 @@ class SPADE(FeatureModel):
             # bank plus one layer, never two copies of the bank.
             features_[layer] = torch.cat(chunks.pop(layer))
         self.features_ = features_
+
+    def _join_processes(self, pooled: list[torch.Tensor], chunks: dict[str, list[torch.Tensor]], map_layers) -> None:
+        """Under torch.distributed: every process gets the features of all processes' blocks of
+        images, in image order (the processes' order), as one process would have fitted them. A
+        layer at a time, each process's chunks freed once sent."""
+        joined = distributed.all_gather_rows(torch.cat(pooled) if pooled else None)
+        if joined is None:
+            return  # no process had an image: the base class reports it
+        try:
+            features_ = {layer: distributed.all_gather_rows(torch.cat(chunks.pop(layer)) if pooled else None)
+                         for layer in map_layers}
+        except ValueError as exc:
+            raise ValueError(f"SPADE needs training images of one size in every process: {exc}") from None
+        self.pooled_, self.features_ = joined.to(self.device), {k: v.to(self.device) for k, v in features_.items()}
 
     # -- score -----------------------------------------------------------------------------------
 
