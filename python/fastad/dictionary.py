@@ -330,16 +330,37 @@ class SampledLassoDictionaries:
         largest = atoms.gather(-1, atoms.abs().argmax(-1, keepdim=True))
         return top.unsqueeze(-1) * atoms * torch.where(largest < 0, -1.0, 1.0).to(atoms.dtype)
 
-    def finish(self, progress: bool | None = None) -> Tensor:
+    def all_reduce_(self, group=None) -> SampledLassoDictionaries:
+        """Merges the learners of every process of ``group`` (torch.distributed), in place on each:
+        the Gram matrices and signal counts summed (float64, equal to one process's up to
+        rounding), and the sample made the smallest keys of all the processes' samples, which is
+        one process's sample when each drew the keys one process would have drawn for its signals."""
+        import torch.distributed as dist
+
+        from . import distributed
+
+        if not distributed.is_distributed(group):
+            return self
+        dist.all_reduce(self.gram, group=group)
+        self.n_signals = distributed.all_reduce_sum(int(self.n_signals), group)
+        keys = distributed.all_gather_rows(self._keys, group)
+        sample = distributed.all_gather_rows(self._sample.transpose(0, 1).contiguous(), group).transpose(0, 1)
+        order = keys.argsort()[: self.capacity]
+        self._keys, self._sample = keys[order], sample[:, order].contiguous()
+        return self
+
+    def finish(self, progress: bool | None = None, groups: range | None = None) -> Tensor:
         """(G, K, d) float32 unit-norm dictionaries, scikit-learn's ``partial_fit`` run over the
         sample in key order, ``steps`` mini-batches cycling through it as scikit-learn's batches
-        cycle through its data."""
+        cycle through its data. ``groups``: only those dictionaries (len(groups), K, d), for
+        dividing the work among processes."""
         if self.n_signals == 0:
             raise ValueError("no signals were added to learn dictionaries from")
         from sklearn.decomposition import MiniBatchDictionaryLearning
 
         from ._progress import progress_bar
 
+        groups = range(self.groups) if groups is None else groups
         init = self.initial_atoms().numpy()
         sample = self._sample.numpy()
         n = sample.shape[1]
@@ -347,17 +368,17 @@ class SampledLassoDictionaries:
         # scikit-learn's batches: consecutive slices of ``batch`` (the last may be shorter), cycled.
         slices = [slice(start, min(start + batch, n)) for start in range(0, n, batch)]
         order = [slices[step % len(slices)] for step in range(self.steps)]
-        atoms = torch.empty(self.groups, self.n_atoms, self.dim, dtype=torch.float64)
-        bar = progress_bar(self.groups, "dictionaries", "channel", progress)
+        atoms = torch.empty(len(groups), self.n_atoms, self.dim, dtype=torch.float64)
+        bar = progress_bar(len(groups), "dictionaries", "channel", progress)
         try:
-            for g in range(self.groups):
+            for i, g in enumerate(groups):
                 learner = MiniBatchDictionaryLearning(
                     n_components=self.n_atoms, alpha=self.alpha, fit_algorithm="lars", batch_size=batch,
                     dict_init=init[g].copy(), shuffle=False, random_state=self.seed,
                 )
                 for rows in order:
                     learner.partial_fit(sample[g, rows])
-                atoms[g] = torch.from_numpy(learner.components_)
+                atoms[i] = torch.from_numpy(learner.components_)
                 bar.update(1)
         finally:
             bar.close()

@@ -16,8 +16,8 @@ without one, every function here behaves as a single process (rank 0 of 1).
   ``fastad.ops.knn`` gives on the whole bank in one process.
 - Gaussian statistics: :meth:`fastad.gaussian_stats.GaussianAccumulator.all_reduce_`.
 - Fitting: under a process group, ``AnomalyModel.fit`` gives each rank its block of the training
-  images (:func:`shard_data`); PatchCore, PaDiM and Gaussian AD then merge what the ranks learned
-  into the model one process would have fitted (the others refuse, naming the method).
+  images (:func:`shard_data`); each method then merges what the ranks learned into the model
+  one process would have fitted (MLF-SC's streamed OMP learner refuses, by name).
   :func:`init_from_environment` joins the group ``torchrun`` describes (the CLI calls it).
 
 Collectives run on the CPU tensors here, so the process group needs a CPU backend (gloo, or a

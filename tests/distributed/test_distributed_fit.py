@@ -26,13 +26,13 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 @pytest.fixture(scope="module")
 def two_process_fits(tmp_path_factory):
     require_lite0()
-    results = _ok(spawn(2, "fit", ["patchcore", "padim", "gaussian_ad", "spade", "mlfsc"],
+    results = _ok(spawn(2, "fit", ["patchcore", "padim", "gaussian_ad", "spade", "mlfsc", "mlfsc_streamed"],
                         tmp_path=tmp_path_factory.mktemp("fit")))
     singles = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks (see workers.FIT_PARAMS)
     try:
-        for method in ("patchcore", "padim", "gaussian_ad", "spade"):
+        for method in ("patchcore", "padim", "gaussian_ad", "spade", "mlfsc"):
             model = fastad.get_method(method)(**workers.FIT_PARAMS[method]).fit(workers.fit_images())
             singles[method] = workers.fitted_state(method, model)
     finally:
@@ -75,7 +75,22 @@ def test_gaussian_statistics_equal_one_process(method, two_process_fits):
 def test_methods_that_cannot_merge_say_so(two_process_fits):
     results, _ = two_process_fits
     for res in results:
-        assert "MLFSC does not fit across processes yet" in res["mlfsc"]["refused"]
+        assert "MLFSC with dictionary_fit='streamed_omp' does not fit across processes" in res["mlfsc_streamed"]["refused"]
+
+
+def test_mlfsc_dictionaries_equal_one_process(two_process_fits):
+    # The Gram matrices summed in another order than one process sums them, and the sample of
+    # patches drawn by global position: the same sample, so the same dictionaries up to float64
+    # rounding carried through scikit-learn's LARS (kept far below float32's resolution here).
+    results, singles = two_process_fits
+    one = singles["mlfsc"]
+    for rank, res in enumerate(results):
+        got = res["mlfsc"]
+        assert got["tensors"].keys() == one["tensors"].keys() and got["n"] == one["n"] == 8
+        for name, tensor in one["tensors"].items():
+            torch.testing.assert_close(got["tensors"][name], tensor, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
+        assert got["threshold"] == pytest.approx(one["threshold"], rel=1e-5)
+        torch.testing.assert_close(got["scores"], one["scores"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

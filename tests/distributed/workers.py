@@ -97,7 +97,9 @@ FIT_PARAMS = {
     "padim": {"backbone": "efficientnet_lite0", "holdout": 0.25, "batch_size": 1},
     "gaussian_ad": {"backbone": "efficientnet_lite0", "holdout": 0.25, "batch_size": 1},
     "spade": {"backbone": "efficientnet_lite0", "holdout": 0.25, "k_images": 2, "batch_size": 1},
-    "mlfsc": {"backbone": "efficientnet_lite0", "holdout": 0, "dictionary_steps": 5},
+    "mlfsc": {"backbone": "efficientnet_lite0", "holdout": 0.25, "dictionary_steps": 5, "batch_size": 1,
+              "patch_size": 4, "patch_stride": 1, "cutoff": 0},  # small: a 64 px image has an 8 x 8 grid
+    "mlfsc_streamed": {"backbone": "efficientnet_lite0", "holdout": 0, "dictionary_fit": "streamed_omp"},
 }
 
 
@@ -118,7 +120,7 @@ def fit(rank: int, size: int, methods: list) -> dict:
 
     out = {}
     for method in methods:
-        model = fastad.get_method(method)(**FIT_PARAMS[method])
+        model = fastad.get_method(method.removesuffix("_streamed"))(**FIT_PARAMS[method])
         try:
             model.fit(fit_images())
         except ValueError as exc:

@@ -257,13 +257,16 @@ class AnomalyModel:
         period = round(1.0 / self.holdout) if self.holdout > 0 else 0
         data, first_index = self._prepared(data), 0
         if distributed.is_distributed():
-            if not self.fits_across_processes:
-                raise ValueError(f"{type(self).__name__} does not fit across processes yet (torch.distributed has "
-                                 f"{distributed.world()[1]}): fit it in one process")
+            reason = self._cannot_fit_across_processes()
+            if reason:
+                raise ValueError(reason)
             data, first_index, _ = distributed.shard_data(data)
         # Images are held back by their global index, so that every process holds back the images
         # one process would (the cap counts those held before this process's block).
         held_before = min(MAX_HELD_BACK, first_index // period) if period else 0
+        # How many images the processes before this one fit on (a method that draws random
+        # numbers image by image skips theirs, to draw what one process would).
+        self.__dict__["_fitted_before"] = first_index - held_before
         counter = {"fit": 0, "seen": first_index}
 
         def fit_batches() -> Iterator[torch.Tensor]:
@@ -299,6 +302,13 @@ class AnomalyModel:
 
             self.threshold_ = float(good_quantile_threshold(torch.cat(scores), self.threshold_quantile))
         return self
+
+    def _cannot_fit_across_processes(self) -> str | None:
+        """Why this model cannot fit under a process group (None: it can, see fastad.distributed)."""
+        if self.fits_across_processes:
+            return None
+        return (f"{type(self).__name__} does not fit across processes yet (torch.distributed has "
+                f"{distributed.world()[1]}): fit it in one process")
 
     def _check_state(self) -> None:
         """Checks the learned state read from a model file (ValueError or TypeError naming the

@@ -282,21 +282,41 @@ class MLFSC(FeatureModel):
         per_image = signals.shape[1] // images
         learner.add(signals, torch.cat([torch.rand(per_image, generator=keys, dtype=torch.float64) for _ in range(images)]))
 
+    fits_across_processes = True  # with the authors' (default) dictionary fit; see _cannot_fit_across_processes
+
     def _finish(self, learner) -> None:
         if isinstance(learner, SampledLassoDictionaries):
             self.dictionary_ = learner.finish(progress=False).to(self.device)
         else:
             self.dictionary_ = learner.dictionary_.float().contiguous()
 
+    def _cannot_fit_across_processes(self) -> str | None:
+        if self.dictionary_fit == "sklearn_lasso":
+            return None
+        return (f"MLFSC with dictionary_fit={self.dictionary_fit!r} does not fit across processes (its streamed "
+                "updates are sequential): use dictionary_fit='sklearn_lasso' (the default) or fit in one process")
+
     def _fit_batches(self, batches: Iterator[torch.Tensor]) -> None:
+        several = distributed.is_distributed()
         learner = keys = None
         for images in batches:
             for chunk in self._chunks(images):
                 x = self.patches(chunk)
                 if learner is None:
                     learner, keys = self._new_learner(x.shape[0])
+                    if several:  # the keys the processes before this one draw for their images
+                        _skip_draws(keys, self.__dict__.get("_fitted_before", 0) * (x.shape[1] // chunk.shape[0]))
                 self._learn(learner, keys, x, chunk.shape[0])
-        if learner is not None:
+        if several:
+            if not all(distributed.all_gather_objects(learner is not None)):
+                raise ValueError("fitting MLFSC across processes needs at least one image to fit on in every process")
+            # The processes' statistics and samples merged; each finishes its block of the
+            # dictionaries and every process gets them all.
+            learner.all_reduce_()
+            block = distributed.shard(learner.groups)
+            atoms = learner.finish(progress=False, groups=block)
+            self.dictionary_ = distributed.all_gather_rows(atoms).to(self.device)
+        elif learner is not None:
             self._finish(learner)
 
     # -- score -----------------------------------------------------------------------------------
@@ -531,3 +551,11 @@ class MLFSC(FeatureModel):
 
 
 __all__ = ["MLFSC", "LEVELS", "DICTIONARY_FITS", "MAP_MODES"]
+
+
+def _skip_draws(generator: torch.Generator, count: int) -> None:
+    """Advances ``generator`` past ``count`` float64 draws (a million at a time)."""
+    while count > 0:
+        step = min(count, 1 << 20)
+        torch.rand(step, generator=generator, dtype=torch.float64)
+        count -= step
