@@ -74,9 +74,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     # Under torchrun every process fits on its block of the images and the results are merged;
     # rank 0 writes the model file once every rank has finished (with a bank left split across
     # the processes, --set shard_bank=true, each writes its part beside it).
-    several = distributed.init_from_environment(params.get("device", "cpu"))
-    if several and args.tile is not None:
-        raise CliError("--tile fits one process at a time for now; run it without torchrun")
+    distributed.init_from_environment(params.get("device", "cpu"))
     start = time.perf_counter()
     if args.tile is not None:  # native resolution, each image read tile by tile
         from .geo import gdal_cache

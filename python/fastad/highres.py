@@ -252,12 +252,26 @@ def fit_large(model: Any, images: Any, *, tile: int = 1024, progress: bool | Non
 
     Returns ``model``, fitted as ``fit(..., holdout=0)`` would on the same images: no images are
     held back, so ``threshold_`` is None.
+
+    Under a ``torch.distributed`` group (PatchCore and SPADE) every process calls it with the same
+    list of images and reads its consecutive block of them; the model is then the one a single
+    process fits on them all, as with ``fit``.
     """
     model._check_params()
     _check_native_resolution(model)
     for name in [n for n in vars(model) if n.endswith("_") and not n.startswith("_")]:
         delattr(model, name)  # a failed fit must not leave a half-old model that looks fitted
     check_int(tile, "tile")
+    if distributed.is_distributed():
+        rank, size = distributed.world()
+        if not model.fits_tiled_across_processes:
+            raise ValueError(f"{type(model).__name__} does not fit tile by tile across processes (torch.distributed "
+                             f"has {size}): fit it in one process, or with fit() on resized images")
+        images = list(images)
+        if len(images) < size:
+            raise ValueError(f"fitting across {size} processes needs at least one image per process, got {len(images)}")
+        block = distributed.shard(len(images))
+        images = images[block.start : block.stop]
 
     def readers():
         for image in images:
@@ -268,7 +282,7 @@ def fit_large(model: Any, images: Any, *, tile: int = 1024, progress: bool | Non
                 _close_if_opened(image, reader)
 
     with torch.inference_mode():
-        count = model._fit_tiled(readers(), tile, progress)
+        count = distributed.all_reduce_sum(int(model._fit_tiled(readers(), tile, progress)))
     if count == 0:
         raise ValueError("no images were given to fit on")
     model.n_train_images_ = count

@@ -172,8 +172,17 @@ def test_a_large_image_predicted_by_two_processes_equals_one(tmp_path, two_proce
         expected = {path: workers.predict_tiled(fastad.AnomalyModel.load(path), image, tile) for path in paths}
         whole = fastad.PatchCore(**workers.NATIVE_PATCHCORE).fit(workers.fit_images())
         expected["split"] = workers.predict_tiled(whole, image, tile)
+        fitted_large = workers.fit_large_states(tile)
     finally:
         torch.set_num_threads(threads)
+    # fit_large: each process read its block of the images; the model is one process's.
+    for rank, res in enumerate(results):
+        got = res.pop("fit_large")
+        assert "MLFSC does not fit tile by tile across processes" in got["mlfsc"]
+        for name in ("patchcore", "spade"):
+            assert got[name].keys() == fitted_large[name].keys() and got[name]["n"] == 5
+            for key, value in fitted_large[name].items():
+                assert key == "n" or torch.equal(got[name][key], value), f"fit_large {name} {key}, rank {rank}"
     for name, one in expected.items():
         for rank, res in enumerate(results):
             got = res[name]

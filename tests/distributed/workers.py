@@ -212,6 +212,27 @@ def tiled(rank: int, size: int, model_paths: list, seed: int, height: int, width
     out = {path: predict_tiled(fastad.AnomalyModel.load(path), image, tile) for path in model_paths}
     split = fastad.PatchCore(**NATIVE_PATCHCORE, shard_bank=True).fit(fit_images())
     out["split"] = predict_tiled(split, image, tile)
+    out["fit_large"] = fit_large_states(tile)
+    return out
+
+
+def fit_large_states(tile: int) -> dict:
+    """PatchCore and SPADE fitted tile by tile (fastad.highres.fit_large) on the same images:
+    under a group each process reads its block of them."""
+    import fastad
+    from fastad.highres import fit_large
+
+    images = [tiled_scene(20 + i, 96, 128) for i in range(5)]
+    out = {}
+    for name, model in (("patchcore", fastad.PatchCore(**NATIVE_PATCHCORE)),
+                        ("spade", fastad.SPADE(backbone="efficientnet_lite0", resize=None, crop=None, k_images=2))):
+        fit_large(model, images, tile=tile)
+        out[name] = {**model._learned_state()[0], "n": model.n_train_images_}
+    if dist.is_initialized():
+        try:
+            fit_large(fastad.MLFSC(backbone="efficientnet_lite0", resize=None, crop=None), images, tile=tile)
+        except ValueError as exc:
+            out["mlfsc"] = str(exc)
     return out
 
 

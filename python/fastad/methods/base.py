@@ -156,6 +156,8 @@ class AnomalyModel:
     method_name: ClassVar[str] = ""
     # Whether fit merges what the processes of a torch.distributed group learned (fastad.distributed).
     fits_across_processes: ClassVar[bool] = False
+    # The same for fastad.highres.fit_large (native resolution, tile by tile).
+    fits_tiled_across_processes: ClassVar[bool] = False
 
     def __init__(
         self,

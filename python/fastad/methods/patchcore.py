@@ -73,6 +73,7 @@ class PatchCore(FeatureModel):
     """
 
     fits_across_processes = True  # see fastad.distributed
+    fits_tiled_across_processes = True  # fastad.highres.fit_large: each process its block of images, one coreset
 
     default_strides: ClassVar[tuple[int, ...]] = (8, 16)
 

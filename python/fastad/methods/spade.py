@@ -66,6 +66,7 @@ class SPADE(FeatureModel):
 
     default_strides: ClassVar[tuple[int, ...]] = (4, 8, 16)
     fits_across_processes = True  # each process extracts its block of images; all get the whole gallery
+    fits_tiled_across_processes = True  # the same for fastad.highres.fit_large
 
     def __init__(
         self,
@@ -274,6 +275,9 @@ class SPADE(FeatureModel):
                 maps = tiled_apply(lambda x, layer=layer: self._features(x)[layer], reader,
                                    **self._tiling_args(geometry, tile, progress))
                 chunks[layer].append(torch.from_numpy(maps)[None].to(device=self.device, dtype=dtype))
+        if distributed.is_distributed():
+            self._join_processes([torch.stack(pooled)] if pooled else [], chunks, list(chunks))
+            return len(pooled)
         if size is None:
             return 0
         self.pooled_ = torch.stack(pooled)
