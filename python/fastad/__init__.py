@@ -13,7 +13,7 @@ from . import ops, reference  # noqa: E402  (the ops need the library loaded fir
 from .siamese import SiameseDetector  # noqa: E402
 from .methods import MLFSC, AnomalyModel, GaussianAD, PaDiM, PatchCore, Prediction, SPADE, available_methods, get_method, register_method  # noqa: E402
 
-__version__ = _C.build_info()["version"]
+from ._version import __version__  # noqa: E402
 
 
 def build_info() -> dict:

@@ -14,7 +14,6 @@ can be called in-process as well as through the ``fastad`` script or ``python -m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,26 +23,8 @@ from typing import Any
 import torch
 
 from . import distributed
+from .cli_args import CliError, parse_sets
 from .io import output_folder, write_json
-
-
-class CliError(Exception):
-    """A problem worth one line on stderr rather than a traceback."""
-
-
-def _parse_sets(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values are read as JSON when they parse (numbers, lists, true/false,
-    null) and as plain strings otherwise."""
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise CliError(f"--set expects key=value, got {pair!r}")
-        try:
-            params[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[key.strip()] = raw
-    return params
 
 
 def _load_model(path: str, device: str | None):
@@ -57,7 +38,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .methods import get_method
 
     klass = get_method(args.method)
-    params = _parse_sets(args.set or [])
+    params = parse_sets(args.set or [])
     accepted = set(klass._param_names())
     for name, value in (("backbone", args.backbone), ("device", args.device), ("batch_size", args.batch_size)):
         if value is None:

@@ -9,6 +9,7 @@ names the file and says why.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import zlib
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-__all__ = ["load_image", "load_mask", "MASK_THRESHOLD"]
+__all__ = ["decode_rgb8", "load_image", "load_mask", "MASK_THRESHOLD"]
 
 # Mask pixels at or above this 8-bit grey level are defect pixels. Half-way, because the
 # magnetic-tile masks have a few low-valued pixels along the defect edges (JPEG-like ringing
@@ -27,6 +28,7 @@ MASK_THRESHOLD = 128
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag of the orientation
 
 
 def _reason(err: BaseException) -> str:
@@ -217,6 +219,30 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     image = _convert(image, "RGB", f"image file {path}")
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3) uint8
     return pixels.permute(2, 0, 1).to(torch.float32).div_(255.0).contiguous()
+
+
+def decode_rgb8(data: bytes, what: str) -> np.ndarray:
+    """(H, W, 3) uint8 from encoded image bytes (an image inside an archive), EXIF orientation
+    applied; 16-bit grey is rounded to 8 bits, alpha dropped as :func:`load_image` does. ValueError
+    naming ``what`` when the bytes are not a readable image."""
+    if not data:
+        raise ValueError(f"image {what} is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decodes every pixel: where a truncated or corrupt file shows
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise _bomb_error("image", Path(what), err) from err
+    except Exception as err:  # PIL raises OSError, SyntaxError, EOFError, struct.error...
+        raise ValueError(f"cannot decode image {what}: {_reason(err)}") from err
+    # getexif() is cheap; exif_transpose is not, and almost no image needs it.
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = np.rint(_sixteen_bit_values(image, Path(what)) / np.float32(257.0)).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        raise ValueError(f"image {what} is 32-bit float (mode 'F'), whose value range is unknown")
+    return np.asarray(_convert(image, "RGB", f"image {what}"), dtype=np.uint8)
 
 
 def _convert(image, mode: str, what: str):

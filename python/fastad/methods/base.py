@@ -29,6 +29,7 @@ from .. import distributed
 from .. import io as model_io
 from .._batching import describe, group_by_size, is_map_dataset, iterate, stack_images, stack_labels
 from .._checks import check_choice, check_device, check_image_batch, check_int
+from .._version import __version__
 from . import split_files
 
 # ----------------------------------------------------------------------------------------------
@@ -447,8 +448,6 @@ class AnomalyModel:
         every process together: each writes its part beside ``path``, and ``path`` names the
         parts (``fastad.methods.split_files``). A whole model is written by whichever process
         calls this (under torchrun, let rank 0 do it)."""
-        import fastad
-
         self._check_fitted()
         registered = _REGISTRY.get(self.method_name)
         if registered is not type(self):
@@ -463,7 +462,7 @@ class AnomalyModel:
             "params": self.get_params(),
             "state": values,
             "rebuild": rebuild,
-            "fastad_version": fastad.__version__,
+            "fastad_version": __version__,
             "torch_version": torch.__version__,
             **self._header_extras(),
         }
@@ -472,7 +471,7 @@ class AnomalyModel:
             def in_part(name: str) -> bool:
                 return name.partition(".")[0] in split
 
-            part_header = {"method": self.method_name, "fastad_version": fastad.__version__,
+            part_header = {"method": self.method_name, "fastad_version": __version__,
                            "state": {n: v for n, v in values.items() if in_part(n)},
                            "rebuild": {kind: [n for n in names if in_part(n)] for kind, names in rebuild.items()}}
             header["state"] = {n: v for n, v in values.items() if not in_part(n)}

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cli_args import CliError, parse_sets
 from ..io import atomic_path, output_folder, write_json
 
 # Above this many input pixels, detect writes its pictures at the map's resolution (one pixel per
@@ -85,7 +86,6 @@ def add_parser(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..cli import CliError, _parse_sets
     from .detector import SiameseDetector
     from .pairs import DigitPairs, RectanglePairs
     from .sources import is_mnist_folder, load_image_folder, load_mnist
@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if value is not None and (Path(value).is_dir() or not Path(value).parent.is_dir()):
             raise CliError(f"{option} {value}: not a file in an existing folder")
     kind = args.pairs or ("digits" if is_mnist_folder(data) else "rectangles")
-    params = _parse_sets(args.set or [])
+    params = parse_sets(args.set or [])
     if kind == "digits":
         params = {"window": 28, "in_channels": 1, "embed_dim": 3, **params}  # the clustering study's 3-D embedding
     for name, value in (("epochs", args.epochs), ("device", args.device)):
@@ -195,11 +195,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .detector import PRETRAINED_PATH
     from .reproduce import ReproduceConfig, reproduce
 
-    from ..cli import CliError, _parse_sets
 
     config = ReproduceConfig.quick() if args.quick else ReproduceConfig()
     fields = {f.name for f in dataclasses.fields(ReproduceConfig)}
-    for name, value in _parse_sets(args.set or []).items():
+    for name, value in parse_sets(args.set or []).items():
         if name not in fields:
             raise CliError(f"--set {name}: not a setting of the reproduction; known: {', '.join(sorted(fields))}")
         setattr(config, name, tuple(value) if isinstance(value, list) else value)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import io as model_io
 from .._checks import check_choice, check_device, check_int, check_pixel_values, check_positive_float
+from .._version import __version__
 from .losses import LOSSES
 from .network import STRIDE, NetworkConfig, SiameseNet
 from .sliding import PADDINGS, MapGeometry, detect_tiled, map_geometry, score_map
@@ -147,8 +148,6 @@ class SiameseDetector:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the network, parameters and training history (safetensors + JSON header)."""
-        import fastad
-
         net = self._check_trained()
         header = {
             "method": METHOD,
@@ -156,7 +155,7 @@ class SiameseDetector:
             "network": net.config.to_dict(),
             "history": self.history_.to_dict(),
             "training": self.training_info_,
-            "fastad_version": fastad.__version__,
+            "fastad_version": __version__,
             "torch_version": torch.__version__,
         }
         return model_io.save_model_file(path, dict(net.state_dict()), header)

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .. import metrics
 from .._checks import check_choice, check_device, check_int, check_positive_float
+from .._version import __version__
 from ..io import atomic_path, write_json
 from .network import NetworkConfig
 
@@ -314,8 +315,6 @@ def reproduce(out_dir: str | os.PathLike, config: ReproduceConfig | None = None,
     what it finished). Returns the results: one entry per name of :data:`EXPERIMENTS`, each
     with ``status`` ("done" or "skipped"), ``reason`` when skipped, ``seconds``, ``figures`` and
     its numbers; plus ``config``, ``fastad_version``, ``torch_version``, ``seconds``."""
-    import fastad
-
     config = ReproduceConfig() if config is None else config
     if not isinstance(config, ReproduceConfig):
         raise TypeError(f"config must be a ReproduceConfig or None, got {type(config).__name__}")
@@ -325,7 +324,7 @@ def reproduce(out_dir: str | os.PathLike, config: ReproduceConfig | None = None,
     run = _Run(out_dir, config, log)
     results: dict[str, Any] = {
         "config": {**config.to_dict(), "data_root": str(run.data_root)},
-        "fastad_version": fastad.__version__,
+        "fastad_version": __version__,
         "torch_version": torch.__version__,
         "finished": False,
     }

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import io
 import mmap
 import os
 import struct
@@ -29,16 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from ..data.datasets import IMAGE_EXTENSIONS
 from .._checks import check_int
 from .._progress import progress_bar
-from ..data.images import _SIXTEEN_BIT_MODES, _bomb_error, _convert, _reason, _sixteen_bit_values
+from ..data.images import decode_rgb8
 
 __all__ = ["LabelledImages", "load_image_folder", "load_mnist", "stratified_subset"]
 
-_EXIF_ORIENTATION = 0x0112
 _MNIST_CLASSES = tuple(str(digit) for digit in range(10))
 _MNIST_PREFIXES = {"train": "train", "test": "t10k"}
 _PROGRESS_STEP = 1024  # update the bar in chunks: tqdm costs more per call than decoding a 32x32 JPEG
@@ -284,39 +281,16 @@ def _catalogue(tree: _Tree, split: str | None) -> tuple[list[str], np.ndarray, t
     return paths, labels, tuple(classes)
 
 
-def _decode_rgb(data: bytes, what: str) -> np.ndarray:
-    """(H, W, 3) uint8 from encoded image bytes, EXIF orientation applied; 16-bit grey is
-    rounded to 8 bits. ValueError naming ``what`` when the bytes are not a readable image."""
-    if not data:
-        raise ValueError(f"image {what} is empty (0 bytes)")
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()  # decodes every pixel: where a truncated or corrupt file shows
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise _bomb_error("image", Path(what), err) from err
-    except Exception as err:  # PIL raises OSError, SyntaxError, EOFError, struct.error...
-        raise ValueError(f"cannot decode image {what}: {_reason(err)}") from err
-    # getexif() is cheap; exif_transpose is not, and almost no image needs it.
-    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-        image = ImageOps.exif_transpose(image)
-    if image.mode in _SIXTEEN_BIT_MODES:
-        grey = np.rint(_sixteen_bit_values(image, Path(what)) / np.float32(257.0)).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if image.mode == "F":
-        raise ValueError(f"image {what} is 32-bit float (mode 'F'), whose value range is unknown")
-    return np.asarray(_convert(image, "RGB", f"image {what}"), dtype=np.uint8)
-
-
 def _decode_all(tree: _Tree, paths: list[str], progress: bool | None) -> torch.Tensor:
     """uint8 (N, 3, H, W) of ``paths``; ValueError naming the first file of another size."""
-    first = _decode_rgb(tree.read(paths[0]), f"{tree.location}/{paths[0]}")
+    first = decode_rgb8(tree.read(paths[0]), f"{tree.location}/{paths[0]}")
     height, width = first.shape[:2]
     pixels = np.empty((len(paths), height, width, 3), dtype=np.uint8)  # filled in place: one copy
     pixels[0] = first
     with progress_bar(len(paths), f"reading {Path(tree.location).name}", "img", progress, leave=False) as bar:
         for index in range(1, len(paths)):
             what = f"{tree.location}/{paths[index]}"
-            array = _decode_rgb(tree.read(paths[index]), what)
+            array = decode_rgb8(tree.read(paths[index]), what)
             if array.shape[:2] != (height, width):
                 raise ValueError(f"images must all have one size: {what} is {array.shape[0]}x{array.shape[1]} "
                                  f"(height x width) but {paths[0]} is {height}x{width}")
