@@ -50,12 +50,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if unknown:
         raise CliError(f"method {args.method!r} has no parameter(s) {', '.join(sorted(unknown))}; "
                        f"its parameters: {', '.join(sorted(accepted))}")
-    model = klass(**params)
-    dataset = open_dataset(args.data, "train")  # fit applies the method's transform()
     # Under torchrun every process fits on its block of the images and the results are merged;
     # rank 0 writes the model file once every rank has finished (with a bank left split across
-    # the processes, --set shard_bank=true, each writes its part beside it).
+    # the processes, --set shard_bank=true, each writes its part beside it). --device cuda gives
+    # each process the GPU of its local rank.
     distributed.init_from_environment(params.get("device", "cpu"))
+    if "device" in params:
+        params["device"] = distributed.process_device(params["device"])
+    model = klass(**params)
+    dataset = open_dataset(args.data, "train")  # fit applies the method's transform()
     start = time.perf_counter()
     if args.tile is not None:  # native resolution, each image read tile by tile
         from .geo import gdal_cache
@@ -89,7 +92,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # bank split across the processes, every process takes part in every image and rank 0 writes.
     distributed.init_from_environment(args.device or "cpu")
     rank, size = distributed.world()
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, distributed.process_device(args.device))
     transform = model.transform()
     out_dir = output_folder(args.out)
     results, used = [], set()

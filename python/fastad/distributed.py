@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ._checks import check_int
 
-__all__ = ["CommunicationLog", "all_gather_objects", "all_reduce_sum", "barrier", "init_from_environment",
+__all__ = ["CommunicationLog", "all_gather_objects", "all_reduce_sum", "barrier", "init_from_environment", "process_device",
            "all_gather_rows", "is_distributed", "kcenter_greedy", "knn_across_shards", "rows_across_shards", "shard", "shard_data",
            "world"]
 
@@ -79,6 +79,17 @@ def init_from_environment(device: str = "cpu", *, timeout_s: float = 600.0) -> b
     backend = "cpu:gloo,cuda:nccl" if str(device).startswith("cuda") else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return is_distributed()
+
+
+def process_device(device: str | None) -> str | None:
+    """The device this process of a torchrun job should use for ``device``: a bare ``"cuda"``
+    becomes ``"cuda:<LOCAL_RANK>"`` (one GPU per process on each machine, torchrun's convention);
+    anything else, or outside a torchrun job, is returned as it is."""
+    import os
+
+    if device is None or str(device) != "cuda" or "LOCAL_RANK" not in os.environ or not is_distributed():
+        return device
+    return f"cuda:{int(os.environ['LOCAL_RANK'])}"
 
 
 def barrier(group=None) -> None:

@@ -119,6 +119,12 @@ def test_knn_across_shards_without_a_group_maps_the_rows():
         distributed.knn_across_shards(query, bank, rows.int(), 1)
 
 
+def test_cuda_means_the_gpu_of_the_local_rank(tmp_path):
+    assert distributed.process_device("cuda") == "cuda"  # no group: as given
+    results = _ok(spawn(2, "devices", tmp_path=tmp_path))
+    assert results == [["cuda:0", "cuda:1", "cpu", None], ["cuda:1", "cuda:1", "cpu", None]]
+
+
 def test_gaussian_statistics_merge_to_one_process(tmp_path):
     counts = [3, 5, 1, 4, 2]  # batches, dealt round-robin to the ranks
     positions, dim = 7, 5

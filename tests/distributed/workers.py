@@ -166,6 +166,14 @@ def knn_shards(rank: int, size: int, cases: list) -> list:
     return results
 
 
+def devices(rank: int, size: int) -> list:
+    """What process_device makes of a few devices with torchrun's LOCAL_RANK set."""
+    from fastad.distributed import process_device
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    return [process_device(d) for d in ("cuda", "cuda:1", "cpu", None)]
+
+
 def fit_split(rank: int, size: int, model_path: str) -> dict:
     """PatchCore with its bank left split across the processes: what each holds, its scores,
     its saved parts, and the scores of the model loaded back inside the group."""
@@ -237,4 +245,4 @@ def fit_large_states(tile: int) -> dict:
 
 
 BODIES = {"kcenter": kcenter, "gaussian": gaussian, "dies": dies, "fit": fit, "fit_dies": fit_dies,
-          "knn_shards": knn_shards, "fit_split": fit_split, "tiled": tiled}
+          "knn_shards": knn_shards, "devices": devices, "fit_split": fit_split, "tiled": tiled}
