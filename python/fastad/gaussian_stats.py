@@ -49,6 +49,19 @@ def _batched_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1)
 
 
+def _all_reduce_symmetric_(matrices: Tensor, group) -> None:
+    """Sums (N, D, D) symmetric matrices over the processes in place, sending only the upper
+    triangle (D (D + 1) / 2 values each, about half); the lower triangle is then its mirror."""
+    import torch.distributed as dist
+
+    d = matrices.shape[-1]
+    rows, cols = torch.triu_indices(d, d, device=matrices.device)
+    packed = matrices[:, rows, cols].contiguous()
+    dist.all_reduce(packed, group=group)
+    matrices[:, rows, cols] = packed
+    matrices[:, cols, rows] = packed
+
+
 def _shift_moments(count: int, s1: Tensor, s2: Tensor, t3: Tensor | None, q4: Tensor | None,
                    d: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Moments of ``y + d`` from the moments of ``y`` (all for one chunk of Q positions).
@@ -274,7 +287,8 @@ class GaussianAccumulator:
         process that had seen them all would (equal up to float64 rounding).
 
         Each process first re-centres its moments on the combined mean (one all-reduce of the
-        first moments), so the sums then add without cancellation, a chunk of positions at a time:
+        first moments), so the sums then add without cancellation, a chunk of positions at a time
+        (the symmetric second moments as their upper triangles, half the values):
         memory stays at one chunk beyond the accumulator itself, whatever P and the number of
         processes.
         """
@@ -299,7 +313,10 @@ class GaussianAccumulator:
             for target, value in zip((self._sum, self._sum_outer, self._sum_norm2_vec, self._sum_norm4), moments):
                 if value is None:
                     continue
-                dist.all_reduce(value, group=group)
+                if target is self._sum_outer:
+                    _all_reduce_symmetric_(value, group)
+                else:
+                    dist.all_reduce(value, group=group)
                 target[c] = value
         self._shift.copy_(centre)
         self._count = total
