@@ -264,14 +264,20 @@ def fit_large(model: Any, images: Any, *, tile: int = 1024, progress: bool | Non
     check_int(tile, "tile")
     if distributed.is_distributed():
         rank, size = distributed.world()
-        if not model.fits_tiled_across_processes:
-            raise ValueError(f"{type(model).__name__} does not fit tile by tile across processes (torch.distributed "
-                             f"has {size}): fit it in one process, or with fit() on resized images")
+        reason = model._cannot_fit_across_processes()
+        if reason or not model.fits_tiled_across_processes:
+            raise ValueError(reason or f"{type(model).__name__} does not fit tile by tile across processes "
+                             f"(torch.distributed has {size}): fit it in one process, or with fit() on resized images")
         images = list(images)
         if len(images) < size:
             raise ValueError(f"fitting across {size} processes needs at least one image per process, got {len(images)}")
         block = distributed.shard(len(images))
         images = images[block.start : block.stop]
+        if hasattr(model, "_tiled_keys"):
+            # A method drawing random keys image by image (MLF-SC) skips those of the images before
+            # this process's block: each process counts its own from the images' shapes.
+            counts = distributed.all_gather_objects(sum(model._tiled_keys(_shape_of(image)) for image in images))
+            model.__dict__["_keys_before"] = sum(counts[:rank])
 
     def readers():
         for image in images:
@@ -290,6 +296,15 @@ def fit_large(model: Any, images: Any, *, tile: int = 1024, progress: bool | Non
     if hasattr(model, "_cached_extractor"):  # the weights' digest, as FeatureModel.fit records it
         model.backbone_weights_ = dict(model._cached_extractor()[1])
     return model
+
+
+def _shape_of(image: Any) -> tuple[int, int, int]:
+    """(C, H, W) of an image as fit_large takes it (opened and closed again for a path)."""
+    reader = open_image(image)
+    try:
+        return tuple(reader.shape)
+    finally:
+        _close_if_opened(image, reader)
 
 
 # Raster formats read window by window with rasterio; other image files are decoded whole with

@@ -283,6 +283,7 @@ class MLFSC(FeatureModel):
         learner.add(signals, torch.cat([torch.rand(per_image, generator=keys, dtype=torch.float64) for _ in range(images)]))
 
     fits_across_processes = True  # with the authors' (default) dictionary fit; see _cannot_fit_across_processes
+    fits_tiled_across_processes = True  # the same; fit_large counts the keys of the earlier processes' images
 
     def _finish(self, learner) -> None:
         if isinstance(learner, SampledLassoDictionaries):
@@ -307,17 +308,21 @@ class MLFSC(FeatureModel):
                     if several:  # the keys the processes before this one draw for their images
                         _skip_draws(keys, self.__dict__.get("_fitted_before", 0) * (x.shape[1] // chunk.shape[0]))
                 self._learn(learner, keys, x, chunk.shape[0])
-        if several:
-            if not all(distributed.all_gather_objects(learner is not None)):
-                raise ValueError("fitting MLFSC across processes needs at least one image to fit on in every process")
-            # The processes' statistics and samples merged; each finishes its block of the
-            # dictionaries and every process gets them all.
-            learner.all_reduce_()
-            block = distributed.shard(learner.groups)
-            atoms = learner.finish(progress=False, groups=block)
-            self.dictionary_ = distributed.all_gather_rows(atoms).to(self.device)
-        elif learner is not None:
-            self._finish(learner)
+        self._finish_learning(learner)
+
+    def _finish_learning(self, learner) -> None:
+        """The dictionaries from the learner; under torch.distributed the processes' statistics
+        and samples are merged first, each process finishes its block of the dictionaries and
+        every process gets them all."""
+        if not distributed.is_distributed():
+            if learner is not None:
+                self._finish(learner)
+            return
+        if not all(distributed.all_gather_objects(learner is not None)):
+            raise ValueError("fitting MLFSC across processes needs at least one image to fit on in every process")
+        learner.all_reduce_()
+        atoms = learner.finish(progress=False, groups=distributed.shard(learner.groups))
+        self.dictionary_ = distributed.all_gather_rows(atoms).to(self.device)
 
     # -- score -----------------------------------------------------------------------------------
 
@@ -517,6 +522,8 @@ class MLFSC(FeatureModel):
             ny = (height // stride - 2 * c - p) // s + 1
             if learner is None:
                 learner, keys = self._new_learner(self.feature_channels())
+                if keys is not None and distributed.is_distributed():  # the earlier processes' images' keys
+                    _skip_draws(keys, self.__dict__.get("_keys_before", 0))
             image_keys = None if keys is None else torch.rand(ny * nx, generator=keys, dtype=torch.float64)
             for (y0, y1, x0, x1), (ya, _, xa, _), pixels in tile_windows(
                     reader, tile=tile, halo=geometry.halo, align=geometry.align,
@@ -545,9 +552,16 @@ class MLFSC(FeatureModel):
                     gx = torch.tensor([(first_x + s * j - c) // s for j in cols])
                     learner.add(signals, image_keys[(gy[:, None] * nx + gx[None, :]).flatten()])
             count += 1
-        if learner is not None:
-            self._finish(learner)
+        self._finish_learning(learner)
         return count
+
+    def _tiled_keys(self, shape: tuple[int, int, int]) -> int:
+        """How many sampling keys the tiled fit draws for an image of ``shape`` (C, H, W): one per
+        patch (``fastad.highres.fit_large`` counts those of the images before a process's block)."""
+        stride, c, s, p = self.tile_geometry().stride, self.cutoff, self.patch_stride, self.patch_size
+        nx = (shape[2] // stride - 2 * c - p) // s + 1
+        ny = (shape[1] // stride - 2 * c - p) // s + 1
+        return max(0, nx) * max(0, ny) if self.dictionary_fit == "sklearn_lasso" else 0
 
 
 __all__ = ["MLFSC", "LEVELS", "DICTIONARY_FITS", "MAP_MODES"]
