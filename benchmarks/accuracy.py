@@ -1,6 +1,7 @@
 """Accuracy and speed of fastad's methods on a data set in MVTec layout, with EfficientNet-Lite0.
 
-    python -m benchmarks.accuracy [--data ../shared/data/magnetic_tile] [--methods patchcore spade padim gaussian_ad mlfsc]
+    python -m benchmarks.accuracy [--data ../shared/data/magnetic_tile]
+                                  [--methods patchcore spade padim gaussian_ad mlfsc]
                                   [--set key=value ...] [--json OUT]
 
 For each method: fit on ``train/good`` (all of it: ``holdout=0``, as the papers do), evaluate on
@@ -35,8 +36,16 @@ def run_method(name: str, data: Path, params: dict) -> dict:
     result = evaluate(model, test)
     eval_s = time.perf_counter() - start
     m = result.metrics
-    return {"method": name, "fit_s": fit_s, "eval_s": eval_s, "n_train": len(train), **{
-        k: m[k] for k in ("n_images", "image_auroc", "pixel_auroc", "aupro", "f1_max", "latency_ms", "throughput_img_s")}}
+    return {
+        "method": name,
+        "fit_s": fit_s,
+        "eval_s": eval_s,
+        "n_train": len(train),
+        **{
+            k: m[k]
+            for k in ("n_images", "image_auroc", "pixel_auroc", "aupro", "f1_max", "latency_ms", "throughput_img_s")
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,16 +58,25 @@ def main(argv: list[str] | None = None) -> None:
     if not args.data.is_dir():
         raise SystemExit(f"skipped: no data set at {args.data} (see ../shared/data/README.md)")
     params = _parse_sets(args.set)
-    print(f"data {args.data}, backbone efficientnet_lite0, {torch.get_num_threads()} threads, params {params or 'defaults'}")
-    print(f"{'method':10s} {'img AUROC':>9s} {'px AUROC':>9s} {'AUPRO':>7s} {'F1max':>6s} {'fit s':>7s} {'b1 ms':>8s} {'b32 img/s':>9s}")
+    print(
+        f"data {args.data}, backbone efficientnet_lite0, {torch.get_num_threads()} threads, "
+        f"params {params or 'defaults'}"
+    )
+    print(
+        f"{'method':10s} {'img AUROC':>9s} {'px AUROC':>9s} {'AUPRO':>7s} {'F1max':>6s} "
+        f"{'fit s':>7s} {'b1 ms':>8s} {'b32 img/s':>9s}"
+    )
     rows = []
     for name in args.methods:
         r = run_method(name, args.data, params)
         rows.append(r)
         pixel = "-" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.4f}"  # image-level methods have no maps
         aupro = "-" if r["aupro"] is None else f"{r['aupro']:.4f}"
-        print(f"{name:10s} {r['image_auroc']:9.4f} {pixel:>9s} {aupro:>7s} {r['f1_max']:6.3f} "
-              f"{r['fit_s']:7.1f} {r['latency_ms']:8.1f} {r['throughput_img_s']:9.2f}", flush=True)
+        print(
+            f"{name:10s} {r['image_auroc']:9.4f} {pixel:>9s} {aupro:>7s} {r['f1_max']:6.3f} "
+            f"{r['fit_s']:7.1f} {r['latency_ms']:8.1f} {r['throughput_img_s']:9.2f}",
+            flush=True,
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

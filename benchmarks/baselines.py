@@ -75,8 +75,10 @@ def sklearn_omp_gram(grams, xys, n_nonzero, groups=None):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # early stops warn
-        return [orthogonal_mp_gram(grams[g], xys[g], n_nonzero_coefs=n_nonzero)
-                for g in range(len(grams) if groups is None else groups)]
+        return [
+            orthogonal_mp_gram(grams[g], xys[g], n_nonzero_coefs=n_nonzero)
+            for g in range(len(grams) if groups is None else groups)
+        ]
 
 
 def sklearn_sparse_coder_omp(x, dictionary, n_nonzero, groups=None):
@@ -89,6 +91,7 @@ def sklearn_sparse_coder_omp(x, dictionary, n_nonzero, groups=None):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return [SparseCoder(dictionary[g], transform_algorithm="omp", transform_n_nonzero_coefs=n_nonzero).transform(x[g])
-                for g in range(len(x) if groups is None else groups)]
-
+        return [
+            SparseCoder(dictionary[g], transform_algorithm="omp", transform_n_nonzero_coefs=n_nonzero).transform(x[g])
+            for g in range(len(x) if groups is None else groups)
+        ]

@@ -70,8 +70,10 @@ def pytest_terminal_summary(terminalreporter):
         return
     tr = terminalreporter
     tr.section("fastad benchmark summary (best of rounds)")
-    tr.write_line(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                  f"{torch.get_num_threads()} threads")
+    tr.write_line(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     for device, rate in _GEMM_RATE.items():
         tr.write_line(f"torch.mm float32 rate on {device}: {rate / 1e9:.1f} GFLOP/s")
     for group, rows in _RESULTS.items():

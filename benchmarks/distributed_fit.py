@@ -72,8 +72,14 @@ def _rank(rank: int, size: int, method: str, data: str, n_images: int, n_test: i
     dist.all_gather_object(gathered, (counter.calls, counter.bytes, held))
     if rank != 0:
         return None
-    return {"seconds": seconds, "collectives": [g[0] for g in gathered], "bytes": [g[1] for g in gathered],
-            "rows": [g[2] for g in gathered], "scores": scores.tolist(), "latency": latency}
+    return {
+        "seconds": seconds,
+        "collectives": [g[0] for g in gathered],
+        "bytes": [g[1] for g in gathered],
+        "rows": [g[2] for g in gathered],
+        "scores": scores.tolist(),
+        "latency": latency,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,10 +104,12 @@ def main(argv: list[str] | None = None) -> None:
                 reference = res["scores"]
             diff = float(((res["scores"] - reference).abs() / reference.abs().clamp_min(1e-12)).max())
             rows = "" if res["rows"][0] is None else f"; bank rows per process {res['rows']}"
-            print(f"  {method:16s} {size} process(es): fit {res['seconds']:.2f} s, "
-                  f"{max(res['collectives'])} collectives, {max(res['bytes']) / 1e6:.2f} MB received per process"
-                  f"{rows}; batch-1 predict {res['latency'] * 1e3:.1f} ms; "
-                  f"largest relative score difference to {args.ranks[0]} process(es) {diff:.1e}")
+            print(
+                f"  {method:16s} {size} process(es): fit {res['seconds']:.2f} s, "
+                f"{max(res['collectives'])} collectives, {max(res['bytes']) / 1e6:.2f} MB received per process"
+                f"{rows}; batch-1 predict {res['latency'] * 1e3:.1f} ms; "
+                f"largest relative score difference to {args.ranks[0]} process(es) {diff:.1e}"
+            )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def _rank(rank: int, size: int, n: int, d: int, k: int, rounds: int):
     torch.set_num_threads(1)
     x = _rows(n, d)
     block = distributed.shard(n)
-    mine = x[block.start:block.stop].clone()
+    mine = x[block.start : block.stop].clone()
     best, log, result = float("inf"), None, None
     for _ in range(rounds):
         dist.barrier()
@@ -78,9 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     for size in args.ranks:
         best, collectives, received, same = launch(size, _rank, n, d, k, args.rounds)[0]
         per_step = received / max(1, collectives)
-        print(f"  {size} rank(s): {best * 1e3:.1f} ms ({best / k * 1e6:.0f} us a step), {collectives:,} collectives, "
-              f"{received / 1e6:.2f} MB received per rank ({per_step:.0f} B per collective), "
-              f"same selection as one process: {same}")
+        print(
+            f"  {size} rank(s): {best * 1e3:.1f} ms ({best / k * 1e6:.0f} us a step), {collectives:,} collectives, "
+            f"{received / 1e6:.2f} MB received per rank ({per_step:.0f} B per collective), "
+            f"same selection as one process: {same}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """A large georeferenced scene scored end to end through the CLI, in bounded memory.
 
-    python -m benchmarks.highres_large [--size 20000] [--tile 1024] [--method patchcore|spade|mlfsc] [--folder DIR] [--keep]
+    python -m benchmarks.highres_large [--size 20000] [--tile 1024] [--method patchcore|spade|mlfsc]
+                                       [--folder DIR] [--keep]
 
 Generates (never committed) a size x size RGB GeoTIFF (tiled, DEFLATE, BigTIFF when needed, UTM
 georeference): a smooth random surface with fine grain and 12 planted defects (dark scratches and
@@ -64,9 +65,20 @@ def write_scene(path: Path, size: int, seed: int, rows: int = 512) -> list[tuple
     from affine import Affine
 
     boxes = defects(size, seed)
-    profile = dict(driver="GTiff", height=size, width=size, count=3, dtype="uint8", crs=CRS,
-                   transform=Affine(0.3, 0.0, 400000.0, 0.0, -0.3, 4900000.0), tiled=True,
-                   blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER")
+    profile = dict(
+        driver="GTiff",
+        height=size,
+        width=size,
+        count=3,
+        dtype="uint8",
+        crs=CRS,
+        transform=Affine(0.3, 0.0, 400000.0, 0.0, -0.3, 4900000.0),
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+        BIGTIFF="IF_SAFER",
+    )
     with rasterio.open(path, "w", **profile) as ds:
         for y in range(0, size, rows):
             y1 = min(size, y + rows)
@@ -104,12 +116,26 @@ def main(argv: list[str] | None = None) -> None:
     try:
         start = time.perf_counter()
         boxes = write_scene(folder / "scene.tif", args.size, args.seed)
-        print(f"scene {args.size} x {args.size} written in {time.perf_counter() - start:.0f} s "
-              f"({(folder / 'scene.tif').stat().st_size / 1e9:.2f} GB)", flush=True)
+        print(
+            f"scene {args.size} x {args.size} written in {time.perf_counter() - start:.0f} s "
+            f"({(folder / 'scene.tif').stat().st_size / 1e9:.2f} GB)",
+            flush=True,
+        )
         fit_model(folder / "model.safetensors", args.size, args.seed, args.method)
         out = folder / "out"
-        command = [sys.executable, "-m", "fastad", "predict", "--model", str(folder / "model.safetensors"),
-                   "--out", str(out), "--tile", str(args.tile), str(folder / "scene.tif")]
+        command = [
+            sys.executable,
+            "-m",
+            "fastad",
+            "predict",
+            "--model",
+            str(folder / "model.safetensors"),
+            "--out",
+            str(out),
+            "--tile",
+            str(args.tile),
+            str(folder / "scene.tif"),
+        ]
         start = time.perf_counter()
         subprocess.run(command, check=True)
         elapsed = time.perf_counter() - start
@@ -135,16 +161,27 @@ def report(folder: Path, out: Path, boxes, args, elapsed: float, peak_mb: float)
         background = []
         while len(background) < 64:
             y, x = (int(v) for v in rng.integers(0, args.size - 256, size=2))
-            if all(abs(y + 128 - t - h / 2) > 300 or abs(x + 128 - l - w / 2) > 300 for t, l, h, w, _ in boxes):
+            if all(abs(y + 128 - t - h / 2) > 300 or abs(x + 128 - left - w / 2) > 300 for t, left, h, w, _ in boxes):
                 background.append(float(np.nanmax(amap.read(1, window=rasterio.windows.Window(x, y, 256, 256)))))
     found = sum(p > max(background) for p in peaks)
     megapixels = args.size * args.size / 1e6
-    print(json.dumps({
-        "method": args.method, "size": args.size, "tile": args.tile, "threads": torch.get_num_threads(), "seconds": round(elapsed, 1),
-        "megapixels_per_second": round(megapixels / elapsed, 3), "peak_rss_mb": round(peak_mb),
-        "map_georeferenced": georeferenced, "defects_above_background": f"{found} of {len(boxes)}",
-        "image_score": scores["score"],
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "method": args.method,
+                "size": args.size,
+                "tile": args.tile,
+                "threads": torch.get_num_threads(),
+                "seconds": round(elapsed, 1),
+                "megapixels_per_second": round(megapixels / elapsed, 3),
+                "peak_rss_mb": round(peak_mb),
+                "map_georeferenced": georeferenced,
+                "defects_above_background": f"{found} of {len(boxes)}",
+                "image_score": scores["score"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

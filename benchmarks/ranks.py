@@ -17,8 +17,13 @@ def _free_port() -> int:
 def _rank(body, rank: int, size: int, port: int, args: tuple, queue) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=600))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=size,
+        timeout=datetime.timedelta(seconds=600),
+    )
     try:
         queue.put((rank, body(rank, size, *args)))
     finally:

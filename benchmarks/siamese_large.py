@@ -48,7 +48,8 @@ def write_pair(folder: Path, size: int, seed: int = 0, rows_per_block: int = 102
         c0, c1 = y // cell, (y + rows - 1) // cell + 1
         part = coarse[None, :, c0 : c1 + 1]
         smooth = torch.nn.functional.interpolate(
-            part, size=(cell * (c1 - c0) + 1, cell * (part.shape[-1] - 1) + 1), mode="bilinear", align_corners=True)
+            part, size=(cell * (c1 - c0) + 1, cell * (part.shape[-1] - 1) + 1), mode="bilinear", align_corners=True
+        )
         block = smooth[0, :, y - cell * c0 : y - cell * c0 + rows, :size]
         block = (block * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
         for f in files:
@@ -74,8 +75,10 @@ def _rectangles_found(cells: np.ndarray, folder: Path, step: int) -> tuple[int, 
     for top, left, h, w in boxes:
         found += bool(cells[(top + h // 2) // step, (left + w // 2) // step] > 0.5)
         margin = 32 // step  # cells whose windows can reach the rectangle
-        away[max(0, top // step - margin) : (top + h) // step + margin + 1,
-             max(0, left // step - margin) : (left + w) // step + margin + 1] = False
+        away[
+            max(0, top // step - margin) : (top + h) // step + margin + 1,
+            max(0, left // step - margin) : (left + w) // step + margin + 1,
+        ] = False
     return found, float(np.max(cells[away])) if away.any() else float("nan")
 
 
@@ -108,21 +111,28 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         result = {
-            "size": args.size, "tile": args.tile, "dense": args.dense, "device": args.device,
-            "torch_threads": torch.get_num_threads(), "seconds": seconds,
+            "size": args.size,
+            "tile": args.tile,
+            "dense": args.dense,
+            "device": args.device,
+            "torch_threads": torch.get_num_threads(),
+            "seconds": seconds,
             "megapixels_per_second": args.size * args.size / 1e6 / seconds,
-            "peak_rss_mb_before": rss_before, "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb_before": rss_before,
+            "peak_rss_mb": _peak_rss_mb(),
             "map_shape": list(detection.cells.shape),
         }
         result["rectangles_found"], result["max_score_away_from_rectangles"] = _rectangles_found(
-            np.asarray(detection.cells), folder, step)
+            np.asarray(detection.cells), folder, step
+        )
         result["rectangles"] = 20
         print(result)
         return result
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True) if not args.folder else [
-                (folder / n).unlink(missing_ok=True) for n in ("template.npy", "inspected.npy", "map.npy")]
+                (folder / n).unlink(missing_ok=True) for n in ("template.npy", "inspected.npy", "map.npy")
+            ]
 
 
 if __name__ == "__main__":

@@ -40,8 +40,14 @@ def sklearn_fit(x: torch.Tensor, groups: int) -> list:
         warnings.simplefilter("ignore")
         for g in range(groups):
             model = MiniBatchDictionaryLearning(
-                n_components=K, fit_algorithm="cd", transform_algorithm="omp", transform_n_nonzero_coefs=S,
-                batch_size=BATCH, max_iter=EPOCHS, random_state=0)
+                n_components=K,
+                fit_algorithm="cd",
+                transform_algorithm="omp",
+                transform_n_nonzero_coefs=S,
+                batch_size=BATCH,
+                max_iter=EPOCHS,
+                random_state=0,
+            )
             models.append(model.fit(x[g].numpy()))
     return models
 

@@ -69,8 +69,12 @@ def test_padim_fit_memory(benchmark, record, contender, n_images):
     outcome = {}
 
     def run() -> None:
-        out = subprocess.run([sys.executable, "-c", _PROBE, "fastad" if contender == "fastad" else "anomalib", str(n_images)],
-                             capture_output=True, text=True, timeout=900)
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE, "fastad" if contender == "fastad" else "anomalib", str(n_images)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert out.returncode == 0, out.stderr
         grown, seconds = out.stdout.split()[-2:]
         outcome.update(peak_mib=int(grown) / 2**20, fit_s=float(seconds))

@@ -52,15 +52,17 @@ def _cnn_features(folder) -> torch.Tensor:
     from fastad.features import FeatureExtractor, load_backbone
 
     images_needed = -(-N // 1024)
-    root = make_synthetic_dataset(folder / "grass", seed=1, texture="grass", n_train=images_needed,
-                                  n_test_good=1, n_test_per_defect=1)
+    root = make_synthetic_dataset(
+        folder / "grass", seed=1, texture="grass", n_train=images_needed, n_test_good=1, n_test_per_defect=1
+    )
     train = open_dataset(root, "train")
     layers = ["block2", "block4"]
     extractor = FeatureExtractor(load_backbone("efficientnet_lite0"), layers, batch_size=16)
     feats = extractor(torch.stack([train[i]["image"] for i in range(len(train))]))
     first = F.avg_pool2d(feats[layers[0]], 3, 1, 1)
-    deeper = F.interpolate(F.avg_pool2d(feats[layers[1]], 3, 1, 1), size=first.shape[-2:], mode="bilinear",
-                           align_corners=False)
+    deeper = F.interpolate(
+        F.avg_pool2d(feats[layers[1]], 3, 1, 1), size=first.shape[-2:], mode="bilinear", align_corners=False
+    )
     patches = torch.cat([first, deeper], dim=1)
     return patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1])[:N].clone()
 

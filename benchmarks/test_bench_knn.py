@@ -50,18 +50,18 @@ def make_inputs(kind, m, n, d, device="cpu"):
 
 
 def fastad_cpu_path(path):
-    """fastad.ops.knn with its CPU path forced (FASTAD_KNN_CPU_PATH), to show each kernel."""
+    """fastad.ops.knn with its CPU path forced (FASTAD_KNN_CPU_ISA), to show each kernel."""
 
     def run(q, b, k):
-        before = os.environ.get("FASTAD_KNN_CPU_PATH")
-        os.environ["FASTAD_KNN_CPU_PATH"] = path
+        before = os.environ.get("FASTAD_KNN_CPU_ISA")
+        os.environ["FASTAD_KNN_CPU_ISA"] = path
         try:
             return fastad.ops.knn(q, b, k)
         finally:
             if before is None:
-                del os.environ["FASTAD_KNN_CPU_PATH"]
+                del os.environ["FASTAD_KNN_CPU_ISA"]
             else:
-                os.environ["FASTAD_KNN_CPU_PATH"] = before
+                os.environ["FASTAD_KNN_CPU_ISA"] = before
 
     return run
 
@@ -73,7 +73,7 @@ CONTENDERS = {
     PREPARED: None,  # knn_prepare(bank) once, outside the timing (a model's bank)
     "fastad.ops.knn (VNNI screen)": fastad_cpu_path("vnni"),
     "fastad.ops.knn (AVX2 screen)": fastad_cpu_path("avx2"),
-    "fastad.ops.knn (float32 GEMM)": fastad_cpu_path("gemm"),
+    "fastad.ops.knn (float32 GEMM)": fastad_cpu_path("portable"),
     "faiss IndexFlatL2": None,  # the index built once, outside the timing
     "torch.cdist + topk": cdist_topk,
     "chunked matmul + topk": chunked_matmul_topk,
@@ -107,6 +107,7 @@ def test_knn_cpu(benchmark, record, contender, m, n, d, k, kind):
 
         def fn(q, b, k):
             return search(q, k)
+
     benchmark.group = f"knn cpu {kind} M={m} N={n} D={d} k={k}"
     benchmark.pedantic(fn, args=(q, b, k), rounds=3, iterations=1, warmup_rounds=1)
     record(benchmark, benchmark.group, contender, 2.0 * m * n * d)
@@ -126,8 +127,11 @@ def test_knn_cuda(benchmark, record, contender, m, n, d, k, precision):
 
     sgemm_rate("cuda")
     q, b = make_inputs("random", m, n, d, "cuda")
-    fn = cuda_synced(CONTENDERS[contender] if contender.startswith("fastad")
-                         else lambda q, b, k: chunked_matmul_topk(q, b, k, chunk=2048))
+    fn = cuda_synced(
+        CONTENDERS[contender]
+        if contender.startswith("fastad")
+        else lambda q, b, k: chunked_matmul_topk(q, b, k, chunk=2048)
+    )
     benchmark.group = f"knn cuda random M={m} N={n} D={d} k={k}"
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)

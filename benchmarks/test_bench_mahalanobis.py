@@ -57,8 +57,8 @@ def _values(b: int, p: int, q: int, d: int):
     for start in range(0, q, _CHUNK):
         part = torch.randn(min(_CHUNK, q - start), d, d, generator=gen).tril_() / d**0.5
         part.diagonal(dim1=1, dim2=2).abs_().add_(0.5)
-        L[start:start + _CHUNK] = part
-        inv_cov[start:start + _CHUNK] = part @ part.mT
+        L[start : start + _CHUNK] = part
+        inv_cov[start : start + _CHUNK] = part @ part.mT
     return x, mean, L, inv_cov
 
 
@@ -76,8 +76,7 @@ def make_inputs(b: int, p: int, q: int, d: int, layout: str, device: str = "cpu"
 
 CONTENDERS = {
     "fastad.ops.mahalanobis": (lambda x, mean, L, inv_cov: fastad.ops.mahalanobis(x, mean, L), 10),
-    "fastad.ops.mahalanobis, L row-major": (
-        lambda x, mean, L, inv_cov: fastad.ops.mahalanobis(x, mean, L), 10),
+    "fastad.ops.mahalanobis, L row-major": (lambda x, mean, L, inv_cov: fastad.ops.mahalanobis(x, mean, L), 10),
     "anomalib batched matmul": (lambda x, mean, L, inv_cov: anomalib_mahalanobis(x, mean, inv_cov), 3),
     "fastad.reference.mahalanobis (float64)": (lambda x, mean, L, inv_cov: reference.mahalanobis(x, mean, L), 1),
 }
@@ -100,8 +99,7 @@ def test_mahalanobis_cpu(benchmark, record, case, contender, layout):
         L = L.contiguous()
     fn, rounds = CONTENDERS[contender]
     benchmark.group = f"mahalanobis cpu {name} B={b} P={p} D={d} Q={q}, {layout} features"
-    benchmark.pedantic(fn, args=(x, mean, L, inv_cov), rounds=rounds if d <= 100 else 3, iterations=1,
-                       warmup_rounds=1)
+    benchmark.pedantic(fn, args=(x, mean, L, inv_cov), rounds=rounds if d <= 100 else 3, iterations=1, warmup_rounds=1)
     record(benchmark, benchmark.group, contender, 2.0 * b * p * d * (d + 1) / 2)
 
 

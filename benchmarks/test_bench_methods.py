@@ -83,8 +83,14 @@ def sklearn_omp(x, dictionary, n_nonzero):
     return torch.from_numpy(indices), torch.from_numpy(coefs)
 
 
-TORCH_OPS = types.SimpleNamespace(knn=torch_knn, knn_prepare=fastad.reference.knn_prepare, kcenter_greedy=torch_kcenter, mahalanobis=torch_mahalanobis,
-                                  omp=sklearn_omp, omp_error=fastad.ops.omp_error)
+TORCH_OPS = types.SimpleNamespace(
+    knn=torch_knn,
+    knn_prepare=fastad.reference.knn_prepare,
+    kcenter_greedy=torch_kcenter,
+    mahalanobis=torch_mahalanobis,
+    omp=sklearn_omp,
+    omp_error=fastad.ops.omp_error,
+)
 GAUSSIAN_METHODS = ("padim", "gaussian_ad")
 # Methods whose fit has no pure-PyTorch twin here: timed for fastad only.
 FASTAD_ONLY_FITS = (*GAUSSIAN_METHODS, "mlfsc")
@@ -126,7 +132,9 @@ def _label(method: str, contender: str) -> str:
 @pytest.mark.parametrize("method", ["patchcore", "spade", *GAUSSIAN_METHODS, "mlfsc"])
 def test_fit(benchmark, record, data, ops_of, method, contender):
     if method in FASTAD_ONLY_FITS and contender != "fastad":
-        pytest.skip("timed for fastad only: the Gaussian methods' fit has no kernel, MLF-SC's learner no pure-PyTorch twin")
+        pytest.skip(
+            "timed for fastad only: the Gaussian methods' fit has no kernel, MLF-SC's learner no pure-PyTorch twin"
+        )
     ops_of(contender)
     train, _ = data
     size = _model(method).transform()({"image": train[0]["image"]})["image"].shape[-2:]
@@ -149,6 +157,7 @@ def test_predict(benchmark, record, data, ops_of, method, contender, batch):
     # scikit-learn's OMP codes one signal at a time in Python: at batch 32 one call takes minutes,
     # so it runs once, cold.
     slow = method == "mlfsc" and contender != "fastad" and batch > 1
-    benchmark.pedantic(model.predict, args=(images,), rounds=3 if batch == 1 else 1, iterations=1,
-                       warmup_rounds=0 if slow else 1)
+    benchmark.pedantic(
+        model.predict, args=(images,), rounds=3 if batch == 1 else 1, iterations=1, warmup_rounds=0 if slow else 1
+    )
     record(benchmark, benchmark.group, _label(method, contender), 0.0)

@@ -59,7 +59,9 @@ def test_pixel_auroc_sklearn(benchmark, record, maps_and_masks):
     sklearn = pytest.importorskip("sklearn.metrics")
     maps, masks = maps_and_masks
     benchmark.group = f"pixel AUROC, {N} maps {H}x{W}"
-    benchmark.pedantic(sklearn.roc_auc_score, args=(masks.numpy().ravel(), maps.numpy().ravel()), rounds=2, iterations=1)
+    benchmark.pedantic(
+        sklearn.roc_auc_score, args=(masks.numpy().ravel(), maps.numpy().ravel()), rounds=2, iterations=1
+    )
     record(benchmark, benchmark.group, "sklearn roc_auc_score", 0.0)
 
 

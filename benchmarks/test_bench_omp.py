@@ -37,7 +37,9 @@ def make_inputs(g: int, m: int, k: int, d: int):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0].replace(" ", "-") for c in CASES])
-@pytest.mark.parametrize("contender", ["fastad.ops.omp", "scikit-learn orthogonal_mp_gram", "scikit-learn SparseCoder omp"])
+@pytest.mark.parametrize(
+    "contender", ["fastad.ops.omp", "scikit-learn orthogonal_mp_gram", "scikit-learn SparseCoder omp"]
+)
 def test_omp_cpu(benchmark, record, contender, case):
     from .conftest import sgemm_rate
 

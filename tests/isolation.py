@@ -87,13 +87,25 @@ def _serve(conn, log_path: str) -> None:
             value = function(*args, **kwargs)
             reply = ("returned", value, "", "", "")
         except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
-            reply = ("raised", None, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc),
-                     traceback.format_exc())
+            reply = (
+                "raised",
+                None,
+                f"{type(exc).__module__}.{type(exc).__qualname__}",
+                str(exc),
+                traceback.format_exc(),
+            )
         try:
             conn.send(reply)
         except Exception as exc:  # noqa: BLE001 - a value that does not pickle
-            conn.send(("raised", None, f"{type(exc).__module__}.{type(exc).__qualname__}",
-                       f"the result of {target} could not be sent back: {exc}", traceback.format_exc()))
+            conn.send(
+                (
+                    "raised",
+                    None,
+                    f"{type(exc).__module__}.{type(exc).__qualname__}",
+                    f"the result of {target} could not be sent back: {exc}",
+                    traceback.format_exc(),
+                )
+            )
 
 
 def _signal_name(exitcode: int | None) -> str:
@@ -139,7 +151,7 @@ class IsolatedRunner:
         start = text.rfind("Fatal Python error")
         text = text[start:] if start >= 0 else text[-limit:]
         if len(text) > limit:
-            text = text[: limit // 2] + "\n[...]\n" + text[-(limit // 2):]
+            text = text[: limit // 2] + "\n[...]\n" + text[-(limit // 2) :]
         return text
 
     def _discard(self, grace: float = 0.0) -> None:
@@ -176,8 +188,9 @@ class IsolatedRunner:
             self._discard()
             return Outcome("timeout", message=f"no answer within {timeout} s", log=log)
         self._proc.join(10)
-        outcome = Outcome("died", message=f"the worker running {target} {_signal_name(self._proc.exitcode)}",
-                          log=self._log_tail())
+        outcome = Outcome(
+            "died", message=f"the worker running {target} {_signal_name(self._proc.exitcode)}", log=self._log_tail()
+        )
         self._discard()
         return outcome
 

@@ -67,8 +67,12 @@ def build_patchcore(layers: tuple[str, ...], weights: Path, *, coreset_ratio: fl
     from anomalib.models import Patchcore
 
     module = Patchcore(
-        backbone=TIMM_BACKBONE, layers=layers, pre_trained=False, coreset_sampling_ratio=coreset_ratio,
-        num_neighbors=num_neighbors, **NO_PIPELINE,
+        backbone=TIMM_BACKBONE,
+        layers=layers,
+        pre_trained=False,
+        coreset_sampling_ratio=coreset_ratio,
+        num_neighbors=num_neighbors,
+        **NO_PIPELINE,
     )
     return module, load_lite0_weights(module.model.feature_extractor, layers, weights)
 
@@ -87,15 +91,19 @@ def build_padim(layers: tuple[str, ...], weights: Path, *, n_features: int):
     report = load_lite0_weights(module.model.feature_extractor, layers, weights)
     model = module.model
     kept = sorted(int(i) for i in model.idx)
-    report.update({
-        "n_features": int(model.n_features),
-        "n_features_original": int(model.n_features_original),
-        "all_channels_kept": kept == list(range(model.n_features_original)),
-    })
+    report.update(
+        {
+            "n_features": int(model.n_features),
+            "n_features_original": int(model.n_features_original),
+            "all_channels_kept": kept == list(range(model.n_features_original)),
+        }
+    )
     return module, report
 
 
-def store_training_embeddings(module, paths: list[Path], prep: Preprocess, normalize: Normalize, batch_size: int) -> float:
+def store_training_embeddings(
+    module, paths: list[Path], prep: Preprocess, normalize: Normalize, batch_size: int
+) -> float:
     """Runs anomalib's torch model over the training images in train mode, where PatchCore and
     PaDiM both append each batch's embeddings to their memory (their timm extractor puts itself
     in eval mode on every call, so batch norms use their running statistics). Returns seconds,

@@ -133,7 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", choices=sorted(DEFAULT_LAYERS), default="patchcore")
     p.add_argument("--data", type=Path, required=True, help="MVTec-layout category folder")
-    p.add_argument("--weights", type=Path, required=True, help="timm-named tf_efficientnet_lite0 state dict (.safetensors)")
+    p.add_argument(
+        "--weights", type=Path, required=True, help="timm-named tf_efficientnet_lite0 state dict (.safetensors)"
+    )
     p.add_argument("--out", type=Path, required=True, help="results JSON to write")
     p.add_argument("--arrays", type=Path, default=None, help="optional .npz of scores, maps, masks for the driver")
     p.add_argument("--layers", nargs="+", default=None, help="timm feature_info module names (default: the method's)")
@@ -151,7 +153,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--throughput-batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--no-malloc-fix", dest="malloc_fix", action="store_false",
+        "--no-malloc-fix",
+        dest="malloc_fix",
+        action="store_false",
         help="PatchCore only: leave glibc's allocator thresholds alone during the coreset "
         "(see anomalib_models.set_malloc_thresholds)",
     )
@@ -195,8 +199,8 @@ def use_threads(count: int) -> None:
     it already has) makes later batched LU factorisations fail inside MKL ("Parameter 6 was
     incorrect on entry to SLASWP") and spin for many minutes (pytorch/pytorch#141358, #142815).
     anomalib's PaDiM fit inverts its 3136 covariances in one batched ``torch.linalg.inv``, which
-    had not finished after 15 minutes that way (it takes 0.6 s). ``set_num_threads`` stays the fallback where torch was imported
-    already with another count."""
+    had not finished after 15 minutes that way (it takes 0.6 s). ``set_num_threads`` stays the
+    fallback where torch was imported already with another count."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(count)
     import torch
@@ -211,7 +215,9 @@ def build_and_fit(
     """The method's anomalib module, fitted; returns (module, weights report, fit timings)."""
     layers = tuple(args.layers)
     if args.method == "patchcore":
-        module, report = build_patchcore(layers, args.weights, coreset_ratio=args.coreset_ratio, num_neighbors=args.num_neighbors)
+        module, report = build_patchcore(
+            layers, args.weights, coreset_ratio=args.coreset_ratio, num_neighbors=args.num_neighbors
+        )
         return module, report, fit_patchcore(module, train_paths, prep, normalize, args.batch_size, args.malloc_fix)
     module, report = build_padim(layers, args.weights, n_features=args.n_features)
     return module, report, fit_padim(module, train_paths, prep, normalize, args.batch_size)
@@ -257,10 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     metrics["throughput_img_s"] = throughput_img_s(module, images, normalize, args.throughput_batch)
 
     config = {
-        "method": args.method, "backbone": TIMM_BACKBONE, "layers": list(args.layers),
-        "resize": args.resize, "crop": args.crop, "normalize": args.normalize, "batch_size": args.batch_size,
-        "threads": torch.get_num_threads(), "seed": args.seed, "n_train": len(train), "n_test": len(test),
-        "latency_images": args.latency_images, "throughput_batch": args.throughput_batch,
+        "method": args.method,
+        "backbone": TIMM_BACKBONE,
+        "layers": list(args.layers),
+        "resize": args.resize,
+        "crop": args.crop,
+        "normalize": args.normalize,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "seed": args.seed,
+        "n_train": len(train),
+        "n_test": len(test),
+        "latency_images": args.latency_images,
+        "throughput_batch": args.throughput_batch,
     }
     if args.method == "patchcore":
         config.update(coreset_ratio=args.coreset_ratio, num_neighbors=args.num_neighbors)
@@ -269,21 +284,33 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "method": f"anomalib {anomalib.__version__} {ANOMALIB_CLASS[args.method]}",
         "metrics": metrics,
-        "metrics_source": "anomalib.metrics (_AUROC, _AUPRO with fpr_limit=0.3) on scores and maps min-max mapped onto [0, 1]",
+        "metrics_source": (
+            "anomalib.metrics (_AUROC, _AUPRO with fpr_limit=0.3) on scores and maps min-max mapped onto [0, 1]"
+        ),
         "timings": timings,
         "weights": load_report,
         "config": config,
         "versions": {
-            "python": platform.python_version(), "anomalib": anomalib.__version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__,
+            "python": platform.python_version(),
+            "anomalib": anomalib.__version__,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "timm": timm.__version__,
         },
         "test_paths": [str(s[0]) for s in test],
     }
     if args.arrays is not None:
-        write_atomically(args.arrays, lambda p: np.savez(
-            p, scores=scores.numpy(), labels=labels.numpy(), maps=maps.numpy().astype(np.float32),
-            masks=masks.numpy(), first_images=images[:4].numpy(),
-        ))
+        write_atomically(
+            args.arrays,
+            lambda p: np.savez(
+                p,
+                scores=scores.numpy(),
+                labels=labels.numpy(),
+                maps=maps.numpy().astype(np.float32),
+                masks=masks.numpy(),
+                first_images=images[:4].numpy(),
+            ),
+        )
     write_atomically(args.out, lambda p: p.write_text(json.dumps(result, indent=2)))
     print(json.dumps({"metrics": metrics, "timings": timings}, indent=2))
     return 0

@@ -24,7 +24,9 @@ Sample = tuple[Path, int, str, "Path | None"]
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, by extension (any case), no dot files, sorted."""
     return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
     )
 
 

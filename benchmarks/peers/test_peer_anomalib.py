@@ -36,7 +36,9 @@ def test_driver_skips_cleanly_without_anomalib(tmp_path, method):
     missing = tmp_path / "no-such-python"
     done = subprocess.run(
         [sys.executable, str(DRIVER), "--method", method, "--anomalib-python", str(missing)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("skipped: anomalib not installed at"), done.stdout
@@ -44,7 +46,9 @@ def test_driver_skips_cleanly_without_anomalib(tmp_path, method):
 
 
 def test_driver_rejects_an_unknown_method():
-    done = subprocess.run([sys.executable, str(DRIVER), "--method", "spade"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(DRIVER), "--method", "spade"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 2
     assert "--method" in done.stderr and "spade" in done.stderr
 
@@ -78,9 +82,26 @@ def test_method_beside_anomalib_on_a_few_images(tmp_path, method):
         pytest.skip(f"magnetic-tile data not found at {DATA}")
     report = tmp_path / "report.json"
     done = subprocess.run(
-        [sys.executable, str(DRIVER), "--method", method, "--anomalib-python", str(ANOMALIB_PYTHON), "--data", str(DATA),
-         "--train-limit", "4", "--limit", "10", "--json-out", str(report), *SIZE_ARGS[method]],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(DRIVER),
+            "--method",
+            method,
+            "--anomalib-python",
+            str(ANOMALIB_PYTHON),
+            "--data",
+            str(DATA),
+            "--train-limit",
+            "4",
+            "--limit",
+            "10",
+            "--json-out",
+            str(report),
+            *SIZE_ARGS[method],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     if done.stdout.startswith("skipped:"):
@@ -92,7 +113,9 @@ def test_method_beside_anomalib_on_a_few_images(tmp_path, method):
     assert check["max_abs_input_difference"] < 1e-5
     # Two independent implementations of each metric on the same numbers.
     for name in ("image_auroc", "pixel_auroc", "aupro"):
-        assert result["anomalib"][name] == pytest.approx(check["fastad_metrics_on_anomalib_output"][name], abs=2e-3), name
+        assert result["anomalib"][name] == pytest.approx(check["fastad_metrics_on_anomalib_output"][name], abs=2e-3), (
+            name
+        )
     for side in ("fastad", "anomalib"):
         assert result[side]["fit_s"] > 0 and result[side]["latency_ms"] > 0 and result[side]["throughput_img_s"] > 0
     {"patchcore": check_patchcore, "padim": check_padim}[method](result)

@@ -20,7 +20,8 @@ Fit time is the wall time of fitting on the training images, reading and resizin
 (fastad's also includes reading the backbone's weights, well under a second). Latency is the
 median wall time of one batch-1 prediction on an already preprocessed 224 x 224 image, over
 ``--latency-images`` test images; throughput is images per second of a prediction on a batch of
-32 of them (median of 3 calls after a warm-up call at batch 32). Metrics: image AUROC, pixel AUROC, AUPRO (FPR up to 0.3); the anomalib row shows
+32 of them (median of 3 calls after a warm-up call at batch 32). Metrics: image AUROC, pixel
+AUROC, AUPRO (FPR up to 0.3); the anomalib row shows
 anomalib's own metric classes, and the script recomputes them from anomalib's scores and maps
 with ``fastad.metrics`` as a cross-check, and correlates the two libraries' scores.
 
@@ -73,7 +74,9 @@ def anomalib_missing(python: Path) -> str | None:
         return f"anomalib not installed at {python} (no such interpreter)"
     check = subprocess.run(
         [str(python), "-c", "import importlib.metadata as m; print(m.version('anomalib'))"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     if check.returncode != 0:
         return f"anomalib not installed at {python} (the interpreter has no anomalib package)"
@@ -106,13 +109,22 @@ def build_fastad_model(args: argparse.Namespace):
     16; on Lite0 every channel): RuntimeError if those are no longer the layers compared."""
     import fastad
 
-    common = {"backbone": BACKBONE, "resize": args.resize, "crop": args.crop, "device": "cpu",
-              "batch_size": args.batch_size, "holdout": 0.0}
+    common = {
+        "backbone": BACKBONE,
+        "resize": args.resize,
+        "crop": args.crop,
+        "device": "cpu",
+        "batch_size": args.batch_size,
+        "holdout": 0.0,
+    }
     if args.method == "patchcore":
         embedding = {} if args.embedding is None else {"embedding": args.embedding}
         return fastad.PatchCore(
-            layers=list(COMPARISONS["patchcore"].fastad_layers), coreset_ratio=args.coreset_ratio, num_neighbours=9,
-            **embedding, **common
+            layers=list(COMPARISONS["patchcore"].fastad_layers),
+            coreset_ratio=args.coreset_ratio,
+            num_neighbours=9,
+            **embedding,
+            **common,
         )
     model = fastad.PaDiM(**common)
     expected = list(COMPARISONS["padim"].fastad_layers)
@@ -131,14 +143,20 @@ SIZE_KEYS = {
 def fitted_sizes(method: str, model) -> dict[str, Any]:
     """What the fitted fastad model holds (``SIZE_KEYS[method]``)."""
     if method == "patchcore":
-        return {"bank_size": int(model.bank_.shape[0]), "n_patches": int(model.n_patches_), "embedding_dim": int(model.bank_.shape[1])}
+        return {
+            "bank_size": int(model.bank_.shape[0]),
+            "n_patches": int(model.n_patches_),
+            "embedding_dim": int(model.bank_.shape[1]),
+        }
     from fastad.features import BACKBONES
 
     total = sum(BACKBONES[BACKBONE].layer_info[layer][0] for layer in model.feature_layers())
     return {
-        "embedding_dim": int(model.channels_.numel()), "n_features_original": int(total),
+        "embedding_dim": int(model.channels_.numel()),
+        "n_features_original": int(total),
         "all_channels_kept": model.channels_.tolist() == list(range(total)),
-        "positions": int(model.mean_.shape[0]), "grid": list(model.grid_),
+        "positions": int(model.mean_.shape[0]),
+        "grid": list(model.grid_),
     }
 
 
@@ -158,23 +176,54 @@ def run_fastad(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     m = result.metrics
     row = {
         "method": f"fastad {fastad.__version__} {COMPARISONS[args.method].title}",
-        "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"],
-        "fit_s": fit_s, "latency_ms": m["latency_ms"], "throughput_img_s": m["throughput_img_s"],
-        **fitted_sizes(args.method, model), "n_train": len(train), "n_test": len(test),
+        "image_auroc": m["image_auroc"],
+        "pixel_auroc": m["pixel_auroc"],
+        "aupro": m["aupro"],
+        "fit_s": fit_s,
+        "latency_ms": m["latency_ms"],
+        "throughput_img_s": m["throughput_img_s"],
+        **fitted_sizes(args.method, model),
+        "n_train": len(train),
+        "n_test": len(test),
     }
     return row, result
 
 
-def run_anomalib(args: argparse.Namespace, workdir: Path, weights: Path, n_features: int | None) -> tuple[dict[str, Any], Path]:
+def run_anomalib(
+    args: argparse.Namespace, workdir: Path, weights: Path, n_features: int | None
+) -> tuple[dict[str, Any], Path]:
     """Runs the anomalib side in its own interpreter; returns (its JSON, its arrays file).
     ``n_features``: the channels PaDiM keeps (fastad's count)."""
     out, arrays = workdir / "anomalib.json", workdir / "anomalib.npz"
     command = [
-        str(args.anomalib_python), str(PEER_SCRIPT), "--method", args.method, "--data", str(args.data),
-        "--weights", str(weights), "--out", str(out), "--arrays", str(arrays),
-        "--layers", *COMPARISONS[args.method].anomalib_layers, "--resize", str(args.resize), "--crop", str(args.crop),
-        "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--latency-images", str(args.latency_images),
-        "--throughput-batch", str(args.throughput_batch), "--normalize", args.anomalib_normalize,
+        str(args.anomalib_python),
+        str(PEER_SCRIPT),
+        "--method",
+        args.method,
+        "--data",
+        str(args.data),
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--arrays",
+        str(arrays),
+        "--layers",
+        *COMPARISONS[args.method].anomalib_layers,
+        "--resize",
+        str(args.resize),
+        "--crop",
+        str(args.crop),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+        "--latency-images",
+        str(args.latency_images),
+        "--throughput-batch",
+        str(args.throughput_batch),
+        "--normalize",
+        args.anomalib_normalize,
     ]
     if args.method == "patchcore":
         command += ["--coreset-ratio", str(args.coreset_ratio), "--num-neighbors", "9"]
@@ -193,7 +242,9 @@ def run_anomalib(args: argparse.Namespace, workdir: Path, weights: Path, n_featu
         done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
     if done.returncode != 0 or not out.is_file():
         tail = log.read_text(errors="replace").splitlines()[-30:]
-        raise RuntimeError(f"the anomalib side failed (exit {done.returncode}); last lines of its log:\n" + "\n".join(tail))
+        raise RuntimeError(
+            f"the anomalib side failed (exit {done.returncode}); last lines of its log:\n" + "\n".join(tail)
+        )
     return json.loads(out.read_text()), arrays
 
 
@@ -215,7 +266,7 @@ def check_layers(args: argparse.Namespace, peer: dict[str, Any]) -> list[tuple[i
 
     info = BACKBONES[BACKBONE].layer_info
     ours = [tuple(info[layer]) for layer in COMPARISONS[args.method].fastad_layers]
-    theirs = list(zip(peer["weights"]["channels"], peer["weights"]["strides"]))
+    theirs = list(zip(peer["weights"]["channels"], peer["weights"]["strides"], strict=True))
     if ours != theirs:
         raise RuntimeError(f"the layers differ: fastad's (channels, stride) {ours}, anomalib's {theirs}")
     return ours
@@ -264,7 +315,8 @@ def fmt(value: float | None, digits: int) -> str:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = (
-        f"{'method':<34} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} {'fit s':>9} {'latency ms':>10} {'b32 img/s':>9}"
+        f"{'method':<34} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} {'fit s':>9} "
+        f"{'latency ms':>10} {'b32 img/s':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -275,17 +327,23 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def describe_models(args: argparse.Namespace, ours: dict[str, Any], theirs: dict[str, Any], timings: dict[str, Any]) -> str:
+def describe_models(
+    args: argparse.Namespace, ours: dict[str, Any], theirs: dict[str, Any], timings: dict[str, Any]
+) -> str:
     """One line on how each side's fit splits and what the fitted models hold."""
     if args.method == "patchcore":
         return (
-            f"anomalib fit = {timings['load_and_extract_s']:.1f} s read + extract + {timings['coreset_s']:.1f} s coreset; "
-            f"banks: fastad {ours['bank_size']} x {ours['embedding_dim']}, anomalib {theirs['bank_size']} x {theirs['embedding_dim']} "
+            f"anomalib fit = {timings['load_and_extract_s']:.1f} s read + extract + "
+            f"{timings['coreset_s']:.1f} s coreset; "
+            f"banks: fastad {ours['bank_size']} x {ours['embedding_dim']}, "
+            f"anomalib {theirs['bank_size']} x {theirs['embedding_dim']} "
             f"(of {ours['n_patches']} / {theirs['n_patches']} patches)"
         )
     return (
-        f"anomalib fit = {timings['load_and_extract_s']:.1f} s read + extract + {timings['gaussian_s']:.1f} s Gaussians; "
-        f"Gaussians: fastad {ours['positions']} of {ours['embedding_dim']} dims (all {ours['n_features_original']} channels "
+        f"anomalib fit = {timings['load_and_extract_s']:.1f} s read + extract + "
+        f"{timings['gaussian_s']:.1f} s Gaussians; "
+        f"Gaussians: fastad {ours['positions']} of {ours['embedding_dim']} dims "
+        f"(all {ours['n_features_original']} channels "
         f"kept: {ours['all_channels_kept']}), anomalib {theirs['positions']} of {theirs['embedding_dim']} dims (all "
         f"{theirs['n_features_original']} kept: {theirs['all_channels_kept']})"
     )
@@ -293,15 +351,23 @@ def describe_models(args: argparse.Namespace, ours: dict[str, Any], theirs: dict
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", choices=sorted(COMPARISONS), default="patchcore", help="the method compared (default patchcore)")
+    p.add_argument(
+        "--method", choices=sorted(COMPARISONS), default="patchcore", help="the method compared (default patchcore)"
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"MVTec-layout category (default {DEFAULT_DATA})")
-    p.add_argument("--anomalib-python", type=Path, default=DEFAULT_ANOMALIB_PYTHON, help="Python of the anomalib environment")
+    p.add_argument(
+        "--anomalib-python", type=Path, default=DEFAULT_ANOMALIB_PYTHON, help="Python of the anomalib environment"
+    )
     p.add_argument("--train-limit", type=int, default=None, help="fit on N evenly spaced training images (default all)")
     p.add_argument("--limit", type=int, default=None, help="score N evenly spaced test images (default all)")
     p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore only")
-    p.add_argument("--embedding", choices=["per_layer", "concatenated"], default=None,
-                   help="PatchCore only: fastad's embedding (default fastad's own default, the authors' per_layer; "
-                        "concatenated is anomalib's)")
+    p.add_argument(
+        "--embedding",
+        choices=["per_layer", "concatenated"],
+        default=None,
+        help="PatchCore only: fastad's embedding (default fastad's own default, the authors' per_layer; "
+        "concatenated is anomalib's)",
+    )
     p.add_argument("--resize", type=int, default=256)
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
@@ -309,11 +375,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-images", type=int, default=10)
     p.add_argument("--throughput-batch", type=int, default=32, help="batch size of the throughput timing")
     p.add_argument(
-        "--anomalib-normalize", choices=("lite0", "imagenet"), default="lite0",
+        "--anomalib-normalize",
+        choices=("lite0", "imagenet"),
+        default="lite0",
         help="input normalisation on the anomalib side: lite0's own (as fastad) or anomalib's ImageNet default",
     )
     p.add_argument(
-        "--anomalib-no-malloc-fix", dest="anomalib_malloc_fix", action="store_false",
+        "--anomalib-no-malloc-fix",
+        dest="anomalib_malloc_fix",
+        action="store_false",
         help="PatchCore only: do not set glibc's allocator thresholds around anomalib's coreset (it then runs out of "
         "memory beyond a few dozen training images; see anomalib_models.set_malloc_thresholds)",
     )
@@ -360,8 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     pm, pt = peer["metrics"], peer["timings"]
     anomalib_row = {
         "method": peer["method"],
-        "image_auroc": pm["image_auroc"], "pixel_auroc": pm["pixel_auroc"], "aupro": pm["aupro"],
-        "fit_s": pt["fit_s"], "latency_ms": pm["latency_ms"], "throughput_img_s": pm["throughput_img_s"],
+        "image_auroc": pm["image_auroc"],
+        "pixel_auroc": pm["pixel_auroc"],
+        "aupro": pm["aupro"],
+        "fit_s": pt["fit_s"],
+        "latency_ms": pm["latency_ms"],
+        "throughput_img_s": pm["throughput_img_s"],
         **{key: {**pt, **peer["weights"]}[key] for key in SIZE_KEYS[args.method]},
     }
     # Each ratio says how many times faster fastad was (above 1: fastad faster).
@@ -372,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     details = (
-        f"coreset {args.coreset_ratio}" if args.method == "patchcore"
+        f"coreset {args.coreset_ratio}"
+        if args.method == "patchcore"
         else f"{fastad_row['embedding_dim']} channels, empirical covariance + 0.01 I"
     )
     print()
@@ -396,19 +471,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"fastad vs anomalib: image scores Pearson {check['image_score_pearson']:.6f}, Spearman "
-        f"{check['image_score_spearman']:.6f}, median relative difference {check['image_score_median_relative_difference']:.2e}; "
+        f"{check['image_score_spearman']:.6f}, median relative difference "
+        f"{check['image_score_median_relative_difference']:.2e}; "
         f"maps Pearson {check['map_pearson']:.6f}"
     )
     # Timings mean little when other work shares the cores: say so rather than let them mislead.
-    print("1-minute load average at the start / end of each side: " + ", ".join(
-        f"{side} {a:.2f} / {b:.2f}" for side, (a, b) in loads.items()
-    ))
+    print(
+        "1-minute load average at the start / end of each side: "
+        + ", ".join(f"{side} {a:.2f} / {b:.2f}" for side, (a, b) in loads.items())
+    )
     busy = [side for side, values in loads.items() if max(values) > args.threads + 0.5]
     if busy:
-        print(f"warning: the machine was busy during {' and '.join(busy)} (load above {args.threads + 0.5}); the timings are unreliable")
+        print(
+            f"warning: the machine was busy during {' and '.join(busy)} (load above {args.threads + 0.5}); "
+            "the timings are unreliable"
+        )
     if args.json_out is not None:
-        report = {"method": args.method, "fastad": fastad_row, "anomalib": anomalib_row, "ratios": ratios,
-                  "cross_check": check, "load_average_start_end": loads, "anomalib_run": peer}
+        report = {
+            "method": args.method,
+            "fastad": fastad_row,
+            "anomalib": anomalib_row,
+            "ratios": ratios,
+            "cross_check": check,
+            "load_average_start_end": loads,
+            "anomalib_run": peer,
+        }
         report["anomalib_run"].pop("test_paths", None)
         tmp_out = args.json_out.with_name(f".{args.json_out.name}.tmp")
         tmp_out.write_text(json.dumps(report, indent=2))

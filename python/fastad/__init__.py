@@ -9,11 +9,22 @@ from . import _loader
 
 _C = _loader.load_compiled_library()
 
-from . import ops, reference  # noqa: E402  (the ops need the library loaded first)
-from .siamese import SiameseDetector  # noqa: E402
-from .methods import MLFSC, AnomalyModel, GaussianAD, PaDiM, PatchCore, Prediction, SPADE, available_methods, get_method, register_method  # noqa: E402
-
-from ._version import __version__  # noqa: E402
+# The ops and everything built on them need the library loaded first.
+from . import ops, reference
+from ._version import __version__
+from .methods import (
+    MLFSC,
+    SPADE,
+    AnomalyModel,
+    GaussianAD,
+    PaDiM,
+    PatchCore,
+    Prediction,
+    available_methods,
+    get_method,
+    register_method,
+)
+from .siamese import SiameseDetector
 
 
 def build_info() -> dict:

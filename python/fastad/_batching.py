@@ -18,7 +18,11 @@ import torch
 def is_map_dataset(data: Any) -> bool:
     """A map-style data set (torch Dataset, ``fastad.data``): indexable with a length, and not a
     tensor or a plain container of images."""
-    return hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (torch.Tensor, list, tuple, dict))
+    return (
+        hasattr(data, "__getitem__")
+        and hasattr(data, "__len__")
+        and not isinstance(data, (torch.Tensor, list, tuple, dict))
+    )
 
 
 def images_of(element: Any) -> torch.Tensor:
@@ -32,8 +36,13 @@ def images_of(element: Any) -> torch.Tensor:
     elif isinstance(element, (tuple, list)) and element and isinstance(element[0], torch.Tensor):
         element = element[0]
     if not isinstance(element, torch.Tensor) or element.dim() not in (3, 4):
-        what = f"a tensor of shape {tuple(element.shape)}" if isinstance(element, torch.Tensor) else type(element).__name__
-        raise TypeError(f"each element must be images (B, 3, H, W), one image (3, H, W), a dict with 'image' or a tuple (images, ...); got {what}")
+        what = (
+            f"a tensor of shape {tuple(element.shape)}" if isinstance(element, torch.Tensor) else type(element).__name__
+        )
+        raise TypeError(
+            "each element must be images (B, 3, H, W), one image (3, H, W), "
+            f"a dict with 'image' or a tuple (images, ...); got {what}"
+        )
     return element
 
 

@@ -42,8 +42,10 @@ def check_pixel_values(images: torch.Tensor, what: str = "images") -> torch.Tens
         raise ValueError(f"{what} must hold finite values in [0, 1], got NaN or infinite values")
     if not (low >= -RANGE_TOLERANCE and high <= 1.0 + RANGE_TOLERANCE):
         hint = " (divide 0..255 images by 255)" if high > 2.0 else ""
-        raise ValueError(f"{what} must hold values in [0, 1] (the networks normalise them themselves), "
-                         f"got values in [{low:.4g}, {high:.4g}]{hint}")
+        raise ValueError(
+            f"{what} must hold values in [0, 1] (the networks normalise them themselves), "
+            f"got values in [{low:.4g}, {high:.4g}]{hint}"
+        )
     return images
 
 
@@ -92,8 +94,11 @@ def check_state_tensor(name: str, value: object, dtype, shape: tuple) -> torch.T
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a {want}, got {'nothing' if value is None else type(value).__name__}")
     got = tuple(value.shape)
-    if value.dtype not in dtypes or len(got) != len(shape) or any(
-            n != s if isinstance(s, int) else n < 1 for n, s in zip(got, shape)):
+    if (
+        value.dtype not in dtypes
+        or len(got) != len(shape)
+        or any(n != s if isinstance(s, int) else n < 1 for n, s in zip(got, shape, strict=True))
+    ):
         raise ValueError(f"{name} must be a {want}, got a {value.dtype} tensor of shape {got}")
     if value.is_floating_point() and value.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(value)):
         raise ValueError(f"{name} holds NaN or infinite values")

@@ -44,12 +44,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if value is None:
             continue
         if name not in accepted:
-            raise CliError(f"method {args.method!r} has no parameter {name!r} (its parameters: {', '.join(sorted(accepted))})")
+            raise CliError(
+                f"method {args.method!r} has no parameter {name!r} (its parameters: {', '.join(sorted(accepted))})"
+            )
         params[name] = value
     unknown = set(params) - accepted
     if unknown:
-        raise CliError(f"method {args.method!r} has no parameter(s) {', '.join(sorted(unknown))}; "
-                       f"its parameters: {', '.join(sorted(accepted))}")
+        raise CliError(
+            f"method {args.method!r} has no parameter(s) {', '.join(sorted(unknown))}; "
+            f"its parameters: {', '.join(sorted(accepted))}"
+        )
     # Under torchrun every process fits on its block of the images and the results are merged;
     # rank 0 writes the model file once every rank has finished (with a bank left split across
     # the processes, --set shard_bank=true, each writes its part beside it). --device cuda gives
@@ -78,8 +82,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         threshold = "none" if model.threshold_ is None else f"{model.threshold_:.6g}"
         ranks = f" across {size} processes" if size > 1 else ""
         parts = f" and {size} part files beside it" if split else ""
-        print(f"fitted {args.method} on {model.n_train_images_} images{ranks} in {elapsed:.1f} s "
-              f"(threshold {threshold}); model written to {out}{parts}")
+        print(
+            f"fitted {args.method} on {model.n_train_images_} images{ranks} in {elapsed:.1f} s "
+            f"(threshold {threshold}); model written to {out}{parts}"
+        )
     distributed.barrier()  # the file exists for every rank once this returns
     return 0
 
@@ -112,13 +118,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
             results.append(_predict_tiled(model, path, stem, out_dir, args.tile, writes))
             continue
         image = load_image(path)
-        item = {"image": image, "mask": torch.zeros(image.shape[-2:], dtype=torch.bool), "has_mask": False,
-                "label": 0, "defect": "", "path": str(path)}
+        item = {
+            "image": image,
+            "mask": torch.zeros(image.shape[-2:], dtype=torch.bool),
+            "has_mask": False,
+            "label": 0,
+            "defect": "",
+            "path": str(path),
+        }
         if transform is not None:
             item = transform(item)
         pred = model.predict(item["image"])
         score = float(pred.scores[0])
-        entry = {"path": str(path), "score": score, "anomalous": None if pred.threshold is None else score > pred.threshold}
+        entry = {
+            "path": str(path),
+            "score": score,
+            "anomalous": None if pred.threshold is None else score > pred.threshold,
+        }
         if pred.maps is not None and writes:  # methods that score whole images only have no map
             amap = pred.maps[0]
             vmin, vmax = float(amap.min()), float(amap.max())
@@ -127,11 +143,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
             entry.update({"map": f"{stem}_map.png", "map_range": [vmin, vmax], "overlay": f"{stem}_overlay.png"})
         results.append(entry)
         if writes:
-            print(f"{path}: score {score:.6g}" + ("" if pred.threshold is None else f" ({'anomalous' if score > pred.threshold else 'good'})"))
+            print(
+                f"{path}: score {score:.6g}"
+                + ("" if pred.threshold is None else f" ({'anomalous' if score > pred.threshold else 'good'})")
+            )
     if not together:  # each process scored its block of the images, in order
         results = [entry for part in distributed.all_gather_objects(results) for entry in part]
     if rank == 0:
-        write_json(out_dir / "scores.json", {"model": str(args.model), "threshold": model.threshold_, "images": results})
+        write_json(
+            out_dir / "scores.json", {"model": str(args.model), "threshold": model.threshold_, "images": results}
+        )
     distributed.barrier()
     return 0
 
@@ -152,8 +173,13 @@ def _predict_tiled(model, path: str, stem: str, out_dir: Path, tile: int, writes
             _, height, width = reader.shape
             start = time.perf_counter()
             if writes:
-                with MapWriter(out_dir / f"{stem}_map.tif", height, width, like=georeferenced,
-                               quicklook=out_dir / f"{stem}_quicklook.png") as writer:
+                with MapWriter(
+                    out_dir / f"{stem}_map.tif",
+                    height,
+                    width,
+                    like=georeferenced,
+                    quicklook=out_dir / f"{stem}_quicklook.png",
+                ) as writer:
                     result = predict_large(model, reader, tile=tile, out=writer)
             else:
                 result = predict_large(model, reader, tile=tile)
@@ -164,10 +190,20 @@ def _predict_tiled(model, path: str, stem: str, out_dir: Path, tile: int, writes
     threshold = model.threshold_
     anomalous = None if threshold is None else result.score > threshold
     if writes:
-        print(f"{path}: score {result.score:.6g}" + ("" if anomalous is None else f" ({'anomalous' if anomalous else 'good'})")
-              + f"; {height} x {width} px in {elapsed:.1f} s ({height * width / 1e6 / elapsed:.2f} MP/s)")
-    return {"path": str(path), "score": result.score, "anomalous": anomalous, "map": f"{stem}_map.tif",
-            "quicklook": f"{stem}_quicklook.png", "size": [height, width], "seconds": elapsed}
+        print(
+            f"{path}: score {result.score:.6g}"
+            + ("" if anomalous is None else f" ({'anomalous' if anomalous else 'good'})")
+            + f"; {height} x {width} px in {elapsed:.1f} s ({height * width / 1e6 / elapsed:.2f} MP/s)"
+        )
+    return {
+        "path": str(path),
+        "score": result.score,
+        "anomalous": anomalous,
+        "map": f"{stem}_map.tif",
+        "quicklook": f"{stem}_quicklook.png",
+        "size": [height, width],
+        "seconds": elapsed,
+    }
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -179,11 +215,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.data, "test")  # evaluate applies the method's transform()
     result = evaluate(model, dataset)
     report_dir = output_folder(args.report, "--report")
-    write_json(report_dir / "metrics.json", dict(result.metrics, per_defect=result.per_defect,
-                                                  model=str(args.model), data=str(args.data)))
+    write_json(
+        report_dir / "metrics.json",
+        dict(result.metrics, per_defect=result.per_defect, model=str(args.model), data=str(args.data)),
+    )
     info = {"method": model.method_name, "file": str(args.model), "parameters": model.get_params()}
-    path = write_report(result, report_dir, title=f"fastad {model.method_name} on {Path(args.data).name}", model_info=info)
-    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "latency_ms", "throughput_img_s", "n_images"):
+    path = write_report(
+        result, report_dir, title=f"fastad {model.method_name} on {Path(args.data).name}", model_info=info
+    )
+    for key in (
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "f1_max",
+        "threshold",
+        "latency_ms",
+        "throughput_img_s",
+        "n_images",
+    ):
         value = result.metrics.get(key)
         print(f"  {key:18s} {'n/a' if value is None else (f'{value:.4f}' if isinstance(value, float) else value)}")
     print(f"report: {path}")
@@ -192,12 +241,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     import fastad
+
     from .methods import available_methods
 
     info = fastad.build_info()
-    print(f"fastad {info['version']} (built against torch {info['torch_version']}; torch {torch.__version__} installed)")
-    print(f"  CUDA kernels: {'yes, for ' + info['cuda_archs'] if info['cuda'] else 'not built'}; "
-          f"OpenMP: {'yes' if info['openmp'] else 'no'}, {info['threads']} threads")
+    print(
+        f"fastad {info['version']} (built against torch {info['torch_version']}; torch {torch.__version__} installed)"
+    )
+    print(
+        f"  CUDA kernels: {'yes, for ' + info['cuda_archs'] if info['cuda'] else 'not built'}; "
+        f"OpenMP: {'yes' if info['openmp'] else 'no'}, {info['threads']} threads"
+    )
     print("devices:")
     print(f"  cpu ({os.cpu_count()} cores)")
     if torch.cuda.is_available():
@@ -221,7 +275,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastad", description="Visual anomaly detection with pretrained deep features.")
+    parser = argparse.ArgumentParser(
+        prog="fastad", description="Visual anomaly detection with pretrained deep features."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="fit a method on normal images and write a model file")
@@ -232,18 +288,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other method parameter (repeatable)")
-    p.add_argument("--tile", type=int, metavar="PX",
-                   help="fit at native resolution, each image read in tiles of PX pixels (PatchCore, SPADE; "
-                        "give --set resize=null --set crop=null); no images are held back for a threshold")
+    p.add_argument(
+        "--tile",
+        type=int,
+        metavar="PX",
+        help="fit at native resolution, each image read in tiles of PX pixels (PatchCore, SPADE; "
+        "give --set resize=null --set crop=null); no images are held back for a threshold",
+    )
     p.set_defaults(run=cmd_fit)
 
     p = sub.add_parser("predict", help="score images; write maps as PNG and scores as JSON")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device")
-    p.add_argument("--tile", type=int, metavar="PX",
-                   help="score each image at its own resolution in tiles of PX pixels (PatchCore, SPADE; GeoTIFF, "
-                        "TIFF, PNG, JPEG or .npy): the map as a GeoTIFF with the input's georeference, and a quick-look")
+    p.add_argument(
+        "--tile",
+        type=int,
+        metavar="PX",
+        help="score each image at its own resolution in tiles of PX pixels (PatchCore, SPADE; GeoTIFF, "
+        "TIFF, PNG, JPEG or .npy): the map as a GeoTIFF with the input's georeference, and a quick-look",
+    )
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(run=cmd_predict)
 

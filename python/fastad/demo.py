@@ -20,8 +20,11 @@ import fastad
 
 def show_build() -> None:
     info = fastad.build_info()
-    print(f"fastad {info['version']} (torch {info['torch_version']}; CUDA kernels {'built' if info['cuda'] else 'not built'}, "
-          f"GPU {'available' if info['cuda_available'] else 'not available'}; {info['threads']} CPU threads)")
+    print(
+        f"fastad {info['version']} (torch {info['torch_version']}; "
+        f"CUDA kernels {'built' if info['cuda'] else 'not built'}, "
+        f"GPU {'available' if info['cuda_available'] else 'not available'}; {info['threads']} CPU threads)"
+    )
 
 
 def run(data: Path, report_dir: Path, texture: str, seed: int, device: str) -> dict:
@@ -37,15 +40,24 @@ def run(data: Path, report_dir: Path, texture: str, seed: int, device: str) -> d
     start = time.perf_counter()
     model.fit(train)
     fit_s = time.perf_counter() - start
-    print(f"fit: PatchCore on {model.n_train_images_} images in {fit_s:.1f} s; bank of {model.bank_.shape[0]} patches "
-          f"({model.bank_.shape[1]} dims) from {model.n_patches_}; threshold {model.threshold_:.4g} from held-back good images")
+    print(
+        f"fit: PatchCore on {model.n_train_images_} images in {fit_s:.1f} s; bank of {model.bank_.shape[0]} patches "
+        f"({model.bank_.shape[1]} dims) from {model.n_patches_}; threshold {model.threshold_:.4g} "
+        "from held-back good images"
+    )
 
     result = evaluate(model, test)
-    path = write_report(result, report_dir, title=f"fastad demo: PatchCore on synthetic {texture}",
-                        model_info={"method": "patchcore", "parameters": model.get_params(), "fit_s": round(fit_s, 2)})
+    path = write_report(
+        result,
+        report_dir,
+        title=f"fastad demo: PatchCore on synthetic {texture}",
+        model_info={"method": "patchcore", "parameters": model.get_params(), "fit_s": round(fit_s, 2)},
+    )
     m = result.metrics
-    print(f"image AUROC {m['image_auroc']:.3f}   pixel AUROC {m['pixel_auroc']:.3f}   AUPRO {m['aupro']:.3f}   "
-          f"F1-max {m['f1_max']:.3f}")
+    print(
+        f"image AUROC {m['image_auroc']:.3f}   pixel AUROC {m['pixel_auroc']:.3f}   AUPRO {m['aupro']:.3f}   "
+        f"F1-max {m['f1_max']:.3f}"
+    )
     print(f"latency {m['latency_ms']:.1f} ms per image at batch 1, {m['throughput_img_s']:.1f} images/s at batch 32")
     print(f"report: {path.resolve()}")
     return m

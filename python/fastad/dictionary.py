@@ -72,15 +72,26 @@ class DictionaryLearner:
         n_steps_: mini-batches seen.
     """
 
-    def __init__(self, groups: int, n_atoms: int, dim: int, n_nonzero: int, *, batch_size: int = 256,
-                 seed: int = 0, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        groups: int,
+        n_atoms: int,
+        dim: int,
+        n_nonzero: int,
+        *,
+        batch_size: int = 256,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.groups = check_int(groups, "groups", meaning="the number of dictionaries G")
         self.n_atoms = check_int(n_atoms, "n_atoms", meaning="atoms per dictionary K")
         self.dim = check_int(dim, "dim", meaning="features per signal d")
         self.n_nonzero = check_int(n_nonzero, "n_nonzero", meaning="atoms per signal s")
         if n_nonzero > min(n_atoms, dim):
-            raise ValueError(f"n_nonzero must be at most min(n_atoms, dim) = {min(n_atoms, dim)} "
-                             f"(n_atoms = {n_atoms}, dim = {dim}), got {n_nonzero}")
+            raise ValueError(
+                f"n_nonzero must be at most min(n_atoms, dim) = {min(n_atoms, dim)} "
+                f"(n_atoms = {n_atoms}, dim = {dim}), got {n_nonzero}"
+            )
         self.batch_size = check_int(batch_size, "batch_size", meaning="signals per mini-batch")
         self.seed = check_int(seed, "seed", minimum=0)
         self.device = check_device(device)
@@ -99,8 +110,7 @@ class DictionaryLearner:
         if x.dtype != torch.float32:
             raise TypeError(f"{name} must be float32, got {x.dtype} (cast it with .float())")
         if x.dim() != 3 or x.shape[0] != self.groups or x.shape[2] != self.dim:
-            raise ValueError(f"{name} must have shape (G, M, d) = ({self.groups}, M, {self.dim}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(f"{name} must have shape (G, M, d) = ({self.groups}, M, {self.dim}), got {tuple(x.shape)}")
         if x.shape[1] < 1:
             raise ValueError(f"{name} must hold at least one signal per group (M >= 1), got {tuple(x.shape)}")
         if x.device != self.device:
@@ -176,7 +186,7 @@ class DictionaryLearner:
             order = torch.randperm(n, generator=order_generator).to(x.device) if shuffle else None
             for start in range(0, n, batch):
                 # A gathered copy per batch rather than one shuffled copy of all the data.
-                rows = x.index_select(1, order[start:start + batch]) if shuffle else x[:, start:start + batch]
+                rows = x.index_select(1, order[start : start + batch]) if shuffle else x[:, start : start + batch]
                 self._step(rows)
         return self
 
@@ -216,12 +226,12 @@ class DictionaryLearner:
         replacements = replacements * (rank < worst.shape[1]).unsqueeze(-1)
         replacements = self._normalised_or_random(replacements)
         for j in range(k):  # K is tiny; every step is batched over the groups
-            step = (B[:, j] - (A[:, j].unsqueeze(1) @ D).squeeze(1)) / diag[:, j:j + 1].clamp_min(UNUSED_ATOM)
+            step = (B[:, j] - (A[:, j].unsqueeze(1) @ D).squeeze(1)) / diag[:, j : j + 1].clamp_min(UNUSED_ATOM)
             updated = D[:, j] + step
             norm = updated.norm(dim=-1, keepdim=True)
             # An update that cancels the atom (only when it is nearly unused) keeps the old one.
             updated = torch.where(norm > TINY_NORM, updated / norm.clamp_min(TINY_NORM), D[:, j])
-            D[:, j] = torch.where(unused[:, j:j + 1], replacements[:, j], updated)
+            D[:, j] = torch.where(unused[:, j : j + 1], replacements[:, j], updated)
 
     def _dense_codes(self, x: Tensor, dictionary: Tensor) -> Tensor:
         """(G, M, K) OMP codes of ``x`` as dense rows (zero for atoms not used)."""
@@ -278,8 +288,17 @@ class SampledLassoDictionaries:
     CPU (scikit-learn's per-call overhead on tiny matrices), so 30 s for MLF-SC's 896 channels.
     """
 
-    def __init__(self, groups: int, n_atoms: int, dim: int, *, alpha: float = 1.0, steps: int = 50,
-                 batch_size: int = 3, seed: int = 0) -> None:
+    def __init__(
+        self,
+        groups: int,
+        n_atoms: int,
+        dim: int,
+        *,
+        alpha: float = 1.0,
+        steps: int = 50,
+        batch_size: int = 3,
+        seed: int = 0,
+    ) -> None:
         self.groups = check_int(groups, "groups", meaning="the number of dictionaries G")
         self.n_atoms = check_int(n_atoms, "n_atoms", meaning="atoms per dictionary K")
         self.dim = check_int(dim, "dim", meaning="features per signal d")
@@ -373,8 +392,13 @@ class SampledLassoDictionaries:
         try:
             for i, g in enumerate(groups):
                 learner = MiniBatchDictionaryLearning(
-                    n_components=self.n_atoms, alpha=self.alpha, fit_algorithm="lars", batch_size=batch,
-                    dict_init=init[g].copy(), shuffle=False, random_state=self.seed,
+                    n_components=self.n_atoms,
+                    alpha=self.alpha,
+                    fit_algorithm="lars",
+                    batch_size=batch,
+                    dict_init=init[g].copy(),
+                    shuffle=False,
+                    random_state=self.seed,
                 )
                 for rows in order:
                     learner.partial_fit(sample[g, rows])

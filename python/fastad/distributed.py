@@ -36,9 +36,22 @@ from torch import Tensor
 
 from ._checks import check_int
 
-__all__ = ["CommunicationLog", "all_gather_objects", "all_reduce_sum", "barrier", "init_from_environment", "process_device",
-           "all_gather_rows", "is_distributed", "kcenter_greedy", "knn_across_shards", "rows_across_shards", "shard", "shard_data",
-           "world"]
+__all__ = [
+    "CommunicationLog",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "barrier",
+    "init_from_environment",
+    "process_device",
+    "all_gather_rows",
+    "is_distributed",
+    "kcenter_greedy",
+    "knn_across_shards",
+    "rows_across_shards",
+    "shard",
+    "shard_data",
+    "world",
+]
 
 
 def _dist():
@@ -122,14 +135,17 @@ def all_gather_rows(rows: Tensor | None, group=None) -> Tensor | None:
     ``rows``' device; CPU where this process has none): the tensor one process would hold had it
     made every block. A process may give None (it made no rows); all None gives None. The
     processes' rows must agree in everything but N_r (else a ValueError on every process)."""
-    meta = all_gather_objects(None if rows is None else (tuple(rows.shape), str(rows.dtype).removeprefix("torch.")),
-                              group)
+    meta = all_gather_objects(
+        None if rows is None else (tuple(rows.shape), str(rows.dtype).removeprefix("torch.")), group
+    )
     present = [m for m in meta if m is not None]
     if not present:
         return None
     if len({(shape[1:], dtype) for shape, dtype in present}) > 1:
-        raise ValueError("the processes' rows differ in shape or dtype beyond their count: "
-                         + ", ".join(f"process {r}: {m[1]} {m[0]}" for r, m in enumerate(meta) if m is not None))
+        raise ValueError(
+            "the processes' rows differ in shape or dtype beyond their count: "
+            + ", ".join(f"process {r}: {m[1]} {m[0]}" for r, m in enumerate(meta) if m is not None)
+        )
     tail, dtype = present[0][0][1:], getattr(torch, present[0][1])
     if not is_distributed(group):
         return rows
@@ -154,14 +170,16 @@ def shard_data(data, group=None) -> tuple[object, int, int]:
     elif is_map_dataset(data):
         total = len(data)
     else:
-        raise ValueError(f"fitting across {world(group)[1]} processes splits the training images by index: give a "
-                         f"data set or an image tensor, not a {type(data).__name__} (a DataLoader cannot be split here)")
+        raise ValueError(
+            f"fitting across {world(group)[1]} processes splits the training images by index: give a "
+            f"data set or an image tensor, not a {type(data).__name__} (a DataLoader cannot be split here)"
+        )
     rank, size = world(group)
     if total < size:
         raise ValueError(f"fitting across {size} processes needs at least one training image per process, got {total}")
     block = shard(total, rank, size)
     if isinstance(data, torch.Tensor):
-        part = data[block.start:block.stop] if data.dim() == 4 else data
+        part = data[block.start : block.stop] if data.dim() == 4 else data
     else:
         part = torch.utils.data.Subset(data, list(block))
     return part, block.start, total
@@ -208,8 +226,9 @@ def _all_gather(tensor: Tensor, size: int, group, log: CommunicationLog | None, 
 
 
 @torch.no_grad()
-def kcenter_greedy(x: Tensor, k: int, *, start: int = 0, group=None,
-                   log: CommunicationLog | None = None) -> tuple[Tensor, Tensor]:
+def kcenter_greedy(
+    x: Tensor, k: int, *, start: int = 0, group=None, log: CommunicationLog | None = None
+) -> tuple[Tensor, Tensor]:
     """Greedy k-center selection over the rows of every rank's ``x`` taken together.
 
     ``x`` (n_r, D) holds this rank's rows, which are rows ``offset_r .. offset_r + n_r`` of the
@@ -282,17 +301,29 @@ def kcenter_greedy(x: Tensor, k: int, *, start: int = 0, group=None,
 
 def _check_shard(shard: Tensor, rows: Tensor) -> None:
     if not isinstance(shard, Tensor) or shard.dim() != 2:
-        raise ValueError(f"shard must be a 2-D tensor (n, D) of this rank's bank rows, got "
-                         f"{tuple(shard.shape) if isinstance(shard, Tensor) else type(shard).__name__}")
+        raise ValueError(
+            f"shard must be a 2-D tensor (n, D) of this rank's bank rows, got "
+            f"{tuple(shard.shape) if isinstance(shard, Tensor) else type(shard).__name__}"
+        )
     if not isinstance(rows, Tensor) or rows.dtype != torch.int64 or rows.shape != (shard.shape[0],):
-        raise ValueError(f"rows must be an int64 tensor ({shard.shape[0]},) of the shard's global row indices, got "
-                         f"{(rows.dtype, tuple(rows.shape)) if isinstance(rows, Tensor) else type(rows).__name__}")
+        raise ValueError(
+            f"rows must be an int64 tensor ({shard.shape[0]},) of the shard's global row indices, got "
+            f"{(rows.dtype, tuple(rows.shape)) if isinstance(rows, Tensor) else type(rows).__name__}"
+        )
 
 
 @torch.no_grad()
-def knn_across_shards(query: Tensor, shard: Tensor, rows: Tensor, k: int, *, squared: bool = False,
-                      prepared: Tensor | None = None, group=None,
-                      log: CommunicationLog | None = None) -> tuple[Tensor, Tensor]:
+def knn_across_shards(
+    query: Tensor,
+    shard: Tensor,
+    rows: Tensor,
+    k: int,
+    *,
+    squared: bool = False,
+    prepared: Tensor | None = None,
+    group=None,
+    log: CommunicationLog | None = None,
+) -> tuple[Tensor, Tensor]:
     """The ``k`` nearest rows of a bank split across the ranks, for a query every rank holds.
 
     ``query`` (M, D): the same on every rank. ``shard`` (n_r, D): this rank's rows of the bank
@@ -333,8 +364,9 @@ def knn_across_shards(query: Tensor, shard: Tensor, rows: Tensor, k: int, *, squ
 
 
 @torch.no_grad()
-def rows_across_shards(indices: Tensor, shard: Tensor, rows: Tensor, *, group=None,
-                       log: CommunicationLog | None = None) -> Tensor:
+def rows_across_shards(
+    indices: Tensor, shard: Tensor, rows: Tensor, *, group=None, log: CommunicationLog | None = None
+) -> Tensor:
     """Rows ``indices`` (any shape, int64 indices of the whole bank) of a bank split across the
     ranks, on every rank: (*indices.shape, D) float32 on ``shard``'s device. Each row comes from
     the rank that holds it (one all-reduce of the result's size: the others add zeros, and

@@ -18,8 +18,8 @@ from .methods.base import AnomalyModel
 class EvaluationResult:
     """Per-image results of one test set and the metrics computed from them.
 
-    ``images`` (N, 3, H, W), ``maps`` (None for an image-level method) and ``masks`` (N, H, W) are kept for the report; ``labels``
-    (N,) 0/1, ``scores`` (N,), ``defects`` and ``paths`` lists of N strings.
+    ``images`` (N, 3, H, W), ``maps`` (None for an image-level method) and ``masks`` (N, H, W) are kept
+    for the report; ``labels`` (N,) 0/1, ``scores`` (N,), ``defects`` and ``paths`` lists of N strings.
     """
 
     metrics: dict[str, Any]
@@ -39,7 +39,9 @@ class EvaluationResult:
 def _collect(model: AnomalyModel, dataset) -> dict[str, Any]:
     """Predicts every item of ``dataset`` (after the model's transform), batching consecutive
     items of one size."""
-    out: dict[str, list] = {k: [] for k in ("images", "maps", "scores", "masks", "has_mask", "labels", "defects", "paths")}
+    out: dict[str, list] = {
+        k: [] for k in ("images", "maps", "scores", "masks", "has_mask", "labels", "defects", "paths")
+    }
     for group in group_by_size(iterate(model._prepared(dataset)), model.batch_size):
         images = stack_images(group)
         if images.shape[0] != len(group):
@@ -153,6 +155,15 @@ def evaluate(model: AnomalyModel, dataset, *, latency_images: int = 10, throughp
         per_defect[defect] = entry
 
     return EvaluationResult(
-        metrics=m, per_defect=per_defect, images=images, maps=maps, masks=masks, has_mask=has_mask,
-        labels=labels, scores=scores, defects=c["defects"], paths=c["paths"], threshold=threshold,
+        metrics=m,
+        per_defect=per_defect,
+        images=images,
+        maps=maps,
+        masks=masks,
+        has_mask=has_mask,
+        labels=labels,
+        scores=scores,
+        defects=c["defects"],
+        paths=c["paths"],
+        threshold=threshold,
     )

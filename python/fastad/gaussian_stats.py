@@ -31,7 +31,14 @@ from torch import Tensor
 from ._checks import check_choice
 from .ops import mahalanobis_factor_layout
 
-__all__ = ["GaussianAccumulator", "regularized_covariance", "precision_cholesky", "precision_factors", "check_regularization", "COVARIANCE_ESTIMATORS"]
+__all__ = [
+    "GaussianAccumulator",
+    "regularized_covariance",
+    "precision_cholesky",
+    "precision_factors",
+    "check_regularization",
+    "COVARIANCE_ESTIMATORS",
+]
 
 COVARIANCE_ESTIMATORS = ("empirical", "ledoit_wolf")
 
@@ -62,8 +69,9 @@ def _all_reduce_symmetric_(matrices: Tensor, group) -> None:
     matrices[:, cols, rows] = packed
 
 
-def _shift_moments(count: int, s1: Tensor, s2: Tensor, t3: Tensor | None, q4: Tensor | None,
-                   d: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+def _shift_moments(
+    count: int, s1: Tensor, s2: Tensor, t3: Tensor | None, q4: Tensor | None, d: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Moments of ``y + d`` from the moments of ``y`` (all for one chunk of Q positions).
 
     Inputs (float64): ``s1 = sum y`` (Q, D), ``s2 = sum y y^T`` (Q, D, D), ``t3 = sum |y|^2 y``
@@ -88,10 +96,22 @@ def _shift_moments(count: int, s1: Tensor, s2: Tensor, t3: Tensor | None, q4: Te
     trace = s2.diagonal(dim1=-2, dim2=-1).sum(-1)
     new_q4 = new_t3 = None
     if q4 is not None and t3 is not None:
-        new_q4 = (q4 + 4.0 * _batched_dot(t3, d) + 4.0 * _batched_dot(d, s2d)
-                  + 2.0 * dd * trace + 4.0 * dd * s1d + n * dd * dd)
-        new_t3 = (t3 + trace.unsqueeze(-1) * d + 2.0 * s2d + 2.0 * s1d.unsqueeze(-1) * d
-                  + dd.unsqueeze(-1) * s1 + n * dd.unsqueeze(-1) * d)
+        new_q4 = (
+            q4
+            + 4.0 * _batched_dot(t3, d)
+            + 4.0 * _batched_dot(d, s2d)
+            + 2.0 * dd * trace
+            + 4.0 * dd * s1d
+            + n * dd * dd
+        )
+        new_t3 = (
+            t3
+            + trace.unsqueeze(-1) * d
+            + 2.0 * s2d
+            + 2.0 * s1d.unsqueeze(-1) * d
+            + dd.unsqueeze(-1) * s1
+            + n * dd.unsqueeze(-1) * d
+        )
     outer = s1.unsqueeze(-1) * d.unsqueeze(-2)  # s1 d^T
     new_s2 = s2 + outer + outer.mT + n * (d.unsqueeze(-1) * d.unsqueeze(-2))
     new_s1 = s1 + n * d
@@ -121,12 +141,18 @@ class GaussianAccumulator:
     (P, D, D) and optionally the fourth-moment sums, with ``y = x - s``.
     """
 
-    def __init__(self, positions: int, dim: int, *, device: torch.device | str | None = None,
-                 fourth_moments: bool = False, position_chunk: int = 256) -> None:
+    def __init__(
+        self,
+        positions: int,
+        dim: int,
+        *,
+        device: torch.device | str | None = None,
+        fourth_moments: bool = False,
+        position_chunk: int = 256,
+    ) -> None:
         self.positions = _check_positive_int(positions, "positions", "P, the number of Gaussians")
         self.dim = _check_positive_int(dim, "dim", "D, the embedding dimension")
-        self.position_chunk = _check_positive_int(position_chunk, "position_chunk",
-                                                  "positions processed at once")
+        self.position_chunk = _check_positive_int(position_chunk, "position_chunk", "positions processed at once")
         if not isinstance(fourth_moments, bool):
             raise TypeError(f"fourth_moments must be a bool, got {type(fourth_moments).__name__}")
         self.fourth_moments = fourth_moments
@@ -146,8 +172,10 @@ class GaussianAccumulator:
             self._sum_norm4 = torch.zeros(P, dtype=_F64, device=self.device)
 
     def __repr__(self) -> str:
-        return (f"GaussianAccumulator(positions={self.positions}, dim={self.dim}, count={self._count}, "
-                f"device={str(self.device)!r}, fourth_moments={self.fourth_moments})")
+        return (
+            f"GaussianAccumulator(positions={self.positions}, dim={self.dim}, count={self._count}, "
+            f"device={str(self.device)!r}, fourth_moments={self.fourth_moments})"
+        )
 
     @property
     def count(self) -> int:
@@ -184,8 +212,10 @@ class GaussianAccumulator:
             raise ValueError(f"x must be 3-D (B, P={self.positions}, D={self.dim}), got shape {tuple(x.shape)}")
         B, P, D = x.shape
         if P != self.positions or D != self.dim:
-            raise ValueError(f"x must have shape (B, P={self.positions}, D={self.dim}) to match this "
-                             f"accumulator, got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (B, P={self.positions}, D={self.dim}) to match this "
+                f"accumulator, got {tuple(x.shape)}"
+            )
         if B < 1:
             raise ValueError(f"x must hold at least one sample (B >= 1), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
@@ -223,11 +253,15 @@ class GaussianAccumulator:
         if not isinstance(other, GaussianAccumulator):
             raise TypeError(f"other must be a GaussianAccumulator, got {type(other).__name__}")
         if (other.positions, other.dim) != (self.positions, self.dim):
-            raise ValueError(f"cannot merge accumulators of different shapes: (P, D) = "
-                             f"({self.positions}, {self.dim}) and ({other.positions}, {other.dim})")
+            raise ValueError(
+                f"cannot merge accumulators of different shapes: (P, D) = "
+                f"({self.positions}, {self.dim}) and ({other.positions}, {other.dim})"
+            )
         if self.fourth_moments and not other.fourth_moments:
-            raise ValueError("cannot merge: this accumulator tracks fourth moments (for Ledoit-Wolf) "
-                             "but other does not; build both with fourth_moments=True")
+            raise ValueError(
+                "cannot merge: this accumulator tracks fourth moments (for Ledoit-Wolf) "
+                "but other does not; build both with fourth_moments=True"
+            )
         return other
 
     @torch.no_grad()
@@ -264,7 +298,7 @@ class GaussianAccumulator:
         for start in self._chunks():
             c = slice(start, start + self.position_chunk)
 
-            def moments(acc: GaussianAccumulator) -> tuple:
+            def moments(acc: GaussianAccumulator, c: slice = c) -> tuple:
                 t3 = acc._sum_norm2_vec[c].to(self.device) if track4 else None
                 q4 = acc._sum_norm4[c].to(self.device) if track4 else None
                 return acc._sum[c].to(self.device), acc._sum_outer[c].to(self.device), t3, q4
@@ -310,7 +344,9 @@ class GaussianAccumulator:
             t3 = self._sum_norm2_vec[c] if track4 else None
             q4 = self._sum_norm4[c] if track4 else None
             moments = _shift_moments(self._count, self._sum[c], self._sum_outer[c], t3, q4, d[c])
-            for target, value in zip((self._sum, self._sum_outer, self._sum_norm2_vec, self._sum_norm4), moments):
+            for target, value in zip(
+                (self._sum, self._sum_outer, self._sum_norm2_vec, self._sum_norm4), moments, strict=True
+            ):
                 if value is None:
                     continue
                 if target is self._sum_outer:
@@ -327,8 +363,9 @@ class GaussianAccumulator:
 
     def _require_count(self, minimum: int, what: str) -> None:
         if self._count < minimum:
-            raise ValueError(f"{what} needs at least {minimum} sample(s) per position, "
-                             f"this accumulator has seen {self._count}")
+            raise ValueError(
+                f"{what} needs at least {minimum} sample(s) per position, this accumulator has seen {self._count}"
+            )
 
     def mean(self) -> Tensor:
         """The per-position mean, (P, D) float64."""
@@ -342,8 +379,10 @@ class GaussianAccumulator:
         if not isinstance(ddof, int) or isinstance(ddof, bool) or ddof < 0:
             raise ValueError(f"ddof must be a non-negative int, got {ddof!r}")
         if self._count <= ddof:
-            raise ValueError(f"covariance with ddof={ddof} needs more than {ddof} sample(s) per "
-                             f"position, this accumulator has seen {self._count}")
+            raise ValueError(
+                f"covariance with ddof={ddof} needs more than {ddof} sample(s) per "
+                f"position, this accumulator has seen {self._count}"
+            )
         n = self._count
         first, end = self._range(positions)
         out = self._sum_outer.new_empty((end - first, self.dim, self.dim))
@@ -364,8 +403,10 @@ class GaussianAccumulator:
         contiguous slice of the positions, to bound the output's memory.
         """
         if not self.fourth_moments:
-            raise ValueError("ledoit_wolf needs fourth moments: build the accumulator with "
-                             "GaussianAccumulator(..., fourth_moments=True)")
+            raise ValueError(
+                "ledoit_wolf needs fourth moments: build the accumulator with "
+                "GaussianAccumulator(..., fourth_moments=True)"
+            )
         self._require_count(1, "ledoit_wolf")
         n, p = self._count, self.dim
         first, end = self._range(positions)
@@ -375,7 +416,8 @@ class GaussianAccumulator:
             mean_y = self._sum[c] / n
             # Centred moments: shift the sums by -mean(y) (see _shift_moments for the expansion).
             _, centred_s2, _, centred_q4 = _shift_moments(
-                n, self._sum[c], self._sum_outer[c], self._sum_norm2_vec[c], self._sum_norm4[c], -mean_y)
+                n, self._sum[c], self._sum_outer[c], self._sum_norm2_vec[c], self._sum_norm4[c], -mean_y
+            )
             emp = _symmetrize_(centred_s2 / n)
             mu = emp.diagonal(dim1=-2, dim2=-1).sum(-1) / p  # (Pc,)
             # scikit-learn's ledoit_wolf_shrinkage, with X the centred samples:
@@ -451,8 +493,9 @@ def check_regularization(covariance: Any, eps: Any) -> float:
     return float(eps)
 
 
-def regularized_covariance(acc: GaussianAccumulator, covariance: str = "empirical", eps: float = 0.01, *,
-                           positions: slice | None = None) -> Tensor:
+def regularized_covariance(
+    acc: GaussianAccumulator, covariance: str = "empirical", eps: float = 0.01, *, positions: slice | None = None
+) -> Tensor:
     """The covariance a Gaussian method inverts, (P, D, D) float64 (or that of a contiguous slice
     of the positions).
 
@@ -509,8 +552,10 @@ def precision_cholesky(covariance: Tensor, *, first_position: int = 0) -> Tensor
     not_symmetric = asym > 1e-8 * scale.clamp_min(torch.finfo(_F64).tiny)
     if bool(not_symmetric.any()):
         first = int(not_symmetric.nonzero()[0])
-        raise ValueError(f"covariance at position {first_position + first} is not symmetric "
-                         f"(max |C - C^T| = {float(asym[first]):.3g})")
+        raise ValueError(
+            f"covariance at position {first_position + first} is not symmetric "
+            f"(max |C - C^T| = {float(asym[first]):.3g})"
+        )
     flipped = cov.flip(-2, -1)  # J C J
     factor, info = torch.linalg.cholesky_ex(flipped)
     pivots = factor.diagonal(dim1=-2, dim2=-1)
@@ -518,9 +563,11 @@ def precision_cholesky(covariance: Tensor, *, first_position: int = 0) -> Tensor
     failed = (info != 0) | too_small | (scale <= 0)
     if bool(failed.any()):
         first = int(failed.nonzero()[0])
-        raise ValueError(f"covariance at position {first_position + first} is singular or not positive definite "
-                         f"({int(failed.sum())} of {Q} positions fail); regularise it with eps > 0 "
-                         f"or use covariance='ledoit_wolf'")
+        raise ValueError(
+            f"covariance at position {first_position + first} is singular or not positive definite "
+            f"({int(failed.sum())} of {Q} positions fail); regularise it with eps > 0 "
+            f"or use covariance='ledoit_wolf'"
+        )
     eye = torch.eye(D, dtype=_F64, device=cov.device).expand(Q, D, D)
     factor_inv = torch.linalg.solve_triangular(factor, eye, upper=False)  # K^-1, lower
     return factor_inv.mT.flip(-2, -1).contiguous()  # J K^-T J, lower
@@ -529,8 +576,9 @@ def precision_cholesky(covariance: Tensor, *, first_position: int = 0) -> Tensor
 _FACTOR_CHUNK_BYTES = 2 * 2**20
 
 
-def precision_factors(acc: GaussianAccumulator, covariance: str = "empirical", eps: float = 0.01, *,
-                      dtype: torch.dtype = torch.float32) -> Tensor:
+def precision_factors(
+    acc: GaussianAccumulator, covariance: str = "empirical", eps: float = 0.01, *, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """What ``fastad.ops.mahalanobis`` takes: the lower Cholesky factor of every position's
     precision, (P, D, D) in ``dtype``, from ``regularized_covariance(acc, covariance, eps)``.
 

@@ -33,7 +33,9 @@ def _rasterio():
     try:
         import rasterio
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("reading and writing GeoTIFFs needs rasterio: pip install 'fastad[geo]' (or pip install rasterio)") from exc
+        raise ImportError(
+            "reading and writing GeoTIFFs needs rasterio: pip install 'fastad[geo]' (or pip install rasterio)"
+        ) from exc
     return rasterio
 
 
@@ -60,7 +62,9 @@ class RasterReader:
     data. Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, path: str | os.PathLike, *, bands: tuple[int, int, int] | None = None, scale: float | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, bands: tuple[int, int, int] | None = None, scale: float | None = None
+    ) -> None:
         rasterio = _rasterio()
         self.path = Path(path)
         if not self.path.is_file():
@@ -82,7 +86,9 @@ class RasterReader:
                 bands = (1, 2, 3)
             else:
                 self.close()
-                raise ValueError(f"{self.path} has {ds.count} bands; say which three to use as R, G, B (bands=(r, g, b))")
+                raise ValueError(
+                    f"{self.path} has {ds.count} bands; say which three to use as R, G, B (bands=(r, g, b))"
+                )
         bands = tuple(int(b) for b in bands)
         if len(bands) != 3 or not all(1 <= b <= ds.count for b in bands):
             self.close()
@@ -174,17 +180,34 @@ class MapWriter:
     renames both files into place, otherwise (or on an exception inside ``with``) removes them.
     """
 
-    def __init__(self, path: str | os.PathLike, height: int, width: int, *, like: RasterReader | None = None,
-                 quicklook: str | os.PathLike | None = None, quicklook_side: int = 2048) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        height: int,
+        width: int,
+        *,
+        like: RasterReader | None = None,
+        quicklook: str | os.PathLike | None = None,
+        quicklook_side: int = 2048,
+    ) -> None:
         rasterio = _rasterio()
         self.path = Path(path)
         self.quicklook = None if quicklook is None else Path(quicklook)
         self.shape = (int(height), int(width))
         self._tmp = self.path.with_name(f".{self.path.name}.partial")
         profile = {
-            "driver": "GTiff", "dtype": "float32", "count": 1, "height": height, "width": width,
-            "tiled": True, "blockxsize": 512, "blockysize": 512, "compress": "deflate", "predictor": 3,
-            "nodata": float("nan"), "BIGTIFF": "IF_SAFER",
+            "driver": "GTiff",
+            "dtype": "float32",
+            "count": 1,
+            "height": height,
+            "width": width,
+            "tiled": True,
+            "blockxsize": 512,
+            "blockysize": 512,
+            "compress": "deflate",
+            "predictor": 3,
+            "nodata": float("nan"),
+            "BIGTIFF": "IF_SAFER",
         }
         if like is not None and like.crs is not None:
             profile["crs"] = like.crs
@@ -204,9 +227,16 @@ class MapWriter:
         from rasterio.windows import Window
 
         rows = np.asarray(rows, dtype=np.float32)
-        if y0 != self._next_row or rows.ndim != 2 or rows.shape[1] != self.shape[1] or y0 + rows.shape[0] > self.shape[0]:
-            raise ValueError(f"rows must come in order as (n, {self.shape[1]}) bands; expected row {self._next_row}, "
-                             f"got {rows.shape} at row {y0}")
+        if (
+            y0 != self._next_row
+            or rows.ndim != 2
+            or rows.shape[1] != self.shape[1]
+            or y0 + rows.shape[0] > self.shape[0]
+        ):
+            raise ValueError(
+                f"rows must come in order as (n, {self.shape[1]}) bands; expected row {self._next_row}, "
+                f"got {rows.shape} at row {y0}"
+            )
         self._ds.write(rows, 1, window=Window(0, y0, self.shape[1], rows.shape[0]))
         reduced = block_max(rows, self._factor)
         np.fmax.at(self._small, np.arange(y0, y0 + rows.shape[0]) // self._factor, reduced)

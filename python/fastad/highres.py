@@ -151,8 +151,9 @@ def _predict_large(model, reader, geometry: TileGeometry, tile: int, out: Any, b
         emit = _discard
     elif isinstance(out, np.ndarray):
         if out.shape != (height, width) or out.dtype != np.float32:
-            raise ValueError(f"out must be a float32 (H, W) = ({height}, {width}) array or np.memmap, got "
-                             f"{out.dtype} {out.shape}")
+            raise ValueError(
+                f"out must be a float32 (H, W) = ({height}, {width}) array or np.memmap, got {out.dtype} {out.shape}"
+            )
         if not out.flags.writeable:
             raise ValueError("out is read-only (an np.memmap opened with mode='r'?)")
         array = out
@@ -162,8 +163,10 @@ def _predict_large(model, reader, geometry: TileGeometry, tile: int, out: Any, b
     elif callable(getattr(out, "write", None)) and tuple(getattr(out, "shape", ())) == (height, width):
         emit = out.write
     else:
-        raise ValueError(f"out must be None, a float32 ({height}, {width}) array or a sink with write(y0, rows) "
-                         f"and shape ({height}, {width}), got {type(out).__name__}")
+        raise ValueError(
+            f"out must be None, a float32 ({height}, {width}) array or a sink with write(y0, rows) "
+            f"and shape ({height}, {width}), got {type(out).__name__}"
+        )
     valid = getattr(reader, "valid", None)
     if rank != 0:  # process 0 alone writes the map (see the module docstring); out is checked above all the same
         emit = _discard
@@ -190,8 +193,15 @@ def _predict_large(model, reader, geometry: TileGeometry, tile: int, out: Any, b
                 top[0] = max(top[0], float(np.nanmax(rows)))
             emit(y0, rows)
 
-        _pixel_map_in_bands(torch.from_numpy(patch_map), s, (height, width), model.upsample_mode,
-                            float(model.blur_sigma), masked_emit, band)
+        _pixel_map_in_bands(
+            torch.from_numpy(patch_map),
+            s,
+            (height, width),
+            model.upsample_mode,
+            float(model.blur_sigma),
+            masked_emit,
+            band,
+        )
         score = image_score(outputs, patch_valid)
         if score is None:  # the method's image score is the map's maximum
             score = top[0] if math.isfinite(top[0]) else math.nan
@@ -204,8 +214,15 @@ def _discard(y0: int, rows: np.ndarray) -> None:
     """Where the map rows of a process other than 0 of a group go."""
 
 
-def _stitched_outputs(scorer: TiledScorer, reader, geometry: TileGeometry, tile: int, device, progress,
-                      part: tuple[int, int] | None = None) -> np.ndarray:
+def _stitched_outputs(
+    scorer: TiledScorer,
+    reader,
+    geometry: TileGeometry,
+    tile: int,
+    device,
+    progress,
+    part: tuple[int, int] | None = None,
+) -> np.ndarray:
     """(C, ceil(H / s), ceil(W / s)) outputs of ``scorer.fn`` (its first ``stitched`` channels),
     every core shown to ``scorer.observe`` on the way. ``part`` (rank, size): this process makes
     its block of the tiles and the processes' maps are summed (each place is made by one tile)."""
@@ -213,11 +230,22 @@ def _stitched_outputs(scorer: TiledScorer, reader, geometry: TileGeometry, tile:
     s = geometry.stride
     out = None
     if part is not None and scorer.observe is not None and scorer.merge is None:
-        raise ValueError("this method's tiled scorer observes every tile but cannot merge what it saw across "
-                         "processes (TiledScorer.merge)")
-    for (oy, ox), core in tiling.tiled_cores(scorer.fn, reader, tile=tile, halo=geometry.halo, stride=s,
-                                             align=geometry.align, same_padding=geometry.same_padding,
-                                             device=device, progress=progress, part=part):
+        raise ValueError(
+            "this method's tiled scorer observes every tile but cannot merge what it saw across "
+            "processes (TiledScorer.merge)"
+        )
+    for (oy, ox), core in tiling.tiled_cores(
+        scorer.fn,
+        reader,
+        tile=tile,
+        halo=geometry.halo,
+        stride=s,
+        align=geometry.align,
+        same_padding=geometry.same_padding,
+        device=device,
+        progress=progress,
+        part=part,
+    ):
         if scorer.observe is not None:
             scorer.observe((oy, ox), core)
         kept = core if scorer.stitched is None else core[: scorer.stitched]
@@ -266,8 +294,11 @@ def fit_large(model: Any, images: Any, *, tile: int = 1024, progress: bool | Non
         rank, size = distributed.world()
         reason = model._cannot_fit_across_processes()
         if reason or not model.fits_tiled_across_processes:
-            raise ValueError(reason or f"{type(model).__name__} does not fit tile by tile across processes "
-                             f"(torch.distributed has {size}): fit it in one process, or with fit() on resized images")
+            raise ValueError(
+                reason
+                or f"{type(model).__name__} does not fit tile by tile across processes "
+                f"(torch.distributed has {size}): fit it in one process, or with fit() on resized images"
+            )
         images = list(images)
         if len(images) < size:
             raise ValueError(f"fitting across {size} processes needs at least one image per process, got {len(images)}")
@@ -361,7 +392,9 @@ def measured_halo(fn, stride: int, align: int, device) -> int:
     return -(-field.radius // align) * align + align
 
 
-def window_around(position: tuple[int, int], size: tuple[int, int], geometry: TileGeometry) -> tuple[int, int, int, int]:
+def window_around(
+    position: tuple[int, int], size: tuple[int, int], geometry: TileGeometry
+) -> tuple[int, int, int, int]:
     """The read window (y0, y1, x0, x1) of one ``align`` cell around input ``position`` with the
     method's halo, clipped to the image (and, for "same" padding, grown to the image's length
     modulo ``align``): what a method re-reads to recompute one patch's feature exactly as the tile
@@ -381,10 +414,12 @@ def upsample_by_stride(patch_maps: Tensor, stride: int, size: tuple[int, int], m
     return up[:, : size[0], : size[1]]
 
 
-def _pixel_map_in_bands(patch_map: Tensor, stride: int, size: tuple[int, int], mode: str, sigma: float,
-                        emit, band: int) -> None:
+def _pixel_map_in_bands(
+    patch_map: Tensor, stride: int, size: tuple[int, int], mode: str, sigma: float, emit, band: int
+) -> None:
     """Upsamples and blurs the whole (h, w) patch map into (H, W) rows, ``band`` rows at a time,
-    each band handed to ``emit(y0, rows)`` in order. A band is computed from the patch rows that cover it plus the blur's radius and the
+    each band handed to ``emit(y0, rows)`` in order. A band is computed from the patch rows that
+    cover it plus the blur's radius and the
     interpolation's reach; rows within the halo of an inner band edge are discarded, and at the
     image's own top and bottom the blur mirrors exactly as on the whole map."""
     height, width = size

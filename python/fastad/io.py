@@ -304,12 +304,25 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
 # leaves behind) and the tensors stream to disk without a copy. Files are read by safetensors.
 
 _DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.complex64: "C64",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
 }
-for _attr, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
-                     ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+for _attr, _code in (
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+):
     if hasattr(torch, _attr):
         _DTYPES[getattr(torch, _attr)] = _code
 del _attr, _code
@@ -320,7 +333,9 @@ def _write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: 
     (u64 little-endian), the JSON header padded with spaces to a multiple of 8, then the tensors'
     bytes, largest element size first and by name (the order safetensors itself writes)."""
     if sys.byteorder != "little":
-        raise NotImplementedError("model files are little-endian; writing them on a big-endian machine is not supported")
+        raise NotImplementedError(
+            "model files are little-endian; writing them on a big-endian machine is not supported"
+        )
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
@@ -349,8 +364,9 @@ def save_model_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], h
     return write_model_file(path, tensors, header)[0]
 
 
-def write_model_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
-                     header: dict[str, Any]) -> tuple[Path, str]:
+def write_model_file(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], header: dict[str, Any]
+) -> tuple[Path, str]:
     """:func:`save_model_file`, returning ``(path, checksum)``: the checksum is what
     :func:`load_model_file` reads back as ``header["digest"]`` (an index file names its parts by it)."""
     path = Path(path)
@@ -455,7 +471,9 @@ def load_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             except Exception:
                 reason = None
             detail = str(exc).replace(f"/proc/self/fd/{raw.fileno()}", str(path))
-            raise ModelFileError(reason or f"{path} is not a readable model file (damaged or not safetensors): {detail}") from exc
+            raise ModelFileError(
+                reason or f"{path} is not a readable model file (damaged or not safetensors): {detail}"
+            ) from exc
 
     if _METADATA_KEY not in metadata:
         raise ModelFileError(f"{path} is a safetensors file but not a fastad model (no '{_METADATA_KEY}' header)")
@@ -467,8 +485,9 @@ def load_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise ModelFileError(f"{path}: the header does not describe a fastad model")
     version = header.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ModelFileError(f"{path}: the header's format_version is {version!r}, not a version number; "
-                             "the file was damaged or edited")
+        raise ModelFileError(
+            f"{path}: the header's format_version is {version!r}, not a version number; the file was damaged or edited"
+        )
     if version > FORMAT_VERSION:
         intact = header.get("digest") == tensor_digest(tensors, header)  # as far as this version can tell
         raise ModelFileError(
@@ -477,5 +496,7 @@ def load_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             + ("" if intact else " (unless the file is damaged: it does not match its checksum)")
         )
     if header.get("digest") != tensor_digest(tensors, header):
-        raise ModelFileError(f"{path}: the header and tensors do not match their checksum; the file was modified or damaged")
+        raise ModelFileError(
+            f"{path}: the header and tensors do not match their checksum; the file was modified or damaged"
+        )
     return tensors, header

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -41,11 +40,15 @@ def _check_prepared(prepared, bank: Tensor) -> None:
         return
     _check_tensors(prepared=prepared)
     if prepared.device != bank.device:
-        raise ValueError(f"prepared must be on the bank's device ({bank.device}), got {prepared.device}; "
-                         "make it with fastad.ops.knn_prepare(bank)")
+        raise ValueError(
+            f"prepared must be on the bank's device ({bank.device}), got {prepared.device}; "
+            "make it with fastad.ops.knn_prepare(bank)"
+        )
 
 
-def knn(query: Tensor, bank: Tensor, k: int, *, squared: bool = False, prepared: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def knn(
+    query: Tensor, bank: Tensor, k: int, *, squared: bool = False, prepared: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Exact k nearest rows of ``bank`` for every row of ``query`` in Euclidean distance.
 
     Args:
@@ -181,7 +184,9 @@ def mahalanobis_factor_layout(L: Tensor) -> Tensor:
     factor at a time on every call), contiguous on CUDA. Returns ``L`` itself when it already is,
     else a copy (same values). For models that hold their factors between calls."""
     if not isinstance(L, Tensor) or L.dim() != 3:
-        raise TypeError(f"L must be a (Q, D, D) tensor, got {type(L).__name__ if not isinstance(L, Tensor) else tuple(L.shape)}")
+        raise TypeError(
+            f"L must be a (Q, D, D) tensor, got {type(L).__name__ if not isinstance(L, Tensor) else tuple(L.shape)}"
+        )
     if L.device.type == "cpu":
         return L if L.stride(1) == 1 or L.shape[1] == 1 else L.mT.contiguous().mT
     return L.contiguous()
@@ -256,8 +261,10 @@ def omp_reconstruct(indices: Tensor, coefs: Tensor, dictionary: Tensor) -> Tenso
         each signal's squared error from it). Memory: a (G, M, s, d) gather.
     """
     if indices.dim() != 3 or coefs.shape != indices.shape or dictionary.dim() != 3:
-        raise ValueError(f"need indices and coefs (G, M, s) and dictionary (G, K, d), got shapes "
-                         f"{tuple(indices.shape)}, {tuple(coefs.shape)} and {tuple(dictionary.shape)}")
+        raise ValueError(
+            f"need indices and coefs (G, M, s) and dictionary (G, K, d), got shapes "
+            f"{tuple(indices.shape)}, {tuple(coefs.shape)} and {tuple(dictionary.shape)}"
+        )
     if indices.dtype != torch.int64:
         raise TypeError(f"indices must be int64, got {indices.dtype}")
     g, m, s = indices.shape
@@ -279,4 +286,13 @@ def omp_error(x: Tensor, indices: Tensor, coefs: Tensor, dictionary: Tensor) -> 
     return (x - omp_reconstruct(indices, coefs, dictionary)).square().sum(-1)
 
 
-__all__ = ["kcenter_greedy", "knn", "knn_prepare", "mahalanobis", "mahalanobis_factor_layout", "omp", "omp_error", "omp_reconstruct"]
+__all__ = [
+    "kcenter_greedy",
+    "knn",
+    "knn_prepare",
+    "mahalanobis",
+    "mahalanobis_factor_layout",
+    "omp",
+    "omp_error",
+    "omp_reconstruct",
+]

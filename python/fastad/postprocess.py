@@ -122,8 +122,12 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:
     kernel = _gaussian_weights(sigma).to(device=maps.device, dtype=maps.dtype)
     n = maps.shape[0]
     batch = maps.unsqueeze(0)  # (1, N, H, W): each map a channel of a depthwise convolution
-    batch = F.conv2d(F.pad(batch, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).expand(n, 1, 1, -1), groups=n)
-    batch = F.conv2d(F.pad(batch, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).expand(n, 1, -1, 1), groups=n)
+    batch = F.conv2d(
+        F.pad(batch, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).expand(n, 1, 1, -1), groups=n
+    )
+    batch = F.conv2d(
+        F.pad(batch, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).expand(n, 1, -1, 1), groups=n
+    )
     return batch.squeeze(0)
 
 

@@ -7,7 +7,9 @@ import torch
 from torch import Tensor
 
 
-def knn(query: Tensor, bank: Tensor, k: int, *, squared: bool = False, prepared: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def knn(
+    query: Tensor, bank: Tensor, k: int, *, squared: bool = False, prepared: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """k nearest bank rows of each query row: float64 sums of squared differences, sorted
     stably so that equal distances come in index order. ``prepared`` (see :func:`knn_prepare`)
     only saves the kernel work; the meaning is the same with or without it."""
@@ -51,8 +53,10 @@ def kcenter_greedy(x: Tensor, k: int, *, start: int = 0) -> tuple[Tensor, Tensor
         row = int(nearest.masked_fill(selected, -1.0).argmax())
         indices.append(row)
         radii.append(float(nearest[row]))
-    return (torch.tensor(indices, dtype=torch.int64, device=x.device),
-            torch.tensor(radii, dtype=torch.float32, device=x.device))
+    return (
+        torch.tensor(indices, dtype=torch.int64, device=x.device),
+        torch.tensor(radii, dtype=torch.float32, device=x.device),
+    )
 
 
 def mahalanobis(x: Tensor, mean: Tensor, L: Tensor) -> Tensor:
@@ -61,8 +65,10 @@ def mahalanobis(x: Tensor, mean: Tensor, L: Tensor) -> Tensor:
     triangle is ignored), sum the squares. x (B, P, D), mean (P or 1, D), L (P or 1, D, D) lower
     Cholesky factors of the precisions; returns (B, P) float32. Builds the (B, P, D) differences."""
     if x.dim() != 3 or mean.dim() != 2 or L.dim() != 3:
-        raise ValueError(f"need x (B, P, D), mean (P or 1, D) and L (P or 1, D, D), got shapes "
-                         f"{tuple(x.shape)}, {tuple(mean.shape)} and {tuple(L.shape)}")
+        raise ValueError(
+            f"need x (B, P, D), mean (P or 1, D) and L (P or 1, D, D), got shapes "
+            f"{tuple(x.shape)}, {tuple(mean.shape)} and {tuple(L.shape)}"
+        )
     centred = x.double() - mean.double()  # (B, P, D); a shared mean broadcasts over positions
     factor = torch.tril(L.double())  # (Q, D, D); a shared factor broadcasts over positions
     projected = torch.einsum("bpi,pij->bpj", centred, factor.expand(x.shape[1], -1, -1))
@@ -80,8 +86,9 @@ def omp(x: Tensor, dictionary: Tensor, n_nonzero: int) -> tuple[Tensor, Tensor]:
     ties among unselected atoms go to the lowest index. x (G, M, d), dictionary (G, K, d) with unit
     rows; returns (indices (G, M, s) int64 in selection order, -1 unused; coefs (G, M, s) float32)."""
     if x.dim() != 3 or dictionary.dim() != 3:
-        raise ValueError(f"need x (G, M, d) and dictionary (G, K, d), got shapes {tuple(x.shape)} "
-                         f"and {tuple(dictionary.shape)}")
+        raise ValueError(
+            f"need x (G, M, d) and dictionary (G, K, d), got shapes {tuple(x.shape)} and {tuple(dictionary.shape)}"
+        )
     eps = torch.finfo(torch.float32).eps
     g_size, m_size, _ = x.shape
     indices = torch.full((g_size, m_size, n_nonzero), -1, dtype=torch.int64)

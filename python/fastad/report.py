@@ -98,8 +98,13 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows) + "</table>"
 
 
-def write_report(result: EvaluationResult, out_dir: str | Path, *, title: str = "fastad evaluation",
-                 model_info: dict[str, Any] | None = None) -> Path:
+def write_report(
+    result: EvaluationResult,
+    out_dir: str | Path,
+    *,
+    title: str = "fastad evaluation",
+    model_info: dict[str, Any] | None = None,
+) -> Path:
     """Writes ``report.html`` into ``out_dir`` (created if needed) and returns its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,8 +113,10 @@ def write_report(result: EvaluationResult, out_dir: str | Path, *, title: str = 
 
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if model_info:
-        parts.append("<h2>Model</h2>" + _table([(k, json.dumps(v) if isinstance(v, (dict, list)) else v)
-                                                 for k, v in model_info.items()]))
+        parts.append(
+            "<h2>Model</h2>"
+            + _table([(k, json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in model_info.items()])
+        )
     parts.append("<h2>Metrics</h2>" + _table(list(result.metrics.items())))
     if result.per_defect:
         head = "<tr><th>defect</th><th>images</th><th>image AUROC</th><th>pixel AUROC</th></tr>"
@@ -123,26 +130,43 @@ def write_report(result: EvaluationResult, out_dir: str | Path, *, title: str = 
     figs = ([roc] if roc else []) + [_histogram_figure(result)]
     parts.append("<div>" + "".join(f'<img class="fig" src="{_data_uri(p)}" alt="figure">' for p in figs) + "</div>")
 
-    parts.append("<h2>Cases</h2><p>" + (f"Heat maps share one colour scale, from {vmin:.4g} to {vmax:.4g}." if has_maps
-                                        else "This method scores whole images; it makes no anomaly maps.") + "</p>")
+    parts.append(
+        "<h2>Cases</h2><p>"
+        + (
+            f"Heat maps share one colour scale, from {vmin:.4g} to {vmax:.4g}."
+            if has_maps
+            else "This method scores whole images; it makes no anomaly maps."
+        )
+        + "</p>"
+    )
     for caption, indices in _cases(result):
         if not indices:
             continue
         cells = []
         for i in indices:
             gt = viz.mask_to_rgb(result.masks[i]) if bool(result.has_mask[i]) else None
-            pics = [("image", viz.image_to_rgb(result.images[i])),
-                    ("ground truth" if gt is not None else "no mask", gt),
-                    ("heat map" if has_maps else "no map", viz.overlay(result.images[i], result.maps[i], vmin=vmin, vmax=vmax) if has_maps else None)]
+            pics = [
+                ("image", viz.image_to_rgb(result.images[i])),
+                ("ground truth" if gt is not None else "no mask", gt),
+                (
+                    "heat map" if has_maps else "no map",
+                    viz.overlay(result.images[i], result.maps[i], vmin=vmin, vmax=vmax) if has_maps else None,
+                ),
+            ]
             imgs = "".join(
-                f'<figure><img src="{_data_uri(viz.png_bytes(p))}" alt="{name}"><figcaption>{name}</figcaption></figure>'
-                if p is not None else f"<figure><div class='empty'>{name}</div><figcaption>{name}</figcaption></figure>"
+                (
+                    f'<figure><img src="{_data_uri(viz.png_bytes(p))}" alt="{name}">'
+                    f"<figcaption>{name}</figcaption></figure>"
+                )
+                if p is not None
+                else f"<figure><div class='empty'>{name}</div><figcaption>{name}</figcaption></figure>"
                 for name, p in pics
             )
             label = "anomalous" if int(result.labels[i]) else "good"
             cells.append(
                 f"<div class='case'><p>{html.escape(Path(result.paths[i]).name)} &middot; "
-                f"{html.escape(result.defects[i])} ({label}) &middot; score {float(result.scores[i]):.4g}</p>{imgs}</div>"
+                f"{html.escape(result.defects[i])} ({label}) &middot; score {float(result.scores[i]):.4g}</p>"
+                f"{imgs}</div>"
             )
         parts.append(f"<h3>{html.escape(caption)}</h3>" + "".join(cells))
 

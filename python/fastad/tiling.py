@@ -181,9 +181,7 @@ class ArrayReader:
         elif isinstance(array, np.ndarray):
             _check_numeric_dtype(array.dtype, "array")
         else:
-            raise TypeError(
-                f"array must be a numpy array, np.memmap or torch.Tensor, got {type(array).__name__}"
-            )
+            raise TypeError(f"array must be a numpy array, np.memmap or torch.Tensor, got {type(array).__name__}")
         self._kind = _layout_of(tuple(array.shape), channels_last, "array")
         self._array = array
         self._shape = _chw_shape(tuple(array.shape), self._kind)
@@ -229,12 +227,13 @@ class _MappedFileArray:
 
     def copy_region(self, index: tuple[slice, ...]) -> np.ndarray:
         start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be aligned
-        with open(self.path, "rb") as f, mmap.mmap(
-            f.fileno(), length=self.offset - start + self.nbytes, access=mmap.ACCESS_READ, offset=start
-        ) as mapped:
-            whole = np.ndarray(
-                self.shape, self.dtype, buffer=mapped, offset=self.offset - start, order=self.order
-            )
+        with (
+            open(self.path, "rb") as f,
+            mmap.mmap(
+                f.fileno(), length=self.offset - start + self.nbytes, access=mmap.ACCESS_READ, offset=start
+            ) as mapped,
+        ):
+            whole = np.ndarray(self.shape, self.dtype, buffer=mapped, offset=self.offset - start, order=self.order)
             region = np.array(whole[index])  # a copy: the mapping closes below
             del whole  # release the buffer export so the mapping can close
         return region
@@ -315,9 +314,7 @@ def _import_tifffile():
     try:
         import tifffile  # lazy: only TIFF users pay for it
     except ImportError as exc:  # pragma: no cover - it ships with scikit-image
-        raise ImportError(
-            "TiffReader needs tifffile (installed with scikit-image): pip install tifffile"
-        ) from exc
+        raise ImportError("TiffReader needs tifffile (installed with scikit-image): pip install tifffile") from exc
     return tifffile
 
 
@@ -350,9 +347,7 @@ class TiffReader(_FileReader):
             shape, axes = tuple(int(n) for n in s.shape), s.axes
             dtype = np.dtype(tif.byteorder + s.dtype.char)
             if offset is None:
-                raise ValueError(
-                    f"TiffReader cannot read {p} lazily: {_why_not_contiguous(page)}; {_CONVERT_HINT}"
-                )
+                raise ValueError(f"TiffReader cannot read {p} lazily: {_why_not_contiguous(page)}; {_CONVERT_HINT}")
         _check_numeric_dtype(dtype, str(p))
         self._kind = _tiff_layout(axes, shape, p)
         self._shape = _chw_shape(shape, self._kind)
@@ -693,15 +688,26 @@ def tiled_sum(
     sums are kept, never the output map. Arguments as for :func:`tiled_apply`."""
     total, count = None, 0
     with torch.inference_mode():
-        for _, core in tiled_cores(fn, reader, tile=tile, halo=halo, stride=stride, align=align,
-                                   same_padding=same_padding, device=device, progress=progress):
+        for _, core in tiled_cores(
+            fn,
+            reader,
+            tile=tile,
+            halo=halo,
+            stride=stride,
+            align=align,
+            same_padding=same_padding,
+            device=device,
+            progress=progress,
+        ):
             part = core.to(torch.float64).sum(dim=(1, 2)).cpu()
             total = part if total is None else total + part
             count += core.shape[1] * core.shape[2]
     return total, count
 
 
-def _tile_outputs(fn, reader, tiles, batch_tiles, stride, device, dtype, progress, what) -> Iterator[tuple[_Tile, Tensor]]:
+def _tile_outputs(
+    fn, reader, tiles, batch_tiles, stride, device, dtype, progress, what
+) -> Iterator[tuple[_Tile, Tensor]]:
     """(tile, fn's output for its window (C_out, h', w')) for every tile, with a bar over tiles.
     The callers hold inference mode around the loop (a mode entered inside a generator would stay
     on for them if they stopped with an exception)."""
@@ -711,7 +717,7 @@ def _tile_outputs(fn, reader, tiles, batch_tiles, stride, device, dtype, progres
             batch = _read_batch(reader, group)
             y = fn(batch.to(device=device, dtype=dtype))
             _check_output(y, group, stride)
-            yield from zip(group, y)
+            yield from zip(group, y, strict=True)
             bar.update(len(group))
     finally:
         bar.close()
@@ -857,9 +863,10 @@ def _probe(fn, channels, n, stride_hint, trials, gen, device, dtype) -> tuple[in
             cols = torch.arange(n, device=device).view(1, n)
             distance = torch.maximum((rows - py).abs(), (cols - px).abs())
 
+            # changes is called only within this iteration: the loop variables it reads are current.
             def changes(rho: int) -> bool:
-                probe = torch.where(distance > rho, other, base)
-                return not torch.equal(fn(probe)[..., c[0], c[1]], reference)
+                probe = torch.where(distance > rho, other, base)  # noqa: B023
+                return not torch.equal(fn(probe)[..., c[0], c[1]], reference)  # noqa: B023
 
             border = min(py, px, n - 1 - py, n - 1 - px)
             if not changes(-1):

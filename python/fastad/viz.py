@@ -41,8 +41,9 @@ def heatmap(amap, *, vmin: float | None = None, vmax: float | None = None, cmap:
     return (colormaps[cmap](scaled)[..., :3] * 255.0 + 0.5).astype(np.uint8)
 
 
-def overlay(image, amap, *, alpha: float = 0.5, vmin: float | None = None, vmax: float | None = None,
-            cmap: str = "jet") -> np.ndarray:
+def overlay(
+    image, amap, *, alpha: float = 0.5, vmin: float | None = None, vmax: float | None = None, cmap: str = "jet"
+) -> np.ndarray:
     """The heat map of ``amap`` blended over ``image`` with weight ``alpha``: (H, W, 3) uint8."""
     rgb = image_to_rgb(image)
     heat = heatmap(amap, vmin=vmin, vmax=vmax, cmap=cmap)

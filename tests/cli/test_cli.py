@@ -27,8 +27,9 @@ pytest.importorskip("skimage", reason="the synthetic data set is cut from scikit
 def dataset(tmp_path_factory):
     from fastad.data import make_synthetic_dataset
 
-    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "grass", seed=5, n_train=20,
-                                  n_test_good=6, n_test_per_defect=3)
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("data") / "grass", seed=5, n_train=20, n_test_good=6, n_test_per_defect=3
+    )
 
 
 class _Images(HTMLParser):
@@ -48,8 +49,26 @@ def test_fit_predict_evaluate(dataset, tmp_path, capsys):
     from fastad.data import load_image, open_dataset
 
     model_path = tmp_path / "toy.safetensors"
-    assert main(["fit", "--method", "toy-mean", "--data", str(dataset), "--model", str(model_path),
-                 "--batch-size", "8", "--set", "pool=16", "--set", "holdout=0.2"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--method",
+                "toy-mean",
+                "--data",
+                str(dataset),
+                "--model",
+                str(model_path),
+                "--batch-size",
+                "8",
+                "--set",
+                "pool=16",
+                "--set",
+                "holdout=0.2",
+            ]
+        )
+        == 0
+    )
     assert "fitted toy-mean on 16 images" in capsys.readouterr().out
     model = AnomalyModel.load(model_path)
     assert model.pool == 16 and model.batch_size == 8 and model.threshold_ is not None
@@ -73,7 +92,16 @@ def test_fit_predict_evaluate(dataset, tmp_path, capsys):
     report = tmp_path / "report"
     assert main(["evaluate", "--model", str(model_path), "--data", str(dataset), "--report", str(report)]) == 0
     m = json.loads((report / "metrics.json").read_text())
-    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "latency_ms", "throughput_img_s", "n_images"):
+    for key in (
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "f1_max",
+        "threshold",
+        "latency_ms",
+        "throughput_img_s",
+        "n_images",
+    ):
         assert key in m, key
     test_set = open_dataset(dataset, "test")
     assert m["n_images"] == len(test_set) == 6 + 4 * 3
@@ -102,11 +130,26 @@ def test_bad_command_lines(dataset, tmp_path, capsys):
     assert "key=value" in capsys.readouterr().err
     assert main(["fit", "--method", "toy-mean", "--data", str(dataset), "--model", model, "--set", "colour=1"]) == 1
     assert "colour" in capsys.readouterr().err
-    assert main(["fit", "--method", "toy-mean", "--backbone", "resnet18", "--data", str(dataset), "--model", model]) == 1
+    assert (
+        main(["fit", "--method", "toy-mean", "--backbone", "resnet18", "--data", str(dataset), "--model", model]) == 1
+    )
     assert "no parameter 'backbone'" in capsys.readouterr().err
     assert main(["fit", "--method", "toy-mean", "--data", str(tmp_path / "absent"), "--model", model]) == 1
     assert "absent" in capsys.readouterr().err
-    assert main(["evaluate", "--model", str(tmp_path / "none.safetensors"), "--data", str(dataset), "--report", str(tmp_path)]) == 1
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "none.safetensors"),
+                "--data",
+                str(dataset),
+                "--report",
+                str(tmp_path),
+            ]
+        )
+        == 1
+    )
     assert "none.safetensors" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--method", "toy-mean"])
@@ -133,20 +176,42 @@ def test_python_dash_m_fastad_runs():
     assert "fastad" in out.stdout and "devices:" in out.stdout
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("patchcore", ["--set", "coreset_ratio=0.2"]),
-    ("spade", ["--set", "k_images=5"]),
-    ("padim", ["--set", "n_features=40"]),
-    ("gaussian_ad", ["--set", "layers=[\"block2\", \"block4\", \"head\"]"]),
-    ("mlfsc", ["--set", "layers=[\"block1\", \"block2\"]", "--set", "cutoff=0", "--set", "dictionary_steps=5"]),
-])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("patchcore", ["--set", "coreset_ratio=0.2"]),
+        ("spade", ["--set", "k_images=5"]),
+        ("padim", ["--set", "n_features=40"]),
+        ("gaussian_ad", ["--set", 'layers=["block2", "block4", "head"]']),
+        ("mlfsc", ["--set", 'layers=["block1", "block2"]', "--set", "cutoff=0", "--set", "dictionary_steps=5"]),
+    ],
+)
 def test_backbone_methods_through_the_cli(method, extra, dataset, tmp_path, capsys):
     """fit / evaluate of the real methods on Lite0 (the one backbone with offline weights); the
     images are made 64 px so that this stays a few seconds."""
     require_lite0()
     model_path = tmp_path / f"{method}.safetensors"
-    assert main(["fit", "--method", method, "--backbone", "efficientnet_lite0", "--data", str(dataset),
-                 "--model", str(model_path), "--set", "resize=64", "--set", "crop=null", *extra]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--method",
+                method,
+                "--backbone",
+                "efficientnet_lite0",
+                "--data",
+                str(dataset),
+                "--model",
+                str(model_path),
+                "--set",
+                "resize=64",
+                "--set",
+                "crop=null",
+                *extra,
+            ]
+        )
+        == 0
+    )
     assert f"fitted {method} on 18 images" in capsys.readouterr().out
     model = AnomalyModel.load(model_path)
     assert model.method_name == method and model.resize == 64 and model.crop is None
@@ -186,10 +251,16 @@ def _bad_image(kind: str, dataset, folder):
     elif kind == "text":
         data = b"this is a text file with an image's name\n"
     else:  # "too-large": a header claiming 100000 x 100000 pixels, past PIL's decompression-bomb limit
+
         def chunk(kind, body):
             return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+        data = (
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b"")
+        )
     path = folder / f"bad {kind}.png"
     path.write_bytes(data)
     return path
@@ -224,7 +295,9 @@ def test_predict_stops_at_a_bad_image_without_half_written_files(dataset, toy_mo
     assert main(["predict", "--model", str(toy_model_file), "--out", str(out), str(good), str(bad)]) == 1
     _check_one_line_error(capsys.readouterr().err, bad)
     left = sorted(p.name for p in out.iterdir())
-    assert "scores.json" not in left and not [name for name in left if name.startswith(".") or name.endswith(".tmp")], left
+    assert "scores.json" not in left and not [name for name in left if name.startswith(".") or name.endswith(".tmp")], (
+        left
+    )
     for name in left:
         with Image.open(out / name) as image:
             image.load()  # complete: decodes every pixel
@@ -235,12 +308,16 @@ def test_an_output_path_that_is_a_file_is_named(option, dataset, toy_model_file,
     taken = tmp_path / "taken"
     taken.write_text("keep me")
     image = sorted((dataset / "test").rglob("*.png"))[0]
-    args = (["predict", "--model", str(toy_model_file), "--out", str(taken), str(image)] if option == "predict"
-            else ["evaluate", "--model", str(toy_model_file), "--data", str(dataset), "--report", str(taken)])
+    args = (
+        ["predict", "--model", str(toy_model_file), "--out", str(taken), str(image)]
+        if option == "predict"
+        else ["evaluate", "--model", str(toy_model_file), "--data", str(dataset), "--report", str(taken)]
+    )
     assert main(args) == 1
     flag = "--out" if option == "predict" else "--report"
     assert capsys.readouterr().err.strip() == (
-        f"fastad {option}: error: {flag} {taken} exists and is not a folder; give a folder for the output files")
+        f"fastad {option}: error: {flag} {taken} exists and is not a folder; give a folder for the output files"
+    )
     assert taken.read_text() == "keep me"
 
 
@@ -255,23 +332,78 @@ def test_predict_tiled_writes_a_georeferenced_map(dataset, tmp_path, capsys):
     from fastad.highres import predict_large
 
     model_path = tmp_path / "patchcore.safetensors"
-    assert main(["fit", "--method", "patchcore", "--backbone", "efficientnet_lite0", "--data", str(dataset),
-                 "--model", str(model_path), "--set", "resize=null", "--set", "crop=null", "--set", "holdout=0",
-                 "--set", "coreset_ratio=1"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--method",
+                "patchcore",
+                "--backbone",
+                "efficientnet_lite0",
+                "--data",
+                str(dataset),
+                "--model",
+                str(model_path),
+                "--set",
+                "resize=null",
+                "--set",
+                "crop=null",
+                "--set",
+                "holdout=0",
+                "--set",
+                "coreset_ratio=1",
+            ]
+        )
+        == 0
+    )
     # The same fit, each training image read tile by tile: the same bank (all patches kept, so no
     # near-tie in the coreset can make the two differ).
     tiled_path = tmp_path / "patchcore-tiled.safetensors"
-    assert main(["fit", "--method", "patchcore", "--backbone", "efficientnet_lite0", "--data", str(dataset),
-                 "--model", str(tiled_path), "--set", "resize=null", "--set", "crop=null", "--set", "coreset_ratio=1",
-                 "--tile", "64"]) == 0
-    torch.testing.assert_close(AnomalyModel.load(tiled_path).bank_, AnomalyModel.load(model_path).bank_, rtol=1e-4, atol=1e-4)
+    assert (
+        main(
+            [
+                "fit",
+                "--method",
+                "patchcore",
+                "--backbone",
+                "efficientnet_lite0",
+                "--data",
+                str(dataset),
+                "--model",
+                str(tiled_path),
+                "--set",
+                "resize=null",
+                "--set",
+                "crop=null",
+                "--set",
+                "coreset_ratio=1",
+                "--tile",
+                "64",
+            ]
+        )
+        == 0
+    )
+    torch.testing.assert_close(
+        AnomalyModel.load(tiled_path).bank_, AnomalyModel.load(model_path).bank_, rtol=1e-4, atol=1e-4
+    )
     tiles = [load_image(p) for p in sorted((dataset / "test").rglob("*.png"))[:4]]
     scene = torch.cat([torch.cat(tiles[:2], dim=2), torch.cat(tiles[2:], dim=2)], dim=1)  # 2 x 2 images
     pixels = (scene.numpy() * 255 + 0.5).astype(np.uint8)
     transform = Affine(2.0, 0.0, 300000.0, 0.0, -2.0, 5000000.0)
     path = tmp_path / "scene.tif"
-    with rasterio.open(path, "w", driver="GTiff", height=pixels.shape[1], width=pixels.shape[2], count=3,
-                       dtype="uint8", crs="EPSG:3035", transform=transform, tiled=True, compress="deflate") as ds:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        height=pixels.shape[1],
+        width=pixels.shape[2],
+        count=3,
+        dtype="uint8",
+        crs="EPSG:3035",
+        transform=transform,
+        tiled=True,
+        compress="deflate",
+    ) as ds:
         ds.write(pixels)
     out = tmp_path / "pred"
     assert main(["predict", "--model", str(model_path), "--out", str(out), "--tile", "128", str(path)]) == 0
@@ -288,6 +420,9 @@ def test_predict_tiled_writes_a_georeferenced_map(dataset, tmp_path, capsys):
 
 def test_predict_tiled_refuses_a_method_that_does_not_tile(dataset, toy_model_file, tmp_path, capsys):
     image = sorted((dataset / "test").rglob("*.png"))[0]
-    assert main(["predict", "--model", str(toy_model_file), "--out", str(tmp_path / "o"), "--tile", "256", str(image)]) == 1
+    assert (
+        main(["predict", "--model", str(toy_model_file), "--out", str(tmp_path / "o"), "--tile", "256", str(image)])
+        == 1
+    )
     err = capsys.readouterr().err
     assert "does not score images tile by tile" in err and "Traceback" not in err

@@ -34,9 +34,28 @@ def tiny_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("siamese_cli")
     data = _write_zip(folder / "tiny.zip", {"train": 96, "test": 32})
     model = folder / "tiny.safetensors"
-    status = main(["siamese", "train", "--data", str(data), "--model", str(model), "--epochs", "2",
-                   "--curve", str(folder / "curve.png"),
-                   "--heldout", "32", "--set", "channels=[4,4,8,8,8]", "--set", "embed_dim=4", "--set", "hidden=4"])
+    status = main(
+        [
+            "siamese",
+            "train",
+            "--data",
+            str(data),
+            "--model",
+            str(model),
+            "--epochs",
+            "2",
+            "--curve",
+            str(folder / "curve.png"),
+            "--heldout",
+            "32",
+            "--set",
+            "channels=[4,4,8,8,8]",
+            "--set",
+            "embed_dim=4",
+            "--set",
+            "hidden=4",
+        ]
+    )
     assert status == 0
     return model
 
@@ -59,8 +78,23 @@ def test_detect_writes_map_files(tiny_model, tmp_path):
     Image.fromarray(template).save(tmp_path / "a.png")
     Image.fromarray(inspected).save(tmp_path / "b.png")
     out = tmp_path / "out"
-    assert main(["siamese", "detect", "--model", str(tiny_model), "--template", str(tmp_path / "a.png"),
-                 "--inspected", str(tmp_path / "b.png"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "siamese",
+                "detect",
+                "--model",
+                str(tiny_model),
+                "--template",
+                str(tmp_path / "a.png"),
+                "--inspected",
+                str(tmp_path / "b.png"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "detection.json").read_text())
     cells = np.load(out / "map.npy")
     assert cells.shape == (15, 19) and summary["map_shape"] == [15, 19] and summary["step"] == 4
@@ -70,19 +104,60 @@ def test_detect_writes_map_files(tiny_model, tmp_path):
     # Tiled from .npy files: the same map.
     np.save(tmp_path / "a.npy", template)
     np.save(tmp_path / "b.npy", inspected)
-    assert main(["siamese", "detect", "--model", str(tiny_model), "--template", str(tmp_path / "a.npy"),
-                 "--inspected", str(tmp_path / "b.npy"), "--out", str(tmp_path / "tiled"), "--tile", "32"]) == 0
+    assert (
+        main(
+            [
+                "siamese",
+                "detect",
+                "--model",
+                str(tiny_model),
+                "--template",
+                str(tmp_path / "a.npy"),
+                "--inspected",
+                str(tmp_path / "b.npy"),
+                "--out",
+                str(tmp_path / "tiled"),
+                "--tile",
+                "32",
+            ]
+        )
+        == 0
+    )
     np.testing.assert_allclose(np.load(tmp_path / "tiled" / "map.npy"), cells, atol=1e-5)
 
 
 def test_detect_errors_are_one_line(tiny_model, tmp_path, capsys):
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((40, 44, 3), np.uint8)).save(tmp_path / "b.png")
-    status = main(["siamese", "detect", "--model", str(tiny_model), "--template", str(tmp_path / "a.png"),
-                   "--inspected", str(tmp_path / "b.png"), "--out", str(tmp_path / "o")])
+    status = main(
+        [
+            "siamese",
+            "detect",
+            "--model",
+            str(tiny_model),
+            "--template",
+            str(tmp_path / "a.png"),
+            "--inspected",
+            str(tmp_path / "b.png"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert status == 1 and "same size" in capsys.readouterr().err
-    status = main(["siamese", "detect", "--model", str(tiny_model), "--template", str(tmp_path / "nope.png"),
-                   "--inspected", str(tmp_path / "b.png"), "--out", str(tmp_path / "o")])
+    status = main(
+        [
+            "siamese",
+            "detect",
+            "--model",
+            str(tiny_model),
+            "--template",
+            str(tmp_path / "nope.png"),
+            "--inspected",
+            str(tmp_path / "b.png"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert status == 1 and "no such file" in capsys.readouterr().err
     status = main(["siamese", "train", "--data", str(tmp_path / "missing.zip"), "--model", str(tmp_path / "m")])
     assert status == 1 and "no such file" in capsys.readouterr().err
@@ -91,7 +166,9 @@ def test_detect_errors_are_one_line(tiny_model, tmp_path, capsys):
 def test_shipped_detector_finds_a_blue_rectangle(tmp_path):
     """Out of the box, without training: a blue rectangle pasted on a photo-like picture. The
     weights ship inside the package, so their absence (e.g. left out of the wheel) fails here."""
-    assert PRETRAINED_PATH.is_file(), f"the shipped Siamese weights are missing from the installed package: {PRETRAINED_PATH}"
+    assert PRETRAINED_PATH.is_file(), (
+        f"the shipped Siamese weights are missing from the installed package: {PRETRAINED_PATH}"
+    )
     detector = SiameseDetector.pretrained()
     assert detector.training_info_["command"].startswith("fastad siamese train --data")
     assert len(detector.history_.train_loss) == detector.epochs == 20
@@ -112,33 +189,115 @@ def test_shipped_detector_finds_a_blue_rectangle(tmp_path):
 def test_bad_files_are_one_line_errors(tiny_model, tmp_path, capsys):
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
-    status = main(["siamese", "detect", "--model", str(tiny_model), "--template", str(tmp_path / "a.png"),
-                   "--inspected", str(tmp_path / "corrupt.png"), "--out", str(tmp_path / "o")])
+    status = main(
+        [
+            "siamese",
+            "detect",
+            "--model",
+            str(tiny_model),
+            "--template",
+            str(tmp_path / "a.png"),
+            "--inspected",
+            str(tmp_path / "corrupt.png"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert status == 1 and "cannot decode" in capsys.readouterr().err
     data = bytearray(tiny_model.read_bytes())
     data[-3] ^= 0xFF
     (tmp_path / "tampered.safetensors").write_bytes(bytes(data))
-    status = main(["siamese", "detect", "--model", str(tmp_path / "tampered.safetensors"), "--template",
-                   str(tmp_path / "a.png"), "--inspected", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")])
+    status = main(
+        [
+            "siamese",
+            "detect",
+            "--model",
+            str(tmp_path / "tampered.safetensors"),
+            "--template",
+            str(tmp_path / "a.png"),
+            "--inspected",
+            str(tmp_path / "a.png"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert status == 1 and "checksum" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
-    status = main(["siamese", "detect", "--model", str(tiny_model), "--template", str(tmp_path / "a.png"),
-                   "--inspected", str(tmp_path / "a.png"), "--out", str(tmp_path / "file")])
+    status = main(
+        [
+            "siamese",
+            "detect",
+            "--model",
+            str(tiny_model),
+            "--template",
+            str(tmp_path / "a.png"),
+            "--inspected",
+            str(tmp_path / "a.png"),
+            "--out",
+            str(tmp_path / "file"),
+        ]
+    )
     assert status == 1 and "error" in capsys.readouterr().err
-    status = main(["siamese", "train", "--data", str(tmp_path / "a.png"), "--model", str(tmp_path / "nowhere" / "m.st")])
+    status = main(
+        ["siamese", "train", "--data", str(tmp_path / "a.png"), "--model", str(tmp_path / "nowhere" / "m.st")]
+    )
     assert status == 1 and "not a file in an existing folder" in capsys.readouterr().err
 
 
 def test_reproduce_takes_settings_and_names_unknown_ones(tmp_path, capsys):
     # Every ReproduceConfig field is a --set; a bad one fails before any work, naming it.
-    assert main(["siamese", "reproduce", "--out", str(tmp_path / "a"), "--data", str(tmp_path / "none"), "--quick",
-                 "--set", "nosuch=1"]) != 0
+    assert (
+        main(
+            [
+                "siamese",
+                "reproduce",
+                "--out",
+                str(tmp_path / "a"),
+                "--data",
+                str(tmp_path / "none"),
+                "--quick",
+                "--set",
+                "nosuch=1",
+            ]
+        )
+        != 0
+    )
     assert "nosuch" in capsys.readouterr().err
-    assert main(["siamese", "reproduce", "--out", str(tmp_path / "b"), "--data", str(tmp_path / "none"), "--quick",
-                 "--set", "mosaic_images=val"]) != 0
+    assert (
+        main(
+            [
+                "siamese",
+                "reproduce",
+                "--out",
+                str(tmp_path / "b"),
+                "--data",
+                str(tmp_path / "none"),
+                "--quick",
+                "--set",
+                "mosaic_images=val",
+            ]
+        )
+        != 0
+    )
     assert "mosaic_images" in capsys.readouterr().err
     # Valid settings with no data: every experiment is recorded as skipped, with its reason.
-    assert main(["siamese", "reproduce", "--out", str(tmp_path / "c"), "--data", str(tmp_path / "none"), "--quick",
-                 "--set", "mnist_epochs=2", "--set", "mnist_similar_fraction=0.5"]) == 0
+    assert (
+        main(
+            [
+                "siamese",
+                "reproduce",
+                "--out",
+                str(tmp_path / "c"),
+                "--data",
+                str(tmp_path / "none"),
+                "--quick",
+                "--set",
+                "mnist_epochs=2",
+                "--set",
+                "mnist_similar_fraction=0.5",
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "c" / "results.json").read_text())
     assert results["config"]["mnist_epochs"] == 2 and results["config"]["mnist_similar_fraction"] == 0.5

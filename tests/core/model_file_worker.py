@@ -127,8 +127,14 @@ def fsize(cmd: dict) -> None:
         try:
             MODELS["b"].save(cmd["target"])
         except Exception as exc:
-            write({"raised": type(exc).__name__, "is_oserror": isinstance(exc, OSError),
-                   "errno": getattr(exc, "errno", None), "message": str(exc)})
+            write(
+                {
+                    "raised": type(exc).__name__,
+                    "is_oserror": isinstance(exc, OSError),
+                    "errno": getattr(exc, "errno", None),
+                    "message": str(exc),
+                }
+            )
         else:
             write({"raised": None})
 
@@ -137,15 +143,21 @@ def fsize(cmd: dict) -> None:
 
 def _same(tensors: dict[str, torch.Tensor], header: dict, key: str) -> bool:
     want_tensors, want_header = FILES[key]
-    return header == want_header and tensors.keys() == want_tensors.keys() and all(
-        torch.equal(tensors[n], want_tensors[n]) for n in tensors)
+    return (
+        header == want_header
+        and tensors.keys() == want_tensors.keys()
+        and all(torch.equal(tensors[n], want_tensors[n]) for n in tensors)
+    )
 
 
 def _same_model(model: AnomalyModel, key: str) -> bool:
     want = MODELS[key]
-    return (type(model) is type(want) and model.get_params() == want.get_params()
-            and all(model.__dict__.get(n) == want.__dict__.get(n) for n in ("spread_", "threshold_", "n_train_images_"))
-            and all(torch.equal(getattr(model, n), getattr(want, n)) for n in ("mean_", "bank_")))
+    return (
+        type(model) is type(want)
+        and model.get_params() == want.get_params()
+        and all(model.__dict__.get(n) == want.__dict__.get(n) for n in ("spread_", "threshold_", "n_train_images_"))
+        and all(torch.equal(getattr(model, n), getattr(want, n)) for n in ("mean_", "bank_"))
+    )
 
 
 def concurrent(cmd: dict) -> None:
@@ -183,10 +195,14 @@ def concurrent(cmd: dict) -> None:
                 p = model.predict(x)
                 as_model = [k for k in "ab" if _same_model(model, k)]
                 if len(in_file) != 1 or len(as_model) != 1:
-                    bad.append(f"load {loads}: the file matches {in_file or 'neither A nor B'}, "
-                               f"the model {as_model or 'neither A nor B'}")
-                elif not (torch.equal(p.scores, expected[as_model[0]].scores)
-                          and torch.equal(p.maps, expected[as_model[0]].maps)):
+                    bad.append(
+                        f"load {loads}: the file matches {in_file or 'neither A nor B'}, "
+                        f"the model {as_model or 'neither A nor B'}"
+                    )
+                elif not (
+                    torch.equal(p.scores, expected[as_model[0]].scores)
+                    and torch.equal(p.maps, expected[as_model[0]].maps)
+                ):
                     bad.append(f"load {loads}: predictions differ from model {as_model[0]}'s")
                 else:
                     seen[as_model[0]] += 1
@@ -196,8 +212,7 @@ def concurrent(cmd: dict) -> None:
 
     children = [_fork(writer)] + [_fork(reader) for _ in range(cmd["readers"])]
     results = [_collect(pid, r) for pid, r in children]
-    _reply(writer=results[0][0], readers=[res for res, _ in results[1:]],
-           statuses=[status for _, status in results])
+    _reply(writer=results[0][0], readers=[res for res, _ in results[1:]], statuses=[status for _, status in results])
 
 
 def main() -> None:

@@ -86,8 +86,11 @@ def test_quality_matches_scikit_learn(data):
     sklearn_decomposition = pytest.importorskip("sklearn.decomposition")
     gen = torch.Generator().manual_seed(7)
     groups, k, d, s, n_train, batch, epochs = 3, 5, 64, 3, 1200, 128, 2
-    x = hidden_dictionary_data(groups, n_train + 400, d, gen) if data == "hidden dictionary" else \
-        torch.randn(groups, n_train + 400, d, generator=gen)
+    x = (
+        hidden_dictionary_data(groups, n_train + 400, d, gen)
+        if data == "hidden dictionary"
+        else torch.randn(groups, n_train + 400, d, generator=gen)
+    )
     train, held_out = x[:, :n_train], x[:, n_train:]
     learner = DictionaryLearner(groups, k, d, s, batch_size=batch, seed=0).fit(train, epochs=epochs)
     ours = learner.reconstruction_error(held_out)
@@ -98,8 +101,14 @@ def test_quality_matches_scikit_learn(data):
     theirs = []
     for g in range(groups):
         model = sklearn_decomposition.MiniBatchDictionaryLearning(
-            n_components=k, fit_algorithm="cd", transform_algorithm="omp", transform_n_nonzero_coefs=s,
-            batch_size=batch, max_iter=epochs, random_state=0)
+            n_components=k,
+            fit_algorithm="cd",
+            transform_algorithm="omp",
+            transform_n_nonzero_coefs=s,
+            batch_size=batch,
+            max_iter=epochs,
+            random_state=0,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its convergence chatter
             model.fit(train[g].numpy())
@@ -115,7 +124,7 @@ def test_fit_is_partial_fit_on_the_same_batches_and_deterministic():
     stepped = DictionaryLearner(4, 6, 12, 3, batch_size=100, seed=5)
     for _ in range(2):
         for start in (0, 100, 200):
-            stepped.partial_fit(x[:, start:start + 100])
+            stepped.partial_fit(x[:, start : start + 100])
     torch.testing.assert_close(fitted.dictionary_, stepped.dictionary_, rtol=0, atol=0)
     assert fitted.n_steps_ == stepped.n_steps_ == 6
     again = DictionaryLearner(4, 6, 12, 3, batch_size=100, seed=5)
@@ -128,10 +137,13 @@ def test_fit_is_partial_fit_on_the_same_batches_and_deterministic():
     assert first.dtype == torch.float32 and first.shape == (4, 6, 12)
 
 
-@pytest.mark.parametrize("batch", [
-    torch.randn(3, 1, 8),  # fewer signals than atoms
-    torch.zeros(3, 4, 8),  # nothing to draw a direction from
-])
+@pytest.mark.parametrize(
+    "batch",
+    [
+        torch.randn(3, 1, 8),  # fewer signals than atoms
+        torch.zeros(3, 4, 8),  # nothing to draw a direction from
+    ],
+)
 def test_degenerate_first_batches_give_unit_atoms(batch):
     learner = DictionaryLearner(3, 5, 8, 2).partial_fit(batch).partial_fit(torch.randn(3, 2, 8))
     assert torch.isfinite(learner.dictionary_).all()
@@ -149,11 +161,19 @@ def test_forgetting_factor_matches_scikit_learn():
         assert model._A[0, 0] == pytest.approx(forgetting_factor(step, batch))
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    (dict(groups=0), ValueError), (dict(n_atoms=2.0), ValueError), (dict(dim=True), ValueError),
-    (dict(n_nonzero=6), ValueError), (dict(n_atoms=8, dim=4, n_nonzero=5), ValueError),
-    (dict(batch_size=0), ValueError), (dict(seed=-1), ValueError), (dict(device="nope"), ValueError),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(groups=0), ValueError),
+        (dict(n_atoms=2.0), ValueError),
+        (dict(dim=True), ValueError),
+        (dict(n_nonzero=6), ValueError),
+        (dict(n_atoms=8, dim=4, n_nonzero=5), ValueError),
+        (dict(batch_size=0), ValueError),
+        (dict(seed=-1), ValueError),
+        (dict(device="nope"), ValueError),
+    ],
+)
 def test_bad_parameters(kwargs, error):
     params = dict(groups=2, n_atoms=5, dim=8, n_nonzero=3) | kwargs
     with pytest.raises(error, match=next(iter(kwargs))):

@@ -16,12 +16,13 @@ from fastad.gaussian_stats import GaussianAccumulator, precision_cholesky, preci
 
 def _feed(acc: GaussianAccumulator, x: torch.Tensor, batch: int) -> GaussianAccumulator:
     for start in range(0, x.shape[0], batch):
-        acc.update(x[start:start + batch])
+        acc.update(x[start : start + batch])
     return acc
 
 
-def _samples(np_rng: np.random.Generator, n: int, p: int, d: int, offset: float = 0.0,
-             isotropic: bool = False) -> np.ndarray:
+def _samples(
+    np_rng: np.random.Generator, n: int, p: int, d: int, offset: float = 0.0, isotropic: bool = False
+) -> np.ndarray:
     """(n, p, d) samples with per-position means, plus ``offset``: correlated with uneven
     scales, or ``isotropic`` (identity covariance, the case Ledoit-Wolf shrinks most)."""
     if isotropic:
@@ -49,13 +50,16 @@ def _assert_close(actual: torch.Tensor, expected: np.ndarray, rtol: float) -> No
 # Mean and covariance
 
 
-@pytest.mark.parametrize("p,d,n,batch,chunk", [
-    (1, 1, 20, 1, 256),
-    (1, 3, 40, 7, 256),
-    (5, 3, 40, 13, 2),
-    (17, 8, 33, 7, 4),
-    (6, 5, 9, 9, 256),
-])
+@pytest.mark.parametrize(
+    "p,d,n,batch,chunk",
+    [
+        (1, 1, 20, 1, 256),
+        (1, 3, 40, 7, 256),
+        (5, 3, 40, 13, 2),
+        (17, 8, 33, 7, 4),
+        (6, 5, 9, 9, 256),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 def test_mean_and_covariance_match_numpy(np_rng, p, d, n, batch, chunk, dtype):
     x = torch.from_numpy(_samples(np_rng, n, p, d)).to(dtype)
@@ -109,14 +113,17 @@ def test_accumulator_on_device(np_rng, device):
 # Ledoit-Wolf
 
 
-@pytest.mark.parametrize("p,d,n,batch,offset,isotropic", [
-    (3, 6, 40, 7, 0.0, False),
-    (2, 64, 8, 3, 0.0, True),  # n < D, identity covariance: strong shrinkage (~0.75)
-    (2, 12, 5, 3, 0.0, False),
-    (4, 5, 31, 13, 1e4, False),
-    (2, 1, 15, 4, 0.0, False),  # D = 1: scikit-learn shrinks by 0
-    (1, 30, 200, 64, 0.0, True),
-])
+@pytest.mark.parametrize(
+    "p,d,n,batch,offset,isotropic",
+    [
+        (3, 6, 40, 7, 0.0, False),
+        (2, 64, 8, 3, 0.0, True),  # n < D, identity covariance: strong shrinkage (~0.75)
+        (2, 12, 5, 3, 0.0, False),
+        (4, 5, 31, 13, 1e4, False),
+        (2, 1, 15, 4, 0.0, False),  # D = 1: scikit-learn shrinks by 0
+        (1, 30, 200, 64, 0.0, True),
+    ],
+)
 def test_ledoit_wolf_matches_sklearn(np_rng, p, d, n, batch, offset, isotropic):
     covariance_module = pytest.importorskip("sklearn.covariance")
     x = _samples(np_rng, n, p, d, offset=offset, isotropic=isotropic)
@@ -248,17 +255,23 @@ def test_singular_covariance_names_the_position(np_rng):
         factor = precision_cholesky(cov)
         assert torch.allclose(factor @ factor.mT @ cov, torch.eye(d, dtype=torch.float64).expand(p, d, d), atol=1e-7)
     lw = regularized_covariance(acc, "ledoit_wolf", eps=0.0)
-    assert torch.allclose(regularized_covariance(acc, "ledoit_wolf", eps=0.5) - lw,
-                          0.5 * torch.eye(d, dtype=torch.float64).expand(p, d, d))
+    assert torch.allclose(
+        regularized_covariance(acc, "ledoit_wolf", eps=0.5) - lw,
+        0.5 * torch.eye(d, dtype=torch.float64).expand(p, d, d),
+    )
 
 
 @pytest.mark.parametrize("covariance", ["empirical", "ledoit_wolf"])
 def test_position_slices_and_chunked_factors_equal_the_whole(np_rng, covariance):
     p, d, n = 11, 6, 40
-    acc = _feed(GaussianAccumulator(p, d, fourth_moments=True, position_chunk=4), torch.from_numpy(_samples(np_rng, n, p, d)), 9)
+    acc = _feed(
+        GaussianAccumulator(p, d, fourth_moments=True, position_chunk=4), torch.from_numpy(_samples(np_rng, n, p, d)), 9
+    )
     whole = regularized_covariance(acc, covariance, eps=0.01)
     for part in (slice(0, 4), slice(3, 11), slice(5, 6), slice(7, None)):
-        torch.testing.assert_close(regularized_covariance(acc, covariance, eps=0.01, positions=part), whole[part], rtol=0, atol=0)
+        torch.testing.assert_close(
+            regularized_covariance(acc, covariance, eps=0.01, positions=part), whole[part], rtol=0, atol=0
+        )
     factors = precision_factors(acc, covariance, eps=0.01)
     assert factors.shape == (p, d, d) and factors.dtype == torch.float32
     torch.testing.assert_close(factors, precision_cholesky(whole).float(), rtol=0, atol=0)
@@ -357,12 +370,15 @@ def test_results_need_enough_samples():
         acc.covariance(ddof=-1)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(positions=0, dim=3), "positions"),
-    (dict(positions=2, dim=2.0), "dim"),
-    (dict(positions=2, dim=3, position_chunk=0), "position_chunk"),
-    (dict(positions=2, dim=3, device="gpu:x"), "device"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(positions=0, dim=3), "positions"),
+        (dict(positions=2, dim=2.0), "dim"),
+        (dict(positions=2, dim=3, position_chunk=0), "position_chunk"),
+        (dict(positions=2, dim=3, device="gpu:x"), "device"),
+    ],
+)
 def test_constructor_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GaussianAccumulator(**kwargs)

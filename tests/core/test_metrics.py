@@ -47,9 +47,7 @@ def test_image_auroc_accepts_tensors_and_bool_labels(np_rng):
     labels, scores = random_image_case(np_rng, 300, ties=False)
     expected = sklearn_metrics.roc_auc_score(labels, scores)
     as_tensors = metrics.image_auroc(torch.from_numpy(labels).bool(), torch.from_numpy(scores).float())
-    assert as_tensors == pytest.approx(
-        sklearn_metrics.roc_auc_score(labels, scores.astype(np.float32)), rel=1e-12
-    )
+    assert as_tensors == pytest.approx(sklearn_metrics.roc_auc_score(labels, scores.astype(np.float32)), rel=1e-12)
     assert metrics.image_auroc(labels.astype(bool), scores) == pytest.approx(expected, rel=1e-12)
 
 

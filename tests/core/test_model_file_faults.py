@@ -120,8 +120,11 @@ def files(tmp_path_factory):
     for key, bank, params in (("toy", 1024, {}), ("a", 512 * 1024, {}), ("b", 768 * 1024, {"pool": 4})):
         model = _fit(seed + len(key) * 7 + ord(key[0]), bank, **params)
         path = model.save(folder / f"{key}.safetensors")
-        setattr(out, key, SimpleNamespace(model=model, path=path, data=path.read_bytes(),
-                                          file=model_io.load_model_file(path)))
+        setattr(
+            out,
+            key,
+            SimpleNamespace(model=model, path=path, data=path.read_bytes(), file=model_io.load_model_file(path)),
+        )
     assert out.a.data != out.b.data
     return out
 
@@ -129,8 +132,11 @@ def files(tmp_path_factory):
 def same_file(loaded, expected) -> bool:
     """Two (tensors, header) pairs are equal: same header, same names, equal tensors."""
     (tensors, header), (want_tensors, want_header) = loaded, expected
-    return header == want_header and tensors.keys() == want_tensors.keys() and all(
-        t.dtype == want_tensors[n].dtype and torch.equal(t, want_tensors[n]) for n, t in tensors.items())
+    return (
+        header == want_header
+        and tensors.keys() == want_tensors.keys()
+        and all(t.dtype == want_tensors[n].dtype and torch.equal(t, want_tensors[n]) for n, t in tensors.items())
+    )
 
 
 def refused(path: Path, *reasons: str, damaged: bool = True) -> str:
@@ -257,11 +263,20 @@ def _header_positions(data: bytes) -> dict[str, int]:
         return 8 + i + shift
 
     return {
-        "length-low-byte": 0, "length-high-byte": 7, "json-open": 8,
-        "metadata-key": at(b'"__metadata__"', 3), "digest-value": at(b'digest', 14),
-        "method-name": at(b"toy-mean", 2), "param-pool": at(b'pool', 8), "state-spread": at(b"spread_", 12),
-        "dtype": at(b'"F32"', 1), "shape-digit": at(b'"shape":[', 9), "offsets-digit": at(b'"data_offsets":[', 17),
-        "tensor-name": at(b'"bank_"', 2), "middle": 8 + n // 2, "last-byte": 8 + n - 1,
+        "length-low-byte": 0,
+        "length-high-byte": 7,
+        "json-open": 8,
+        "metadata-key": at(b'"__metadata__"', 3),
+        "digest-value": at(b"digest", 14),
+        "method-name": at(b"toy-mean", 2),
+        "param-pool": at(b"pool", 8),
+        "state-spread": at(b"spread_", 12),
+        "dtype": at(b'"F32"', 1),
+        "shape-digit": at(b'"shape":[', 9),
+        "offsets-digit": at(b'"data_offsets":[', 17),
+        "tensor-name": at(b'"bank_"', 2),
+        "middle": 8 + n // 2,
+        "last-byte": 8 + n - 1,
     }
 
 
@@ -273,8 +288,16 @@ def test_flipped_header_bytes_are_refused(files, tmp_path, mask):
         damaged[i] ^= mask
         path = tmp_path / f"{where}.safetensors"
         path.write_bytes(bytes(damaged))
-        refused(path, "not a readable model file", "truncated", "checksum", "not valid JSON",
-                "not a fastad model", "does not describe a fastad model", "damaged or edited")
+        refused(
+            path,
+            "not a readable model file",
+            "truncated",
+            "checksum",
+            "not valid JSON",
+            "not a fastad model",
+            "does not describe a fastad model",
+            "damaged or edited",
+        )
 
 
 @pytest.mark.parametrize("position", [0.0, 0.25, 0.5, 0.999])
@@ -297,18 +320,29 @@ def test_any_flipped_bit_is_refused(files, where, bit, in_header):
     damaged[i] ^= 1 << bit
     path = files.folder / "flipped.safetensors"
     path.write_bytes(bytes(damaged))
-    refused(path, "not a readable model file", "truncated", "checksum", "not valid JSON",
-            "not a fastad model", "does not describe a fastad model", "damaged or edited")
+    refused(
+        path,
+        "not a readable model file",
+        "truncated",
+        "checksum",
+        "not valid JSON",
+        "not a fastad model",
+        "does not describe a fastad model",
+        "damaged or edited",
+    )
 
 
-@pytest.mark.parametrize("edit", [
-    pytest.param(lambda h: h["params"].update(pool=4), id="param"),
-    pytest.param(lambda h: h["state"].update(spread_=h["state"]["spread_"] * 2), id="learned-value"),
-    pytest.param(lambda h: h["state"].update(threshold_=None), id="threshold"),
-    pytest.param(lambda h: h.update(method="no-such-method"), id="method"),
-    pytest.param(lambda h: h.update(fastad_version="0.0.0"), id="version"),
-    pytest.param(lambda h: h.pop("digest"), id="no-digest"),
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda h: h["params"].update(pool=4), id="param"),
+        pytest.param(lambda h: h["state"].update(spread_=h["state"]["spread_"] * 2), id="learned-value"),
+        pytest.param(lambda h: h["state"].update(threshold_=None), id="threshold"),
+        pytest.param(lambda h: h.update(method="no-such-method"), id="method"),
+        pytest.param(lambda h: h.update(fastad_version="0.0.0"), id="version"),
+        pytest.param(lambda h: h.pop("digest"), id="no-digest"),
+    ],
+)
 def test_edited_header_without_its_digest_is_refused(files, tmp_path, edit):
     header, body, _ = split(files.toy.data)
     document = json.loads(header["__metadata__"]["fastad"])
@@ -319,16 +353,19 @@ def test_edited_header_without_its_digest_is_refused(files, tmp_path, edit):
     refused(path, "checksum")
 
 
-@pytest.mark.parametrize("tensor, dtype, shape", [
-    ("mean_", "I32", [3, 4, 4]),      # same bytes read as integers
-    ("mean_", "F16", [3, 4, 8]),      # same bytes, half the width, twice the elements
-    ("mean_", "F64", [3, 4, 2]),
-    ("mean_", "F32", [3, 16]),        # same values, another shape
-    ("mean_", "F32", [4, 3, 4]),
-    ("mean_", "F32", [3, 4, 2]),      # fewer values (the rest cut from the file)
-    ("bank_", "F32", [32, 32]),
-    ("bank_", "BF16", [1024]),
-])
+@pytest.mark.parametrize(
+    "tensor, dtype, shape",
+    [
+        ("mean_", "I32", [3, 4, 4]),  # same bytes read as integers
+        ("mean_", "F16", [3, 4, 8]),  # same bytes, half the width, twice the elements
+        ("mean_", "F64", [3, 4, 2]),
+        ("mean_", "F32", [3, 16]),  # same values, another shape
+        ("mean_", "F32", [4, 3, 4]),
+        ("mean_", "F32", [3, 4, 2]),  # fewer values (the rest cut from the file)
+        ("bank_", "F32", [32, 32]),
+        ("bank_", "BF16", [1024]),
+    ],
+)
 def test_retyped_or_reshaped_tensors_are_refused(files, tmp_path, tensor, dtype, shape):
     from safetensors import safe_open
 
@@ -362,24 +399,33 @@ FORGED = [
     ("threshold-text", lambda h: h["state"].update(threshold_="high"), None, "threshold_"),
     ("private-attribute", lambda h: h["state"].update(_cache_=1), None, "learned attribute"),
     ("stray-tensor", None, lambda t: t.update({"x.y": torch.zeros(2)}), "x.y"),
-    ("tensor-as-count", lambda h: h["state"].pop("n_train_images_"),
-     lambda t: t.update(n_train_images_=torch.tensor([8])), "n_train_images_"),
+    (
+        "tensor-as-count",
+        lambda h: h["state"].pop("n_train_images_"),
+        lambda t: t.update(n_train_images_=torch.tensor([8])),
+        "n_train_images_",
+    ),
 ]
 
 
-@pytest.mark.parametrize("edit_header, edit_tensors, named_field",
-                         [pytest.param(*case[1:], id=case[0]) for case in FORGED])
+@pytest.mark.parametrize(
+    "edit_header, edit_tensors, named_field", [pytest.param(*case[1:], id=case[0]) for case in FORGED]
+)
 def test_consistent_but_wrong_files_are_refused(files, tmp_path, edit_header, edit_tensors, named_field):
     path = forge(files.toy.path, tmp_path / "forged.safetensors", edit_header, edit_tensors)
     message = refused(path, named_field, damaged=False)
     assert "checksum" not in message  # the digest matched: the content itself was checked
 
 
-@pytest.mark.parametrize("text_edit, what", [
-    (lambda s: s.replace('"blur_sigma": 4.0', '"blur_sigma": NaN'), "NaN"),
-    (lambda s: s.replace('"blur_sigma": 4.0', '"blur_sigma": Infinity'), "Infinity"),
-    (lambda s: s.replace('"blur_sigma": 4.0', '"blur_sigma": 1e999'), "1e999"),
-], ids=["nan", "infinity", "overflow"])
+@pytest.mark.parametrize(
+    "text_edit, what",
+    [
+        (lambda s: s.replace('"blur_sigma": 4.0', '"blur_sigma": NaN'), "NaN"),
+        (lambda s: s.replace('"blur_sigma": 4.0', '"blur_sigma": Infinity'), "Infinity"),
+        (lambda s: s.replace('"blur_sigma": 4.0', '"blur_sigma": 1e999'), "1e999"),
+    ],
+    ids=["nan", "infinity", "overflow"],
+)
 def test_non_finite_numbers_in_a_header_are_refused(files, tmp_path, text_edit, what):
     """fastad writes finite JSON numbers only; Python's json would read these as nan and inf."""
     path = forge(files.toy.path, tmp_path / "forged.safetensors", text_edit=text_edit)
@@ -395,19 +441,30 @@ class CheckedToy(ToyMean):
 
     def _check_state(self) -> None:
         super()._check_state()
-        if not (isinstance(self.mean_, torch.Tensor) and self.mean_.dtype == torch.float32
-                and self.mean_.dim() == 3 and self.mean_.shape[0] == 3):
-            raise ValueError(f"mean_ must be a float32 (3, h, w) tensor, got {getattr(self.mean_, 'shape', self.mean_)!r}")
+        if not (
+            isinstance(self.mean_, torch.Tensor)
+            and self.mean_.dtype == torch.float32
+            and self.mean_.dim() == 3
+            and self.mean_.shape[0] == 3
+        ):
+            raise ValueError(
+                f"mean_ must be a float32 (3, h, w) tensor, got {getattr(self.mean_, 'shape', self.mean_)!r}"
+            )
         if not (isinstance(self.spread_, float) and 0 < self.spread_ < float("inf")):
             raise ValueError(f"spread_ must be a positive float, got {self.spread_!r}")
 
 
-@pytest.mark.parametrize("edit_header, edit_tensors, named_field", [
-    pytest.param(None, lambda t: t.update(mean_=torch.zeros(2, 4, 4)), "mean_", id="wrong-shape"),
-    pytest.param(None, lambda t: t.update(mean_=torch.zeros(3, 4, 4, dtype=torch.float64)), "mean_", id="wrong-dtype"),
-    pytest.param(lambda h: h["state"].update(spread_=-1.0), None, "spread_", id="negative-spread"),
-    pytest.param(lambda h: h["state"].update(spread_="wide"), None, "spread_", id="spread-text"),
-])
+@pytest.mark.parametrize(
+    "edit_header, edit_tensors, named_field",
+    [
+        pytest.param(None, lambda t: t.update(mean_=torch.zeros(2, 4, 4)), "mean_", id="wrong-shape"),
+        pytest.param(
+            None, lambda t: t.update(mean_=torch.zeros(3, 4, 4, dtype=torch.float64)), "mean_", id="wrong-dtype"
+        ),
+        pytest.param(lambda h: h["state"].update(spread_=-1.0), None, "spread_", id="negative-spread"),
+        pytest.param(lambda h: h["state"].update(spread_="wide"), None, "spread_", id="spread-text"),
+    ],
+)
 def test_a_methods_state_check_runs_at_load(files, tmp_path, monkeypatch, edit_header, edit_tensors, named_field):
     monkeypatch.setitem(methods_base._REGISTRY, CheckedToy.method_name, CheckedToy)
     model = _fit(files.seed, 16, CheckedToy)
@@ -428,8 +485,14 @@ class Worker:
     def __init__(self, log: Path) -> None:
         self.log = log
         with open(log, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-u", str(WORKER)], cwd=ROOT, bufsize=0,
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-u", str(WORKER)],
+                cwd=ROOT,
+                bufsize=0,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+            )
         self.buffer = b""
         assert self.read(timeout=180) == {"ready": True}
 
@@ -491,8 +554,6 @@ def target(files, tmp_path, named, worker):
     return SimpleNamespace(path=path, folder=folder, save_s=reply["save_s"])
 
 
-
-
 def _which(path: Path, files) -> str:
     """'a' or 'b': the file is byte for byte one of the two models, and loads as that model."""
     data = path.read_bytes()
@@ -523,8 +584,10 @@ def test_killed_writers_leave_the_old_or_the_new_file_whole_and_no_temporary(fil
         outcomes["leftover before the next save"] += len(left)
         files.a.model.save(target.path)  # the next save (also puts A back for the next trial)
         assert leftovers(target.folder, "m.safetensors") == [], f"trial {trial}"
-    print(f"{KILL_TRIALS} kills, {'named' if named else 'unnamed'} temporaries, save {target.save_s * 1e3:.1f} ms:",
-          dict(outcomes))
+    print(
+        f"{KILL_TRIALS} kills, {'named' if named else 'unnamed'} temporaries, save {target.save_s * 1e3:.1f} ms:",
+        dict(outcomes),
+    )
     if named:
         # the fallback leaves temporaries whenever a kill lands mid-write: the sweep was exercised
         assert outcomes["leftover before the next save"] > 0 or KILL_TRIALS < 10
@@ -547,8 +610,9 @@ def test_a_full_disk_raises_a_clear_oserror_and_keeps_the_old_file(files, target
 
 @needs_linux
 def test_readers_racing_a_writer_see_a_or_b_whole(files, target, worker):
-    reply = worker.ask(op="concurrent", target=str(target.path), seconds=RACE_SECONDS, readers=READERS,
-                       timeout=RACE_SECONDS + 120)
+    reply = worker.ask(
+        op="concurrent", target=str(target.path), seconds=RACE_SECONDS, readers=READERS, timeout=RACE_SECONDS + 120
+    )
     assert reply["statuses"] == [0] * (1 + READERS), reply
     readers, saves = reply["readers"], reply["writer"]["saves"]
     print(f"race of {RACE_SECONDS} s: {saves} saves,", [(r["loads"], r["seen"]) for r in readers])
@@ -657,7 +721,9 @@ def test_stale_temporaries_are_removed_only_when_their_writer_is_gone(files, tmp
         "dead-other-target": f".x.json.fastad-{host}-{dead.pid}-{secrets.token_hex(6)}.tmp",
         "alive": f".m.safetensors.fastad-{host}-{os.getppid()}-{secrets.token_hex(6)}.tmp",
         "this-process": f".m.safetensors.fastad-{host}-{os.getpid()}-{secrets.token_hex(6)}.tmp",
-        "other-host": f".m.safetensors.fastad-{'0' * 8 if host != '0' * 8 else '1' * 8}-{dead.pid}-{secrets.token_hex(6)}.tmp",
+        "other-host": (
+            f".m.safetensors.fastad-{'0' * 8 if host != '0' * 8 else '1' * 8}-{dead.pid}-{secrets.token_hex(6)}.tmp"
+        ),
         "not-fastad": ".m.safetensors.k2j4h5.tmp",
         "not-fastad-either": f"m.safetensors.fastad-{host}-{dead.pid}-{secrets.token_hex(6)}.tmp",
     }

@@ -182,15 +182,21 @@ def test_gaussian_blur_equals_torchvision(rng, sigma):
 def test_anomaly_maps_is_upsample_then_blur(rng, mode):
     patches = random_maps(rng, 2, 8, 8)
     out = postprocess.anomaly_maps(patches, (64, 48), mode=mode, sigma=4.0)
-    up = F.interpolate(patches.unsqueeze(1), size=(64, 48), mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
-    expected = scipy.ndimage.gaussian_filter(up.squeeze(1).double().numpy(), 4.0, truncate=4.0, mode="mirror", axes=(1, 2))
+    up = F.interpolate(
+        patches.unsqueeze(1), size=(64, 48), mode=mode, **({} if mode == "nearest" else {"align_corners": False})
+    )
+    expected = scipy.ndimage.gaussian_filter(
+        up.squeeze(1).double().numpy(), 4.0, truncate=4.0, mode="mirror", axes=(1, 2)
+    )
     assert out.shape == (2, 64, 48)
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-5)
 
 
 def test_anomaly_maps_without_blur_is_upsample(rng):
     patches = random_maps(rng, 2, 4, 4)
-    torch.testing.assert_close(postprocess.anomaly_maps(patches, 16, sigma=0), postprocess.upsample(patches, 16), rtol=0, atol=0)
+    torch.testing.assert_close(
+        postprocess.anomaly_maps(patches, 16, sigma=0), postprocess.upsample(patches, 16), rtol=0, atol=0
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,5 +270,3 @@ def test_good_quantile_threshold_rejects_bad_input():
         postprocess.good_quantile_threshold([1.0, 2.0], "0.9")
     with pytest.raises(TypeError, match="real numbers"):
         postprocess.good_quantile_threshold(["a", "b"])
-
-

@@ -53,7 +53,9 @@ def analytic_radius(layers) -> int:
     return radius
 
 
-def make_net(layers, in_channels: int, gen: torch.Generator, dtype=torch.float64, *, monotone: bool = False) -> nn.Sequential:
+def make_net(
+    layers, in_channels: int, gen: torch.Generator, dtype=torch.float64, *, monotone: bool = False
+) -> nn.Sequential:
     """Conv/ReLU/max-pool stack with random weights and biases drawn from ``gen``.
 
     ``monotone``: positive weights and biases and average instead of max pooling, so that on
@@ -111,8 +113,14 @@ def test_tiled_equals_untiled_stride4(rng, net4, device, height, width, tile, ba
     image = torch.rand((3, height, width), generator=rng).to(torch.float64)
     expected = untiled(net4, image)
     got = tiled_apply(
-        net4.to(device), ArrayReader(image.float(), channels_last=False), tile=tile, halo=halo, stride=4,
-        device=device, batch_tiles=batch_tiles, dtype=torch.float64,
+        net4.to(device),
+        ArrayReader(image.float(), channels_last=False),
+        tile=tile,
+        halo=halo,
+        stride=4,
+        device=device,
+        batch_tiles=batch_tiles,
+        dtype=torch.float64,
     )
     assert got.shape == (4, math.ceil(height / 4), math.ceil(width / 4)) == expected.shape
     assert got.dtype == np.float64
@@ -486,9 +494,7 @@ CHILD = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="peak RSS is read from Linux's /proc/self/status"
-)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from Linux's /proc/self/status")
 def test_huge_image_in_bounded_memory(tmp_path, rng):
     image_path, out_path, net_path = tmp_path / "big.npy", tmp_path / "out.npy", tmp_path / "net.pt"
     try:
@@ -512,7 +518,9 @@ def test_huge_image_in_bounded_memory(tmp_path, rng):
 
         done = subprocess.run(
             [sys.executable, "-c", CHILD, str(image_path), str(out_path), str(net_path), "npy"],
-            capture_output=True, text=True, timeout=600,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert done.returncode == 0, done.stderr[-3000:]
         growth_mib = json.loads(done.stdout.strip().splitlines()[-1])["growth_kib"] / 1024

@@ -42,8 +42,16 @@ def mvtec_tree(tmp_path: Path, np_rng: np.random.Generator) -> tuple[Path, dict,
     root = tmp_path / "bottle"
     pixels: dict[str, np.ndarray] = {}
     masks: dict[str, np.ndarray] = {}
-    for name in ("train/good/002.png", "train/good/000.BMP", "train/good/001.Png", "test/good/000.png",
-                 "test/good/001.tiff", "test/crack/001.png", "test/crack/000.png", "test/hole/000.png"):
+    for name in (
+        "train/good/002.png",
+        "train/good/000.BMP",
+        "train/good/001.Png",
+        "test/good/000.png",
+        "test/good/001.tiff",
+        "test/crack/001.png",
+        "test/crack/000.png",
+        "test/hole/000.png",
+    ):
         pixels[name] = _write_image(root / name, np_rng)
     for name in ("test/crack/000.png", "test/crack/001.png", "test/hole/000.png"):
         defect, stem = name.split("/")[1], Path(name).stem
@@ -65,7 +73,7 @@ def test_mvtec_train(mvtec_tree) -> None:
     assert all(s.label == 0 and s.defect == "good" and s.mask_path is None for s in dataset.samples)
     assert dataset.defect_types == []
     assert len(dataset) == 3
-    for item, name in zip(dataset, ["train/good/000.BMP", "train/good/001.Png", "train/good/002.png"]):
+    for item, name in zip(dataset, ["train/good/000.BMP", "train/good/001.Png", "train/good/002.png"], strict=True):
         assert set(item) == {"image", "mask", "has_mask", "label", "defect", "path"}
         np.testing.assert_array_equal(item["image"].numpy(), _as_float(pixels[name]))
         assert item["image"].dtype == torch.float32
@@ -77,8 +85,7 @@ def test_mvtec_train(mvtec_tree) -> None:
 def test_mvtec_test_labels_masks_order(mvtec_tree) -> None:
     root, pixels, masks = mvtec_tree
     dataset = MVTecDataset(str(root), split="test")
-    names = ["test/crack/000.png", "test/crack/001.png", "test/good/000.png", "test/good/001.tiff",
-             "test/hole/000.png"]
+    names = ["test/crack/000.png", "test/crack/001.png", "test/good/000.png", "test/good/001.tiff", "test/hole/000.png"]
     assert [str(s.path.relative_to(root)) for s in dataset.samples] == names
     assert [s.label for s in dataset.samples] == [1, 1, 0, 0, 1]
     assert dataset.labels == [1, 1, 0, 0, 1]
@@ -172,14 +179,21 @@ def test_default_collate(mvtec_tree) -> None:
 
 
 def test_folder_with_good_and_defects(tmp_path: Path, np_rng: np.random.Generator) -> None:
-    pixels = {name: _write_image(tmp_path / name, np_rng) for name in
-              ("good/b.png", "good/a.jpg", "scratch/x.png", "dent/y.png", "dent/z.bmp")}
+    pixels = {
+        name: _write_image(tmp_path / name, np_rng)
+        for name in ("good/b.png", "good/a.jpg", "scratch/x.png", "dent/y.png", "dent/z.bmp")
+    }
     train = FolderDataset(tmp_path, split="train")
     assert [str(s.path.relative_to(tmp_path)) for s in train.samples] == ["good/a.jpg", "good/b.png"]
     assert train.labels == [0, 0]
     test = FolderDataset(tmp_path, split="test")
     assert [str(s.path.relative_to(tmp_path)) for s in test.samples] == [
-        "good/a.jpg", "good/b.png", "dent/y.png", "dent/z.bmp", "scratch/x.png"]
+        "good/a.jpg",
+        "good/b.png",
+        "dent/y.png",
+        "dent/z.bmp",
+        "scratch/x.png",
+    ]
     assert test.labels == [0, 0, 1, 1, 1]
     assert test.defect_types == ["dent", "scratch"]
     batch = next(iter(DataLoader(test, batch_size=len(test))))

@@ -101,11 +101,16 @@ def cases(draw, formats=tuple(_FORMATS), modes=None, grey: bool = False) -> Case
     pairs = [(f, m) for f in formats for m in _FORMATS[f][2] if modes is None or m in modes]
     fmt, mode = draw(st.sampled_from(pairs))
     height, width = draw(sizes)
-    return Case(fmt, mode, height, width,
-                pattern=draw(st.sampled_from(["noise", "zero", "full", "black-last-row"])),
-                seed=draw(st.integers(0, 2**32 - 1)),
-                palette_size=draw(st.sampled_from([2, 4, 16, 256])),
-                grey=grey)
+    return Case(
+        fmt,
+        mode,
+        height,
+        width,
+        pattern=draw(st.sampled_from(["noise", "zero", "full", "black-last-row"])),
+        seed=draw(st.integers(0, 2**32 - 1)),
+        palette_size=draw(st.sampled_from([2, 4, 16, 256])),
+        grey=grey,
+    )
 
 
 def pixels_of(case: Case) -> Pixels:
@@ -119,7 +124,9 @@ def pixels_of(case: Case) -> Pixels:
         values = rng.integers(0, case.palette_size, shape).astype(np.uint8)
     elif case.grey and case.mode in ("RGB", "RGBA"):
         grey = rng.integers(0, 256, shape, dtype=np.uint8)
-        values = np.stack([grey] * 3 + ([rng.integers(0, 256, shape, dtype=np.uint8)] if case.mode == "RGBA" else []), axis=-1)
+        values = np.stack(
+            [grey] * 3 + ([rng.integers(0, 256, shape, dtype=np.uint8)] if case.mode == "RGBA" else []), axis=-1
+        )
     else:
         channels = _CHANNELS[case.mode]
         values = rng.integers(0, 256, shape + ((channels,) if channels > 1 else ()), dtype=np.uint8)
@@ -338,8 +345,10 @@ _UPRIGHT = {
 _EXIF_FORMATS = ("png", "tiff", "tiff-lzw", "jpeg") + (("webp",) if HAS_WEBP else ())
 
 
-@given(case=cases(formats=_EXIF_FORMATS, modes=("1", "L", "P", "RGB", "RGBA", "I;16", "CMYK")),
-       orientation=st.integers(1, 8))
+@given(
+    case=cases(formats=_EXIF_FORMATS, modes=("1", "L", "P", "RGB", "RGBA", "I;16", "CMYK")),
+    orientation=st.integers(1, 8),
+)
 def test_exif_orientation_applied(scratch: Path, case: Case, orientation: int) -> None:
     px = pixels_of(case)
     exif = Image.Exif()
@@ -400,8 +409,9 @@ def png_bytes(values: np.ndarray, depth: int, colour: int, interlace: bool, keep
     bytes (cut at a scanline boundary), compressed as a complete, valid zlib stream."""
     height, width = values.shape[:2]
     if interlace:
-        raw = b"".join(_scanlines(values[y0::dy, x0::dx], depth) for x0, y0, dx, dy in _ADAM7
-                       if x0 < width and y0 < height)
+        raw = b"".join(
+            _scanlines(values[y0::dy, x0::dx], depth) for x0, y0, dx, dy in _ADAM7 if x0 < width and y0 < height
+        )
     else:
         raw = _scanlines(values, depth)
     if keep < 1.0:
@@ -473,7 +483,9 @@ def encoded(draw, formats=_DAMAGE_FORMATS) -> tuple[Case, bytes]:
     return case, encode(case, pixels_of(case))
 
 
-def check_cut(folder: Path, case: Case, whole: bytes, cut: int, complete: torch.Tensor, complete_mask: torch.Tensor) -> None:
+def check_cut(
+    folder: Path, case: Case, whole: bytes, cut: int, complete: torch.Tensor, complete_mask: torch.Tensor
+) -> None:
     """``whole`` cut to its first ``cut`` bytes: ValueError naming the file ("empty" at 0 bytes),
     or, only where what is left still holds every pixel, the same image and mask as the whole."""
     path = write(folder, f"cut{case.suffix}", whole[:cut])
@@ -537,15 +549,36 @@ def test_corrupted_bytes(scratch: Path, item, data) -> None:
             check_mask(mask)
 
 
-_MAGIC = [b"", b"\x89PNG\r\n\x1a\n", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b"\xff\xd8\xff", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00",
-          b"II*\x00", b"MM\x00*", b"II*\x00\x08\x00\x00\x00", b"BM", b"GIF89a", b"GIF87a", b"RIFF\x00\x00\x00\x00WEBPVP8L",
-          b"RIFF\x00\x00\x00\x00WEBPVP8 ", b"P6\n", b"P5\n3 3\n255\n", b"\x00\x00\x01\x00", b"8BPS", b"qoif", b"DDS "]
+_MAGIC = [
+    b"",
+    b"\x89PNG\r\n\x1a\n",
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+    b"\xff\xd8\xff",
+    b"\xff\xd8\xff\xe0\x00\x10JFIF\x00",
+    b"II*\x00",
+    b"MM\x00*",
+    b"II*\x00\x08\x00\x00\x00",
+    b"BM",
+    b"GIF89a",
+    b"GIF87a",
+    b"RIFF\x00\x00\x00\x00WEBPVP8L",
+    b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+    b"P6\n",
+    b"P5\n3 3\n255\n",
+    b"\x00\x00\x01\x00",
+    b"8BPS",
+    b"qoif",
+    b"DDS ",
+]
 
 
 @pytest.mark.faults
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
-@given(magic=st.sampled_from(_MAGIC), body=st.binary(max_size=600),
-       suffix=st.sampled_from([".png", ".jpg", ".tif", ".bmp", ".gif", ".webp"]))
+@given(
+    magic=st.sampled_from(_MAGIC),
+    body=st.binary(max_size=600),
+    suffix=st.sampled_from([".png", ".jpg", ".tif", ".bmp", ".gif", ".webp"]),
+)
 def test_garbage_with_an_image_name(scratch: Path, magic: bytes, body: bytes, suffix: str) -> None:
     """Arbitrary bytes, often behind a real format's signature, under an image file name."""
     path = write(scratch, f"garbage{suffix}", magic + body)
@@ -562,11 +595,18 @@ def test_garbage_with_an_image_name(scratch: Path, magic: bytes, body: bytes, su
 
 @pytest.mark.faults
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
-@given(width=st.integers(0, 2**31 - 1), height=st.integers(0, 2**31 - 1), depth=st.sampled_from([0, 1, 2, 4, 8, 16, 3, 255]),
-       colour=st.sampled_from([0, 2, 3, 4, 6, 1, 7]), interlace=st.integers(0, 2), idat=st.binary(max_size=200),
-       valid_stream=st.booleans())
-def test_png_header_claims_anything(scratch: Path, width: int, height: int, depth: int, colour: int, interlace: int,
-                                    idat: bytes, valid_stream: bool) -> None:
+@given(
+    width=st.integers(0, 2**31 - 1),
+    height=st.integers(0, 2**31 - 1),
+    depth=st.sampled_from([0, 1, 2, 4, 8, 16, 3, 255]),
+    colour=st.sampled_from([0, 2, 3, 4, 6, 1, 7]),
+    interlace=st.integers(0, 2),
+    idat=st.binary(max_size=200),
+    valid_stream=st.booleans(),
+)
+def test_png_header_claims_anything(
+    scratch: Path, width: int, height: int, depth: int, colour: int, interlace: int, idat: bytes, valid_stream: bool
+) -> None:
     """A PNG with good checksums whose header claims any size, depth, colour type and interlace
     over pixel data that does not match: ValueError naming the file, or a correct decode."""
     body = zlib.compress(idat) if valid_stream else idat
@@ -596,7 +636,11 @@ def test_longest_strips(tmp_path: Path, shape: tuple[int, int], suffix: str) -> 
 def test_cmyk_jpeg(tmp_path: Path) -> None:
     # Smooth inks, so that JPEG loss stays small next to the difference inverted inks would make.
     yy, xx = np.mgrid[0:40, 0:56].astype(np.float64)
-    cmyk = np.stack([xx / 55 * 200, yy / 39 * 200, (xx + yy) / 94 * 120, np.full_like(xx, 40)], axis=-1).round().astype(np.uint8)
+    cmyk = (
+        np.stack([xx / 55 * 200, yy / 39 * 200, (xx + yy) / 94 * 120, np.full_like(xx, 40)], axis=-1)
+        .round()
+        .astype(np.uint8)
+    )
     Image.frombytes("CMYK", (56, 40), cmyk.tobytes()).save(tmp_path / "cmyk.jpg", quality=95)
     decoded = decoded_samples(tmp_path / "cmyk.jpg")
     assert decoded.mode == "CMYK"  # stored as CMYK (Adobe), not converted on save
@@ -608,7 +652,12 @@ def test_cmyk_jpeg(tmp_path: Path) -> None:
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims ``width`` x ``height`` grey pixels and holds one compressed row."""
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("loader", [load_image, load_mask])
@@ -630,7 +679,8 @@ def test_larger_than_the_pixel_limit(tmp_path: Path, loader) -> None:
         assert f"{limit}" in message and "None" in message, message  # the limit, and how to lift it
         # PIL's own warning is not hidden (that would mean changing the global warning filters).
         assert [w.category for w in caught if issubclass(w.category, Image.DecompressionBombWarning)] == (
-            [pil_says] if pil_says else [])
+            [pil_says] if pil_says else []
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warnings as errors: the same ValueError, not the warning
         with pytest.raises(ValueError, match="larger than"):
@@ -667,7 +717,7 @@ def test_mask_folder_and_empty_file(tmp_path: Path) -> None:
 def _frames(count: int, size=(9, 7)) -> list[Image.Image]:
     rng = np.random.default_rng(count)
     frames = []
-    for n in range(count):
+    for _ in range(count):
         image = Image.frombytes("P", size, rng.integers(0, 256, size[::-1], dtype=np.uint8).tobytes())
         image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
         frames.append(image)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastad.data import DEFECT_KINDS, TEXTURES, MVTecDataset, add_defect, make_synthetic_dataset
-from fastad.data import synthetic
+from fastad.data import DEFECT_KINDS, TEXTURES, MVTecDataset, add_defect, make_synthetic_dataset, synthetic
 
 SMALL = {"size": 64, "n_train": 3, "n_test_good": 2, "n_test_per_defect": 2}
 
@@ -167,8 +166,16 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize(
     ("argument", "value"),
-    [("texture", "marble"), ("size", 16), ("n_train", 0), ("n_test_good", 0), ("n_test_per_defect", 0),
-     ("seed", -1), ("size", 64.0), ("n_train", True)],
+    [
+        ("texture", "marble"),
+        ("size", 16),
+        ("n_train", 0),
+        ("n_test_good", 0),
+        ("n_test_per_defect", 0),
+        ("seed", -1),
+        ("size", 64.0),
+        ("n_train", True),
+    ],
 )
 def test_make_rejects_bad_arguments(tmp_path: Path, argument: str, value) -> None:
     with pytest.raises(ValueError, match=argument):

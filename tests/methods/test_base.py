@@ -14,7 +14,6 @@ from fastad.methods import AnomalyModel, Prediction, available_methods, get_meth
 from ..toy_method import ToyMean
 
 
-
 def images(n, gen, size=64, shift=0.0):
     return (0.4 + 0.1 * torch.rand(n, 3, size, size, generator=gen) + shift).clamp(0, 1)
 

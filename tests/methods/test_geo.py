@@ -22,8 +22,22 @@ TRANSFORM = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4650000.0)  # UTM 33N, 0.5 m p
 def write_scene(path, pixels: np.ndarray, **extra) -> None:
     """(C, H, W) array as a tiled, compressed GeoTIFF with a CRS and geotransform."""
     c, h, w = pixels.shape
-    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=c, dtype=pixels.dtype, crs=CRS,
-                       transform=TRANSFORM, tiled=True, blockxsize=256, blockysize=256, compress="deflate", **extra) as ds:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        height=h,
+        width=w,
+        count=c,
+        dtype=pixels.dtype,
+        crs=CRS,
+        transform=TRANSFORM,
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+        compress="deflate",
+        **extra,
+    ) as ds:
         ds.write(pixels)
 
 
@@ -89,8 +103,9 @@ def test_georeferenced_map_round_trip_with_nodata(tmp_path, patchcore):
     write_scene(tmp_path / "scene.tif", pixels, nodata=0)
     with RasterReader(tmp_path / "scene.tif") as reader:
         assert not reader.valid(0, 100, 0, 120).any()
-        with MapWriter(tmp_path / "map.tif", 720, 650, like=reader, quicklook=tmp_path / "quick.png",
-                       quicklook_side=128) as writer:
+        with MapWriter(
+            tmp_path / "map.tif", 720, 650, like=reader, quicklook=tmp_path / "quick.png", quicklook_side=128
+        ) as writer:
             result = predict_large(patchcore, reader, tile=256, out=writer)
     assert result.map is None
     plain = predict_large(patchcore, torch.from_numpy(pixels.astype(np.float32) / 255), tile=256)

@@ -162,7 +162,9 @@ def test_plain_maximum_score_and_models_that_resize(patchcore):
     image = scene(512, 640, torch.Generator().manual_seed(8))
     patchcore.reweight = False
     try:
-        assert predict_large(patchcore, image, tile=256).score == pytest.approx(float(patchcore.predict(image[None]).scores[0]), rel=1e-5)
+        assert predict_large(patchcore, image, tile=256).score == pytest.approx(
+            float(patchcore.predict(image[None]).scores[0]), rel=1e-5
+        )
     finally:
         patchcore.reweight = True
     resizing = fastad.PatchCore(backbone="efficientnet_lite0", holdout=0)  # resize 256, crop 224
@@ -179,7 +181,9 @@ def mlfsc():
     # The authors' pipeline on Lite0 (80 channels at the paper's strides 2, 4, 8), native size.
     gen = torch.Generator().manual_seed(9)
     train = torch.stack([scene(256, 256, gen) for _ in range(3)])
-    return fastad.MLFSC(backbone="efficientnet_lite0", resize=None, crop=None, holdout=0, dictionary_steps=10).fit(train)
+    return fastad.MLFSC(backbone="efficientnet_lite0", resize=None, crop=None, holdout=0, dictionary_steps=10).fit(
+        train
+    )
 
 
 def test_mlfsc_tiled_equals_untiled_on_a_2048_image(mlfsc):
@@ -215,10 +219,19 @@ def test_spade_and_mlfsc_on_wide_resnet_random_weights(rng):
     # quick; the tiles still cut through every layer's receptive field.
     torch.manual_seed(0)
     train = torch.stack([scene(256, 256, rng) for _ in range(2)])
-    spade = fastad.SPADE(backbone="wide_resnet50_2", weights=None, resize=None, crop=None, holdout=0, k_images=2).fit(train)
+    spade = fastad.SPADE(backbone="wide_resnet50_2", weights=None, resize=None, crop=None, holdout=0, k_images=2).fit(
+        train
+    )
     assert_equals_untiled(spade, scene(1024, 768, rng), tile=256)
     # MLF-SC's levels on WRN: layer1 (stride 4) from the input max-pooled by 2, layer2 (stride 8).
-    mlfsc = fastad.MLFSC(backbone="wide_resnet50_2", layers=["layer1", "layer2"], weights=None, resize=None,
-                         crop=None, holdout=0, dictionary_steps=4).fit(train)
+    mlfsc = fastad.MLFSC(
+        backbone="wide_resnet50_2",
+        layers=["layer1", "layer2"],
+        weights=None,
+        resize=None,
+        crop=None,
+        holdout=0,
+        dictionary_steps=4,
+    ).fit(train)
     assert mlfsc._extractor_options() == {"input_pools": {"layer1": 2, "layer2": 1}}
     assert_equals_untiled(mlfsc, scene(1024, 768, rng), tile=256)

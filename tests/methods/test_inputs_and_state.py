@@ -18,7 +18,6 @@ from fastad.methods import AnomalyModel, register_method
 from ..toy_method import ToyMean
 
 
-
 @register_method("toy-resized")
 class ToyResized(ToyMean):
     """ToyMean on 64x64 inputs: its transform resizes whatever it is given."""

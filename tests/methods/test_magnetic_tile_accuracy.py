@@ -1,4 +1,5 @@
-"""PatchCore, SPADE, PaDiM, Gaussian AD and MLF-SC on real defects: the magnetic-tile data (when ../shared/data has it), on
+"""PatchCore, SPADE, PaDiM, Gaussian AD and MLF-SC on real defects: the magnetic-tile data (when
+../shared/data has it), on
 EfficientNet-Lite0, with a subset small enough for the test suite. The whole-set figures are in
 benchmarks/RESULTS.md (``python -m benchmarks.accuracy``); the floors here sit well below them
 and well above chance, so that a method that stopped finding defects fails."""
@@ -19,7 +20,9 @@ from ..conftest import require_lite0
 ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "magnetic_tile"
 
 pytestmark = [
-    pytest.mark.skipif(not ROOT.is_dir(), reason=f"magnetic-tile data not found at {ROOT} (see ../shared/data/README.md)"),
+    pytest.mark.skipif(
+        not ROOT.is_dir(), reason=f"magnetic-tile data not found at {ROOT} (see ../shared/data/README.md)"
+    ),
 ]
 require_lite0()
 
@@ -53,13 +56,20 @@ def data():
     return every(open_dataset(ROOT, "train"), 4), every(open_dataset(ROOT, "test"), 5)
 
 
-@pytest.mark.parametrize("method,params,floors", [
-    ("patchcore", {}, {"image_auroc": 0.75, "pixel_auroc": 0.93, "aupro": 0.7}),
-    ("spade", {"k_images": 10, "resize": 160, "crop": 160}, {"image_auroc": 0.6, "pixel_auroc": 0.85, "aupro": 0.5}),
-    ("padim", {}, {"image_auroc": 0.7, "pixel_auroc": 0.93, "aupro": 0.75}),
-    ("gaussian_ad", {"resize": 224, "crop": 224}, {"image_auroc": 0.65}),
-    ("mlfsc", {}, {"image_auroc": 0.7, "pixel_auroc": 0.7, "aupro": 0.6}),
-])
+@pytest.mark.parametrize(
+    "method,params,floors",
+    [
+        ("patchcore", {}, {"image_auroc": 0.75, "pixel_auroc": 0.93, "aupro": 0.7}),
+        (
+            "spade",
+            {"k_images": 10, "resize": 160, "crop": 160},
+            {"image_auroc": 0.6, "pixel_auroc": 0.85, "aupro": 0.5},
+        ),
+        ("padim", {}, {"image_auroc": 0.7, "pixel_auroc": 0.93, "aupro": 0.75}),
+        ("gaussian_ad", {"resize": 224, "crop": 224}, {"image_auroc": 0.65}),
+        ("mlfsc", {}, {"image_auroc": 0.7, "pixel_auroc": 0.7, "aupro": 0.6}),
+    ],
+)
 def test_defects_are_found(method, params, floors, data):
     train, test = data
     model = fastad.get_method(method)(backbone="efficientnet_lite0", holdout=0, **params).fit(train)

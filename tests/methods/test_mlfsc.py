@@ -39,12 +39,18 @@ def reference_scores(model: MLFSC, batch: torch.Tensor):
     size, p, s = model.feature_size, model.patch_size, model.patch_stride
     top = model.cutoff
     crop = size - 2 * top
-    levels = [F.interpolate(f.double(), size=(size, size), mode="bilinear", align_corners=False)[..., top:top + crop, top:top + crop]
-              for f in features.values()]
+    levels = [
+        F.interpolate(f.double(), size=(size, size), mode="bilinear", align_corners=False)[
+            ..., top : top + crop, top : top + crop
+        ]
+        for f in features.values()
+    ]
     maps = torch.cat(levels, dim=1)  # (B, C, crop, crop)
     b, c = maps.shape[:2]
     starts = range(0, crop - p + 1, s)
-    patches = torch.stack([maps[:, :, i:i + p, j:j + p].reshape(b, c, p * p) for i in starts for j in starts], dim=2)  # (B, C, P, d)
+    patches = torch.stack(
+        [maps[:, :, i : i + p, j : j + p].reshape(b, c, p * p) for i in starts for j in starts], dim=2
+    )  # (B, C, P, d)
     dictionary = model.dictionary_.double()
     x = patches.permute(1, 0, 2, 3).reshape(c, -1, p * p)
     idx, coef = fastad.reference.omp(x, dictionary, model.n_nonzero)
@@ -52,15 +58,15 @@ def reference_scores(model: MLFSC, batch: torch.Tensor):
     for t in range(idx.shape[-1]):
         used = idx[..., t] >= 0
         atoms = torch.gather(dictionary, 1, idx[..., t].clamp_min(0).unsqueeze(-1).expand(-1, -1, p * p))
-        recon += torch.where(used.unsqueeze(-1), coef[..., t:t + 1].double() * atoms, 0.0)
+        recon += torch.where(used.unsqueeze(-1), coef[..., t : t + 1].double() * atoms, 0.0)
     errors = ((x - recon) ** 2).sum(-1).reshape(c, b, -1)  # (C, B, P)
     scores = errors.topk(model.top_k, dim=-1).values.sum(-1).sum(0)
     total = errors.sum(0)  # (B, P)
     acc = torch.zeros(b, crop, crop, dtype=torch.float64)
     count = torch.zeros(crop, crop, dtype=torch.float64)
     for k, (i, j) in enumerate((i, j) for i in starts for j in starts):
-        acc[:, i:i + p, j:j + p] += total[:, k, None, None]
-        count[i:i + p, j:j + p] += 1
+        acc[:, i : i + p, j : j + p] += total[:, k, None, None]
+        count[i : i + p, j : j + p] += 1
     crop_map = acc / count
     full = F.pad(crop_map.unsqueeze(1), (top, size - crop - top) * 2, mode="replicate")[:, 0]
     return scores, full
@@ -81,7 +87,9 @@ def test_earlier_variant_equals_a_float64_reference(rng):
     # OMP in float32 against float64: a near-tie between atoms may pick another support for a
     # patch now and then, so the sums are compared at 1e-3.
     np.testing.assert_allclose(scores.double().numpy(), ref_scores.numpy(), rtol=1e-3)
-    np.testing.assert_allclose(patch_map.double().numpy(), ref_map.numpy(), rtol=1e-3, atol=1e-6 * float(ref_map.abs().max()))
+    np.testing.assert_allclose(
+        patch_map.double().numpy(), ref_map.numpy(), rtol=1e-3, atol=1e-6 * float(ref_map.abs().max())
+    )
     prediction = model.predict(test)
     assert prediction.maps.shape == (3, SIZE, SIZE)
     torch.testing.assert_close(prediction.scores, scores)
@@ -109,17 +117,20 @@ def test_vgg_levels_are_taken_before_the_relu():
     assert lite0()._backbone_options() == {}
 
 
-@pytest.mark.parametrize("params,message", [
-    ({"levels": "resized_maps", "cutoff": 13}, "feature_size - 2 cutoff"),
-    ({"levels": "pyramid"}, "levels must be one of"),
-    ({"map_mode": "mean"}, "map_mode must be one of"),
-    ({"dictionary_fit": "ksvd"}, "dictionary_fit must be one of"),
-    ({"alpha": 0}, "alpha"),
-    ({"cutoff": 5}, "too small for MLF-SC"),
-    ({"n_nonzero": 6}, "n_nonzero"),
-    ({"n_atoms": 0}, "n_atoms"),
-    ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"levels": "resized_maps", "cutoff": 13}, "feature_size - 2 cutoff"),
+        ({"levels": "pyramid"}, "levels must be one of"),
+        ({"map_mode": "mean"}, "map_mode must be one of"),
+        ({"dictionary_fit": "ksvd"}, "dictionary_fit must be one of"),
+        ({"alpha": 0}, "alpha"),
+        ({"cutoff": 5}, "too small for MLF-SC"),
+        ({"n_nonzero": 6}, "n_nonzero"),
+        ({"n_atoms": 0}, "n_atoms"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_bad_parameters_are_named(rng, params, message):
     with pytest.raises(ValueError, match=message):
         lite0(**params).fit(images(2, rng))
@@ -164,8 +175,14 @@ def authors_features(vgg_features, images: torch.Tensor, cutoff: int = 2) -> np.
 def authors_patches(features: np.ndarray, patch: int = 8, stride: int = 2) -> np.ndarray:
     """BatchSplitImg: (N, P, C, patch * patch), patches in raster order."""
     n, c, h, w = features.shape
-    out = [[features[i, :, ty:ty + patch, tx:tx + patch].reshape(c, -1)
-            for ty in range(0, h - patch + 1, stride) for tx in range(0, w - patch + 1, stride)] for i in range(n)]
+    out = [
+        [
+            features[i, :, ty : ty + patch, tx : tx + patch].reshape(c, -1)
+            for ty in range(0, h - patch + 1, stride)
+            for tx in range(0, w - patch + 1, stride)
+        ]
+        for i in range(n)
+    ]
     return np.asarray(out)
 
 
@@ -186,7 +203,7 @@ def authors_test(dictionaries: list[np.ndarray], patches: np.ndarray, patch: int
         it = iter(arrays)
         for ty in range(0, size - patch + 1, stride):
             for tx in range(0, size - patch + 1, stride):
-                out[ty:ty + patch, tx:tx + patch] = next(it).reshape(patch, patch)
+                out[ty : ty + patch, tx : tx + patch] = next(it).reshape(patch, patch)
         return out
 
     scores, pictures = [], []
@@ -236,10 +253,17 @@ def test_defaults_follow_the_authors_pipeline(vgg16_file):
         x = train_patches[:, authors_channel]
         u, s, vt = np.linalg.svd(x, full_matrices=False)
         _, vt = svd_flip(u, vt, u_based_decision=False)
-        learner = MiniBatchDictionaryLearning(n_components=5, alpha=1.0, fit_algorithm="lars", batch_size=3,
-                                              dict_init=s[:5, None] * vt[:5], shuffle=False, random_state=0)
+        learner = MiniBatchDictionaryLearning(
+            n_components=5,
+            alpha=1.0,
+            fit_algorithm="lars",
+            batch_size=3,
+            dict_init=s[:5, None] * vt[:5],
+            shuffle=False,
+            random_state=0,
+        )
         for step in range(6):
-            learner.partial_fit(x[sample[3 * step:3 * step + 3]])
+            learner.partial_fit(x[sample[3 * step : 3 * step + 3]])
         expected = learner.components_ / np.linalg.norm(learner.components_, axis=1, keepdims=True)
         np.testing.assert_allclose(model.dictionary_[order[authors_channel]].double().numpy(), expected, atol=2e-3)
 
@@ -261,10 +285,24 @@ def test_defaults_follow_the_authors_pipeline(vgg16_file):
 
 def test_each_default_is_the_authors_and_the_variants_stay_named():
     model = MLFSC()
-    expected = {"levels": "scaled_inputs", "standardize": True, "cutoff": 2, "patch_size": 8, "patch_stride": 2,
-                "n_atoms": 5, "n_nonzero": 3, "top_k": 5, "dictionary_fit": "sklearn_lasso", "alpha": 1.0,
-                "dictionary_steps": 50, "map_mode": "last_patch", "resize": [256, 256], "crop": None,
-                "backbone": "vgg16", "pre_relu": True}
+    expected = {
+        "levels": "scaled_inputs",
+        "standardize": True,
+        "cutoff": 2,
+        "patch_size": 8,
+        "patch_stride": 2,
+        "n_atoms": 5,
+        "n_nonzero": 3,
+        "top_k": 5,
+        "dictionary_fit": "sklearn_lasso",
+        "alpha": 1.0,
+        "dictionary_steps": 50,
+        "map_mode": "last_patch",
+        "resize": [256, 256],
+        "crop": None,
+        "backbone": "vgg16",
+        "pre_relu": True,
+    }
     assert {name: model.get_params()[name] for name in expected} == expected
     assert model._dictionary_batch() == 3  # scikit-learn 0.21.3's default batch, which the authors used
     assert model._extractor_options() == {"input_pools": {"conv2_2": 4, "conv3_3": 2, "conv4_3": 1}}

@@ -40,7 +40,7 @@ def reference_embeddings(model: PaDiM, batch: torch.Tensor) -> np.ndarray:
         features = model._features(batch)
     layers = model.feature_layers()
     grid = features[layers[0]].shape[-2:]
-    full = torch.cat([F.interpolate(features[l].double(), size=grid, mode="nearest") for l in layers], dim=1)
+    full = torch.cat([F.interpolate(features[name].double(), size=grid, mode="nearest") for name in layers], dim=1)
     return full[:, model.channels_].permute(0, 2, 3, 1).numpy()
 
 
@@ -102,7 +102,9 @@ def test_model_file_round_trip_gives_identical_predictions(rng, tmp_path):
     model = lite0(n_features=16).fit(train)
     loaded = AnomalyModel.load(model.save(tmp_path / "padim.safetensors"))
     assert type(loaded) is PaDiM and loaded.get_params() == model.get_params()
-    assert torch.equal(loaded.channels_, model.channels_) and torch.equal(loaded.precision_factor_, model.precision_factor_)
+    assert torch.equal(loaded.channels_, model.channels_) and torch.equal(
+        loaded.precision_factor_, model.precision_factor_
+    )
     # The file stores the factors contiguous; fitted and loaded models both hold them column-major,
     # the layout the CPU kernel reads in place.
     assert model.precision_factor_.stride(1) == 1 and loaded.precision_factor_.stride(1) == 1
@@ -119,13 +121,16 @@ def test_images_of_another_size_are_refused(rng):
         lite0(n_features=8, batch_size=1).fit(mixed)
 
 
-@pytest.mark.parametrize("params,message", [
-    ({"n_features": 0}, "n_features"),
-    ({"covariance": "shrunk"}, "covariance must be one of"),
-    ({"eps": -1.0}, "eps must be a finite number >= 0"),
-    ({"eps": float("inf")}, "eps must be a finite number >= 0"),
-    ({"seed": -2}, "seed"),
-])
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"n_features": 0}, "n_features"),
+        ({"covariance": "shrunk"}, "covariance must be one of"),
+        ({"eps": -1.0}, "eps must be a finite number >= 0"),
+        ({"eps": float("inf")}, "eps must be a finite number >= 0"),
+        ({"seed": -2}, "seed"),
+    ],
+)
 def test_bad_parameters_are_named(rng, params, message):
     with pytest.raises(ValueError, match=message):
         lite0(**params).fit(images(3, rng))
@@ -156,7 +161,9 @@ _MEMORY_PROBE = textwrap.dedent(
 
 
 def _peak_growth(n_images: int) -> int:
-    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(n_images)], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, str(n_images)], capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -166,4 +173,6 @@ def test_fit_memory_does_not_grow_with_the_number_of_images():
     # 32 x 32 positions x 176 channels: each image's embedding is 0.7 MB in float32, so keeping
     # 320 of them would add 230 MB; the float64 statistics (250 MB) are the same for any count.
     few, many = _peak_growth(32), _peak_growth(320)
-    assert many - few < 40 * 2**20, f"peak grew by {few / 2**20:.0f} MiB for 32 images and {many / 2**20:.0f} MiB for 320"
+    assert many - few < 40 * 2**20, (
+        f"peak grew by {few / 2**20:.0f} MiB for 32 images and {many / 2**20:.0f} MiB for 320"
+    )

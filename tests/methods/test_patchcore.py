@@ -29,10 +29,14 @@ def model(**kw):
 
 
 def all_patches(m, images):
-    return torch.cat([m.patch_features(images[i : i + 2]).reshape(-1, m.bank_.shape[1]) for i in range(0, len(images), 2)])
+    return torch.cat(
+        [m.patch_features(images[i : i + 2]).reshape(-1, m.bank_.shape[1]) for i in range(0, len(images), 2)]
+    )
 
 
-def authors_embedding(features: list[torch.Tensor], patchsize: int = 3, pretrain_dim: int = 1024, target_dim: int = 1024):
+def authors_embedding(
+    features: list[torch.Tensor], patchsize: int = 3, pretrain_dim: int = 1024, target_dim: int = 1024
+):
     """PatchCore._embed of amazon-science/patchcore-inspection, transcribed: PatchMaker.patchify
     (an Unfold with padding), the deeper layers' patches interpolated to the first layer's grid,
     MeanMapper per layer (the flattened C x p x p patch adaptive-average-pooled to pretrain_dim),
@@ -49,11 +53,15 @@ def authors_embedding(features: list[torch.Tensor], patchsize: int = 3, pretrain
         x = patches[i].reshape(patches[i].shape[0], *shapes[i], *patches[i].shape[2:])
         x = x.permute(0, 3, 4, 5, 1, 2)
         base = x.shape
-        x = F.interpolate(x.reshape(-1, *x.shape[-2:]).unsqueeze(1), size=tuple(ref), mode="bilinear", align_corners=False)
+        x = F.interpolate(
+            x.reshape(-1, *x.shape[-2:]).unsqueeze(1), size=tuple(ref), mode="bilinear", align_corners=False
+        )
         x = x.squeeze(1).reshape(*base[:-2], *ref).permute(0, 4, 5, 1, 2, 3)
         patches[i] = x.reshape(len(x), -1, *x.shape[-3:])
     flat = [x.reshape(-1, *x.shape[-3:]) for x in patches]
-    mapped = torch.stack([F.adaptive_avg_pool1d(x.reshape(len(x), 1, -1), pretrain_dim).squeeze(1) for x in flat], dim=1)
+    mapped = torch.stack(
+        [F.adaptive_avg_pool1d(x.reshape(len(x), 1, -1), pretrain_dim).squeeze(1) for x in flat], dim=1
+    )
     out = F.adaptive_avg_pool1d(mapped.reshape(len(mapped), 1, -1), target_dim)
     return out.reshape(len(out), -1)
 
@@ -69,7 +77,9 @@ def test_default_embedding_is_the_authors(rng):
     torch.testing.assert_close(m.patch_features(x), expected, rtol=1e-5, atol=1e-5)
     small = model(layer_dim=96, embed_dim=64)
     small.device = "cpu"
-    expected = authors_embedding([feats["block2"], feats["block4"]], pretrain_dim=96, target_dim=64).reshape(2, 8, 8, 64)
+    expected = authors_embedding([feats["block2"], feats["block4"]], pretrain_dim=96, target_dim=64).reshape(
+        2, 8, 8, 64
+    )
     torch.testing.assert_close(small.patch_features(x), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -84,7 +94,13 @@ def test_concatenated_embedding_is_averaged_upsampled_and_pooled(rng):
 
     m3 = model(embed_dim=76, embedding="concatenated")  # 152 channels -> means of consecutive pairs
     m3.device = "cpu"
-    pooled = torch.cat([F.avg_pool2d(first, 3, 1, 1), F.interpolate(F.avg_pool2d(second, 3, 1, 1), size=first.shape[-2:], mode="bilinear", align_corners=False)], 1)
+    pooled = torch.cat(
+        [
+            F.avg_pool2d(first, 3, 1, 1),
+            F.interpolate(F.avg_pool2d(second, 3, 1, 1), size=first.shape[-2:], mode="bilinear", align_corners=False),
+        ],
+        1,
+    )
     expected = pooled.permute(0, 2, 3, 1).reshape(2, 8, 8, 76, 2).mean(-1)
     torch.testing.assert_close(m3.patch_features(x), expected)
 
@@ -189,17 +205,20 @@ def test_prepared_bank_follows_the_bank(rng):
     assert "_prepared_cache" not in m._learned_attributes()
 
 
-@pytest.mark.parametrize("params,message", [
-    ({"coreset_ratio": 0}, "coreset_ratio must be in"),
-    ({"coreset_ratio": 1.5}, "coreset_ratio must be in"),
-    ({"neighbourhood": 2}, "neighbourhood must be odd"),
-    ({"embed_dim": 0}, "embed_dim must be a positive int"),
-    ({"embedding": "mean"}, "embedding must be one of"),
-    ({"layer_dim": 0}, "layer_dim must be a positive int"),
-    ({"bank_dtype": "int8"}, "bank_dtype must be one of"),
-    ({"projection_dim": -1}, "projection_dim must be"),
-    ({"layers": ["layer2"]}, "not all layers"),
-])
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"coreset_ratio": 0}, "coreset_ratio must be in"),
+        ({"coreset_ratio": 1.5}, "coreset_ratio must be in"),
+        ({"neighbourhood": 2}, "neighbourhood must be odd"),
+        ({"embed_dim": 0}, "embed_dim must be a positive int"),
+        ({"embedding": "mean"}, "embedding must be one of"),
+        ({"layer_dim": 0}, "layer_dim must be a positive int"),
+        ({"bank_dtype": "int8"}, "bank_dtype must be one of"),
+        ({"projection_dim": -1}, "projection_dim must be"),
+        ({"layers": ["layer2"]}, "not all layers"),
+    ],
+)
 def test_bad_parameters_are_refused(params, message, rng):
     with pytest.raises(ValueError, match=message):
         model(**params).fit(textures(2, rng))

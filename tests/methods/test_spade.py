@@ -58,7 +58,9 @@ def reference_spade(model: SPADE, train: torch.Tensor, test: torch.Tensor, k_ima
     return torch.stack(maps), nearest_d.mean(dim=1)
 
 
-@pytest.mark.parametrize(("k_images", "k_features", "layer_maps"), [(3, 1, "to_image"), (5, 4, "to_image"), (3, 1, "to_first_layer")])
+@pytest.mark.parametrize(
+    ("k_images", "k_features", "layer_maps"), [(3, 1, "to_image"), (5, 4, "to_image"), (3, 1, "to_first_layer")]
+)
 def test_scores_and_maps_equal_a_float64_reference(rng, k_images, k_features, layer_maps):
     train, test = varied_images(8, rng), varied_images(3, rng)
     model = lite0(k_images=k_images, k_features=k_features, batch_size=3, layer_maps=layer_maps).fit(train)  # 3 batches
@@ -67,7 +69,10 @@ def test_scores_and_maps_equal_a_float64_reference(rng, k_images, k_features, la
     with torch.inference_mode():
         patch_map, scores = model._score_batch(test)
     ref_map, ref_scores = reference_spade(model, train, test, k_images, k_features)
-    assert patch_map.shape == ((3, SIZE, SIZE) if layer_maps == "to_image" else (3, 16, 16)) and patch_map.dtype == torch.float32
+    assert (
+        patch_map.shape == ((3, SIZE, SIZE) if layer_maps == "to_image" else (3, 16, 16))
+        and patch_map.dtype == torch.float32
+    )
     torch.testing.assert_close(patch_map.double(), ref_map, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(scores.double(), ref_scores, rtol=1e-4, atol=1e-4)
 
@@ -128,7 +133,9 @@ def test_half_precision_bank_is_close_to_float32(rng):
 
 
 def test_a_pasted_defect_scores_higher_and_peaks_at_the_defect(np_rng):
-    skimage_data = pytest.importorskip("skimage.data", reason="the normal images are scikit-image's bundled grass texture")
+    skimage_data = pytest.importorskip(
+        "skimage.data", reason="the normal images are scikit-image's bundled grass texture"
+    )
     from fastad.data.synthetic import normal_image
 
     texture = skimage_data.grass()

@@ -38,7 +38,9 @@ def fitted(images, tmp_path_factory):
 
     def get(name: str):
         if name not in cache:
-            model = ToyMean(pool=8, holdout=0) if name == "toy-mean" else METHODS[name](**OPTIONS, **EXTRA.get(name, {}))
+            model = (
+                ToyMean(pool=8, holdout=0) if name == "toy-mean" else METHODS[name](**OPTIONS, **EXTRA.get(name, {}))
+            )
             model.fit(images)
             cache[name] = model, model.save(folder / f"{name}.safetensors")
         return cache[name]
@@ -117,7 +119,12 @@ FORGED = [
     ("spade", "image-count", state(n_train_images_=3), "pooled_"),
     # PaDiM: channels_ (D,) increasing int64, mean_ (P, D), precision_factor_ (P, D, D), P = h * w.
     ("padim", "mean-float64", tensor("mean_", lambda t: t.double()), "mean_"),
-    ("padim", "factor-narrower", tensor("precision_factor_", lambda t: t[:, :-1, :-1].contiguous()), "precision_factor_"),
+    (
+        "padim",
+        "factor-narrower",
+        tensor("precision_factor_", lambda t: t[:, :-1, :-1].contiguous()),
+        "precision_factor_",
+    ),
     ("padim", "factor-not-cholesky", tensor("precision_factor_", zero_diagonal), "precision_factor_"),
     ("padim", "channels-float", tensor("channels_", lambda t: t.float()), "channels_"),
     ("padim", "channels-out-of-range", tensor("channels_", lambda t: t + 1000), "channels_"),
@@ -126,7 +133,12 @@ FORGED = [
     ("padim", "grid-text", state(grid_="12x12"), "grid_"),
     # Gaussian AD: mean_ {level: (1, C)}, precision_factor_ {level: (1, C, C)}, shrinkage_ in [0, 1].
     ("gaussian_ad", "level-missing", drop("mean_.head"), "mean_"),
-    ("gaussian_ad", "factor-wrong-shape", tensor("precision_factor_.stem", lambda t: t[0].contiguous()), "precision_factor_['stem']"),
+    (
+        "gaussian_ad",
+        "factor-wrong-shape",
+        tensor("precision_factor_.stem", lambda t: t[0].contiguous()),
+        "precision_factor_['stem']",
+    ),
     ("gaussian_ad", "mean-float16", tensor("mean_.block0", lambda t: t.half()), "mean_['block0']"),
     ("gaussian_ad", "factor-nan", tensor("precision_factor_.block3", with_nan), "precision_factor_['block3']"),
     ("gaussian_ad", "shrinkage", state(shrinkage_={"stem": 2.0}), "shrinkage_"),
@@ -172,8 +184,10 @@ def test_an_unedited_round_trip_loads_and_predicts_the_same(fitted, images, tmp_
         assert torch.equal(got.maps, want.maps)
 
 
-@pytest.mark.parametrize("method,change", [("patchcore", {"bank_dtype": "float16"}), ("spade", {"bank_dtype": "bfloat16"}),
-                                           ("padim", {"n_features": 7})])
+@pytest.mark.parametrize(
+    "method,change",
+    [("patchcore", {"bank_dtype": "float16"}), ("spade", {"bank_dtype": "bfloat16"}), ("padim", {"n_features": 7})],
+)
 def test_parameters_changed_after_fit_still_save_and_load(fitted, images, tmp_path, method, change):
     """set_params after fit changes a parameter, not the learned state (the bank keeps its dtype,
     PaDiM its channel subset): the file a user saves then must load, and score as before."""
@@ -208,15 +222,18 @@ def siamese_file(tmp_path_factory):
     return detector.save(tmp_path_factory.mktemp("siamese") / "siamese.safetensors")
 
 
-@pytest.mark.parametrize("entry, value", [
-    ("history", "not a dict"),
-    ("history", [1.0, 2.0]),
-    ("history", {"train_loss": "abc"}),
-    ("history", {"train_loss": 3}),
-    ("history", {"seconds": [1]}),
-    ("training", [1, 2]),
-    ("training", "data"),
-])
+@pytest.mark.parametrize(
+    "entry, value",
+    [
+        ("history", "not a dict"),
+        ("history", [1.0, 2.0]),
+        ("history", {"train_loss": "abc"}),
+        ("history", {"train_loss": 3}),
+        ("history", {"seconds": [1]}),
+        ("training", [1, 2]),
+        ("training", "data"),
+    ],
+)
 def test_siamese_malformed_history_or_training_is_refused(siamese_file, tmp_path, entry, value):
     from fastad.siamese import SiameseDetector
 

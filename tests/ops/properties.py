@@ -128,6 +128,7 @@ def _expect_error(call, allowed: set[type], context: str) -> None:
 
 # ---- knn ----------------------------------------------------------------------------------------
 
+
 def _pick(draw, flaw: str, table: dict, otherwise):
     """``table[flaw]`` when the flaw sets this value (0 included), else a draw from ``otherwise``."""
     return table[flaw] if flaw in table else draw(otherwise)
@@ -143,21 +144,39 @@ VALID_FLOATS = st.sampled_from([torch.float32] * 6 + [torch.float16, torch.bfloa
 
 @st.composite
 def knn_cases(draw):
-    flaw = _flaw(draw, ["k-0", "k-negative", "k-above-n", "k-huge", "empty-bank", "query-double", "bank-int", "mixed-dtype"])
+    flaw = _flaw(
+        draw, ["k-0", "k-negative", "k-above-n", "k-huge", "empty-bank", "query-double", "bank-int", "mixed-dtype"]
+    )
     # One case in four is large enough for the CPU's int8 screen (N >= 1024, M >= 64, D >= 8).
     big = draw(st.sampled_from([False, False, False, True]))
     n = 0 if flaw == "empty-bank" else draw(st.integers(1000, 3000) if big else st.integers(1, 70))
-    k = _pick(draw, flaw, {"k-0": 0, "k-negative": -3, "k-above-n": n + 1, "k-huge": 2**40}, st.integers(1, max(1, min(n, 40))))
+    k = _pick(
+        draw,
+        flaw,
+        {"k-0": 0, "k-negative": -3, "k-above-n": n + 1, "k-huge": 2**40},
+        st.integers(1, max(1, min(n, 40))),
+    )
     q_dtype = _pick(draw, flaw, {"query-double": torch.float64, "bank-int": torch.float32}, VALID_FLOATS)
-    b_dtype = {"bank-int": torch.int32, "query-double": torch.float64,
-               "mixed-dtype": torch.float16 if q_dtype != torch.float16 else torch.float32}.get(flaw, q_dtype)
+    b_dtype = {
+        "bank-int": torch.int32,
+        "query-double": torch.float64,
+        "mixed-dtype": torch.float16 if q_dtype != torch.float16 else torch.float32,
+    }.get(flaw, q_dtype)
     return dict(
-        flaw=flaw, m=draw(st.integers(60, 130) if big else st.integers(0, 40)), n=n, k=k,
+        flaw=flaw,
+        m=draw(st.integers(60, 130) if big else st.integers(0, 40)),
+        n=n,
+        k=k,
         d=draw(st.sampled_from([8, 13, 24, 32, 33, 64, 100, 200] if big else [1, 2, 3, 7, 8, 24, 31, 32, 33, 64, 100])),
-        q_dtype=q_dtype, b_dtype=b_dtype, q_layout=draw(LAYOUTS), b_layout=draw(LAYOUTS),
+        q_dtype=q_dtype,
+        b_dtype=b_dtype,
+        q_layout=draw(LAYOUTS),
+        b_layout=draw(LAYOUTS),
         kind=draw(st.sampled_from(["normal", "integers", "duplicates", "constant", "far"])),
-        squared=draw(st.booleans()), prepared=draw(st.booleans()),
-        q_poison=draw(POISONS), b_poison=draw(POISONS),
+        squared=draw(st.booleans()),
+        prepared=draw(st.booleans()),
+        q_poison=draw(POISONS),
+        b_poison=draw(POISONS),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
@@ -212,18 +231,23 @@ def check_knn(device: str) -> dict[str, int]:
 
 # ---- kcenter_greedy -----------------------------------------------------------------------------
 
+
 @st.composite
 def kcenter_cases(draw):
     flaw = _flaw(draw, ["k-0", "k-above-n", "start-negative", "start-n", "no-rows", "no-columns", "double", "int"])
     big = draw(st.sampled_from([False, False, False, True]))  # enough rows for the lazy bounds to matter
     n = 0 if flaw == "no-rows" else draw(st.integers(500, 3000) if big else st.integers(1, 60))
     return dict(
-        flaw=flaw, n=n, d=0 if flaw == "no-columns" else draw(st.sampled_from([1, 2, 3, 5, 16, 33])),
+        flaw=flaw,
+        n=n,
+        d=0 if flaw == "no-columns" else draw(st.sampled_from([1, 2, 3, 5, 16, 33])),
         k=_pick(draw, flaw, {"k-0": 0, "k-above-n": n + 1}, st.integers(1, max(1, min(n, 150)))),
         start=_pick(draw, flaw, {"start-negative": -1, "start-n": n}, st.integers(0, max(0, n - 1))),
-        dtype=_pick(draw, flaw, {"double": torch.float64, "int": torch.int32}, VALID_FLOATS), layout=draw(LAYOUTS),
+        dtype=_pick(draw, flaw, {"double": torch.float64, "int": torch.int32}, VALID_FLOATS),
+        layout=draw(LAYOUTS),
         kind=draw(st.sampled_from(["normal", "integers", "duplicates", "constant", "far", "huge"])),
-        poison=draw(POISONS), seed=draw(st.integers(0, 2**32 - 1)),
+        poison=draw(POISONS),
+        seed=draw(st.integers(0, 2**32 - 1)),
     )
 
 
@@ -271,20 +295,28 @@ def check_kcenter(device: str) -> dict[str, int]:
 
 # ---- mahalanobis --------------------------------------------------------------------------------
 
+
 @st.composite
 def mahalanobis_cases(draw):
     flaw = _flaw(draw, ["x-double", "x-int", "mean-double", "L-half", "no-features"])
     return dict(
-        flaw=flaw, b=draw(st.integers(0, 4)), p=draw(st.integers(0, 6)),
+        flaw=flaw,
+        b=draw(st.integers(0, 4)),
+        p=draw(st.integers(0, 6)),
         d=0 if flaw == "no-features" else draw(st.sampled_from([1, 2, 3, 5, 8, 17, 33])),
-        shared_mean=draw(st.booleans()), shared_l=draw(st.booleans()),
+        shared_mean=draw(st.booleans()),
+        shared_l=draw(st.booleans()),
         x_dtype={"x-double": torch.float64, "x-int": torch.int32}.get(flaw, torch.float32),
         mean_dtype=torch.float64 if flaw == "mean-double" else torch.float32,
         l_dtype=torch.float16 if flaw == "L-half" else torch.float32,
-        x_layout=draw(st.sampled_from(["contiguous", "transposed", "row-strided", "column-slice", "expanded", "channels-first"])),
-        mean_layout=draw(LAYOUTS), l_layout=draw(st.sampled_from(["contiguous", "transposed", "row-strided"])),
+        x_layout=draw(
+            st.sampled_from(["contiguous", "transposed", "row-strided", "column-slice", "expanded", "channels-first"])
+        ),
+        mean_layout=draw(LAYOUTS),
+        l_layout=draw(st.sampled_from(["contiguous", "transposed", "row-strided"])),
         garbage=draw(st.sampled_from([None, 1e30, float("nan")])),
-        poison=draw(POISONS), seed=draw(st.integers(0, 2**32 - 1)),
+        poison=draw(POISONS),
+        seed=draw(st.integers(0, 2**32 - 1)),
     )
 
 
@@ -298,9 +330,14 @@ def run_mahalanobis_case(case: dict, device: str) -> None:
         x = x_values.to(device=device, dtype=case["x_dtype"]).transpose(1, 2).contiguous().transpose(1, 2)
     else:
         x = _materialise(x_values, case["x_dtype"], case["x_layout"], device)
-    mean = _materialise(torch.randn(rows, d, generator=gen, dtype=torch.float64), case["mean_dtype"], case["mean_layout"], device)
+    mean = _materialise(
+        torch.randn(rows, d, generator=gen, dtype=torch.float64), case["mean_dtype"], case["mean_layout"], device
+    )
     # Lower factors with a dominant positive diagonal; the strict upper triangle holds garbage.
-    lower = torch.randn(q, d, d, generator=gen, dtype=torch.float64).tril(-1) * 0.3 + torch.eye(d, dtype=torch.float64) * 1.5
+    lower = (
+        torch.randn(q, d, d, generator=gen, dtype=torch.float64).tril(-1) * 0.3
+        + torch.eye(d, dtype=torch.float64) * 1.5
+    )
     if case["garbage"] is not None:
         lower = lower + torch.full((d, d), case["garbage"], dtype=torch.float64).triu(1)
     L = _materialise(lower, case["l_dtype"], case["l_layout"], device)
@@ -322,7 +359,9 @@ def run_mahalanobis_case(case: dict, device: str) -> None:
     expected = reference.mahalanobis(x.cpu(), mean.cpu(), L.cpu().tril())
     good = torch.isfinite(x.cpu()).all(-1)
     if poisoned:
-        assert not bool(torch.isfinite(out.cpu()[~good]).any()), context + ": a non-finite sample gave a finite distance"
+        assert not bool(torch.isfinite(out.cpu()[~good]).any()), (
+            context + ": a non-finite sample gave a finite distance"
+        )
     torch.testing.assert_close(out.cpu()[good], expected[good], rtol=MAHALANOBIS_RTOL, atol=0.0, msg=context)
 
 
@@ -332,6 +371,7 @@ def check_mahalanobis(device: str) -> dict[str, int]:
 
 # ---- omp ----------------------------------------------------------------------------------------
 
+
 @st.composite
 def omp_cases(draw):
     flaw = _flaw(draw, ["s-0", "s-negative", "s-above", "x-double", "dictionary-half", "atom-long", "atom-nan"])
@@ -339,15 +379,21 @@ def omp_cases(draw):
     most = min(k, d)
     g = draw(st.integers(1, 3)) if flaw in ("atom-long", "atom-nan") else draw(st.integers(0, 3))
     return dict(
-        flaw=flaw, g=g, m=draw(st.integers(0, 6)), k=k, d=d,
+        flaw=flaw,
+        g=g,
+        m=draw(st.integers(0, 6)),
+        k=k,
+        d=d,
         s=_pick(draw, flaw, {"s-0": 0, "s-negative": -1, "s-above": most + 1}, st.integers(1, most)),
         signals=draw(st.sampled_from(["normal", "sparse", "zeros", "atom"])),
         duplicate_atoms=draw(st.booleans()),
         atom_scale=_pick(draw, flaw, {"atom-long": 1.01, "atom-nan": float("nan")}, st.sampled_from([1.0, 1.0005])),
         x_dtype=torch.float64 if flaw == "x-double" else torch.float32,
         d_dtype=torch.float16 if flaw == "dictionary-half" else torch.float32,
-        x_layout=draw(LAYOUTS), d_layout=draw(st.sampled_from(["contiguous", "transposed", "row-strided", "column-slice"])),
-        poison=draw(POISONS), seed=draw(st.integers(0, 2**32 - 1)),
+        x_layout=draw(LAYOUTS),
+        d_layout=draw(st.sampled_from(["contiguous", "transposed", "row-strided", "column-slice"])),
+        poison=draw(POISONS),
+        seed=draw(st.integers(0, 2**32 - 1)),
     )
 
 
@@ -369,8 +415,12 @@ def run_omp_case(case: dict, device: str) -> None:
         used = 1 if kind == "atom" else min(k, 2)
         pick = torch.randint(0, k, (g, m, used), generator=gen)
         weights = torch.randn(g, m, used, generator=gen, dtype=torch.float64) + 2.0
-        x_values = (weights[..., None] * torch.gather(atoms.nan_to_num(), 1, pick.reshape(g, m * used, 1).expand(g, m * used, d))
-                    .reshape(g, m, used, d)).sum(2)
+        x_values = (
+            weights[..., None]
+            * torch.gather(atoms.nan_to_num(), 1, pick.reshape(g, m * used, 1).expand(g, m * used, d)).reshape(
+                g, m, used, d
+            )
+        ).sum(2)
     x = _materialise(x_values, case["x_dtype"], case["x_layout"], device)
     dictionary = _materialise(atoms, case["d_dtype"], case["d_layout"], device)
     poisoned = case["x_layout"] != "expanded" and x.dtype == torch.float32 and _poison(x, case["poison"], gen)
@@ -385,7 +435,13 @@ def run_omp_case(case: dict, device: str) -> None:
     if g and m >= 0 and not bool(((norms - 1).abs() <= 1e-3).all()):
         problems.add(ValueError)  # atoms not of unit norm (NaN included) are refused
     if problems:
-        if ValueError in problems and problems == {ValueError} and g and not bool(((norms - 1).abs() <= 1e-3).all()) and 1 <= s <= min(k, d):
+        if (
+            ValueError in problems
+            and problems == {ValueError}
+            and g
+            and not bool(((norms - 1).abs() <= 1e-3).all())
+            and 1 <= s <= min(k, d)
+        ):
             # The unit-norm check names the atom.
             try:
                 call()
@@ -405,8 +461,10 @@ def run_omp_case(case: dict, device: str) -> None:
     x32, d32 = x.cpu().float(), dictionary.cpu().float()
     expected_indices, _ = sklearn_omp(x32, d32, s, np.float32)
     ours, theirs = canonical(indices.numpy(), d32), canonical(expected_indices, d32)
-    for gi, mi in zip(*np.nonzero((ours != theirs).any(-1))):  # supports differ only at near-ties
-        assert is_near_tie(x32, d32, gi, mi, ours[gi, mi], theirs[gi, mi]), f"{context}: support {ours[gi, mi]} vs {theirs[gi, mi]}"
+    for gi, mi in zip(*np.nonzero((ours != theirs).any(-1)), strict=True):  # supports differ only at near-ties
+        assert is_near_tie(x32, d32, gi, mi, ours[gi, mi], theirs[gi, mi]), (
+            f"{context}: support {ours[gi, mi]} vs {theirs[gi, mi]}"
+        )
     # The coefficients are the least-squares fit on the support chosen. Compared through the
     # reconstruction, which is well conditioned even where the coefficients are not (s = d atoms).
     for gi in range(g):

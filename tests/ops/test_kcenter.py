@@ -35,8 +35,9 @@ SHAPES = [
 ]
 
 
-def replay_in_float64(x: torch.Tensor, k: int, start: int, idx: torch.Tensor, radii: torch.Tensor,
-                      msg: str = "") -> int:
+def replay_in_float64(
+    x: torch.Tensor, k: int, start: int, idx: torch.Tensor, radii: torch.Tensor, msg: str = ""
+) -> int:
     """Checks a selection step by step in float64 and returns how many picks were near-ties."""
     n = x.shape[0]
     assert idx.shape == (k,) and radii.shape == (k,), msg

@@ -78,7 +78,7 @@ def assert_knn_correct(query, bank, k, squared, dist, idx, seed=None):
     assert torch.equal(idx[clear], ref_i[:, :k][clear]), msg
 
 
-@pytest.fixture(params=["auto", "vnni", "avx2", "gemm"])
+@pytest.fixture(params=["auto", "vnni", "avx2", "portable"])
 def cpu_path(request, device, monkeypatch):
     """Runs a CPU case through the automatic path choice (the AMX screen where the CPU has it),
     the AVX-512 VNNI screen, the AVX2 screen and the float32 GEMM path (a kernel the CPU lacks
@@ -86,7 +86,7 @@ def cpu_path(request, device, monkeypatch):
     if request.param != "auto":
         if device != "cpu":
             pytest.skip("the CPU path switch is a CPU kernel knob")
-        monkeypatch.setenv("FASTAD_KNN_CPU_PATH", request.param)
+        monkeypatch.setenv("FASTAD_KNN_CPU_ISA", request.param)
     return request.param
 
 
@@ -299,8 +299,7 @@ _MEMORY_PROBE = textwrap.dedent(
 @pytest.mark.parametrize("d", [64, 16], ids=["screened-path", "float32-path"])
 def test_memory_stays_one_tile_at_50k_by_50k(d):
     # A full 50,000 x 50,000 float32 distance matrix is 10 GB; the op must need a tile of it.
-    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(d)], capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(d)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     grown = int(out.stdout.strip().splitlines()[-1])
     assert grown < 256 * 2**20, f"peak memory grew by {grown / 2**20:.0f} MiB"

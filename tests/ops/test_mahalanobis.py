@@ -29,7 +29,9 @@ def random_gaussians(q: int, d: int, gen: torch.Generator) -> tuple[torch.Tensor
     return torch.linalg.cholesky(torch.linalg.inv(cov)).float(), cov
 
 
-def with_garbage_above_diagonal(factors: torch.Tensor, gen: torch.Generator, value: float | None = None) -> torch.Tensor:
+def with_garbage_above_diagonal(
+    factors: torch.Tensor, gen: torch.Generator, value: float | None = None
+) -> torch.Tensor:
     """A copy with the strict upper triangle overwritten by large random numbers (or `value`)."""
     d = factors.shape[-1]
     upper = torch.ones(d, d, dtype=torch.bool).triu(1)
@@ -127,7 +129,9 @@ def test_upper_triangle_is_ignored(value, device, cpu_isa, rng):
     # NaN or Inf above the diagonal would poison any sum that multiplied it, even by zero.
     x, mean, L = make_inputs(17, 5, 37, 5, 5, rng)
     clean = fastad.ops.mahalanobis(x.to(device), mean.to(device), L.tril().to(device))
-    poisoned = fastad.ops.mahalanobis(x.to(device), mean.to(device), with_garbage_above_diagonal(L, rng, value).to(device))
+    poisoned = fastad.ops.mahalanobis(
+        x.to(device), mean.to(device), with_garbage_above_diagonal(L, rng, value).to(device)
+    )
     assert torch.equal(clean, poisoned)
 
 

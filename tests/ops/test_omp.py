@@ -85,9 +85,10 @@ def is_near_tie(x, dictionary, g, m, ours, theirs) -> bool:
 def assert_same_omp(x, dictionary, s, indices, coefs, expected_indices, expected_coefs, max_near_ties=0.1):
     ours, theirs = canonical(indices.numpy(), dictionary), canonical(expected_indices, dictionary)
     differs = (ours != theirs).any(-1)
-    for g, m in zip(*np.nonzero(differs)):
+    for g, m in zip(*np.nonzero(differs), strict=True):
         assert is_near_tie(x, dictionary, g, m, ours[g, m], theirs[g, m]), (
-            f"group {g} signal {m}: support {ours[g, m]} vs {theirs[g, m]}")
+            f"group {g} signal {m}: support {ours[g, m]} vs {theirs[g, m]}"
+        )
     assert differs.mean() <= max_near_ties, f"{differs.sum()} of {differs.size} supports differ"
     same = ~differs
     np.testing.assert_allclose(coefs.numpy()[same], expected_coefs[same], rtol=TOL, atol=TOL)
@@ -203,7 +204,7 @@ def test_non_contiguous_inputs(rng):
     expected = fastad.ops.omp(x, dictionary, 3)
     x_t = x.transpose(1, 2).contiguous().transpose(1, 2)
     d_t = dictionary.transpose(0, 2).contiguous().transpose(0, 2)
-    for a, b in zip(fastad.ops.omp(x_t, d_t, 3), expected):
+    for a, b in zip(fastad.ops.omp(x_t, d_t, 3), expected, strict=True):
         assert torch.equal(a, b)
 
 
@@ -227,7 +228,7 @@ def test_cuda_edge_cases(device, rng):
     expected = fastad.ops.omp(x, dictionary, 3)
     x_t = x.transpose(1, 2).contiguous().transpose(1, 2)
     d_t = dictionary.transpose(0, 2).contiguous().transpose(0, 2)
-    for a, b in zip(fastad.ops.omp(x_t, d_t, 3), expected):
+    for a, b in zip(fastad.ops.omp(x_t, d_t, 3), expected, strict=True):
         assert torch.equal(a, b)
     for g, m, k, d, s in [(2, 7, 9, 5, 3), (1, 4, 3, 8, 3), (2, 0, 3, 4, 1)]:
         x, dictionary = torch.randn(g, m, d, generator=rng), unit_atoms(g, k, d, rng)

@@ -45,7 +45,7 @@ def test_training_is_seeded_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
     b = SiameseDetector(epochs=1, seed=5, **TINY).train(train)
     c = SiameseDetector(epochs=1, seed=6, **TINY).train(train)
-    for (name, pa), pb in zip(a.network_.state_dict().items(), b.network_.state_dict().values()):
+    for (name, pa), pb in zip(a.network_.state_dict().items(), b.network_.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.network_.encoder[0].weight, c.network_.encoder[0].weight)
 
@@ -102,8 +102,9 @@ def test_detect_from_files_and_tiles(trained, tmp_path, rng):
     np.save(tmp_path / "t.npy", t8)
     np.save(tmp_path / "i.npy", i8)
     from_png = trained.detect(tmp_path / "t.png", tmp_path / "i.png").cells
-    from_tensors = trained.detect(torch.from_numpy(t8).permute(2, 0, 1) / 255.0,
-                                  torch.from_numpy(i8).permute(2, 0, 1) / 255.0).cells
+    from_tensors = trained.detect(
+        torch.from_numpy(t8).permute(2, 0, 1) / 255.0, torch.from_numpy(i8).permute(2, 0, 1) / 255.0
+    ).cells
     np.testing.assert_allclose(from_png, from_tensors, atol=1e-6)
     tiled = trained.detect(tmp_path / "t.npy", tmp_path / "i.npy", tile=32).cells
     np.testing.assert_allclose(tiled, from_tensors, atol=1e-5)
@@ -160,8 +161,9 @@ def test_any_float_dtype_and_compressed_tiff(trained, tmp_path, rng):
         pixels = (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         Image.fromarray(pixels).save(tmp_path / f"{name}.tif", compression="tiff_lzw")
     from_tiff = trained.detect(tmp_path / "t.tif", tmp_path / "i.tif").cells
-    quantised = trained.detect(*(torch.from_numpy(np.array(Image.open(tmp_path / f"{n}.tif"))).permute(2, 0, 1) / 255.0
-                                 for n in ("t", "i"))).cells
+    quantised = trained.detect(
+        *(torch.from_numpy(np.array(Image.open(tmp_path / f"{n}.tif"))).permute(2, 0, 1) / 255.0 for n in ("t", "i"))
+    ).cells
     np.testing.assert_allclose(from_tiff, quantised, atol=1e-6)
 
 
@@ -211,5 +213,7 @@ def test_full_resolution_matches_scipy_half_pixel_zoom(step, size, np_rng):
 
     cells = np_rng.random((5, 7)).astype(np.float32)
     full = Detection(cells, step, size).full_resolution()
-    expected = ndimage.zoom(cells.astype(np.float64), step, order=1, grid_mode=True, mode="nearest")[: size[0], : size[1]]
+    expected = ndimage.zoom(cells.astype(np.float64), step, order=1, grid_mode=True, mode="nearest")[
+        : size[0], : size[1]
+    ]
     np.testing.assert_allclose(full, expected, atol=1e-6)

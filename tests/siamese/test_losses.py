@@ -84,4 +84,5 @@ def test_defaults_train_the_discriminator_with_bce_alone():
     logits = torch.tensor([0.3, -0.2], dtype=torch.float64).view(2, 1, 1)
     similar = torch.tensor([0.0, 1.0])
     assert float(siamese_loss(SiameseOutput(f1, f2, logits), similar)) == pytest.approx(
-        float(bce_loss(logits, similar)), rel=1e-12)
+        float(bce_loss(logits, similar)), rel=1e-12
+    )

@@ -96,13 +96,16 @@ def test_normalisation_is_inside_the_network(rng):
     assert set(net.state_dict()) >= {"input_mean", "input_std"}
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"window": 30}, "multiple of 4"),
-    ({"window": 16}, "at least 20"),
-    ({"head": "cosine"}, "head must be one of"),
-    ({"channels": (4, 4, 4)}, "five positive"),
-    ({"embed_dim": 0}, "embed_dim"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"window": 30}, "multiple of 4"),
+        ({"window": 16}, "at least 20"),
+        ({"head": "cosine"}, "head must be one of"),
+        ({"channels": (4, 4, 4)}, "five positive"),
+        ({"embed_dim": 0}, "embed_dim"),
+    ],
+)
 def test_bad_configuration(kw, match):
     with pytest.raises(ValueError, match=match):
         NetworkConfig(**kw)

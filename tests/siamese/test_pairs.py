@@ -43,14 +43,21 @@ def _size_law(height: int, width: int, area=(0.01, 0.99), aspect=(0.5, 1.5), gri
     h = np.rint(np.sqrt(pixels / ratio)).astype(np.int64).ravel()
     w = np.rint(np.sqrt(pixels * ratio)).astype(np.int64).ravel()
     fraction, r = h * w / (height * width), w / h
-    kept = ((h <= height) & (w <= width) & (fraction >= area[0]) & (fraction <= area[1])
-            & (r >= aspect[0]) & (r <= aspect[1]))
+    kept = (
+        (h <= height)
+        & (w <= width)
+        & (fraction >= area[0])
+        & (fraction <= area[1])
+        & (r >= aspect[0])
+        & (r <= aspect[1])
+    )
     sizes, counts = np.unique(np.stack([h[kept], w[kept]], 1), axis=0, return_counts=True)
     return sizes, counts / counts.sum()
 
 
-def _discrete_pit(values: np.ndarray, support: np.ndarray, probabilities: np.ndarray,
-                  np_rng: np.random.Generator) -> np.ndarray:
+def _discrete_pit(
+    values: np.ndarray, support: np.ndarray, probabilities: np.ndarray, np_rng: np.random.Generator
+) -> np.ndarray:
     """Randomised probability integral transform: F(x-) + V (F(x) - F(x-)) with V ~ U(0, 1) is
     exactly U(0, 1) when x follows the discrete law (support, probabilities), so a KS test on it
     is exact where one on x itself (ties at the atoms) is not."""
@@ -115,8 +122,12 @@ def test_rectangle_statistics(rng: torch.Generator, np_rng: np.random.Generator)
 
 
 def test_rectangle_ranges_hold_after_rounding_on_tiny_images(rng: torch.Generator) -> None:
-    for height, width, area, aspect in ((3, 3, (0.1, 0.5), (0.5, 1.5)), (5, 2, (0.2, 0.6), (0.3, 1.0)),
-                                        (32, 32, (0.25, 0.25), (0.5, 1.5)), (1, 1, (0.5, 1.0), (1.0, 1.0))):
+    for height, width, area, aspect in (
+        (3, 3, (0.1, 0.5), (0.5, 1.5)),
+        (5, 2, (0.2, 0.6), (0.3, 1.0)),
+        (32, 32, (0.25, 0.25), (0.5, 1.5)),
+        (1, 1, (0.5, 1.0), (1.0, 1.0)),
+    ):
         for _ in range(200):
             box = sample_rectangle(height, width, rng, area=area, aspect=aspect)
             assert area[0] <= box.area / (height * width) <= area[1]
@@ -126,8 +137,11 @@ def test_rectangle_ranges_hold_after_rounding_on_tiny_images(rng: torch.Generato
 
 def _exists(height: int, width: int, area, aspect) -> bool:
     """Brute force: some whole-pixel box inside the image satisfies both ranges."""
-    return any(area[0] <= h * w / (height * width) <= area[1] and aspect[0] <= w / h <= aspect[1]
-               for h in range(1, height + 1) for w in range(1, width + 1))
+    return any(
+        area[0] <= h * w / (height * width) <= area[1] and aspect[0] <= w / h <= aspect[1]
+        for h in range(1, height + 1)
+        for w in range(1, width + 1)
+    )
 
 
 def test_impossible_ranges_raise_up_front(rng: torch.Generator, np_rng: np.random.Generator) -> None:
@@ -153,13 +167,20 @@ def test_impossible_ranges_raise_up_front(rng: torch.Generator, np_rng: np.rando
                 sample_rectangle(height, width, rng, area=area, aspect=aspect)
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"height": 0}, ValueError, "height"), ({"width": 2.0}, ValueError, "width"),
-    ({"generator": 3}, TypeError, "torch.Generator"), ({"area": (0.5, 0.2)}, ValueError, "area"),
-    ({"area": (0.0, 0.5)}, ValueError, "area"), ({"area": (0.5, 1.5)}, ValueError, "area"),
-    ({"area": 0.5}, TypeError, "area"), ({"aspect": (-1, 2)}, ValueError, "aspect"),
-    ({"aspect": (1, float("inf"))}, ValueError, "aspect"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"height": 0}, ValueError, "height"),
+        ({"width": 2.0}, ValueError, "width"),
+        ({"generator": 3}, TypeError, "torch.Generator"),
+        ({"area": (0.5, 0.2)}, ValueError, "area"),
+        ({"area": (0.0, 0.5)}, ValueError, "area"),
+        ({"area": (0.5, 1.5)}, ValueError, "area"),
+        ({"area": 0.5}, TypeError, "area"),
+        ({"aspect": (-1, 2)}, ValueError, "aspect"),
+        ({"aspect": (1, float("inf"))}, ValueError, "aspect"),
+    ],
+)
 def test_sample_rectangle_bad_arguments(kwargs: dict, error: type, message: str) -> None:
     arguments = {"height": 8, "width": 8, "generator": torch.Generator().manual_seed(0)} | kwargs
     positional = [arguments.pop(k) for k in ("height", "width", "generator")]
@@ -247,8 +268,9 @@ def test_rectangle_pairs_follow_the_labelling_rule(channels: int, rng: torch.Gen
     _boxes_of(b["mask1"][has1])  # every mask is one filled rectangle
 
 
-def test_rectangle_pairs_boxes_have_the_training_distribution(rng: torch.Generator,
-                                                              np_rng: np.random.Generator) -> None:
+def test_rectangle_pairs_boxes_have_the_training_distribution(
+    rng: torch.Generator, np_rng: np.random.Generator
+) -> None:
     height, width = (int(v) for v in np_rng.integers(96, 161, 2))
     pairs = RectanglePairs(_images(rng, 16, 1, height, width), 1500, seed=int(np_rng.integers(0, 2**40)), p_defect=1.0)
     batch = pairs.batch(range(1500))
@@ -359,8 +381,9 @@ def _labelled(rng: torch.Generator, n: int, n_labels: int) -> tuple[torch.Tensor
 def test_digit_pairs_rule_and_balance(similar_fraction: float, rng: torch.Generator) -> None:
     images, labels = _labelled(rng, 60, 6)
     labels = labels * 7 + 3  # labels need not be 0 .. K - 1
-    pairs = DigitPairs(images, labels, 20_000, seed=int(torch.randint(0, 2**31, (), generator=rng)),
-                       similar_fraction=similar_fraction)
+    pairs = DigitPairs(
+        images, labels, 20_000, seed=int(torch.randint(0, 2**31, (), generator=rng)), similar_fraction=similar_fraction
+    )
     b = pairs.batch(range(len(pairs)))
     assert torch.equal(b["similar"], (b["label1"] == b["label2"]).float())
     assert torch.equal(b["label1"], labels[b["index1"]]) and torch.equal(b["label2"], labels[b["index2"]])
@@ -474,9 +497,9 @@ def test_mosaic_pair_is_seeded_and_checks_arguments(rng: torch.Generator) -> Non
 
 def test_scatter_rectangle_sides_and_positions(rng: torch.Generator, np_rng: np.random.Generator) -> None:
     image = torch.rand(3, 40, 50, generator=rng)
-    painted, masks = zip(*(scatter_rectangles(image, rng, count=1, size=(5, 15)) for _ in range(400)))
+    painted, masks = zip(*(scatter_rectangles(image, rng, count=1, size=(5, 15)) for _ in range(400)), strict=True)
     masks = torch.stack(masks)
-    for x, mask in zip(painted[:50], masks):
+    for x, mask in zip(painted[:50], masks, strict=False):
         assert torch.equal(x[:, ~mask], image[:, ~mask])
     top, left, height, width = _boxes_of(masks).unbind(1)
     assert bool(((top + height <= 40) & (left + width <= 50)).all())
@@ -518,7 +541,7 @@ def test_aerial_template(rng: torch.Generator) -> None:
     columns = math.ceil(1260 / 256)  # 5 per row, 3 rows: 15 tiles used
     for r in range(3):
         for c in range(columns):
-            part = template[:, r * 256:(r + 1) * 256, c * 256:(c + 1) * 256]
+            part = template[:, r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256]
             assert torch.equal(part, tiles[r * columns + c][:, : part.shape[1], : part.shape[2]])
     stacked = torch.stack(tiles).mul(255).to(torch.uint8)
     small = aerial_template(stacked, 300, 300)

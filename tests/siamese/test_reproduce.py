@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from fastad.siamese import NetworkConfig, SiameseNet
-from fastad.siamese.reproduce import (EXPERIMENTS, ReproduceConfig, _pooled_pixel_auroc, aligned_cell_scores,
-                                      cell_scores, reproduce)
+from fastad.siamese.reproduce import (
+    EXPERIMENTS,
+    ReproduceConfig,
+    _pooled_pixel_auroc,
+    aligned_cell_scores,
+    cell_scores,
+    reproduce,
+)
 
 DATA = Path(__file__).parents[2].parent / "shared" / "data"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -40,7 +46,9 @@ def test_cell_scores_match_a_loop_over_cells(np_rng):
     rows, cols = (int(v) for v in np_rng.integers(1, 7, size=2))
     h, w = (int(v) for v in np_rng.integers(1, 9, size=2))
     amap = np_rng.standard_normal((rows * h, cols * w)).astype(np.float32)
-    expected = np.array([[amap[i * h:(i + 1) * h, j * w:(j + 1) * w].max() for j in range(cols)] for i in range(rows)])
+    expected = np.array(
+        [[amap[i * h : (i + 1) * h, j * w : (j + 1) * w].max() for j in range(cols)] for i in range(rows)]
+    )
     np.testing.assert_array_equal(cell_scores(amap, (rows, cols)), expected)
     if rows == cols:
         np.testing.assert_array_equal(cell_scores(amap, rows), expected)
@@ -53,12 +61,13 @@ def test_cell_auroc_agrees_with_scikit_learn(np_rng):
     labels = np.zeros((10, 10), dtype=bool)
     labels.flat[np_rng.permutation(100)[:50]] = True
     amap = np_rng.random((320, 320))
-    for i, j in zip(*np.nonzero(labels)):  # a weak extra response somewhere in each anomalous cell
+    for i, j in zip(*np.nonzero(labels), strict=True):  # a weak extra response somewhere in each anomalous cell
         y, x = i * 32 + np_rng.integers(32), j * 32 + np_rng.integers(32)
         amap[y, x] += 0.002
     scores = cell_scores(amap, labels.shape)
     assert image_auroc(labels.ravel(), scores.ravel()) == pytest.approx(
-        metrics_sklearn.roc_auc_score(labels.ravel(), scores.ravel()), abs=1e-12)
+        metrics_sklearn.roc_auc_score(labels.ravel(), scores.ravel()), abs=1e-12
+    )
 
 
 def test_cell_scores_reject_bad_input():
@@ -80,13 +89,19 @@ def test_aligned_cell_scores_equal_the_network_on_each_cell(rng, window):
     template = torch.rand(3, grid * window, grid * window, generator=rng)
     inspected = torch.rand(3, grid * window, grid * window, generator=rng)
     # Reference: the network on every cell's own window pair, one crop at a time.
-    crops = [(template[:, r * window:(r + 1) * window, c * window:(c + 1) * window],
-              inspected[:, r * window:(r + 1) * window, c * window:(c + 1) * window])
-             for r in range(grid) for c in range(grid)]
+    crops = [
+        (
+            template[:, r * window : (r + 1) * window, c * window : (c + 1) * window],
+            inspected[:, r * window : (r + 1) * window, c * window : (c + 1) * window],
+        )
+        for r in range(grid)
+        for c in range(grid)
+    ]
     with torch.no_grad():
         expected = torch.stack([net.anomaly(t[None], i[None])[0, 0, 0] for t, i in crops]).view(grid, grid)
-    np.testing.assert_allclose(aligned_cell_scores(net, template, inspected, grid), expected.double().numpy(),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        aligned_cell_scores(net, template, inspected, grid), expected.double().numpy(), rtol=1e-5, atol=1e-6
+    )
     with pytest.raises(ValueError, match="grid"):
         aligned_cell_scores(net, template[:, :-1], inspected[:, :-1], grid)
 
@@ -95,8 +110,9 @@ def test_pooled_pixel_auroc_over_pairs_of_different_sizes(np_rng):
     metrics_sklearn = pytest.importorskip("sklearn.metrics")
     masks = [np_rng.random((5, 7)) < 0.3, np_rng.random((11, 4)) < 0.5]
     maps = [np_rng.random(m.shape) + 0.3 * m for m in masks]
-    expected = metrics_sklearn.roc_auc_score(np.concatenate([m.ravel() for m in masks]),
-                                             np.concatenate([s.ravel() for s in maps]))
+    expected = metrics_sklearn.roc_auc_score(
+        np.concatenate([m.ravel() for m in masks]), np.concatenate([s.ravel() for s in maps])
+    )
     assert _pooled_pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
 
 
@@ -172,8 +188,12 @@ def quick_run(tmp_path_factory):
 def _expected_status() -> dict[str, str]:
     cifar = (DATA / "cifar10.zip").is_file()
     change = any((DATA / "change_detection" / s / "A").is_dir() for s in ("LEVIR", "DSIFN"))
-    done = {"mnist_clustering": (DATA / "mnist").is_dir(), "cifar_learning_curve": cifar, "mosaic": cifar,
-            "aerial": cifar and change}
+    done = {
+        "mnist_clustering": (DATA / "mnist").is_dir(),
+        "cifar_learning_curve": cifar,
+        "mosaic": cifar,
+        "aerial": cifar and change,
+    }
     return {name: "done" if ok else "skipped" for name, ok in done.items()}
 
 
@@ -208,9 +228,12 @@ def test_quick_run_writes_results_and_valid_figures(quick_run):
     for value in aurocs:
         assert isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0, value
     figures = [f for name in EXPERIMENTS for f in on_disk[name].get("figures", [])]
-    expected = {"mnist_clustering": {"mnist_embeddings.png", "mnist_similarity.png"},
-                "cifar_learning_curve": {"cifar_learning_curve.png"}, "mosaic": {"mosaic.png"},
-                "aerial": {"aerial_synthetic.png", "change_detection.png"}}
+    expected = {
+        "mnist_clustering": {"mnist_embeddings.png", "mnist_similarity.png"},
+        "cifar_learning_curve": {"cifar_learning_curve.png"},
+        "mosaic": {"mosaic.png"},
+        "aerial": {"aerial_synthetic.png", "change_detection.png"},
+    }
     for name, status in _expected_status().items():
         if status == "done":
             assert set(on_disk[name]["figures"]) == expected[name]
@@ -257,8 +280,11 @@ def test_quick_run_numbers(quick_run):
         assert "synthetic" in aerial["note"] and "rectangles" in aerial["note"]
         for name, entry in aerial["change_detection"].items():
             folder = DATA / "change_detection" / name
-            complete = sorted(p.name for p in (folder / "A").glob("*.png")
-                              if (folder / "B" / p.name).is_file() and (folder / "label" / p.name).is_file())
+            complete = sorted(
+                p.name
+                for p in (folder / "A").glob("*.png")
+                if (folder / "B" / p.name).is_file() and (folder / "label" / p.name).is_file()
+            )
             assert sorted(entry["pairs"]) == complete
             without_label = {p.name for p in (folder / "A").glob("*.png") if not (folder / "label" / p.name).is_file()}
             assert set(entry["skipped_pairs"]) == without_label
@@ -268,8 +294,11 @@ def test_quick_run_numbers(quick_run):
                 assert (value is None) == (label.all() or not label.any()), pair
                 assert (pair in entry["undefined_pairs"]) == (value is None), pair
         # The template's grid takes the "before" images of the commonest size; the others are listed.
-        sizes = {f"{s}/{p.name}": Image.open(p).size for s in aerial["change_detection"]
-                 for p in (DATA / "change_detection" / s / "A").glob("*.png")}
+        sizes = {
+            f"{s}/{p.name}": Image.open(p).size
+            for s in aerial["change_detection"]
+            for p in (DATA / "change_detection" / s / "A").glob("*.png")
+        }
         common = max(set(sizes.values()), key=list(sizes.values()).count)
         assert set(aerial["synthetic"]["left_out_images"]) == {n for n, size in sizes.items() if size != common}
 

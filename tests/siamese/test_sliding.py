@@ -33,10 +33,15 @@ def test_every_cell_is_the_network_on_its_centred_crops(dense, padding, rng):
     g = map_geometry(net, dense)
     assert cells.shape == (-(-h // g.step), -(-w // g.step))
     mode = "constant" if padding == "zeros" else padding
-    padded = F.pad(torch.stack([template, inspected]), (g.before, 40, g.before, 40), mode=mode) \
-        if mode != "reflect" else None
+    padded = (
+        F.pad(torch.stack([template, inspected]), (g.before, 40, g.before, 40), mode=mode)
+        if mode != "reflect"
+        else None
+    )
     if padded is None:  # reflection of 40 pixels needs more than the image has: pad what the map needs
-        padded = F.pad(torch.stack([template, inspected]), (g.before, g.pad_after(w), g.before, g.pad_after(h)), mode=mode)
+        padded = F.pad(
+            torch.stack([template, inspected]), (g.before, g.pad_after(w), g.before, g.pad_after(h)), mode=mode
+        )
     with torch.no_grad():
         for i in range(cells.shape[0]):
             for j in range(cells.shape[1]):
@@ -67,8 +72,9 @@ def test_tiled_equals_untiled(dense, tile, rng, tmp_path):
     np.save(tmp_path / "i.npy", i8)
     out = np.lib.format.open_memmap(tmp_path / "map.npy", mode="w+", dtype=np.float32, shape=whole.shape)
     detect_tiled(net, tmp_path / "t.npy", tmp_path / "i.npy", tile=tile, dense=dense, out=out)
-    expected = score_map(net, torch.from_numpy(t8).permute(2, 0, 1) / 255.0,
-                         torch.from_numpy(i8).permute(2, 0, 1) / 255.0, dense=dense).numpy()
+    expected = score_map(
+        net, torch.from_numpy(t8).permute(2, 0, 1) / 255.0, torch.from_numpy(i8).permute(2, 0, 1) / 255.0, dense=dense
+    ).numpy()
     np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=1e-5)
 
 
@@ -124,6 +130,7 @@ def test_tiles_read_bounded_windows(rng):
     net = _net(rng.initial_seed(), dtype=torch.float32)
     template, inspected = _pair(rng, 200, 180, dtype=torch.float32)
     tile, halo = 40, map_geometry(net, 1).halo
-    detect_tiled(net, CountingReader(template, channels_last=False), CountingReader(inspected, channels_last=False),
-                 tile=tile)
+    detect_tiled(
+        net, CountingReader(template, channels_last=False), CountingReader(inspected, channels_last=False), tile=tile
+    )
     assert 0 < CountingReader.largest <= (tile + 2 * halo) ** 2

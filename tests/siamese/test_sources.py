@@ -37,7 +37,7 @@ def _random_tree(np_rng: np.random.Generator, height: int = 7, width: int = 5) -
     """Members of a train/test ImageFolder tree with decoys, and the expected train split:
     {"classes": [...], "images": uint8 (N, 3, H, W), "labels": [...]} in class-then-name order."""
     members: dict[str, bytes] = {}
-    expected_images, expected_labels = [], []
+    expected_images = []
     classes = ["ant", "bee", "cat"]  # written in another order below: loading must sort them
     sizes = {"cat": 3, "ant": 4, "bee": 2}
     for label, cls in sorted(enumerate(classes), key=lambda x: x[1], reverse=True):
@@ -92,8 +92,9 @@ STORAGES = ["folder", "stored-zip", "deflated-zip"]
 
 
 @pytest.mark.parametrize("kind", STORAGES)
-def test_reads_pixels_labels_and_classes_in_sorted_order(kind: str, tmp_path: Path,
-                                                         np_rng: np.random.Generator) -> None:
+def test_reads_pixels_labels_and_classes_in_sorted_order(
+    kind: str, tmp_path: Path, np_rng: np.random.Generator
+) -> None:
     members, expected = _random_tree(np_rng)
     path = _store(kind, tmp_path, members)
     data = load_image_folder(path, "train", progress=False)
@@ -109,7 +110,7 @@ def test_reads_pixels_labels_and_classes_in_sorted_order(kind: str, tmp_path: Pa
 @pytest.mark.parametrize("kind", STORAGES)
 def test_without_split_level(kind: str, tmp_path: Path, np_rng: np.random.Generator) -> None:
     members, expected = _random_tree(np_rng)
-    flat = {name[len("train/"):]: data for name, data in members.items() if name.startswith("train/")}
+    flat = {name[len("train/") :]: data for name, data in members.items() if name.startswith("train/")}
     path = _store(kind, tmp_path, flat)
     data = load_image_folder(path, None)
     np.testing.assert_array_equal(data.images.numpy(), expected["images"])
@@ -137,7 +138,7 @@ def test_grey_palette_and_alpha_become_rgb(tmp_path: Path, np_rng: np.random.Gen
     members = {"a/grey.png": _png(grey), "a/rgba.png": _png(rgba), "a/palette.png": buffer.getvalue()}
     data = load_image_folder(_write_zip(tmp_path / "t.zip", members), None)
     assert data.images.shape == (3, 3, 6, 4)
-    by_name = dict(zip(sorted(members), data.images.numpy()))
+    by_name = dict(zip(sorted(members), data.images.numpy(), strict=True))
     np.testing.assert_array_equal(by_name["a/grey.png"], np.repeat(grey[None], 3, 0))
     np.testing.assert_array_equal(by_name["a/rgba.png"], rgba[:, :, :3].transpose(2, 0, 1))  # alpha dropped
     np.testing.assert_array_equal(by_name["a/palette.png"], np.asarray(palette.convert("RGB")).transpose(2, 0, 1))
@@ -178,8 +179,12 @@ def test_image_past_the_pixel_limit_is_named(kind: str, tmp_path: Path, np_rng: 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
-    huge = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    huge = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + chunk(b"IEND", b"")
+    )
     good = _png(np_rng.integers(0, 256, (5, 5, 3), dtype=np.uint8))
     members = {"train/a/0.png": good, "train/a/1.png": huge, "train/b/0.png": good}
     with pytest.raises(ValueError, match=r"train/a/1\.png is larger than the image size limit: 10000000000 pixels"):
@@ -223,10 +228,17 @@ def test_bad_paths_and_archives(tmp_path: Path, np_rng: np.random.Generator) -> 
         load_image_folder(tmp_path / "tree")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"split": "a/b"}, "split must be"), ({"split": ""}, "split must be"), ({"limit": 0}, "limit"),
-    ({"limit": 2.5}, "limit"), ({"limit": True}, "limit"), ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"split": "a/b"}, "split must be"),
+        ({"split": ""}, "split must be"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 2.5}, "limit"),
+        ({"limit": True}, "limit"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_bad_arguments(kwargs: dict, message: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=message):
         load_image_folder(tmp_path, **kwargs)
@@ -275,11 +287,18 @@ def test_stratified_subset_matches_exact_apportionment(np_rng: np.random.Generat
 
 
 def test_stratified_subset_bad_arguments() -> None:
-    for labels, limit, seed in (([[0, 1]], 1, 0), ([0, -1], 1, 0), ([0.5, 1.0], 1, 0), ([0, 1], 0, 0),
-                                ([0, 1], None, 0), ([0, 1], 1, -2)):
+    for labels, limit, seed in (
+        ([[0, 1]], 1, 0),
+        ([0, -1], 1, 0),
+        ([0.5, 1.0], 1, 0),
+        ([0, 1], 0, 0),
+        ([0, 1], None, 0),
+        ([0, 1], 1, -2),
+    ):
         with pytest.raises(ValueError, match="labels|limit|seed"):
             stratified_subset(np.array(labels), limit, seed)
     assert stratified_subset(torch.tensor([2, 0, 2]), 5).tolist() == [0, 1, 2]
+
 
 def test_labelled_images_checks_and_subset(rng: torch.Generator) -> None:
     images = torch.randint(0, 256, (6, 3, 4, 5), dtype=torch.uint8, generator=rng)
@@ -342,8 +361,9 @@ def _random_mnist(np_rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.n
 
 @pytest.mark.parametrize("gz", [True, False])
 @pytest.mark.parametrize("torchvision_layout", [True, False])
-def test_mnist_reads_both_splits_and_layouts(gz: bool, torchvision_layout: bool, tmp_path: Path,
-                                             np_rng: np.random.Generator) -> None:
+def test_mnist_reads_both_splits_and_layouts(
+    gz: bool, torchvision_layout: bool, tmp_path: Path, np_rng: np.random.Generator
+) -> None:
     folder = tmp_path / "MNIST" / "raw" if torchvision_layout else tmp_path
     train, test = _random_mnist(np_rng, 37), _random_mnist(np_rng, 11)
     _write_mnist(folder, "train", *train, gz)
@@ -430,8 +450,9 @@ def test_cifar10_test_split_limit() -> None:
 MNIST_TRAIN_DIGIT_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # published MNIST figures
 
 
-@pytest.mark.skipif(not (MNIST / "MNIST" / "raw").is_dir(),
-                    reason=f"MNIST not found at {MNIST} (see ../shared/data/README.md)")
+@pytest.mark.skipif(
+    not (MNIST / "MNIST" / "raw").is_dir(), reason=f"MNIST not found at {MNIST} (see ../shared/data/README.md)"
+)
 def test_mnist_train_and_test() -> None:
     train = load_mnist(MNIST, "train")
     assert train.images.shape == (60_000, 1, 28, 28)
@@ -439,4 +460,3 @@ def test_mnist_train_and_test() -> None:
     assert 0 < float(train.images.float().mean()) / 255 < 0.2  # dark background, bright strokes
     test = load_mnist(MNIST / "MNIST" / "raw", "test")
     assert test.images.shape == (10_000, 1, 28, 28) and test.labels.shape == (10_000,)
-

@@ -29,7 +29,6 @@ GXX = shutil.which("g++")
 READELF = shutil.which("readelf")
 
 
-
 def _has_static_libstdcxx() -> bool:
     """Whether g++ can link libstdc++ statically at all (Fedora/RHEL need libstdc++-static)."""
     if not GXX:
@@ -46,8 +45,11 @@ REFUSAL = "torch's libraries use the shared libstdc++.so.6"
 
 
 def _configure(build_dir: Path, env_extra: dict[str, str], extra: list[str] = ()) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CXX", "LDFLAGS", "CXXFLAGS", "CMAKE_TOOLCHAIN_FILE") and not k.startswith("CMAKE_GENERATOR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CXX", "LDFLAGS", "CXXFLAGS", "CMAKE_TOOLCHAIN_FILE") and not k.startswith("CMAKE_GENERATOR")
+    }
     env.update(env_extra)
     cmd = [CMAKE, "-S", str(ROOT), "-B", str(build_dir), "-DFASTAD_CUDA=off", *extra]
     if NINJA:
@@ -65,7 +67,10 @@ def test_configure_refuses_static_libstdcxx_in_ldflags(tmp_path):
     result = _configure(tmp_path / "build", {"LDFLAGS": "-static-libstdc++"})
     text = _message(result)
     assert result.returncode != 0, text
-    assert "fastad: a library linked like the extension carries its own copy of the C++ runtime (libstdc++ linked statically)" in text
+    assert (
+        "fastad: a library linked like the extension carries its own copy of the C++ runtime "
+        "(libstdc++ linked statically)" in text
+    )
     assert "linker flags '-static-libstdc++'" in text
     assert REFUSAL in text and "remove -static-libstdc++" in text
     assert "Configuring incomplete" in text
@@ -92,8 +97,9 @@ def test_configure_accepts_the_shared_runtime_and_checks_the_linked_module(tmp_p
     pybind11 = pytest.importorskip("pybind11")
     if not NINJA:
         pytest.skip("needs ninja to read the generated build")
-    result = _configure(tmp_path / "build", {}, [f"-DPython_EXECUTABLE={sys.executable}",
-                                                 f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"])
+    result = _configure(
+        tmp_path / "build", {}, [f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"]
+    )
     text = _message(result)
     assert result.returncode == 0, text
     assert "fastad: the extension links the shared C++ runtime (checked with" in text
@@ -104,20 +110,31 @@ def test_configure_accepts_the_shared_runtime_and_checks_the_linked_module(tmp_p
 
 def _run_module_check(module: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [CMAKE, f"-DFASTAD_MODULE={module}", f"-DFASTAD_READELF={READELF}",
-         "-DFASTAD_COMPILER_DESC=g++ (test)", "-P", str(SCRIPT)],
-        capture_output=True, text=True, timeout=120,
+        [
+            CMAKE,
+            f"-DFASTAD_MODULE={module}",
+            f"-DFASTAD_READELF={READELF}",
+            "-DFASTAD_COMPILER_DESC=g++ (test)",
+            "-P",
+            str(SCRIPT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 def _link_module(folder: Path, *flags: str) -> Path:
     """A small shared library that formats a number with a C++ stream, linked with ``flags``."""
     source = folder / "m.cpp"
-    source.write_text('#include <sstream>\n#include <string>\n'
-                      'std::string f(long v) { std::ostringstream s; s << v; return s.str(); }\n')
+    source.write_text(
+        "#include <sstream>\n#include <string>\n"
+        "std::string f(long v) { std::ostringstream s; s << v; return s.str(); }\n"
+    )
     module = folder / "_C.so"
-    subprocess.run([GXX, "-fPIC", "-shared", str(source), "-o", str(module), *flags],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [GXX, "-fPIC", "-shared", str(source), "-o", str(module), *flags], check=True, capture_output=True, timeout=120
+    )
     return module
 
 

@@ -14,28 +14,28 @@ namespace fastad {
 
 // "query" must have `dims` dimensions.
 inline void check_dims(const at::Tensor& t, const char* name, int64_t dims, const char* shape) {
-  TORCH_CHECK_VALUE(t.dim() == dims, name, " must be a ", dims, "-D tensor of shape ", shape, ", got ",
-              t.dim(), "-D with shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == dims, name, " must be a ", dims, "-D tensor of shape ", shape,
+                    ", got ", t.dim(), "-D with shape ", t.sizes());
 }
 
 inline void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b,
                               const char* bn) {
   TORCH_CHECK_VALUE(a.device() == b.device(), an, " and ", bn, " must be on the same device, got ",
-              a.device(), " and ", b.device());
+                    a.device(), " and ", b.device());
 }
 
 inline void check_same_dtype(const at::Tensor& a, const char* an, const at::Tensor& b,
                              const char* bn) {
   TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), an, " and ", bn,
-              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+                   " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
 }
 
 // Floating types every kernel accepts: float32, and float16/bfloat16 which are computed in float32.
 inline void check_float_input(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
   TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, name,
-              " must be float32, float16 or bfloat16, got ", s,
-              (s == at::kDouble ? " (cast it with .float())" : ""));
+                   " must be float32, float16 or bfloat16, got ", s,
+                   (s == at::kDouble ? " (cast it with .float())" : ""));
 }
 
 }  // namespace fastad

@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 
 #if defined(__linux__) && defined(__x86_64__)
@@ -20,7 +21,7 @@
 
 namespace fastad {
 
-enum class CpuIsa { kPortable, kAvx2, kAvx512 };
+enum class CpuIsa { kPortable, kAvx2, kAvx512 };  // in order: forced_isa_level's indices
 
 inline const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
@@ -48,24 +49,42 @@ inline bool cpu_supports(CpuIsa isa) {
   }
 }
 
-// The set to use now: the best one, or the lesser one named by the environment variable
-// `env_name` (avx512, avx2 or portable; unset or empty means the best). The variable is read on
-// every call, so a test can change it between calls; any other value raises.
-inline CpuIsa cpu_isa(const char* env_name) {
+// The one override convention of the CPU kernels: FASTAD_<OP>_CPU_ISA names a level of an op's
+// kernels, `levels` listing them from the least to the best. Unset or empty means the best; any
+// other value raises, naming the choices best first. The variable is read on every call, so a
+// test can change it between calls. Returns the index of the level in `levels`.
+inline size_t forced_isa_level(const char* env_name, std::initializer_list<const char*> levels) {
   const char* env = std::getenv(env_name);
   const std::string forced = env ? env : "";
-  CpuIsa wanted = CpuIsa::kAvx512;
-  if (forced == "avx2") {
-    wanted = CpuIsa::kAvx2;
-  } else if (forced == "portable") {
-    wanted = CpuIsa::kPortable;
-  } else {
-    TORCH_CHECK_VALUE(forced.empty() || forced == "avx512", env_name,
-                " must be avx512, avx2 or portable, got '", forced, "'");
+  if (forced.empty()) return levels.size() - 1;
+  size_t index = 0;
+  for (const char* level : levels) {
+    if (forced == level) return index;
+    ++index;
   }
+  std::string choices;  // "avx512, avx2 or portable"
+  for (size_t i = levels.size(); i-- > 0;) {
+    choices += levels.begin()[i];
+    choices += i > 1 ? ", " : (i == 1 ? " or " : "");
+  }
+  TORCH_CHECK_VALUE(false, env_name, " must be ", choices, ", got '", forced, "'");
+}
+
+// The vector set to use now: the best one, or the lesser one named by the environment variable
+// `env_name` (avx512, avx2 or portable; see forced_isa_level).
+inline CpuIsa cpu_isa(const char* env_name) {
+  const auto wanted =
+      static_cast<CpuIsa>(forced_isa_level(env_name, {"portable", "avx2", "avx512"}));
   if (wanted == CpuIsa::kAvx512 && cpu_supports(CpuIsa::kAvx512)) return CpuIsa::kAvx512;
   if (wanted != CpuIsa::kPortable && cpu_supports(CpuIsa::kAvx2)) return CpuIsa::kAvx2;
   return CpuIsa::kPortable;
+}
+
+// Whether this CPU has AVX-512 VNNI with the byte and word instructions its int8 kernels use.
+inline bool cpu_avx512_vnni() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return has;
 }
 
 // Whether AMX int8 tiles (Sapphire Rapids and later) can be used by this process: the CPU has

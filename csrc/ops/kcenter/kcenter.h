@@ -42,9 +42,9 @@ inline void check_kcenter_args(const at::Tensor& x, int64_t k, int64_t start) {
   TORCH_CHECK_VALUE(n >= 1, "x must hold at least one row, got N = 0");
   TORCH_CHECK_VALUE(x.size(1) >= 1, "x must have at least one feature column, got D = 0");
   TORCH_CHECK_VALUE(k >= 1 && k <= n, "k must be between 1 and the number of rows of x (", n,
-              "), got k = ", k);
+                    "), got k = ", k);
   TORCH_CHECK_VALUE(start >= 0 && start < n, "start must be a row of x, between 0 and ", n - 1,
-              ", got start = ", start);
+                    ", got start = ", start);
 }
 
 std::tuple<at::Tensor, at::Tensor> kcenter_greedy_cpu(const at::Tensor& x, int64_t k,

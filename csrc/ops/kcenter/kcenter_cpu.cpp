@@ -109,13 +109,14 @@ void heap_pop(std::vector<Entry>& h) {
 // chosen rows a later-starting member sees twice change nothing.
 void refresh_bounds(const DistanceKernels& kernels, std::vector<Pending>& batch, const float* x,
                     const float* chosen, int64_t t, int64_t d, float enough) {
-  std::sort(batch.begin(), batch.end(), [](const Pending& a, const Pending& b) { return a.seen < b.seen; });
+  std::sort(batch.begin(), batch.end(),
+            [](const Pending& a, const Pending& b) { return a.seen < b.seen; });
   const int64_t m = static_cast<int64_t>(batch.size());
   int64_t g = 0;
   for (; g + 4 <= m; g += 4) {
     Pending* p = batch.data() + g;
-    const float* points[4] = {x + p[0].entry.row * d, x + p[1].entry.row * d, x + p[2].entry.row * d,
-                              x + p[3].entry.row * d};
+    const float* points[4] = {x + p[0].entry.row * d, x + p[1].entry.row * d,
+                              x + p[2].entry.row * d, x + p[3].entry.row * d};
     float bounds[4] = {p[0].entry.bound, p[1].entry.bound, p[2].entry.bound, p[3].entry.bound};
     int64_t pos = p[0].seen;
     while (pos < t) {
@@ -144,12 +145,16 @@ void refresh_bounds(const DistanceKernels& kernels, std::vector<Pending>& batch,
 // Rejects non-finite rows with a message that says which problem it is. Called only when the
 // first pass found a non-finite or huge distance, so finite inputs never pay for the scan.
 // `first` names the first chosen row: "row 5", or "the first chosen row" when another shard has it.
-[[noreturn]] void report_bad_values(const at::Tensor& x, const float* point, int64_t d, const std::string& first) {
-  TORCH_CHECK_VALUE(at::isfinite(x).all().item<bool>(), "x must hold only finite values, got NaN or Inf");
+[[noreturn]] void report_bad_values(const at::Tensor& x, const float* point, int64_t d,
+                                    const std::string& first) {
+  TORCH_CHECK_VALUE(at::isfinite(x).all().item<bool>(),
+                    "x must hold only finite values, got NaN or Inf");
   for (int64_t j = 0; j < d; ++j)
-    TORCH_CHECK_VALUE(std::isfinite(point[j]), "the first chosen row must hold only finite values, got NaN or Inf");
-  TORCH_CHECK_VALUE(false, "squared distances between rows of x overflow float32 (some row is too far from ",
-              first, "); scale x down");
+    TORCH_CHECK_VALUE(std::isfinite(point[j]),
+                      "the first chosen row must hold only finite values, got NaN or Inf");
+  TORCH_CHECK_VALUE(
+      false, "squared distances between rows of x overflow float32 (some row is too far from ",
+      first, "); scale x down");
 }
 
 }  // namespace
@@ -186,7 +191,8 @@ const float* KCenterShard::point_of(const at::Tensor& point) const {
 }
 
 void KCenterShard::push_chosen(const float* point) {
-  TORCH_CHECK_VALUE(t_ < capacity_, "this shard has chosen its capacity of ", capacity_, " rows already");
+  TORCH_CHECK_VALUE(t_ < capacity_, "this shard has chosen its capacity of ", capacity_,
+                    " rows already");
   std::memcpy(chosen_.data() + t_ * d_, point, sizeof(float) * d_);
   ++t_;
   want_ = kFirstBatch;
@@ -195,7 +201,8 @@ void KCenterShard::push_chosen(const float* point) {
 // First pass: every row against the first chosen row. A NaN or Inf anywhere in x makes some
 // distance non-finite (one in row p reaches d(p, first); one in the first row reaches every
 // distance), so checking the distances checks the input. Keeping them below a quarter of
-// float32's range also keeps every later one finite: d(p, c)^2 <= 2 d(p, first)^2 + 2 d(c, first)^2.
+// float32's range also keeps every later one finite: d(p, c)^2 <= 2 d(p, first)^2 + 2 d(c,
+// first)^2.
 void KCenterShard::evaluate_all(const float* point, int64_t skip, int64_t first_row) {
   std::vector<Entry> entries(static_cast<size_t>(n_ - (skip >= 0 ? 1 : 0)));
   constexpr float kLargest = std::numeric_limits<float>::max() / 4.5f;
@@ -214,7 +221,9 @@ void KCenterShard::evaluate_all(const float* point, int64_t skip, int64_t first_
   if (n_ == 1 && skip == 0) {
     for (int64_t j = 0; j < d_; ++j) bad = bad || !std::isfinite(xp_[j]);
   }
-  if (bad) report_bad_values(x_, point, d_, first_row >= 0 ? "row " + std::to_string(first_row) : "the first chosen row");
+  if (bad)
+    report_bad_values(x_, point, d_,
+                      first_row >= 0 ? "row " + std::to_string(first_row) : "the first chosen row");
   heap_ = std::move(entries);
   make_heap(heap_);
   seen_.assign(static_cast<size_t>(n_), 1);  // every row has been evaluated against the first
@@ -246,11 +255,13 @@ std::tuple<float, int64_t> KCenterShard::propose_fast() {
     const Entry top = heap_.front();
     if (seen_[top.row] == t_) return {top.bound, top.row};  // exact: the greedy's choice here
     batch.clear();
-    while (!heap_.empty() && static_cast<int64_t>(batch.size()) < want_ && seen_[heap_.front().row] != t_) {
+    while (!heap_.empty() && static_cast<int64_t>(batch.size()) < want_ &&
+           seen_[heap_.front().row] != t_) {
       batch.push_back(Pending{heap_.front(), seen_[heap_.front().row]});
       heap_pop(heap_);
     }
-    refresh_bounds(kernels_, batch, xp_, chosen_.data(), t_, d_, heap_.empty() ? -1.0f : heap_.front().bound);
+    refresh_bounds(kernels_, batch, xp_, chosen_.data(), t_, d_,
+                   heap_.empty() ? -1.0f : heap_.front().bound);
     for (const Pending& e : batch) {
       seen_[e.entry.row] = e.seen;
       heap_push(heap_, e.entry);

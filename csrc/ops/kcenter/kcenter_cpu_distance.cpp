@@ -19,6 +19,7 @@
 #include <algorithm>
 
 #include "fastad/cpu_isa.h"
+#include "fastad/distance.h"
 
 namespace fastad {
 namespace kcenter_detail {
@@ -60,7 +61,7 @@ __attribute__((target("avx512f"))) inline void batch_avx512(const float* point, 
 }
 
 __attribute__((target("avx512f"))) float min_avx512(const float* point, const float* rows,
-                                                   int64_t count, int64_t d, float current) {
+                                                    int64_t count, int64_t d, float current) {
   constexpr int kBatch = 8;  // 8 independent FMA chains cover the latency of two FMA ports
   float out[kBatch];
   int64_t c = 0;
@@ -95,7 +96,7 @@ __attribute__((target("avx512f"))) inline __m512 reduce16(const __m512* a) {
 }
 
 __attribute__((target("avx512f"))) void min4_avx512(const float* const points[4], const float* rows,
-                                                   int64_t count, int64_t d, float bounds[4]) {
+                                                    int64_t count, int64_t d, float bounds[4]) {
   const int64_t full = d & ~int64_t{15};
   const __mmask16 tail = static_cast<__mmask16>((1u << (d - full)) - 1u);
   __m512 best = _mm512_set1_ps(__builtin_inff());
@@ -161,7 +162,8 @@ __attribute__((target("avx2,fma"))) inline void batch_avx2(const float* point, c
     }
   }
   if (j < d) {
-    alignas(32) static const int kLanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    alignas(32) static const int kLanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                               0,  0,  0,  0,  0,  0,  0,  0};
     const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLanes + 8 - (d - j)));
     const __m256 p = _mm256_maskload_ps(point + j, m);
     for (int b = 0; b < B; ++b) {
@@ -173,7 +175,7 @@ __attribute__((target("avx2,fma"))) inline void batch_avx2(const float* point, c
 }
 
 __attribute__((target("avx2,fma"))) float min_avx2(const float* point, const float* rows,
-                                                  int64_t count, int64_t d, float current) {
+                                                   int64_t count, int64_t d, float current) {
   constexpr int kBatch = 4;
   float out[kBatch];
   int64_t c = 0;
@@ -188,25 +190,11 @@ __attribute__((target("avx2,fma"))) float min_avx2(const float* point, const flo
   return current;
 }
 
-// ---- Portable: 8 partial sums in a fixed order ---------------------------------------------------
-
-float distance_portable(const float* a, const float* b, int64_t d) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= d; j += 8)
-    for (int l = 0; l < 8; ++l) {
-      const float x = a[j + l] - b[j + l];
-      s[l] += x * x;
-    }
-  for (int l = 0; j < d; ++j, ++l) {
-    const float x = a[j] - b[j];
-    s[l] += x * x;
-  }
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
+// ---- Portable -----------------------------------------------------------------------------------
 
 float min_portable(const float* point, const float* rows, int64_t count, int64_t d, float current) {
-  for (int64_t c = 0; c < count; ++c) current = std::min(current, distance_portable(point, rows + c * d, d));
+  for (int64_t c = 0; c < count; ++c)
+    current = std::min(current, squared_distance_portable(point, rows + c * d, d));
   return current;
 }
 

@@ -27,13 +27,12 @@
 #include <limits>
 #include <tuple>
 
+#include "fastad/cuda_warp.cuh"
 #include "kcenter.h"
 
 namespace fastad {
 namespace {
 
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr int kBlocksPerSm = 4;
@@ -44,20 +43,6 @@ constexpr int64_t kNoRow = std::numeric_limits<int64_t>::max();
 // True when (va, ia) is the greedy's better choice: larger distance, ties to the lower index.
 __device__ __forceinline__ bool better(float va, int64_t ia, float vb, int64_t ib) {
   return va > vb || (va == vb && ia < ib);
-}
-
-// Squared distance of two contiguous rows, widened to float; every lane returns the total. The
-// order of the sum depends only on d, so one pair always gets the same value (duplicates tie).
-template <typename scalar_t>
-__device__ __forceinline__ float warp_sq_dist(const scalar_t* __restrict__ a,
-                                              const scalar_t* __restrict__ b, int64_t d, int lane) {
-  float acc = 0.0f;
-  for (int64_t c = lane; c < d; c += kWarp) {
-    const float x = static_cast<float>(a[c]) - static_cast<float>(b[c]);
-    acc = fmaf(x, x, acc);
-  }
-  for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(kFullMask, acc, off);
-  return acc;
 }
 
 // Reduces one (value, index) pair per thread to thread 0 of the block.
@@ -87,10 +72,10 @@ __device__ __forceinline__ void block_best(float& v, int64_t& i, float* sv, int6
 }
 
 struct StepState {
-  float* min_d;          // (n) squared distance to the chosen set; kSelected once chosen
-  int64_t* indices;      // (k) output; [0, t) written
-  float* radii;          // (k) output
-  float* block_v;        // (gridDim.x) per-block best of this step
+  float* min_d;      // (n) squared distance to the chosen set; kSelected once chosen
+  int64_t* indices;  // (k) output; [0, t) written
+  float* radii;      // (k) output
+  float* block_v;    // (gridDim.x) per-block best of this step
   int64_t* block_i;
   unsigned int* ticket;  // blocks finished in this step; reset to 0 by the last one
 };
@@ -98,7 +83,8 @@ struct StepState {
 // Step t (1 <= t < k): fold in the row chosen at step t-1, then choose row t.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    kcenter_step_kernel(const scalar_t* __restrict__ x, int64_t n, int64_t d, int64_t t, StepState s) {
+    kcenter_step_kernel(const scalar_t* __restrict__ x, int64_t n, int64_t d, int64_t t,
+                        StepState s) {
   __shared__ float sv[kWarpsPerBlock];
   __shared__ int64_t si[kWarpsPerBlock];
   __shared__ bool last_block;
@@ -119,7 +105,7 @@ __global__ void __launch_bounds__(kThreads)
       if (r == chosen) {
         m = kSelected;
       } else {
-        float dist = warp_sq_dist(x + r * d, crow, d, lane);
+        float dist = warp_sq_dist(x + r * d, 1, crow, 1, d, lane);
         if (isnan(dist)) dist = kInf;
         m = fminf(m, dist);
       }
@@ -180,8 +166,9 @@ std::tuple<at::Tensor, at::Tensor> kcenter_greedy_cuda(const at::Tensor& x_in, i
   if (k == 1) return {indices, radii};
 
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = std::max<int64_t>(
-      1, std::min<int64_t>(static_cast<int64_t>(sms) * kBlocksPerSm, (n + kWarpsPerBlock - 1) / kWarpsPerBlock));
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(sms) * kBlocksPerSm,
+                                             (n + kWarpsPerBlock - 1) / kWarpsPerBlock));
   at::Tensor min_d = at::full({n}, kInf, opts.dtype(at::kFloat));
   at::Tensor block_v = at::empty({blocks}, opts.dtype(at::kFloat));
   at::Tensor block_i = at::empty({blocks}, opts.dtype(at::kLong));
@@ -196,12 +183,15 @@ std::tuple<at::Tensor, at::Tensor> kcenter_greedy_cuda(const at::Tensor& x_in, i
 
   // Only the dtypes the op accepts: no double kernel that could never run.
   AT_DISPATCH_V2(x.scalar_type(), "kcenter_greedy_cuda", AT_WRAP([&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    for (int64_t t = 1; t < k; ++t) {
-      kcenter_step_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(xp, n, d, t, state);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  }), at::kFloat, at::kHalf, at::kBFloat16);
+                   const scalar_t* xp = x.const_data_ptr<scalar_t>();
+                   for (int64_t t = 1; t < k; ++t) {
+                     kcenter_step_kernel<scalar_t>
+                         <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(xp, n, d, t,
+                                                                                  state);
+                     C10_CUDA_KERNEL_LAUNCH_CHECK();
+                   }
+                 }),
+                 at::kFloat, at::kHalf, at::kBFloat16);
   return {indices, radii};
 }
 

@@ -45,10 +45,12 @@ inline void check_knn_args(const at::Tensor& query, const at::Tensor& bank, int6
   check_same_device(query, "query", bank, "bank");
   check_float_input(query, "query");
   check_same_dtype(query, "query", bank, "bank");
-  TORCH_CHECK_VALUE(query.size(1) == bank.size(1), "query and bank must have the same feature size D, got ",
-              "query D = ", query.size(1), " and bank D = ", bank.size(1));
-  TORCH_CHECK_VALUE(k >= 1 && k <= bank.size(0), "k must be between 1 and the number of bank rows (",
-              bank.size(0), "), got k = ", k);
+  TORCH_CHECK_VALUE(query.size(1) == bank.size(1),
+                    "query and bank must have the same feature size D, got ",
+                    "query D = ", query.size(1), " and bank D = ", bank.size(1));
+  TORCH_CHECK_VALUE(k >= 1 && k <= bank.size(0),
+                    "k must be between 1 and the number of bank rows (", bank.size(0),
+                    "), got k = ", k);
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& bank,

@@ -2,9 +2,8 @@
 // The faster screened path (int8 first pass + exact re-ranking) lives in knn_cpu_screened.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <immintrin.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -15,6 +14,7 @@
 #include <vector>
 
 #include "fastad/cpu_isa.h"
+#include "fastad/distance.h"
 #include "fastad/topk.h"
 #include "knn.h"
 #include "knn_cpu_internal.h"
@@ -23,7 +23,7 @@ namespace fastad {
 namespace knn_detail {
 
 __attribute__((target("avx2,fma"))) static float squared_distance_avx2(const float* a,
-                                                                      const float* b, int64_t d) {
+                                                                       const float* b, int64_t d) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= d; j += 16) {
@@ -47,24 +47,9 @@ __attribute__((target("avx2,fma"))) static float squared_distance_avx2(const flo
   return s;
 }
 
-static float squared_distance_portable(const float* a, const float* b, int64_t d) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= d; j += 8)
-    for (int l = 0; l < 8; ++l) {
-      const float x = a[j + l] - b[j + l];
-      s[l] += x * x;
-    }
-  float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; j < d; ++j) {
-    const float x = a[j] - b[j];
-    t += x * x;
-  }
-  return t;
-}
-
 float squared_distance(const float* a, const float* b, int64_t d) {
-  return cpu_supports(CpuIsa::kAvx2) ? squared_distance_avx2(a, b, d) : squared_distance_portable(a, b, d);
+  return cpu_supports(CpuIsa::kAvx2) ? squared_distance_avx2(a, b, d)
+                                     : squared_distance_portable(a, b, d);
 }
 
 // Squared norms accumulated in double: they enter every distance, so their error must not.
@@ -152,10 +137,12 @@ namespace {
 constexpr int64_t kMinScreenDim = 8;
 
 // The screen needs AVX2, enough dims to be worth its codes (kMinScreenDim), a width its int32
-// sums hold exactly, and room to rule rows out (k well below n). Without a prepared bank it must also code the bank, which costs about as much as the
-// float32 products of 64 query rows against it: fewer rows, or a small bank, go to the GEMM.
+// sums hold exactly, and room to rule rows out (k well below n). Without a prepared bank it must
+// also code the bank, which costs about as much as the float32 products of 64 query rows against
+// it: fewer rows, or a small bank, go to the GEMM.
 bool screen_suits(int64_t m, int64_t n, int64_t d, int64_t k, bool prepared) {
-  if (!cpu_supports(CpuIsa::kAvx2) || d < kMinScreenDim || d > knn_detail::kMaxScreenDim || k > 1024 || k * 32 > n)
+  if (!cpu_supports(CpuIsa::kAvx2) || d < kMinScreenDim || d > knn_detail::kMaxScreenDim ||
+      k > 1024 || k * 32 > n)
     return false;
   return prepared || (n >= 1024 && m >= 64);
 }
@@ -164,15 +151,9 @@ bool prepares(int64_t d) {
   return cpu_supports(CpuIsa::kAvx2) && d >= kMinScreenDim && d <= knn_detail::kMaxScreenDim;
 }
 
-bool cpu_has_avx512_vnni() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vnni");
-  return has;
-}
-
-// FASTAD_KNN_CPU_PATH picks a lesser path than the best this CPU has, so that tests and
-// benchmarks reach every kernel on one machine: gemm (the float32 path), avx2, vnni or amx (the
-// screen's micro-kernels). Unset or empty means the best; a kernel the CPU lacks falls back to
+// FASTAD_KNN_CPU_ISA (the convention of fastad/cpu_isa.h) picks a lesser path than the best this
+// CPU has, so that tests and benchmarks reach every kernel on one machine: portable (the float32
+// GEMM path), avx2, vnni or amx (the screen's micro-kernels). A kernel the CPU lacks falls back to
 // the next lesser one.
 struct CpuPath {
   bool gemm;
@@ -181,15 +162,13 @@ struct CpuPath {
 
 CpuPath cpu_path() {
   using knn_detail::ScreenKernel;
-  const char* env = std::getenv("FASTAD_KNN_CPU_PATH");
-  const std::string forced = env ? env : "";
-  TORCH_CHECK_VALUE(forced.empty() || forced == "gemm" || forced == "avx2" || forced == "vnni" || forced == "amx",
-              "FASTAD_KNN_CPU_PATH must be gemm, avx2, vnni or amx, got '", forced, "'");
+  enum Level : size_t { kGemm, kAvx2Screen, kVnniScreen, kAmxScreen };
+  const size_t level = forced_isa_level("FASTAD_KNN_CPU_ISA", {"portable", "avx2", "vnni", "amx"});
   ScreenKernel kernel = ScreenKernel::kAvx2;
-  if (forced != "avx2" && cpu_has_avx512_vnni()) kernel = ScreenKernel::kVnni;
-  if ((forced.empty() || forced == "amx") && cpu_amx_int8_ready() && cpu_supports(CpuIsa::kAvx512))
+  if (level >= kVnniScreen && cpu_avx512_vnni()) kernel = ScreenKernel::kVnni;
+  if (level >= kAmxScreen && cpu_amx_int8_ready() && cpu_supports(CpuIsa::kAvx512))
     kernel = ScreenKernel::kAmx;
-  return {forced == "gemm", kernel};
+  return {level == kGemm, kernel};
 }
 
 // Float32 contiguous copies (views when they are already).

@@ -75,13 +75,14 @@ __attribute__((target("avx2"))) double hsum(__m256d a) {
 // in double so that centring loses nothing: the bound must hold for the float inputs taken as
 // exact values. The screened path only runs on AVX2 CPUs, so this needs no portable twin.
 __attribute__((target("avx2,fma"))) RowFacts code_row(const float* x, const double* center,
-                                                       int64_t d, double* v, int8_t* codes) {
+                                                      int64_t d, double* v, int8_t* codes) {
   RowFacts f{};
   const __m256d sign = _mm256_set1_pd(-0.0);
   __m256d amax4 = _mm256_setzero_pd();
   int64_t j = 0;
   for (; j + 4 <= d; j += 4) {
-    const __m256d vj = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + j)), _mm256_loadu_pd(center + j));
+    const __m256d vj =
+        _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + j)), _mm256_loadu_pd(center + j));
     _mm256_storeu_pd(v + j, vj);
     amax4 = _mm256_max_pd(amax4, _mm256_andnot_pd(sign, vj));  // max drops NaN: checked below
   }
@@ -107,8 +108,9 @@ __attribute__((target("avx2,fma"))) RowFacts code_row(const float* x, const doub
   for (; j + 4 <= d; j += 4) {
     const __m256d vj = _mm256_loadu_pd(v + j);
     // Any rounding of v / scale is sound: the bound uses the residual of the code chosen.
-    const __m256d c = _mm256_min_pd(hi, _mm256_max_pd(lo, _mm256_round_pd(_mm256_mul_pd(vj, inv4),
-                                                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    const __m256d c = _mm256_min_pd(
+        hi, _mm256_max_pd(lo, _mm256_round_pd(_mm256_mul_pd(vj, inv4),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
     const __m256d hat = _mm256_mul_pd(scale4, c);
     const __m256d e = _mm256_sub_pd(vj, hat);
     n2 = _mm256_fmadd_pd(vj, vj, n2);
@@ -124,7 +126,8 @@ __attribute__((target("avx2,fma"))) RowFacts code_row(const float* x, const doub
   _mm_storeu_si128(reinterpret_cast<__m128i*>(s4), sum4);
   int32_t sum = (s4[0] + s4[1]) + (s4[2] + s4[3]);
   for (; j < d; ++j) {
-    const int c = static_cast<int>(std::clamp(std::nearbyint(v[j] * inv), -1.0 * kCodeMax, 1.0 * kCodeMax));
+    const int c =
+        static_cast<int>(std::clamp(std::nearbyint(v[j] * inv), -1.0 * kCodeMax, 1.0 * kCodeMax));
     const double hat = static_cast<double>(scale) * c;
     n2s += v[j] * v[j];
     h2s += hat * hat;
@@ -266,40 +269,44 @@ at::Tensor code_bank(const float* b, int64_t n, int64_t d) {
   std::fill(cols[0] + n, cols[0] + h.np, std::numeric_limits<float>::quiet_NaN());
   int8_t* packed = reinterpret_cast<int8_t*>(base + lay.packed);
   const int64_t panel_bytes = h.dp * kPanel;
-  const bool finite = code_rows(b, n, d, center.data(), [&](int64_t r, const RowFacts& f, const int8_t* codes) {
-    // Row r's codes go to its panel, kGroup of them per group, groups kPanel * kGroup apart.
-    int8_t* dst = packed + (r / kPanel) * panel_bytes + (r % kPanel) * kGroup;
-    for (int64_t j = 0; j < d; ++j) dst[(j / kGroup) * (kPanel * kGroup) + j % kGroup] = codes[j];
-    cols[0][r] = f.norm2 * (1.0f - kSlack);
-    cols[1][r] = f.scale;
-    cols[2][r] = f.scale * static_cast<float>(f.code_sum);
-    cols[3][r] = f.hat_norm + f.err_norm;
-    cols[4][r] = f.err_norm;
-  });
+  const bool finite =
+      code_rows(b, n, d, center.data(), [&](int64_t r, const RowFacts& f, const int8_t* codes) {
+        // Row r's codes go to its panel, kGroup of them per group, groups kPanel * kGroup apart.
+        int8_t* dst = packed + (r / kPanel) * panel_bytes + (r % kPanel) * kGroup;
+        for (int64_t j = 0; j < d; ++j)
+          dst[(j / kGroup) * (kPanel * kGroup) + j % kGroup] = codes[j];
+        cols[0][r] = f.norm2 * (1.0f - kSlack);
+        cols[1][r] = f.scale;
+        cols[2][r] = f.scale * static_cast<float>(f.code_sum);
+        cols[3][r] = f.hat_norm + f.err_norm;
+        cols[4][r] = f.err_norm;
+      });
   if (!finite) return at::empty({0}, at::TensorOptions().dtype(at::kByte));
   return out;
 }
 
 BankCodes view_bank_codes(const at::Tensor& codes, const float* b, int64_t n, int64_t d) {
   const char* remedy = "; make it again with fastad.ops.knn_prepare(bank)";
-  TORCH_CHECK_VALUE(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.dim() == 1 &&
-                  codes.is_contiguous(),
-              "prepared must be the 1-D uint8 CPU tensor that fastad.ops.knn_prepare(bank) returns, got ",
-              codes.scalar_type(), " of shape ", codes.sizes(), " on ", codes.device());
+  TORCH_CHECK_VALUE(
+      codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.dim() == 1 &&
+          codes.is_contiguous(),
+      "prepared must be the 1-D uint8 CPU tensor that fastad.ops.knn_prepare(bank) returns, got ",
+      codes.scalar_type(), " of shape ", codes.sizes(), " on ", codes.device());
   TORCH_CHECK_VALUE(codes.numel() >= static_cast<int64_t>(sizeof(CodesHeader)),
-              "prepared is too short to be a prepared bank", remedy);
+                    "prepared is too short to be a prepared bank", remedy);
   CodesHeader h;
   uint8_t* base = codes.data_ptr<uint8_t>();
   std::memcpy(&h, base, sizeof(h));
-  TORCH_CHECK_VALUE(std::memcmp(h.magic, kMagic, sizeof(kMagic)) == 0 && h.version == kLayoutVersion,
-              "prepared is not a prepared bank of this fastad build", remedy);
+  TORCH_CHECK_VALUE(
+      std::memcmp(h.magic, kMagic, sizeof(kMagic)) == 0 && h.version == kLayoutVersion,
+      "prepared is not a prepared bank of this fastad build", remedy);
   TORCH_CHECK_VALUE(h.n == n && h.d == d, "prepared was made for a bank of shape (", h.n, ", ", h.d,
-              "), not this bank of shape (", n, ", ", d, ")", remedy);
+                    "), not this bank of shape (", n, ", ", d, ")", remedy);
   TORCH_CHECK_VALUE(h.dp == round_up(d, kDimChunk) && h.np == round_up(n, kColumnPad) &&
-                  codes.numel() == Layout(d, h.dp, h.np).total,
-              "prepared has a corrupt layout", remedy);
+                        codes.numel() == Layout(d, h.dp, h.np).total,
+                    "prepared has a corrupt layout", remedy);
   TORCH_CHECK_VALUE(h.fingerprint == fingerprint(b, n, d),
-              "prepared was made for another bank, or the bank has changed since", remedy);
+                    "prepared was made for another bank, or the bank has changed since", remedy);
   return view_of(base, h);
 }
 
@@ -315,7 +322,8 @@ bool code_queries(const float* q, int64_t m, const BankCodes& bank, QueryCodes& 
   out.Z.resize(m);
   uint8_t* qcodes = out.codes.data();
   return code_rows(q, m, d, bank.center, [&](int64_t r, const RowFacts& f, const int8_t* codes) {
-    for (int64_t j = 0; j < d; ++j) qcodes[r * dp + j] = static_cast<uint8_t>(codes[j] + kQueryOffset);
+    for (int64_t j = 0; j < d; ++j)
+      qcodes[r * dp + j] = static_cast<uint8_t>(codes[j] + kQueryOffset);
     out.A[r] = f.norm2 * (1.0f - kSlack);
     out.W[r] = -2.0f * f.scale;
     out.X[r] = 2.0f * kQueryOffset * f.scale;

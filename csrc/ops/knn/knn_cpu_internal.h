@@ -39,8 +39,15 @@ class CandidateRows {
 
   CandidateRows(const float* q, const float* b, int64_t d, int64_t k, int64_t row0, int64_t rows,
                 float* dist, int64_t* idx)
-      : q_(q), b_(b), d_(d), k_(k), row0_(row0), dist_(dist), idx_(idx),
-        cand_(static_cast<size_t>(rows * kCapacity)), count_(rows, 0),
+      : q_(q),
+        b_(b),
+        d_(d),
+        k_(k),
+        row0_(row0),
+        dist_(dist),
+        idx_(idx),
+        cand_(static_cast<size_t>(rows * kCapacity)),
+        count_(rows, 0),
         thr_(rows, std::numeric_limits<float>::infinity()),
         upper_(static_cast<size_t>(rows * k), std::numeric_limits<float>::infinity()),
         inflate_(1.0f + static_cast<float>(d + 8) * 1.2e-7f) {
@@ -82,7 +89,8 @@ class CandidateRows {
     TopKHeap h = heap(r);
     const float* qrow = q_ + (row0_ + r) * d_;
     const int64_t* c = cand_.data() + r * kCapacity;
-    for (int64_t i = 0; i < count_[r]; ++i) h.push(squared_distance(qrow, b_ + c[i] * d_, d_), c[i]);
+    for (int64_t i = 0; i < count_[r]; ++i)
+      h.push(squared_distance(qrow, b_ + c[i] * d_, d_), c[i]);
     count_[r] = 0;
     thr_[r] = std::min(h.threshold(), upper_[r * k_]);
   }
@@ -136,8 +144,8 @@ constexpr float kUpperSlack = 2 * kSlack;
 // A coded bank, as views into the bytes knn_prepare returns (or a temporary made by the call).
 struct BankCodes {
   int64_t n = 0, d = 0;
-  int64_t dp = 0;  // d rounded up to kDimChunk
-  int64_t np = 0;  // n rounded up to kColumnPad
+  int64_t dp = 0;                  // d rounded up to kDimChunk
+  int64_t np = 0;                  // n rounded up to kColumnPad
   const double* center = nullptr;  // (d) the bank's column means; rows are coded centred
   // Per column (np; the padding columns have P = NaN, so they never pass the screen):
   const float *P = nullptr, *S = nullptr, *T = nullptr, *U = nullptr, *V = nullptr;
@@ -155,8 +163,8 @@ BankCodes view_bank_codes(const at::Tensor& codes, const float* b, int64_t n, in
 
 // Query rows coded against a bank's centre, with the per-row terms of the bound.
 struct QueryCodes {
-  int64_t m = 0, m_pad = 0;      // m_pad: m rounded up to kQueryRowPad
-  std::vector<uint8_t> codes;    // (m_pad, dp) code + kQueryOffset; zero padding rows and dims
+  int64_t m = 0, m_pad = 0;    // m_pad: m rounded up to kQueryRowPad
+  std::vector<uint8_t> codes;  // (m_pad, dp) code + kQueryOffset; zero padding rows and dims
   std::vector<float> A, W, X, Y, Z;
 };
 

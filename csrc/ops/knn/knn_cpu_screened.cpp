@@ -26,9 +26,9 @@ namespace fastad {
 namespace knn_detail {
 namespace {
 
-constexpr int kTileRowsAvx2 = 4;  // 8 accumulators + 2 halves + 1 broadcast of 16 ymm registers
-constexpr int kTileRowsVnni = 8;  // 16 accumulators + 2 panels + 1 broadcast of 32 zmm registers
-constexpr int kTileRowsAmx = 32;  // two 16-row A tiles
+constexpr int kTileRowsAvx2 = 4;     // 8 accumulators + 2 halves + 1 broadcast of 16 ymm registers
+constexpr int kTileRowsVnni = 8;     // 16 accumulators + 2 panels + 1 broadcast of 32 zmm registers
+constexpr int kTileRowsAmx = 32;     // two 16-row A tiles
 constexpr int64_t kQueryBlock = 64;  // query rows per task (a multiple of every kernel's rows)
 constexpr int64_t kBankChunk = 512;  // bank columns per chunk: its int8 panels stay in L2
 
@@ -60,13 +60,15 @@ inline void offer(CandidateRows& cands, int64_t r, int64_t t0, uint32_t mask) {
 // tight that skips most of the epilogue (SPADE's first Lite0 layer: 3136 x 156,800 pairs, k = 1).
 
 // Bit c set where lower bound c (of 16 or 32 columns, two vectors) is at most the threshold.
-__attribute__((target("avx2,fma"), always_inline)) inline uint32_t passing256(__m256 lb0, __m256 lb1, float t) {
+__attribute__((target("avx2,fma"), always_inline)) inline uint32_t passing256(__m256 lb0,
+                                                                              __m256 lb1, float t) {
   const __m256 th = _mm256_set1_ps(t);
   return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(lb0, th, _CMP_LE_OQ))) |
          (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(lb1, th, _CMP_LE_OQ))) << 8);
 }
 
-__attribute__((target("avx512f"), always_inline)) inline uint32_t passing512(__m512 lb0, __m512 lb1, float t) {
+__attribute__((target("avx512f"), always_inline)) inline uint32_t passing512(__m512 lb0, __m512 lb1,
+                                                                             float t) {
   const __m512 th = _mm512_set1_ps(t);
   return static_cast<uint32_t>(_mm512_cmp_ps_mask(lb0, th, _CMP_LE_OQ)) |
          (static_cast<uint32_t>(_mm512_cmp_ps_mask(lb1, th, _CMP_LE_OQ)) << 16);
@@ -85,27 +87,32 @@ inline void offer_upper(CandidateRows& cands, int64_t r, const float* ub, uint32
 // [t0, t0 + 16). vpmaddubsw multiplies the unsigned query codes by the signed bank codes into
 // int16 pair sums, vpmaddwd against ones widens them to int32 sums of four.
 __attribute__((target("avx2,fma"))) void tile_avx2(const Screen& s, int64_t r0, int64_t rg,
-                                                    int nvalid, int64_t t0, CandidateRows& cands) {
+                                                   int nvalid, int64_t t0, CandidateRows& cands) {
   constexpr int kTileRows = kTileRowsAvx2;
   const BankCodes& bk = *s.bank;
   const QueryCodes& qc = *s.query;
   const uint8_t* a[kTileRows];
-  for (int i = 0; i < kTileRows; ++i) a[i] = qc.codes.data() + (r0 + rg + std::min(i, nvalid - 1)) * bk.dp;
+  for (int i = 0; i < kTileRows; ++i)
+    a[i] = qc.codes.data() + (r0 + rg + std::min(i, nvalid - 1)) * bk.dp;
   const int8_t* p = bk.packed + (t0 / kPanel) * bk.panel_bytes();
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[kTileRows][2];
 #pragma GCC unroll 4
   for (int i = 0; i < kTileRows; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
   for (int64_t g = 0; g < s.groups; ++g) {
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + g * kPanel * kGroup));
-    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + g * kPanel * kGroup + 32));
+    const __m256i b0 =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + g * kPanel * kGroup));
+    const __m256i b1 =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + g * kPanel * kGroup + 32));
 #pragma GCC unroll 4
     for (int i = 0; i < kTileRows; ++i) {
       int32_t w;
       std::memcpy(&w, a[i] + g * kGroup, 4);
       const __m256i av = _mm256_set1_epi32(w);
-      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones));
-      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones));
+      acc[i][0] =
+          _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones));
+      acc[i][1] =
+          _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones));
     }
   }
   const __m256 P0 = _mm256_loadu_ps(bk.P + t0), P1 = _mm256_loadu_ps(bk.P + t0 + 8);
@@ -128,7 +135,8 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Screen& s, int64_t r0, 
     const __m256 d0 = _mm256_fmadd_ps(V0, Z, _mm256_mul_ps(U0, Y));
     const __m256 d1 = _mm256_fmadd_ps(V1, Z, _mm256_mul_ps(U1, Y));
     const __m256 lb0 = _mm256_add_ps(e0, d0), lb1 = _mm256_add_ps(e1, d1);
-    if (passing256(lb0, lb1, cands.threshold(r)) == 0) continue;  // lower bounds first, as in bound_row512
+    if (passing256(lb0, lb1, cands.threshold(r)) == 0)
+      continue;  // lower bounds first, as in bound_row512
     const __m256 ub0 = _mm256_fmadd_ps(ap0, cu, _mm256_sub_ps(e0, d0));
     const __m256 ub1 = _mm256_fmadd_ps(ap1, cu, _mm256_sub_ps(e1, d1));
     const __m256 uth = _mm256_set1_ps(cands.upper_threshold(r));
@@ -150,8 +158,8 @@ struct ColumnTerms512 {
   __m512 P[2], S[2], T[2], U[2], V[2];
 };
 
-__attribute__((target("avx512f"), always_inline)) inline ColumnTerms512 load_terms512(const BankCodes& bk,
-                                                                                    int64_t t0) {
+__attribute__((target("avx512f"), always_inline)) inline ColumnTerms512 load_terms512(
+    const BankCodes& bk, int64_t t0) {
   ColumnTerms512 c;
   for (int h = 0; h < 2; ++h) {
     c.P[h] = _mm512_loadu_ps(bk.P + t0 + 16 * h);
@@ -190,7 +198,8 @@ __attribute__((target("avx512f"), always_inline)) inline void bound_row512(
   const __m512 d1 = _mm512_fmadd_ps(c.V[1], Z, _mm512_mul_ps(c.U[1], Y));
   const __m512 lb0 = _mm512_add_ps(e0, d0), lb1 = _mm512_add_ps(e1, d1);
   // Lower bounds first: once the threshold is tight almost no column passes, and then the upper
-  // bounds cannot matter (see "Upper bounds only where a lower bound passes"), so most tiles end here.
+  // bounds cannot matter (see "Upper bounds only where a lower bound passes"), so most tiles end
+  // here.
   if (passing512(lb0, lb1, cands.threshold(r)) == 0) return;
   const __m512 ub0 = _mm512_fmadd_ps(ap0, cu, _mm512_sub_ps(e0, d0));
   const __m512 ub1 = _mm512_fmadd_ps(ap1, cu, _mm512_sub_ps(e1, d1));
@@ -216,7 +225,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) void tile_vnni(
   const BankCodes& bk = *s.bank;
   const QueryCodes& qc = *s.query;
   const uint8_t* a[kTileRows];
-  for (int i = 0; i < kTileRows; ++i) a[i] = qc.codes.data() + (r0 + rg + std::min(i, nvalid - 1)) * bk.dp;
+  for (int i = 0; i < kTileRows; ++i)
+    a[i] = qc.codes.data() + (r0 + rg + std::min(i, nvalid - 1)) * bk.dp;
   const int8_t* p0 = bk.packed + (t0 / kPanel) * bk.panel_bytes();
   const int8_t* p1 = p0 + bk.panel_bytes();
   __m512i acc[kTileRows][2];
@@ -268,14 +278,17 @@ __attribute__((target("amx-tile"))) void amx_end() { _tile_release(); }
 // 32-row groups with zeros) against bank columns [t0, t0 + 32). The dims go 64 at a time: a query
 // tile row is 64 codes, a bank tile row the 4-code groups of 16 columns, which is how the panels
 // are packed already.
-__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw"))) void tile_amx(
-    const Screen& s, int64_t r0, int64_t rg, int nvalid, int64_t t0, CandidateRows& cands) {
+__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw"))) void tile_amx(const Screen& s,
+                                                                            int64_t r0, int64_t rg,
+                                                                            int nvalid, int64_t t0,
+                                                                            CandidateRows& cands) {
   const BankCodes& bk = *s.bank;
   const QueryCodes& qc = *s.query;
   const uint8_t* a = qc.codes.data() + (r0 + rg) * bk.dp;
   const int8_t* p0 = bk.packed + (t0 / kPanel) * bk.panel_bytes();
   const int8_t* p1 = p0 + bk.panel_bytes();
-  const int64_t chunk_bytes = kDimChunk * kPanel;  // one bank tile: 16 groups of 16 columns x 4 codes
+  const int64_t chunk_bytes =
+      kDimChunk * kPanel;  // one bank tile: 16 groups of 16 columns x 4 codes
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -298,8 +311,8 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw"))) void tile_amx(
   _tile_stored(3, &sums[16][16], stride);
   const ColumnTerms512 terms = load_terms512(bk, t0);
   for (int i = 0; i < nvalid; ++i)
-    bound_row512(s, terms, r0, rg + i, t0, _mm512_load_si512(&sums[i][0]), _mm512_load_si512(&sums[i][16]),
-                 cands);
+    bound_row512(s, terms, r0, rg + i, t0, _mm512_load_si512(&sums[i][0]),
+                 _mm512_load_si512(&sums[i][16]), cands);
 }
 
 // One task: query rows [r0, r1) against bank columns [c_begin, c_end) (multiples of kColumnPad,
@@ -308,7 +321,7 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw"))) void tile_amx(
 void screen_task(const Screen& s, ScreenKernel kernel, int64_t r0, int64_t r1, int64_t c_begin,
                  int64_t c_end, float* dist, int64_t* idx) {
   const int64_t rows = r1 - r0;
-  const int64_t tile_rows = kernel == ScreenKernel::kAmx ? kTileRowsAmx
+  const int64_t tile_rows = kernel == ScreenKernel::kAmx    ? kTileRowsAmx
                             : kernel == ScreenKernel::kVnni ? kTileRowsVnni
                                                             : kTileRowsAvx2;
   const int64_t tile_cols = kernel == ScreenKernel::kAvx2 ? kPanel : 2 * kPanel;

@@ -36,13 +36,12 @@
 #include <limits>
 #include <tuple>
 
+#include "fastad/cuda_warp.cuh"
 #include "knn.h"
 
 namespace fastad {
 namespace {
 
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr int64_t kQueryBlock = 8192;  // Mt: query rows per GEMM
@@ -67,7 +66,8 @@ __device__ __forceinline__ bool ranks_before(float da, int64_t ia, float db, int
 __device__ __forceinline__ float nan_to_inf(float v) { return isnan(v) ? kInf : v; }
 
 int64_t blocks_for(int64_t work_items, int64_t items_per_block) {
-  return std::max<int64_t>(1, std::min(kMaxBlocks, (work_items + items_per_block - 1) / items_per_block));
+  return std::max<int64_t>(
+      1, std::min(kMaxBlocks, (work_items + items_per_block - 1) / items_per_block));
 }
 
 // Squared L2 norm of every row of a contiguous float (rows, d) block; one warp per row,
@@ -84,25 +84,9 @@ __global__ void row_sq_norms_kernel(const float* __restrict__ x, int64_t rows, i
       const double v = row[c];
       acc += v * v;
     }
-    for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(kFullMask, acc, off);
+    acc = warp_sum(acc);
     if (lane == 0) out[r] = static_cast<float>(acc);
   }
-}
-
-// Sum of squared differences of two rows read with their own strides and dtype, widened to
-// float; every lane returns the total. The summation order depends only on d, so one pair always
-// gets the same value: ties between duplicate rows stay exact ties.
-template <typename scalar_t>
-__device__ __forceinline__ float warp_sq_dist(const scalar_t* __restrict__ a, int64_t as,
-                                              const scalar_t* __restrict__ b, int64_t bs,
-                                              int64_t d, int lane) {
-  float acc = 0.0f;
-  for (int64_t c = lane; c < d; c += kWarp) {
-    const float x = static_cast<float>(a[c * as]) - static_cast<float>(b[c * bs]);
-    acc = fmaf(x, x, acc);
-  }
-  for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(kFullMask, acc, off);
-  return acc;
 }
 
 // Sorts one (dist, idx) pair per lane ascending across the warp (bitonic network, 15 steps).
@@ -131,8 +115,8 @@ __device__ __forceinline__ void warp_sort_pairs(float& d, int64_t& i, int lane) 
 //   list entry j -> j + #{l : c_l <= j}   (new pair l ranks before entry j exactly when j >= c_l).
 // Entries only move towards the tail, so the list is shifted in place in chunks of 32 from the
 // tail down to c_0; everything before c_0 stays put. Ranks >= k fall off the end.
-__device__ void warp_merge_into_list(float* ld, int64_t* li, int64_t k, float nd, int64_t ni,
-                                     int s, int lane, int64_t* counts /* 32 per warp, shared */) {
+__device__ void warp_merge_into_list(float* ld, int64_t* li, int64_t k, float nd, int64_t ni, int s,
+                                     int lane, int64_t* counts /* 32 per warp, shared */) {
   int64_t c = k;  // filler lanes: larger than every j < k, so they never count
   if (lane < s) {
     int64_t lo = 0, hi = k;
@@ -190,8 +174,8 @@ struct TileArgs {
   const float* bn;  // (nb) squared norms of the centred bank rows
   int64_t n0;       // bank row of tile column 0
   int64_t k;
-  float eps;      // lower bound = d_approx - eps * (|q|^2 + |b|^2)
-  float inflate;  // the k-th exact distance is inflated by the rounding of a direct sum
+  float eps;          // lower bound = d_approx - eps * (|q|^2 + |b|^2)
+  float inflate;      // the k-th exact distance is inflated by the rounding of a direct sum
   const scalar_t* q;  // original query, already offset to the block's first row
   int64_t qs0, qs1;
   const scalar_t* b;  // original bank
@@ -270,11 +254,13 @@ float screen_eps(int64_t d) {
   const double u = std::ldexp(1.0, -24);
   bool may_use_tf32 = true;
   try {
-    may_use_tf32 = at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+    may_use_tf32 =
+        at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
   } catch (const c10::Error&) {
   }
-  const double eps = may_use_tf32 ? 2.2 * static_cast<double>(d + 16) * u + 1.01 * std::ldexp(1.0, -9)
-                                  : 1.1 * static_cast<double>(d + 16) * u;
+  const double eps = may_use_tf32
+                         ? 2.2 * static_cast<double>(d + 16) * u + 1.01 * std::ldexp(1.0, -9)
+                         : 1.1 * static_cast<double>(d + 16) * u;
   return static_cast<float>(eps);
 }
 
@@ -290,9 +276,11 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at
                                             const std::optional<at::Tensor>& prepared) {
   check_knn_args(query_in, bank_in, k);
   // The CUDA kernel codes nothing per bank, so its prepared bank is empty (see knn_prepare_cuda).
-  TORCH_CHECK_VALUE(!prepared.has_value() || prepared->numel() == 0,
-              "prepared must be fastad.ops.knn_prepare(bank) of this CUDA bank, which is empty; "
-              "got ", prepared.has_value() ? prepared->numel() : 0, " bytes (a CPU bank's?)");
+  TORCH_CHECK_VALUE(
+      !prepared.has_value() || prepared->numel() == 0,
+      "prepared must be fastad.ops.knn_prepare(bank) of this CUDA bank, which is empty; "
+      "got ",
+      prepared.has_value() ? prepared->numel() : 0, " bytes (a CPU bank's?)");
   // Reached with CPU query and bank only when `prepared` alone is a CUDA tensor (it takes part
   // in dispatch); fastad.ops.knn refuses that first, a direct torch.ops call lands here.
   TORCH_CHECK_VALUE(query_in.is_cuda(), "query and bank must be on prepared's device (",
@@ -344,27 +332,30 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at
 
       // Only the dtypes the op accepts: no double kernel that could never run.
       AT_DISPATCH_V2(query.scalar_type(), "knn_cuda", AT_WRAP([&] {
-        TileArgs<scalar_t> args{tile.const_data_ptr<float>(),
-                                mb,
-                                nb,
-                                qn.const_data_ptr<float>(),
-                                bn.const_data_ptr<float>(),
-                                n0,
-                                k,
-                                eps,
-                                inflate,
-                                query.const_data_ptr<scalar_t>() + m0 * query.stride(0),
-                                query.stride(0),
-                                query.stride(1),
-                                bank.const_data_ptr<scalar_t>(),
-                                bank.stride(0),
-                                bank.stride(1),
-                                d,
-                                dist.mutable_data_ptr<float>() + m0 * k,
-                                idx.mutable_data_ptr<int64_t>() + m0 * k};
-        screen_tile_kernel<scalar_t><<<blocks_for(mb, kWarpsPerBlock), kThreads, 0, stream>>>(args);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }), at::kFloat, at::kHalf, at::kBFloat16);
+                       TileArgs<scalar_t> args{
+                           tile.const_data_ptr<float>(),
+                           mb,
+                           nb,
+                           qn.const_data_ptr<float>(),
+                           bn.const_data_ptr<float>(),
+                           n0,
+                           k,
+                           eps,
+                           inflate,
+                           query.const_data_ptr<scalar_t>() + m0 * query.stride(0),
+                           query.stride(0),
+                           query.stride(1),
+                           bank.const_data_ptr<scalar_t>(),
+                           bank.stride(0),
+                           bank.stride(1),
+                           d,
+                           dist.mutable_data_ptr<float>() + m0 * k,
+                           idx.mutable_data_ptr<int64_t>() + m0 * k};
+                       screen_tile_kernel<scalar_t>
+                           <<<blocks_for(mb, kWarpsPerBlock), kThreads, 0, stream>>>(args);
+                       C10_CUDA_KERNEL_LAUNCH_CHECK();
+                     }),
+                     at::kFloat, at::kHalf, at::kBFloat16);
     }
   }
 

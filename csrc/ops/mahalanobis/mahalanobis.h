@@ -52,12 +52,13 @@ namespace mahalanobis_detail {
 // The op computes in float32 only: a float64 precision would silently lose its accuracy.
 inline void check_float32(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type(),
-              " (cast it with .float())");
+                   " (cast it with .float())");
 }
 }  // namespace mahalanobis_detail
 
 // Validates the arguments of mahalanobis the same way on every device.
-inline void check_mahalanobis_args(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& L) {
+inline void check_mahalanobis_args(const at::Tensor& x, const at::Tensor& mean,
+                                   const at::Tensor& L) {
   check_dims(x, "x", 3, "(B, P, D)");
   check_dims(mean, "mean", 2, "(P, D) or (1, D)");
   check_dims(L, "L", 3, "(Q, D, D) with Q = P or 1");
@@ -68,14 +69,14 @@ inline void check_mahalanobis_args(const at::Tensor& x, const at::Tensor& mean, 
   check_same_device(x, "x", L, "L");
   const int64_t p = x.size(1), d = x.size(2);
   TORCH_CHECK_VALUE(d >= 1, "x must have at least one feature (D >= 1), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(mean.size(1) == d, "mean must have D = ", d, " columns (x's feature size), got shape ",
-              mean.sizes());
+  TORCH_CHECK_VALUE(mean.size(1) == d, "mean must have D = ", d,
+                    " columns (x's feature size), got shape ", mean.sizes());
   TORCH_CHECK_VALUE(mean.size(0) == p || mean.size(0) == 1, "mean must have P = ", p,
-              " rows (one per position of x) or 1 row (shared), got shape ", mean.sizes());
+                    " rows (one per position of x) or 1 row (shared), got shape ", mean.sizes());
   TORCH_CHECK_VALUE(L.size(1) == d && L.size(2) == d, "L must have shape (Q, D, D) with D = ", d,
-              " (x's feature size), got shape ", L.sizes());
+                    " (x's feature size), got shape ", L.sizes());
   TORCH_CHECK_VALUE(L.size(0) == p || L.size(0) == 1, "L must hold Q = P = ", p,
-              " factors (one per position of x) or Q = 1 (shared), got Q = ", L.size(0));
+                    " factors (one per position of x) or Q = 1 (shared), got Q = ", L.size(0));
 }
 
 at::Tensor mahalanobis_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& L);

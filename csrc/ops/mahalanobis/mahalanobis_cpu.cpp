@@ -92,14 +92,16 @@ inline void prefetch_factor(FactorView L, int64_t d) {
   if (L.sj == 1) {
     for (int64_t i = 0; i < d; ++i) prefetch(L.p + i * L.si, i + 1);  // row i up to the diagonal
   } else if (L.si == 1) {
-    for (int64_t j = 0; j < d; ++j) prefetch(L.p + j * L.sj + j, d - j);  // column j from the diagonal
+    for (int64_t j = 0; j < d; ++j)
+      prefetch(L.p + j * L.sj + j, d - j);  // column j from the diagonal
   }
 }
 
 // Scratch floats aligned to a cache line, so that the lanes layout's vectors never split one.
 struct AlignedFloats {
   explicit AlignedFloats(int64_t n)
-      : data(static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>((std::max<int64_t>(n, 1) + 15) / 16 * 64)))) {
+      : data(static_cast<float*>(std::aligned_alloc(
+            64, static_cast<size_t>((std::max<int64_t>(n, 1) + 15) / 16 * 64)))) {
     TORCH_CHECK(data != nullptr, "mahalanobis: out of memory for a tile of ", n, " floats");
   }
   ~AlignedFloats() { std::free(data); }
@@ -135,15 +137,19 @@ at::Tensor mahalanobis_cpu(const at::Tensor& x, const at::Tensor& mean, const at
   // chunks of samples, but whole micro-kernel groups, so that every thread gets a tile.
   int64_t chunk = std::min(b_size, kChunk);
   const int64_t threads = at::get_num_threads();
-  if (p_size < threads) chunk = std::min(chunk, std::max<int64_t>(16, (b_size + threads - 1) / threads));
+  if (p_size < threads)
+    chunk = std::min(chunk, std::max<int64_t>(16, (b_size + threads - 1) / threads));
   const int64_t chunks = (b_size + chunk - 1) / chunk;
   const bool use_lanes = kernels.lanes_sums != nullptr && chunk >= kLanesMinSamples;
-  const bool factor_in_place = l_si == 1 || d == 1;  // column-major: the lanes kernel reads it where it lies
-  const bool columns_in_place = kernels.columns_sums != nullptr && l_si == 1;  // and so does the columns kernel
+  const bool factor_in_place =
+      l_si == 1 || d == 1;  // column-major: the lanes kernel reads it where it lies
+  const bool columns_in_place =
+      kernels.columns_sums != nullptr && l_si == 1;  // and so does the columns kernel
   const int64_t max_lanes = use_lanes ? (chunk + 15) / 16 * 16 : chunk;
   const bool rows_contiguous = sd == 1 || d == 1;
-  const int64_t block =
-      rows_contiguous ? 1 : std::clamp<int64_t>(kBlockFloats / (max_lanes * d), 1, std::min(kBlock, p_size));
+  const int64_t block = rows_contiguous ? 1
+                                        : std::clamp<int64_t>(kBlockFloats / (max_lanes * d), 1,
+                                                              std::min(kBlock, p_size));
   const int64_t blocks = (p_size + block - 1) / block;
   const int64_t tile_macs = block * chunk * d * (d + 1) / 2;
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerTask / std::max<int64_t>(1, tile_macs));
@@ -164,8 +170,10 @@ at::Tensor mahalanobis_cpu(const at::Tensor& x, const at::Tensor& mean, const at
   }
 
   at::parallel_for(0, blocks * chunks, grain, [&](int64_t begin, int64_t end) {
-    AlignedFloats centred(block * max_lanes * d);  // rows: [position][sample][i]; lanes: [position][i][sample]
-    AlignedFloats packed(use_lanes ? (factor_in_place ? 0 : d * d) : mahalanobis_kernels::packed_floats(d, kernels.width));
+    AlignedFloats centred(block * max_lanes *
+                          d);  // rows: [position][sample][i]; lanes: [position][i][sample]
+    AlignedFloats packed(use_lanes ? (factor_in_place ? 0 : d * d)
+                                   : mahalanobis_kernels::packed_floats(d, kernels.width));
     AlignedFloats scratch(std::max(kChunk * 16, d));
     AlignedFloats tile_means(mean_rows_contiguous ? 0 : block * d);
     float dist[kChunk];
@@ -200,7 +208,8 @@ at::Tensor mahalanobis_cpu(const at::Tensor& x, const at::Tensor& mean, const at
               c[k * stride_k + r * stride_r + i * stride_i] =
                   r < tile.n ? xt[r * sb + k * sp + i * sd] - mt[k * mt_step + i] : 0.0f;
       }
-      if (has_next && rows_contiguous && sd == 1 && d <= kPrefetchMaxD)  // the next tile's rows (one position)
+      if (has_next && rows_contiguous && sd == 1 &&
+          d <= kPrefetchMaxD)  // the next tile's rows (one position)
         for (int64_t r = 0; r < next.n; ++r) prefetch(xp + (next.b0 + r) * sb + next.p0 * sp, d);
       // Runs of x are short (np floats), each in its own page: too scattered for the hardware
       // prefetcher, so the next tile's are prefetched here, a share before each position.

@@ -36,15 +36,16 @@ __attribute__((target("avx2,fma"))) const float* prepare_avx2(FactorView L, int6
 
 // The loops over R are unrolled by pragma so that GCC keeps the accumulators in registers.
 template <int R>
-__attribute__((target("avx2,fma"))) void rows_panel(const float* c, int64_t d, const float* panel, int64_t j0,
-                                                   float* sq) {
+__attribute__((target("avx2,fma"))) void rows_panel(const float* c, int64_t d, const float* panel,
+                                                    int64_t j0, float* sq) {
   __m256 acc[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t i = j0; i < d; ++i) {
     const __m256 l = _mm256_loadu_ps(panel + (i - j0) * kW);
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(c + r * d + i), l, acc[r]);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(c + r * d + i), l, acc[r]);
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -60,8 +61,9 @@ constexpr std::array<RowsPanelFn, sizeof...(R)> rows_panels(std::index_sequence<
   return {&rows_panel<static_cast<int>(R) + 1>...};
 }
 
-__attribute__((target("avx2,fma"))) void rows_sums_avx2(const float* c, int64_t n, int64_t d, const float* packed,
-                                                       float* sq, float* out) {
+__attribute__((target("avx2,fma"))) void rows_sums_avx2(const float* c, int64_t n, int64_t d,
+                                                        const float* packed, float* sq,
+                                                        float* out) {
   static constexpr auto kPanels = rows_panels(std::make_index_sequence<kRows>{});
   std::fill(sq, sq + 8 * n, 0.0f);
   for (int64_t k = 0; kW * k < d; ++k) {
@@ -75,7 +77,7 @@ __attribute__((target("avx2,fma"))) void rows_sums_avx2(const float* c, int64_t 
   }
 }
 
-// ---- portable --------------------------------------------------------------------------------------
+// ---- portable -----------------------------------------------------------------------------------
 
 // A dense row-major factor: L itself when it is one, else its lower triangle copied (the upper
 // one is never read either way).
@@ -87,7 +89,8 @@ const float* prepare_portable(FactorView L, int64_t d, float* dst) {
 }
 
 // y: d floats of scratch.
-void rows_sums_portable(const float* c, int64_t n, int64_t d, const float* L, float* y, float* out) {
+void rows_sums_portable(const float* c, int64_t n, int64_t d, const float* L, float* y,
+                        float* out) {
   for (int64_t r = 0; r < n; ++r) {
     const float* cr = c + r * d;
     std::fill(y, y + d, 0.0f);
@@ -102,8 +105,7 @@ void rows_sums_portable(const float* c, int64_t n, int64_t d, const float* L, fl
   }
 }
 
-// ---- the lanes kernel: 2 vectors of 8 samples by 6 columns of a column-major factor --------------
-
+// ---- the lanes kernel: 2 vectors of 8 samples by 6 columns of a column-major factor -------------
 
 // The traits and the kernel compile for this instruction set (the intrinsics must inline).
 #pragma GCC push_options
@@ -121,8 +123,8 @@ struct Vec256 {
 #pragma GCC pop_options
 
 // 2 x 6 accumulators, 2 sample vectors, 1 broadcast of 16 ymm registers.
-__attribute__((target("avx2,fma"))) void lanes_sums_avx2(const float* c, int64_t n, int64_t lanes, int64_t d,
-                                                        FactorView L, float* out) {
+__attribute__((target("avx2,fma"))) void lanes_sums_avx2(const float* c, int64_t n, int64_t lanes,
+                                                         int64_t d, FactorView L, float* out) {
   lanes_sums_for<Vec256, 6>(c, n, lanes, d, L, out);
 }
 
@@ -138,12 +140,13 @@ float* to_columns_portable(FactorView L, int64_t d, float* dst) {
 // 17.3 -> 13.2 ms against the rows kernel at PaDiM's shape (B 32, P 3136, D 100), AVX2 forced on
 // an AVX-512 Xeon.
 Kernels kernels_avx2() {
-  return {kW, prepare_avx2, rows_sums_avx2, lanes_sums_avx2, to_columns_portable, nullptr, nullptr, nullptr,
-          nullptr};
+  return {kW,      prepare_avx2, rows_sums_avx2, lanes_sums_avx2, to_columns_portable,
+          nullptr, nullptr,      nullptr,        nullptr};
 }
 
 Kernels kernels_portable() {
-  return {0, prepare_portable, rows_sums_portable, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return {0,       prepare_portable, rows_sums_portable, nullptr, nullptr, nullptr, nullptr,
+          nullptr, nullptr};
 }
 
 }  // namespace fastad::mahalanobis_kernels

@@ -46,7 +46,7 @@ __attribute__((target("avx512f"))) inline void transpose16x16(__m512 v[16]) {
     s[g][2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi, hi2));
     s[g][3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi, hi2));
   }
-  for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of quads
+  for (int c = 0; c < 4; ++c) {                                      // a 4 x 4 transpose of quads
     const __m512 u0 = _mm512_shuffle_f32x4(s[0][c], s[1][c], 0x44);  // quads 0, 1 of each
     const __m512 u1 = _mm512_shuffle_f32x4(s[0][c], s[1][c], 0xEE);  // quads 2, 3 of each
     const __m512 u2 = _mm512_shuffle_f32x4(s[2][c], s[3][c], 0x44);
@@ -65,8 +65,9 @@ __attribute__((target("avx512f"))) inline void transpose16x16(__m512 v[16]) {
 __attribute__((target("avx512f"))) void pack_rows(FactorView L, int64_t d, float* dst) {
   for (int64_t i = 0; i < d; ++i)
     for (int64_t k = 0; kW * k <= i; ++k)
-      _mm512_storeu_ps(dst + panel_offset(k, d, kW) + (i - kW * k) * kW,
-                       _mm512_maskz_loadu_ps(first_lanes16(i + 1 - kW * k), L.p + i * L.si + kW * k));
+      _mm512_storeu_ps(
+          dst + panel_offset(k, d, kW) + (i - kW * k) * kW,
+          _mm512_maskz_loadu_ps(first_lanes16(i + 1 - kW * k), L.p + i * L.si + kW * k));
 }
 
 // Column-major (torch.linalg.cholesky's factors): column j is contiguous from the diagonal down.
@@ -79,13 +80,15 @@ __attribute__((target("avx512f"))) void pack_columns(FactorView L, int64_t d, fl
     for (int64_t i0 = j0; i0 < d; i0 += 16) {
       const __mmask16 rows = first_lanes16(d - i0);
       __m512 v[16];
-      for (int l = 0; l < 16; ++l) {  // column j0 + l, rows i0 .. i0+15 that are on or below its diagonal
+      for (int l = 0; l < 16;
+           ++l) {  // column j0 + l, rows i0 .. i0+15 that are on or below its diagonal
         const int64_t j = j0 + l;
         const __mmask16 lower = static_cast<__mmask16>(rows & ~first_lanes16(j - i0));
         v[l] = j < d ? _mm512_maskz_loadu_ps(lower, L.p + j * L.sj + i0) : _mm512_setzero_ps();
       }
       transpose16x16(v);
-      for (int64_t a = 0; a < 16 && i0 + a < d; ++a) _mm512_storeu_ps(panel + (i0 + a - j0) * kW, v[a]);
+      for (int64_t a = 0; a < 16 && i0 + a < d; ++a)
+        _mm512_storeu_ps(panel + (i0 + a - j0) * kW, v[a]);
     }
   }
 }
@@ -101,12 +104,14 @@ __attribute__((target("avx512f"))) void rows_to_columns(FactorView L, int64_t d,
       __m512 v[16];
       for (int a = 0; a < 16; ++a) {  // row i0 + a, columns j0 .. up to its diagonal
         const int64_t i = i0 + a;
-        v[a] = i < d ? _mm512_maskz_loadu_ps(columns & first_lanes16(i + 1 - j0), L.p + i * L.si + j0)
-                     : _mm512_setzero_ps();
+        v[a] = i < d
+                   ? _mm512_maskz_loadu_ps(columns & first_lanes16(i + 1 - j0), L.p + i * L.si + j0)
+                   : _mm512_setzero_ps();
       }
       transpose16x16(v);
       const __mmask16 rows = first_lanes16(d - i0);
-      for (int64_t l = 0; l < 16 && j0 + l < d; ++l) _mm512_mask_storeu_ps(dst + (j0 + l) * d + i0, rows, v[l]);
+      for (int64_t l = 0; l < 16 && j0 + l < d; ++l)
+        _mm512_mask_storeu_ps(dst + (j0 + l) * d + i0, rows, v[l]);
     }
   }
 }
@@ -122,7 +127,7 @@ const float* prepare(FactorView L, int64_t d, float* dst) {
   return dst;
 }
 
-// ---- the rows kernel: R <= 16 samples by one panel of 16 columns ---------------------------------
+// ---- the rows kernel: R <= 16 samples by one panel of 16 columns --------------------------------
 
 // The loops over R are unrolled by pragma: GCC scalarises the accumulator array only when they are
 // unrolled early; otherwise it keeps the array in memory and stores every accumulator on every
@@ -130,8 +135,8 @@ const float* prepare(FactorView L, int64_t d, float* dst) {
 
 // sq[16 r ..] += lane-wise squares of (c_r L)[j0 .. j0 + 16) for r < R; `panel` starts at row j0.
 template <int R>
-__attribute__((target("avx512f"))) void rows_panel(const float* c, int64_t d, const float* panel, int64_t j0,
-                                                  float* sq) {
+__attribute__((target("avx512f"))) void rows_panel(const float* c, int64_t d, const float* panel,
+                                                   int64_t j0, float* sq) {
   __m512 acc[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -162,8 +167,8 @@ inline float sum16(const float* s) {
   return (h[0] + h[2]) + (h[1] + h[3]);
 }
 
-__attribute__((target("avx512f"))) void rows_sums(const float* c, int64_t n, int64_t d, const float* packed,
-                                                 float* sq, float* out) {
+__attribute__((target("avx512f"))) void rows_sums(const float* c, int64_t n, int64_t d,
+                                                  const float* packed, float* sq, float* out) {
   static constexpr auto kPanels = rows_panels(std::make_index_sequence<kRows>{});
   std::fill(sq, sq + 16 * n, 0.0f);
   for (int64_t k = 0; kW * k < d; ++k) {
@@ -192,15 +197,15 @@ struct Vec512 {
 #pragma GCC pop_options
 
 // 2 x 8 accumulators, 2 sample vectors, 1 broadcast of 32 zmm registers.
-__attribute__((target("avx512f"))) void lanes_sums(const float* c, int64_t n, int64_t lanes, int64_t d, FactorView L,
-                                                  float* out) {
+__attribute__((target("avx512f"))) void lanes_sums(const float* c, int64_t n, int64_t lanes,
+                                                   int64_t d, FactorView L, float* out) {
   lanes_sums_for<Vec512, 8>(c, n, lanes, d, L, out);
 }
 
 // ---- the columns kernel: one sample at a time, 16 factor columns as dot products ---------------
 
-__attribute__((target("avx512f"))) void columns_sums(const float* c, int64_t n, int64_t d, FactorView L,
-                                                    float* out) {
+__attribute__((target("avx512f"))) void columns_sums(const float* c, int64_t n, int64_t d,
+                                                     FactorView L, float* out) {
   for (int64_t r = 0; r < n; ++r) {
     const float* cr = c + r * d;
     __m512 sq = _mm512_setzero_ps();
@@ -219,10 +224,12 @@ __attribute__((target("avx512f"))) void columns_sums(const float* c, int64_t n, 
         const float* cl = col + l * L.sj;
         const __mmask16 rows0 = first_lanes16(d - j0);
         const __mmask16 lower = static_cast<__mmask16>(rows0 & ~first_lanes16(l));
-        acc[l] = _mm512_mul_ps(_mm512_maskz_loadu_ps(lower, cl + j0), _mm512_maskz_loadu_ps(rows0, cr + j0));
+        acc[l] = _mm512_mul_ps(_mm512_maskz_loadu_ps(lower, cl + j0),
+                               _mm512_maskz_loadu_ps(rows0, cr + j0));
         for (int64_t i0 = j0 + 16; i0 < d; i0 += 16) {
           const __mmask16 rows = first_lanes16(d - i0);
-          acc[l] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rows, cl + i0), _mm512_maskz_loadu_ps(rows, cr + i0), acc[l]);
+          acc[l] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rows, cl + i0),
+                                   _mm512_maskz_loadu_ps(rows, cr + i0), acc[l]);
         }
       }
       // Lane l of the sum of the transposed vectors is the sum of acc[l]'s lanes: (c L)[j0 + l].
@@ -241,9 +248,10 @@ __attribute__((target("avx512f"))) void columns_sums(const float* c, int64_t n, 
 // Rows from positions-contiguous x: 16 positions x 16 features at a time through registers, 16
 // loads, a transpose and 16 stores instead of 256 scalar loads and stores. Masked loads read
 // nothing past np or d.
-__attribute__((target("avx512f"))) void rows_from_runs(const float* x, int64_t sb, int64_t, int64_t sd, int64_t n,
-                                                      int64_t np, int64_t d, const float* mean, int64_t mean_step,
-                                                      float* dst, int64_t) {
+__attribute__((target("avx512f"))) void rows_from_runs(const float* x, int64_t sb, int64_t,
+                                                       int64_t sd, int64_t n, int64_t np, int64_t d,
+                                                       const float* mean, int64_t mean_step,
+                                                       float* dst, int64_t) {
   for (int64_t r = 0; r < n; ++r)
     for (int64_t k0 = 0; k0 < np; k0 += 16) {
       const __mmask16 positions = first_lanes16(np - k0);
@@ -265,9 +273,10 @@ __attribute__((target("avx512f"))) void rows_from_runs(const float* x, int64_t s
 
 // Lanes from feature-contiguous x (channels-last): 16 samples x 16 features of one position at a
 // time, centred, transposed so that each vector holds one feature of 16 samples.
-__attribute__((target("avx512f"))) void lanes_from_rows(const float* x, int64_t sb, int64_t sp, int64_t, int64_t n,
-                                                       int64_t np, int64_t d, const float* mean, int64_t mean_step,
-                                                       float* dst, int64_t lanes) {
+__attribute__((target("avx512f"))) void lanes_from_rows(const float* x, int64_t sb, int64_t sp,
+                                                        int64_t, int64_t n, int64_t np, int64_t d,
+                                                        const float* mean, int64_t mean_step,
+                                                        float* dst, int64_t lanes) {
   for (int64_t k = 0; k < np; ++k)
     for (int64_t r0 = 0; r0 < n; r0 += 16)
       for (int64_t i0 = 0; i0 < d; i0 += 16) {
@@ -275,25 +284,31 @@ __attribute__((target("avx512f"))) void lanes_from_rows(const float* x, int64_t 
         const __m512 m = _mm512_maskz_loadu_ps(features, mean + k * mean_step + i0);
         __m512 v[16];
         for (int a = 0; a < 16; ++a)  // sample r0 + a: features i0 ..
-          v[a] = r0 + a < n ? _mm512_sub_ps(_mm512_maskz_loadu_ps(features, x + (r0 + a) * sb + k * sp + i0), m)
-                            : _mm512_setzero_ps();
+          v[a] = r0 + a < n
+                     ? _mm512_sub_ps(
+                           _mm512_maskz_loadu_ps(features, x + (r0 + a) * sb + k * sp + i0), m)
+                     : _mm512_setzero_ps();
         transpose16x16(v);
-        for (int64_t f = 0; f < 16 && i0 + f < d; ++f) _mm512_storeu_ps(dst + (k * d + i0 + f) * lanes + r0, v[f]);
+        for (int64_t f = 0; f < 16 && i0 + f < d; ++f)
+          _mm512_storeu_ps(dst + (k * d + i0 + f) * lanes + r0, v[f]);
       }
 }
 
 // Lanes from positions-contiguous x (channels-first): for each feature, 16 samples x 16 positions
 // transposed so that each vector holds 16 samples at one position.
-__attribute__((target("avx512f"))) void lanes_from_runs(const float* x, int64_t sb, int64_t, int64_t sd, int64_t n,
-                                                       int64_t np, int64_t d, const float* mean, int64_t mean_step,
-                                                       float* dst, int64_t lanes) {
+__attribute__((target("avx512f"))) void lanes_from_runs(const float* x, int64_t sb, int64_t,
+                                                        int64_t sd, int64_t n, int64_t np,
+                                                        int64_t d, const float* mean,
+                                                        int64_t mean_step, float* dst,
+                                                        int64_t lanes) {
   for (int64_t r0 = 0; r0 < n; r0 += 16)
     for (int64_t i = 0; i < d; ++i)
       for (int64_t k0 = 0; k0 < np; k0 += 16) {
         const __mmask16 positions = first_lanes16(np - k0);
         __m512 v[16];
         for (int a = 0; a < 16; ++a)  // sample r0 + a: feature i at positions k0 ..
-          v[a] = r0 + a < n ? _mm512_maskz_loadu_ps(positions, x + (r0 + a) * sb + i * sd + k0) : _mm512_setzero_ps();
+          v[a] = r0 + a < n ? _mm512_maskz_loadu_ps(positions, x + (r0 + a) * sb + i * sd + k0)
+                            : _mm512_setzero_ps();
         transpose16x16(v);
         for (int64_t b = 0; b < 16 && k0 + b < np; ++b)
           _mm512_storeu_ps(dst + ((k0 + b) * d + i) * lanes + r0,
@@ -314,7 +329,8 @@ float* to_columns(FactorView L, int64_t d, float* dst) {
 }
 
 Kernels kernels_avx512() {
-  return {kW, prepare, rows_sums, lanes_sums, to_columns, rows_from_runs, lanes_from_rows, lanes_from_runs,
+  return {kW,          prepare,        rows_sums,       lanes_sums,
+          to_columns,  rows_from_runs, lanes_from_rows, lanes_from_runs,
           columns_sums};
 }
 

@@ -36,9 +36,10 @@ using PrepareFn = const float* (*)(FactorView L, int64_t d, float* buffer);
 //    max(64 x 16, d) floats.
 //  * Lanes layout, from a column-major factor (si = 1) read in place; only its lower triangle is
 //    read: c holds d rows of `lanes` floats, 64-byte aligned, lanes a multiple of 16.
-using RowsSumsFn = void (*)(const float* c, int64_t n, int64_t d, const float* factor, float* scratch,
-                            float* out);
-using LanesSumsFn = void (*)(const float* c, int64_t n, int64_t lanes, int64_t d, FactorView L, float* out);
+using RowsSumsFn = void (*)(const float* c, int64_t n, int64_t d, const float* factor,
+                            float* scratch, float* out);
+using LanesSumsFn = void (*)(const float* c, int64_t n, int64_t lanes, int64_t d, FactorView L,
+                             float* out);
 
 // out[r] = ||c_r L||^2 for a few samples (rows layout: n rows of d floats) from a column-major
 // factor (si = 1) read in place: each output column is a dot product of the factor's column,
@@ -58,18 +59,19 @@ using ToColumnsFn = float* (*)(FactorView L, int64_t d, float* buffer);
 //  * lanes from feature-contiguous x (sd = 1): dst[(k d + i) lanes + r];
 //  * lanes from positions-contiguous x (sp = 1): dst[(k d + i) lanes + r].
 using CentreFn = void (*)(const float* x, int64_t sb, int64_t sp, int64_t sd, int64_t n, int64_t np,
-                          int64_t d, const float* mean, int64_t mean_step, float* dst, int64_t lanes);
+                          int64_t d, const float* mean, int64_t mean_step, float* dst,
+                          int64_t lanes);
 
 struct Kernels {
   int64_t width;  // panel width W of the packed layout; 0: the factor is dense row-major (d x d)
   PrepareFn prepare;
   RowsSumsFn rows_sums;
-  LanesSumsFn lanes_sums;          // nullptr: no lanes kernel for this set
-  ToColumnsFn to_columns;          // nullptr when lanes_sums is
-  CentreFn rows_from_runs;         // nullptr: a scalar loop does it
-  CentreFn lanes_from_rows;        // nullptr when lanes_sums is
-  CentreFn lanes_from_runs;        // nullptr when lanes_sums is
-  ColumnsSumsFn columns_sums;      // nullptr: the rows kernel serves few samples on any factor
+  LanesSumsFn lanes_sums;      // nullptr: no lanes kernel for this set
+  ToColumnsFn to_columns;      // nullptr when lanes_sums is
+  CentreFn rows_from_runs;     // nullptr: a scalar loop does it
+  CentreFn lanes_from_rows;    // nullptr when lanes_sums is
+  CentreFn lanes_from_runs;    // nullptr when lanes_sums is
+  ColumnsSumsFn columns_sums;  // nullptr: the rows kernel serves few samples on any factor
 };
 
 // Floats of the packed layout: panel k holds rows i >= kW of columns kW .. kW+W, W floats each.
@@ -80,7 +82,9 @@ inline int64_t packed_floats(int64_t d, int64_t w) {
 }
 
 // Offset of panel k in the packed layout.
-inline int64_t panel_offset(int64_t k, int64_t d, int64_t w) { return w * (k * d - w * k * (k - 1) / 2); }
+inline int64_t panel_offset(int64_t k, int64_t d, int64_t w) {
+  return w * (k * d - w * k * (k - 1) / 2);
+}
 
 // Any layout, scalar: the fallback for strides that are neither row- nor column-major. Zeros
 // right of the diagonal and past column d.

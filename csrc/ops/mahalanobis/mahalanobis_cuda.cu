@@ -32,8 +32,8 @@
 namespace fastad {
 namespace {
 
-constexpr int kTileRows = 32;   // factor rows i per shared-memory tile
-constexpr int kTileCols = 32;   // output columns j per panel: partial sums each thread keeps
+constexpr int kTileRows = 32;  // factor rows i per shared-memory tile
+constexpr int kTileCols = 32;  // output columns j per panel: partial sums each thread keeps
 constexpr int kMaxThreads = 128;
 constexpr int64_t kMaxGridY = 65535;
 
@@ -83,7 +83,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 }  // namespace
 
-at::Tensor mahalanobis_cuda(const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& L_in) {
+at::Tensor mahalanobis_cuda(const at::Tensor& x_in, const at::Tensor& mean_in,
+                            const at::Tensor& L_in) {
   check_mahalanobis_args(x_in, mean_in, L_in);
   TORCH_CHECK(x_in.is_cuda(), "mahalanobis_cuda expects CUDA tensors, got x on ", x_in.device());
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -94,8 +95,9 @@ at::Tensor mahalanobis_cuda(const at::Tensor& x_in, const at::Tensor& mean_in, c
 
   const int64_t threads = std::min<int64_t>(kMaxThreads, (b_size + 31) / 32 * 32);
   const int64_t chunks = (b_size + threads - 1) / threads;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(p_size, std::numeric_limits<int32_t>::max())),
-                  static_cast<unsigned>(std::min(chunks, kMaxGridY)));
+  const dim3 grid(
+      static_cast<unsigned>(std::min<int64_t>(p_size, std::numeric_limits<int32_t>::max())),
+      static_cast<unsigned>(std::min(chunks, kMaxGridY)));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   mahalanobis_kernel<<<grid, static_cast<unsigned>(threads), 0, stream>>>(
       x.const_data_ptr<float>(), mean.const_data_ptr<float>(), L.const_data_ptr<float>(),

@@ -69,20 +69,24 @@ inline void check_omp_args(const at::Tensor& x, const at::Tensor& dictionary, in
   check_dims(x, "x", 3, "(G, M, d)");
   check_dims(dictionary, "dictionary", 3, "(G, K, d)");
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type(),
-              " (cast it with .float())");
+                   " (cast it with .float())");
   TORCH_CHECK_TYPE(dictionary.scalar_type() == at::kFloat, "dictionary must be float32, got ",
-              dictionary.scalar_type(), " (cast it with .float())");
+                   dictionary.scalar_type(), " (cast it with .float())");
   check_same_device(x, "x", dictionary, "dictionary");
-  TORCH_CHECK_VALUE(dictionary.size(0) == x.size(0), "dictionary must hold one dictionary per group of x (G = ",
-              x.size(0), "), got shape ", dictionary.sizes());
-  TORCH_CHECK_VALUE(dictionary.size(2) == x.size(2), "dictionary atoms must have x's signal size d = ",
-              x.size(2), ", got shape ", dictionary.sizes());
+  TORCH_CHECK_VALUE(dictionary.size(0) == x.size(0),
+                    "dictionary must hold one dictionary per group of x (G = ", x.size(0),
+                    "), got shape ", dictionary.sizes());
+  TORCH_CHECK_VALUE(dictionary.size(2) == x.size(2),
+                    "dictionary atoms must have x's signal size d = ", x.size(2), ", got shape ",
+                    dictionary.sizes());
   TORCH_CHECK_VALUE(dictionary.size(1) >= 1 && x.size(2) >= 1,
-              "dictionary must hold at least one atom (K >= 1) of at least one feature (d >= 1), got shape ",
-              dictionary.sizes());
+                    "dictionary must hold at least one atom (K >= 1) of at least one feature (d >= "
+                    "1), got shape ",
+                    dictionary.sizes());
   const int64_t most = std::min(dictionary.size(1), x.size(2));
-  TORCH_CHECK_VALUE(n_nonzero >= 1 && n_nonzero <= most, "n_nonzero must be between 1 and min(K, d) = ", most,
-              " (K = ", dictionary.size(1), " atoms, d = ", x.size(2), " features), got ", n_nonzero);
+  TORCH_CHECK_VALUE(
+      n_nonzero >= 1 && n_nonzero <= most, "n_nonzero must be between 1 and min(K, d) = ", most,
+      " (K = ", dictionary.size(1), " atoms, d = ", x.size(2), " features), got ", n_nonzero);
 }
 
 std::tuple<at::Tensor, at::Tensor> omp_cpu(const at::Tensor& x, const at::Tensor& dictionary,

@@ -11,10 +11,9 @@
 // The instruction set (AVX2 or portable) is chosen per call; FASTAD_OMP_CPU_ISA=avx2|portable
 // forces one (avx512 is accepted and means AVX2 here: the per-signal loops are short).
 
-#include <immintrin.h>
-
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -74,8 +73,9 @@ __attribute__((target("avx2,fma"))) inline __m256d abs_pd(__m256d v) {
 }
 
 __attribute__((target("avx2,fma"))) double correlate_avx2(const float* xy, const double* gram,
-                                                          const int64_t* support, const double* gamma,
-                                                          int64_t n, int64_t K, double* alpha) {
+                                                          const int64_t* support,
+                                                          const double* gamma, int64_t n, int64_t K,
+                                                          double* alpha) {
   __m256d vmax = _mm256_setzero_pd();
   int64_t i = 0;
   for (; i + 4 <= K; i += 4) {  // each block of 4 atoms finished before the next: one pass
@@ -102,7 +102,8 @@ __attribute__((target("avx2,fma"))) int64_t first_max_avx2(const double* alpha, 
   const __m256d vm = _mm256_set1_pd(m);
   int64_t first = -1, count = 0, i = 0;
   for (; i + 4 <= K; i += 4) {
-    const int mask = _mm256_movemask_pd(_mm256_cmp_pd(abs_pd(_mm256_loadu_pd(alpha + i)), vm, _CMP_EQ_OQ));
+    const int mask =
+        _mm256_movemask_pd(_mm256_cmp_pd(abs_pd(_mm256_loadu_pd(alpha + i)), vm, _CMP_EQ_OQ));
     if (mask) {
       if (first < 0) first = i + __builtin_ctz(static_cast<unsigned>(mask));
       count += __builtin_popcount(static_cast<unsigned>(mask));
@@ -163,9 +164,10 @@ void check_unit_atoms(const at::Tensor& gram) {
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t k = 0; k < K; ++k) {
       const double norm = std::sqrt(gp[(g * K + k) * K + k]);
-      TORCH_CHECK_VALUE(std::fabs(norm - 1.0) <= 1e-3, "dictionary atoms must have unit norm (within 1e-3), got ",
-                  "norm ", norm, " for atom ", k, " of group ", g,
-                  " (normalise the rows: dictionary / dictionary.norm(dim=-1, keepdim=True))");
+      TORCH_CHECK_VALUE(
+          std::fabs(norm - 1.0) <= 1e-3, "dictionary atoms must have unit norm (within 1e-3), got ",
+          "norm ", norm, " for atom ", k, " of group ", g,
+          " (normalise the rows: dictionary / dictionary.norm(dim=-1, keepdim=True))");
     }
 }
 
@@ -192,7 +194,8 @@ std::tuple<at::Tensor, at::Tensor> omp_cpu(const at::Tensor& x, const at::Tensor
   // else blocks of one group's signals.
   const int64_t group_floats = M * K;
   const int64_t groups_per_tile = std::max<int64_t>(1, kXyTileFloats / group_floats);
-  const int64_t signals_per_tile = groups_per_tile > 1 ? M : std::max<int64_t>(1, kXyTileFloats / K);
+  const int64_t signals_per_tile =
+      groups_per_tile > 1 ? M : std::max<int64_t>(1, kXyTileFloats / K);
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerTask / (K * s * (s + 1) / 2 + s * s * s));
   for (int64_t g0 = 0; g0 < groups; g0 += groups_per_tile) {
     const int64_t gn = std::min(groups_per_tile, groups - g0);

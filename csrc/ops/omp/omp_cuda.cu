@@ -2,7 +2,8 @@
 // same rules step for step (see omp.h).
 //
 // Why this shape (kept simple; where it has run: see omp.h):
-//  * As on the CPU, the only large work is Xy = x D^T, so it goes to cuBLAS (at::matmul) one tile of
+//  * As on the CPU, the only large work is Xy = x D^T, so it goes to cuBLAS (at::matmul) one tile
+//  of
 //    signals at a time (at most kXyTileFloats floats, never the whole (G, M, K)); the tile of x is
 //    made contiguous first so that the GEMM, hence the result, does not depend on x's strides.
 //  * What is left per signal is small and sequential (s steps of K multiply-adds per selected
@@ -69,7 +70,8 @@ constexpr int64_t scratch_longs(int64_t K, int64_t s) { return s + 2 * K; }
 // global or shared memory); writes s indices and coefficients. The correlation update is a fused
 // multiply-add, as in the CPU's AVX2 kernel; the steps after the argmax are omp_pursuit.h's.
 __device__ void omp_one(const float* __restrict__ xy, const double* gram, int64_t K, int64_t s,
-                        const ThreadScratch& sc, int64_t* __restrict__ indices, float* __restrict__ coefs) {
+                        const ThreadScratch& sc, int64_t* __restrict__ indices,
+                        float* __restrict__ coefs) {
   int64_t n = 0;
   while (n < s) {
     // alpha = Xy - Gram[:, S] gamma (Gram is symmetric: a sum of rows), and its largest |value|.
@@ -102,8 +104,8 @@ __device__ void omp_one(const float* __restrict__ xy, const double* gram, int64_
 __global__ void __launch_bounds__(kMaxThreads)
     omp_kernel(const float* __restrict__ xy, const double* __restrict__ gram_all, bool shared_gram,
                int64_t g0, int64_t gn, int64_t m0, int64_t mn, int64_t M, int64_t K, int64_t s,
-               double* __restrict__ dscratch, int64_t* __restrict__ lscratch, int64_t* __restrict__ indices,
-               float* __restrict__ coefs) {
+               double* __restrict__ dscratch, int64_t* __restrict__ lscratch,
+               int64_t* __restrict__ indices, float* __restrict__ coefs) {
   extern __shared__ double staged_gram[];
   const int64_t threads = static_cast<int64_t>(gridDim.x) * gridDim.y * blockDim.x;
   const int64_t me =
@@ -143,21 +145,22 @@ __global__ void __launch_bounds__(kMaxThreads)
 void check_unit_atoms(const at::Tensor& gram) {
   const int64_t groups = gram.size(0), K = gram.size(1);
   const at::Tensor norms = at::diagonal(gram, 0, 1, 2).sqrt().reshape({-1});  // (G * K), g-major
-  const at::Tensor ok = (norms - 1.0).abs() <= 1e-3;                           // NaN is not ok
+  const at::Tensor ok = (norms - 1.0).abs() <= 1e-3;                          // NaN is not ok
   const at::Tensor position = at::arange(groups * K, norms.options().dtype(at::kLong));
   const int64_t first_bad = at::where(ok, groups * K, position).min().item<int64_t>();
   if (first_bad == groups * K) return;
   const double norm = norms[first_bad].item<double>();  // error path only
-  TORCH_CHECK_VALUE(false, "dictionary atoms must have unit norm (within 1e-3), got ", "norm ", norm, " for atom ",
-              first_bad % K, " of group ", first_bad / K,
-              " (normalise the rows: dictionary / dictionary.norm(dim=-1, keepdim=True))");
+  TORCH_CHECK_VALUE(false, "dictionary atoms must have unit norm (within 1e-3), got ", "norm ",
+                    norm, " for atom ", first_bad % K, " of group ", first_bad / K,
+                    " (normalise the rows: dictionary / dictionary.norm(dim=-1, keepdim=True))");
 }
 
 // Launch shape for a tile of gn groups of mn signals, within the thread and scratch budgets.
 dim3 grid_for(int64_t gn, int64_t mn, int64_t block, int64_t max_threads) {
   const int64_t max_blocks = std::max<int64_t>(1, max_threads / block);
   const int64_t gy = std::min({gn, kMaxGridY, max_blocks});
-  const int64_t gx = std::min({(mn + block - 1) / block, std::max<int64_t>(1, max_blocks / gy), kMaxGridX});
+  const int64_t gx =
+      std::min({(mn + block - 1) / block, std::max<int64_t>(1, max_blocks / gy), kMaxGridX});
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
 }
 
@@ -185,15 +188,18 @@ std::tuple<at::Tensor, at::Tensor> omp_cuda(const at::Tensor& x, const at::Tenso
   // group's signals.
   const int64_t group_floats = M * K;
   const int64_t groups_per_tile = std::max<int64_t>(1, kXyTileFloats / group_floats);
-  const int64_t signals_per_tile = groups_per_tile > 1 ? M : std::max<int64_t>(1, kXyTileFloats / K);
-  const int64_t block = std::min<int64_t>(kMaxThreads, (std::min(M, signals_per_tile) + 31) / 32 * 32);
+  const int64_t signals_per_tile =
+      groups_per_tile > 1 ? M : std::max<int64_t>(1, kXyTileFloats / K);
+  const int64_t block =
+      std::min<int64_t>(kMaxThreads, (std::min(M, signals_per_tile) + 31) / 32 * 32);
   const int64_t thread_bytes = 8 * (scratch_doubles(K, s) + scratch_longs(K, s));
-  const int64_t max_threads = std::min(kMaxTotalThreads, std::max<int64_t>(block, kScratchBytes / thread_bytes));
+  const int64_t max_threads =
+      std::min(kMaxTotalThreads, std::max<int64_t>(block, kScratchBytes / thread_bytes));
   // Every tile's grid has gy <= its groups, gx <= its signal chunks and gx * gy <= max_threads /
   // block (grid_for), so this many threads' scratch serves every launch.
-  const int64_t most_blocks = std::min(std::max<int64_t>(1, max_threads / block),
-                                       std::min(groups_per_tile, groups) *
-                                           ((std::min(signals_per_tile, M) + block - 1) / block));
+  const int64_t most_blocks = std::min(
+      std::max<int64_t>(1, max_threads / block),
+      std::min(groups_per_tile, groups) * ((std::min(signals_per_tile, M) + block - 1) / block));
   const int64_t scratch_threads = most_blocks * block;
   at::Tensor dscratch = at::empty({scratch_threads * scratch_doubles(K, s)}, gram.options());
   at::Tensor lscratch = at::empty({scratch_threads * scratch_longs(K, s)}, indices.options());

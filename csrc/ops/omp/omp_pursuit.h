@@ -55,8 +55,8 @@ C10_HOST_DEVICE int64_t first_in_sklearn_order(const P& sc, int64_t n, int64_t K
 // otherwise appends lam, extends the Cholesky factor by one row, solves L L^T gamma = Xy[S] and
 // increments n. xy: the signal's K correlations; gram: the group's K x K Gram matrix.
 template <typename P>
-C10_HOST_DEVICE bool add_atom(const P& sc, const float* xy, const double* gram, int64_t K, int64_t s,
-                              int64_t lam, double m, int64_t& n) {
+C10_HOST_DEVICE bool add_atom(const P& sc, const float* xy, const double* gram, int64_t K,
+                              int64_t s, int64_t lam, double m, int64_t& n) {
   for (int64_t t = 0; t < n; ++t)
     if (sc.support[t] == lam) return false;  // selected twice
   if (m * m < kEps) return false;            // residual vanished
@@ -94,7 +94,8 @@ C10_HOST_DEVICE bool add_atom(const P& sc, const float* xy, const double* gram, 
 
 // The n selected atoms and their coefficients into s slots; -1 and 0 fill the rest.
 template <typename P>
-C10_HOST_DEVICE void write_codes(const P& sc, int64_t n, int64_t s, int64_t* indices, float* coefs) {
+C10_HOST_DEVICE void write_codes(const P& sc, int64_t n, int64_t s, int64_t* indices,
+                                 float* coefs) {
   for (int64_t t = 0; t < s; ++t) {
     indices[t] = t < n ? sc.support[t] : -1;
     coefs[t] = t < n ? static_cast<float>(sc.gamma[t]) : 0.0f;

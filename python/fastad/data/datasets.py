@@ -25,7 +25,6 @@ Every item is a dict that torch's default collate batches as long as the images 
 from __future__ import annotations
 
 import copy
-
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -237,9 +236,7 @@ class FolderDataset(AnomalyDataset):
             defect_folders = [folder for folder in folders if folder.name != GOOD]
         else:
             names = ", ".join(folder.name for folder in folders)
-            raise ValueError(
-                f"{self.root} has subfolders ({names}) but no '{GOOD}' folder of normal images"
-            )
+            raise ValueError(f"{self.root} has subfolders ({names}) but no '{GOOD}' folder of normal images")
         good = list_images(good_folder)
         if not good:
             extensions = ", ".join(sorted(IMAGE_EXTENSIONS))

@@ -145,13 +145,13 @@ def _png_pixel_shortfall(path: Path) -> tuple[int, int] | None:
     data = path.read_bytes()
     pos, header, found, inflater, in_idat = 8, None, 0, zlib.decompressobj(), False
     while pos + 8 <= len(data):
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind = data[pos + 4:pos + 8]
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
         if kind == b"IHDR":
-            header = data[pos + 8:pos + 21]
+            header = data[pos + 8 : pos + 21]
         elif kind == b"IDAT":
             in_idat = True
-            chunk = data[pos + 8:pos + 8 + length]
+            chunk = data[pos + 8 : pos + 8 + length]
             try:
                 while chunk and not inflater.eof:
                     found += len(inflater.decompress(chunk, 1 << 20))
@@ -256,7 +256,9 @@ def _convert(image, mode: str, what: str):
     try:
         return image.convert(mode)
     except ValueError as err:
-        raise ValueError(f"cannot convert {what} (mode {image.mode!r}) to {'RGB' if mode == 'RGB' else 'grey'}: {err}") from err
+        raise ValueError(
+            f"cannot convert {what} (mode {image.mode!r}) to {'RGB' if mode == 'RGB' else 'grey'}: {err}"
+        ) from err
 
 
 def load_mask(path: str | os.PathLike) -> torch.Tensor:

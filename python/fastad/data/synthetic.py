@@ -224,9 +224,7 @@ def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[
         every other pixel is identical).
     """
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        given = (
-            f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        )
+        given = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"image must be a uint8 (H, W, 3) numpy array, got {given}")
     if min(image.shape[:2]) < _MIN_SIDE:
         raise ValueError(
@@ -235,9 +233,7 @@ def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[
     if kind not in _PAINTERS:
         raise ValueError(f"kind must be one of {DEFECT_KINDS}, got {kind!r}")
     if not isinstance(rng, np.random.Generator):
-        raise TypeError(
-            f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}"
-        )
+        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
     return _PAINTERS[kind](image, rng)
 
 

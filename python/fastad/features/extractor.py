@@ -60,7 +60,10 @@ class FeatureExtractor:
         self.layers = backbone.check_layers(layers)
         self.device = _resolve_device(device, backbone)
         if half and self.device.type != "cuda":
-            raise ValueError(f"half=True needs a CUDA device (float16 convolutions are slow or missing on the CPU); device is {self.device}")
+            raise ValueError(
+                "half=True needs a CUDA device (float16 convolutions are slow or missing on the CPU); "
+                f"device is {self.device}"
+            )
         self.half = bool(half)
         self.channels_last = bool(channels_last)
         self.batch_size = batch_size
@@ -79,7 +82,9 @@ class FeatureExtractor:
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Features of one batch of images, float (B, 3, H, W) in [0, 1], on any device."""
         images = check_image_batch(images)
-        chunks = [self._run(images[start : start + self.batch_size]) for start in range(0, images.shape[0], self.batch_size)]
+        chunks = [
+            self._run(images[start : start + self.batch_size]) for start in range(0, images.shape[0], self.batch_size)
+        ]
         if len(chunks) == 1:
             return chunks[0]
         return {layer: torch.cat([chunk[layer] for chunk in chunks]) for layer in self.layers}
@@ -87,7 +92,9 @@ class FeatureExtractor:
     def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
             images = images.to(self.device, non_blocking=True).to(self.dtype)
-            features = self.backbone(images, self.layers, channels_last=self.channels_last, input_pools=self.input_pools)
+            features = self.backbone(
+                images, self.layers, channels_last=self.channels_last, input_pools=self.input_pools
+            )
             return {layer: value.float().contiguous() for layer, value in features.items()}
 
     def extract(self, data: Iterable[Any], progress: bool | None = None) -> Iterator[dict[str, torch.Tensor]]:
@@ -110,7 +117,9 @@ class FeatureExtractor:
             progress = sys.stderr.isatty() and (total is None or total >= _PROGRESS_MIN_BATCHES)
         from tqdm import tqdm
 
-        with tqdm(total=total, disable=not progress, desc=f"features {self.backbone.name}", unit="batch", file=sys.stderr) as bar:
+        with tqdm(
+            total=total, disable=not progress, desc=f"features {self.backbone.name}", unit="batch", file=sys.stderr
+        ) as bar:
             for group in itertools.chain([first], groups):
                 yield self(stack_images(group))
                 bar.update(1)

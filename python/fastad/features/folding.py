@@ -15,6 +15,7 @@ never silently changed.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -54,7 +55,7 @@ def _foldable_norm(module: nn.Module) -> bool:
 def _pairs(root: nn.Module) -> Iterator[tuple[nn.Module, nn.Conv2d, str, nn.BatchNorm2d]]:
     for parent in root.modules():
         children = list(parent.named_children())
-        for (_, first), (name, second) in zip(children, children[1:]):
+        for (_, first), (name, second) in itertools.pairwise(children):
             if isinstance(first, nn.Conv2d) and _foldable_norm(second) and first.out_channels == second.num_features:
                 yield parent, first, name, second
 
@@ -83,7 +84,9 @@ def _fold_one(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter(shift.to(dtype), requires_grad=False)
 
 
-def features_on_random_images(backbone: Backbone, layers: list[str], size: tuple[int, int] = (64, 64)) -> dict[str, torch.Tensor]:
+def features_on_random_images(
+    backbone: Backbone, layers: list[str], size: tuple[int, int] = (64, 64)
+) -> dict[str, torch.Tensor]:
     """Features of two fixed random images: the probe that checks a rewrite kept the function."""
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, *size, generator=gen).to(backbone.device)

@@ -50,7 +50,9 @@ class SamePaddingConv(nn.Module):
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
         self.conv = conv
-        self._extended: dict[tuple[int, int], tuple[torch.Tensor, int | None, torch.Tensor]] = {}  # front -> (alias, version, kernel)
+        self._extended: dict[
+            tuple[int, int], tuple[torch.Tensor, int | None, torch.Tensor]
+        ] = {}  # front -> (alias, version, kernel)
 
     def _extended_weight(self, front: tuple[int, int]) -> torch.Tensor:
         weight = self.conv.weight
@@ -63,8 +65,13 @@ class SamePaddingConv(nn.Module):
         # for weights made in inference mode, which only change there).
         if cached is not None:
             alias, version, extended = cached
-            if alias.data_ptr() == weight.data_ptr() and in_place_version(alias) == version and alias.dtype == weight.dtype \
-                    and alias.device == weight.device and alias.stride() == weight.stride():
+            if (
+                alias.data_ptr() == weight.data_ptr()
+                and in_place_version(alias) == version
+                and alias.dtype == weight.dtype
+                and alias.device == weight.device
+                and alias.stride() == weight.stride()
+            ):
                 return extended
         with torch.no_grad():
             # One zero tap in front of each dimension padded one more after than before; the
@@ -80,7 +87,7 @@ class SamePaddingConv(nn.Module):
         conv = self.conv
         weight = conv.weight
         padding, front = [], []
-        for size, kernel, stride in zip(x.shape[-2:], conv.kernel_size, conv.stride):
+        for size, kernel, stride in zip(x.shape[-2:], conv.kernel_size, conv.stride, strict=True):
             before, after = _same_pads(int(size), kernel, stride)
             if after not in (before, before + 1):
                 return conv(x)
@@ -93,8 +100,12 @@ class SamePaddingConv(nn.Module):
 
 def _rewritable(module: nn.Module) -> bool:
     return (
-        type(module).__name__ == "Conv2dSame" and isinstance(module, nn.Conv2d) and module.groups > 1
-        and module.dilation == (1, 1) and module.padding == (0, 0) and module.padding_mode == "zeros"
+        type(module).__name__ == "Conv2dSame"
+        and isinstance(module, nn.Conv2d)
+        and module.groups > 1
+        and module.dilation == (1, 1)
+        and module.padding == (0, 0)
+        and module.padding_mode == "zeros"
     )
 
 
@@ -104,8 +115,12 @@ def inline_same_padding(backbone: Backbone) -> int:
     when the numerical check failed and every one was put back)."""
     if not isinstance(backbone, Backbone):
         raise TypeError(f"backbone must be a fastad Backbone, got {type(backbone).__name__}")
-    sites = [(parent, name, child) for parent in backbone.stages.modules()
-             for name, child in parent.named_children() if _rewritable(child)]
+    sites = [
+        (parent, name, child)
+        for parent in backbone.stages.modules()
+        for name, child in parent.named_children()
+        if _rewritable(child)
+    ]
     if not sites:
         return 0
     layers = backbone.layer_names
@@ -118,7 +133,8 @@ def inline_same_padding(backbone: Backbone) -> int:
         after = [features_on_random_images(backbone, layers, size) for size in sizes]
     worst = max(
         float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12))
-        for a, b in zip(after, before) for k in layers
+        for a, b in zip(after, before, strict=True)
+        for k in layers
     )
     if worst > _TOLERANCE:
         for parent, name, child in sites:

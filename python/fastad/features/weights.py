@@ -130,7 +130,10 @@ class CacheLocation:
         if self.kind == "torch_hub":
             return f"{self.path()} (torch hub cache; set TORCH_HOME or torch.hub.set_dir to move it)"
         if self.kind == "hf_hub":
-            return f"{self.file_name} of {self.repo_id} in the Hugging Face hub cache {hf_hub_cache_dir()} (set HF_HOME or HF_HUB_CACHE to move it)"
+            return (
+                f"{self.file_name} of {self.repo_id} in the Hugging Face hub cache {hf_hub_cache_dir()} "
+                "(set HF_HOME or HF_HUB_CACHE to move it)"
+            )
         path = self.path()
         if path is None:
             return f"the Python package {self.package!r} (not installed)"
@@ -257,7 +260,8 @@ def _read_torch(path: Path) -> object:
         ) from exc
     except Exception as exc:  # a truncated zip, a non-torch file: torch raises RuntimeError and others
         raise WeightsFileError(
-            f"could not read weights file {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"could not read weights file {path} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "it may be truncated or corrupt: download it again"
         ) from exc
 
@@ -270,7 +274,9 @@ def _as_state_dict(loaded: object, path: Path) -> dict[str, torch.Tensor]:
                 loaded = inner
                 break
     if not isinstance(loaded, Mapping) or not loaded:
-        raise WeightsFileError(f"weights file {path} does not hold a state dict (name -> tensor), got {type(loaded).__name__}")
+        raise WeightsFileError(
+            f"weights file {path} does not hold a state dict (name -> tensor), got {type(loaded).__name__}"
+        )
     not_tensors = [str(k) for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise WeightsFileError(f"weights file {path} holds entries that are not tensors: {', '.join(not_tensors[:5])}")
@@ -281,7 +287,9 @@ def _as_state_dict(loaded: object, path: Path) -> dict[str, torch.Tensor]:
 # Matching a state dict to a network
 
 
-def check_state_dict_matches(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
+def check_state_dict_matches(
+    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str
+) -> None:
     """Raises :class:`WeightsFileError` naming ``source`` unless ``state_dict`` has exactly the
     names of ``expected`` with the same shapes (what ``load_state_dict(strict=True)`` needs)."""
     missing = [k for k in expected if k not in state_dict]
@@ -321,7 +329,13 @@ _LITE_IR_PARTS = {
     "_project_conv": "conv_pwl",
     "_bn2": "bn3",
 }
-_LITE_TOP_PARTS = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE_TOP_PARTS = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 _LITE_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(\w+)$")
 _LITE_TOP_KEY = re.compile(r"^(_\w+)\.(\w+)$")
 
@@ -332,7 +346,9 @@ def is_lukemelas_efficientnet(state_dict: Mapping[str, torch.Tensor]) -> bool:
 
 
 def lukemelas_lite_to_timm(
-    state_dict: Mapping[str, torch.Tensor], stage_repeats: tuple[int, ...] = LITE0_STAGE_REPEATS, source: str = "the file"
+    state_dict: Mapping[str, torch.Tensor],
+    stage_repeats: tuple[int, ...] = LITE0_STAGE_REPEATS,
+    source: str = "the file",
 ) -> dict[str, torch.Tensor]:
     """Renames an EfficientNet-Lite state dict from lukemelas names to timm's ``tf_efficientnet_lite*``.
 
@@ -359,6 +375,8 @@ def lukemelas_lite_to_timm(
         elif top and top.group(1) in _LITE_TOP_PARTS:
             new_key = f"{_LITE_TOP_PARTS[top.group(1)]}.{top.group(2)}"
         if new_key is None:
-            raise WeightsFileError(f"{source}: {key!r} is not an EfficientNet-Lite weight name that fastad can map to timm's")
+            raise WeightsFileError(
+                f"{source}: {key!r} is not an EfficientNet-Lite weight name that fastad can map to timm's"
+            )
         renamed[new_key] = tensor
     return renamed

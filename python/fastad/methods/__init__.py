@@ -13,4 +13,16 @@ from .padim import PaDiM
 from .patchcore import PatchCore
 from .spade import SPADE
 
-__all__ = ["AnomalyModel", "FeatureModel", "GaussianAD", "MLFSC", "PaDiM", "PatchCore", "Prediction", "SPADE", "available_methods", "get_method", "register_method"]
+__all__ = [
+    "AnomalyModel",
+    "FeatureModel",
+    "GaussianAD",
+    "MLFSC",
+    "PaDiM",
+    "PatchCore",
+    "Prediction",
+    "SPADE",
+    "available_methods",
+    "get_method",
+    "register_method",
+]

@@ -195,7 +195,12 @@ class AnomalyModel:
 
     def _prepared(self, data: Any) -> Any:
         transform = self.transform()
-        if transform is not None and is_map_dataset(data) and hasattr(data, "with_transform") and data.transform is None:
+        if (
+            transform is not None
+            and is_map_dataset(data)
+            and hasattr(data, "with_transform")
+            and data.transform is None
+        ):
             return data.with_transform(transform)
         return data
 
@@ -221,7 +226,9 @@ class AnomalyModel:
         valid = set(self._param_names())
         for name, value in params.items():
             if name not in valid:
-                raise ValueError(f"{type(self).__name__} has no parameter {name!r}; parameters: {', '.join(sorted(valid))}")
+                raise ValueError(
+                    f"{type(self).__name__} has no parameter {name!r}; parameters: {', '.join(sorted(valid))}"
+                )
             setattr(self, name, value)
         return self
 
@@ -235,7 +242,9 @@ class AnomalyModel:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         check_choice(self.upsample_mode, "upsample_mode", UPSAMPLE_MODES)
         if not (0.0 <= float(self.holdout) <= 0.5):
-            raise ValueError(f"holdout must be in [0, 0.5] (the share of training images held back), got {self.holdout!r}")
+            raise ValueError(
+                f"holdout must be in [0, 0.5] (the share of training images held back), got {self.holdout!r}"
+            )
         if not (0.0 < float(self.threshold_quantile) <= 1.0):
             raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile!r}")
         if float(self.blur_sigma) < 0:
@@ -249,7 +258,8 @@ class AnomalyModel:
 
         With ``holdout`` > 0, every round(1/holdout)-th image is held back from fitting and scored
         afterwards, up to ``MAX_HELD_BACK`` images (later ones are all fitted on, so the held
-        images' memory stays bounded however large the training set); ``threshold_`` is the ``threshold_quantile`` of those scores (None when too
+        images' memory stays bounded however large the training set); ``threshold_`` is the
+        ``threshold_quantile`` of those scores (None when too
         few images were held back). The threshold thus comes from normal images only; set
         ``holdout=0`` to fit on every image, as the papers do, and go without a threshold.
         """
@@ -310,8 +320,10 @@ class AnomalyModel:
         """Why this model cannot fit under a process group (None: it can, see fastad.distributed)."""
         if self.fits_across_processes:
             return None
-        return (f"{type(self).__name__} does not fit across processes yet (torch.distributed has "
-                f"{distributed.world()[1]}): fit it in one process")
+        return (
+            f"{type(self).__name__} does not fit across processes yet (torch.distributed has "
+            f"{distributed.world()[1]}): fit it in one process"
+        )
 
     def _check_state(self) -> None:
         """Checks the learned state read from a model file (ValueError or TypeError naming the
@@ -320,8 +332,9 @@ class AnomalyModel:
         parameters (tensor shapes and dtypes), so that a wrong file fails at load, not at predict."""
         check_int(getattr(self, "n_train_images_", None), "n_train_images_")
         threshold = getattr(self, "threshold_", None)
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                      or not math.isfinite(threshold)):
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+        ):
             raise ValueError(f"threshold_ must be None or a finite number, got {threshold!r}")
 
     def _check_fitted(self) -> None:
@@ -340,7 +353,8 @@ class AnomalyModel:
             for batch in iter_image_batches(self._prepared(images), self.batch_size):
                 if size is not None and tuple(batch.shape[-2:]) != size:
                     raise ValueError(
-                        f"predict got images of different sizes ({size[0]}x{size[1]}, then {batch.shape[-2]}x{batch.shape[-1]}); "
+                        f"predict got images of different sizes ({size[0]}x{size[1]}, "
+                        f"then {batch.shape[-2]}x{batch.shape[-1]}); "
                         "resize them to one size (e.g. with the method's transform()) or predict each size separately"
                     )
                 size = tuple(batch.shape[-2:])
@@ -363,14 +377,18 @@ class AnomalyModel:
         """How this method's patch scores tile for :func:`fastad.highres.predict_large`
         (a :class:`fastad.highres.TileGeometry`); methods whose scores depend on where a patch sits
         or on the whole image raise a ValueError that says what they support instead."""
-        raise ValueError(f"{type(self).__name__} does not score images tile by tile at their own resolution; "
-                         "predict resizes them to the training size")
+        raise ValueError(
+            f"{type(self).__name__} does not score images tile by tile at their own resolution; "
+            "predict resizes them to the training size"
+        )
 
     def _fit_tiled(self, readers, tile: int, progress) -> int:
         """For :func:`fastad.highres.fit_large`: learn from the images ``readers`` gives (each
         read tile by tile) and return how many there were."""
-        raise ValueError(f"{type(self).__name__} does not fit on images tile by tile at their own resolution; "
-                         "fit resizes them (resize=..., crop=...)")
+        raise ValueError(
+            f"{type(self).__name__} does not fit on images tile by tile at their own resolution; "
+            "fit resizes them (resize=..., crop=...)"
+        )
 
     def _tiled_scorer(self, reader, geometry, tile: int, progress):
         """For :func:`fastad.highres.predict_large`: (fn, image_score). ``fn`` maps (N, 3, h, w)
@@ -403,7 +421,10 @@ class AnomalyModel:
             elif _is_tensor_dict(value):
                 for key, t in value.items():
                     if not isinstance(key, str) or not key:
-                        raise TypeError(f"learned state {name!r} is a dict of tensors whose keys must be non-empty strings, got {key!r}")
+                        raise TypeError(
+                            f"learned state {name!r} is a dict of tensors whose keys must be non-empty strings, "
+                            f"got {key!r}"
+                        )
                     tensors[f"{name}.{key}"] = t
                 rebuild[_DICT_STATE].append(name)
             else:
@@ -468,16 +489,25 @@ class AnomalyModel:
         }
         split = set(self._split_state_names())
         if split:
+
             def in_part(name: str) -> bool:
                 return name.partition(".")[0] in split
 
-            part_header = {"method": self.method_name, "fastad_version": __version__,
-                           "state": {n: v for n, v in values.items() if in_part(n)},
-                           "rebuild": {kind: [n for n in names if in_part(n)] for kind, names in rebuild.items()}}
+            part_header = {
+                "method": self.method_name,
+                "fastad_version": __version__,
+                "state": {n: v for n, v in values.items() if in_part(n)},
+                "rebuild": {kind: [n for n in names if in_part(n)] for kind, names in rebuild.items()},
+            }
             header["state"] = {n: v for n, v in values.items() if not in_part(n)}
             header["rebuild"] = {kind: [n for n in names if not in_part(n)] for kind, names in rebuild.items()}
-            return split_files.write_split_model(path, {n: t for n, t in tensors.items() if not in_part(n)}, header,
-                                                 {n: t for n, t in tensors.items() if in_part(n)}, part_header)
+            return split_files.write_split_model(
+                path,
+                {n: t for n, t in tensors.items() if not in_part(n)},
+                header,
+                {n: t for n, t in tensors.items() if in_part(n)},
+                part_header,
+            )
         return model_io.save_model_file(path, tensors, header)
 
     @classmethod
@@ -488,19 +518,25 @@ class AnomalyModel:
         part = header.get(split_files.PART)
         if part is not None:
             model = part.get("model") if isinstance(part, dict) else None
-            raise model_io.ModelFileError(f"{path} is one part of a model split across processes, not a model: "
-                                          f"load the model file it belongs to ({model!r}, beside it)")
+            raise model_io.ModelFileError(
+                f"{path} is one part of a model split across processes, not a model: "
+                f"load the model file it belongs to ({model!r}, beside it)"
+            )
         name = header.get("method")
         try:
             klass = get_method(name)
         except ValueError as exc:
-            raise model_io.ModelFileError(f"{path} holds a {name!r} model, which is not available here: {exc}") from None
+            raise model_io.ModelFileError(
+                f"{path} holds a {name!r} model, which is not available here: {exc}"
+            ) from None
         if cls is not AnomalyModel and not issubclass(klass, cls):
             raise model_io.ModelFileError(f"{path} holds a {name!r} model, not a {cls.__name__}")
         for field in ("params", "state", "rebuild"):  # an edited file whose checksum was recomputed
             value = header.get(field, {})
-            if not isinstance(value, dict) or (field == "rebuild" and not all(
-                    isinstance(v, list) and all(isinstance(n, str) for n in v) for v in value.values())):
+            if not isinstance(value, dict) or (
+                field == "rebuild"
+                and not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in value.values())
+            ):
                 raise model_io.ModelFileError(f"{path}: the header's {field!r} entry is malformed ({value!r:.80})")
         params = dict(header.get("params") or {})
         if device is not None:
@@ -535,8 +571,11 @@ class AnomalyModel:
 def _part_state(tensors: dict[str, torch.Tensor], header: dict[str, Any], path: Any) -> dict[str, Any]:
     """The learned attributes in one part file of a split model."""
     state, rebuild = header.get("state", {}), header.get("rebuild", {})
-    if not isinstance(state, dict) or not isinstance(rebuild, dict) or not all(
-            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in rebuild.values()):
+    if (
+        not isinstance(state, dict)
+        or not isinstance(rebuild, dict)
+        or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in rebuild.values())
+    ):
         raise model_io.ModelFileError(f"{path}: a part file's header is malformed")
     return {**state, **_rebuild_state(tensors, rebuild, path)}
 

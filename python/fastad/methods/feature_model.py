@@ -17,7 +17,6 @@ from .. import io as model_io
 from .._checks import check_choice
 from .base import AnomalyModel
 
-
 # Storage types a method may keep its training features in (``bank_dtype``); the ops widen them to
 # float32 when computing, so the choice trades memory against rounding only.
 BANK_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -127,8 +126,16 @@ class FeatureModel(AnomalyModel):
         weights and device, and the record of its weights (source, SHA-256); built once and
         rebuilt only when one of those changed."""
         options = self._backbone_options()
-        key = (self.backbone, tuple(self.feature_layers()), str(self.weights), self.device, bool(self.half),
-               bool(self.channels_last), tuple(sorted(options.items())), repr(self._extractor_options()))
+        key = (
+            self.backbone,
+            tuple(self.feature_layers()),
+            str(self.weights),
+            self.device,
+            bool(self.half),
+            bool(self.channels_last),
+            tuple(sorted(options.items())),
+            repr(self._extractor_options()),
+        )
         cached = self.__dict__.get("_extractor_cache")
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
@@ -141,8 +148,10 @@ class FeatureModel(AnomalyModel):
         expected = self.__dict__.get("backbone_weights_")
         if expected is not None and expected.get("sha256") != record["sha256"]:
             raise ValueError(
-                f"this model was fitted on {self.backbone!r} weights with SHA-256 {expected.get('sha256', '?')[:16]}... "
-                f"({expected.get('source')}), but the weights found now ({network.weights}) differ ({record['sha256'][:16]}...); "
+                f"this model was fitted on {self.backbone!r} weights with SHA-256 "
+                f"{expected.get('sha256', '?')[:16]}... "
+                f"({expected.get('source')}), but the weights found now ({network.weights}) "
+                f"differ ({record['sha256'][:16]}...); "
                 "provide the same weights file (weights=...) or fit again"
             )
         # The network is this model's own: batch norms fold into their convolutions (40 % off
@@ -151,8 +160,13 @@ class FeatureModel(AnomalyModel):
         fold_batchnorm(network)
         inline_same_padding(network)
         extractor = FeatureExtractor(
-            network, list(key[1]), device=self.device, half=self.half,
-            channels_last=self.channels_last, batch_size=self.batch_size, **self._extractor_options(),
+            network,
+            list(key[1]),
+            device=self.device,
+            half=self.half,
+            channels_last=self.channels_last,
+            batch_size=self.batch_size,
+            **self._extractor_options(),
         )
         self.__dict__["_extractor_cache"] = (key, extractor, record)
         return extractor, record
@@ -174,4 +188,3 @@ class FeatureModel(AnomalyModel):
 
     def _header_extras(self) -> dict[str, Any]:
         return {"backbone": self.backbone, "layers": self.feature_layers(), "backbone_weights": self.backbone_weights_}
-

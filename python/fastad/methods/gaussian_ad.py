@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from .. import distributed, ops
+from .._checks import check_state_tensor, keys_of
 from ..gaussian_stats import GaussianAccumulator, check_regularization, precision_factors
 from .base import register_method
 from .feature_model import FeatureModel
-from .._checks import check_state_tensor, keys_of
 
 
 @register_method("gaussian_ad")
@@ -85,10 +85,14 @@ class GaussianAD(FeatureModel):
         for level in levels:
             c = info[level][0]
             check_state_tensor(f"mean_[{level!r}]", self.mean_[level], torch.float32, (1, c))
-            factor = check_state_tensor(f"precision_factor_[{level!r}]", self.precision_factor_[level], torch.float32, (1, c, c))
+            factor = check_state_tensor(
+                f"precision_factor_[{level!r}]", self.precision_factor_[level], torch.float32, (1, c, c)
+            )
             if not float(factor.diagonal(dim1=-2, dim2=-1).amin()) > 0:
-                raise ValueError(f"precision_factor_[{level!r}] must be a Cholesky factor (a positive diagonal), "
-                                 "got a diagonal entry <= 0")
+                raise ValueError(
+                    f"precision_factor_[{level!r}] must be a Cholesky factor (a positive diagonal), "
+                    "got a diagonal entry <= 0"
+                )
         shrinkage = getattr(self, "shrinkage_", None)  # a record (Ledoit-Wolf only), not used in scoring
         if not isinstance(shrinkage, dict) or (shrinkage and set(shrinkage) != set(levels)):
             raise ValueError(f"shrinkage_ must be a dict of the levels {levels} or empty, got {keys_of(shrinkage)}")
@@ -108,7 +112,9 @@ class GaussianAD(FeatureModel):
         for images in batches:
             for layer, pooled in self.pooled_features(images).items():
                 if layer not in accumulators:
-                    accumulators[layer] = GaussianAccumulator(1, pooled.shape[1], device=self.device, fourth_moments=ledoit_wolf)
+                    accumulators[layer] = GaussianAccumulator(
+                        1, pooled.shape[1], device=self.device, fourth_moments=ledoit_wolf
+                    )
                 accumulators[layer].update(pooled.unsqueeze(1))
         if not accumulators:
             return

@@ -124,7 +124,9 @@ class MLFSC(FeatureModel):
         **common: Any,
     ) -> None:
         # A list, as the model file's JSON gives it back, so that a loaded model's parameters equal these.
-        super().__init__(backbone=backbone, resize=list(resize) if isinstance(resize, tuple) else resize, crop=crop, **common)
+        super().__init__(
+            backbone=backbone, resize=list(resize) if isinstance(resize, tuple) else resize, crop=crop, **common
+        )
         self.pre_relu = pre_relu
         self.levels = levels
         self.feature_size = feature_size
@@ -164,21 +166,32 @@ class MLFSC(FeatureModel):
         check_int(self.cutoff, "cutoff", minimum=0)
         check_int(self.seed, "seed", minimum=0)
         if self.dictionary_batch is not None:
-            check_int(self.dictionary_batch, "dictionary_batch", meaning="or None: 3 for sklearn_lasso, 256 for streamed_omp")
+            check_int(
+                self.dictionary_batch, "dictionary_batch", meaning="or None: 3 for sklearn_lasso, 256 for streamed_omp"
+            )
         if not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha > 0):
             raise ValueError(f"alpha must be a positive number (the lasso penalty), got {self.alpha!r}")
         if self.levels == "scaled_inputs":
             strides = self._layer_strides()
             deepest = max(strides.values())
             if any(deepest % s for s in strides.values()):
-                raise ValueError(f"levels='scaled_inputs' needs layer strides that divide the deepest one, got {strides}")
+                raise ValueError(
+                    f"levels='scaled_inputs' needs layer strides that divide the deepest one, got {strides}"
+                )
         elif self.patch_size > self.feature_size - 2 * self.cutoff:
-            raise ValueError(f"need patch_size <= feature_size - 2 cutoff, got {self.patch_size}, {self.feature_size}, {self.cutoff}")
+            raise ValueError(
+                f"need patch_size <= feature_size - 2 cutoff, got {self.patch_size}, {self.feature_size}, {self.cutoff}"
+            )
         if self.n_nonzero > min(self.n_atoms, self.patch_size**2):
-            raise ValueError(f"n_nonzero ({self.n_nonzero}) must be at most n_atoms ({self.n_atoms}) and patch_size**2 ({self.patch_size**2})")
+            raise ValueError(
+                f"n_nonzero ({self.n_nonzero}) must be at most n_atoms ({self.n_atoms}) "
+                f"and patch_size**2 ({self.patch_size**2})"
+            )
         if self.dictionary_fit == "sklearn_lasso" and self.n_atoms > self.patch_size**2:
-            raise ValueError(f"n_atoms ({self.n_atoms}) must be at most patch_size**2 ({self.patch_size**2}) for "
-                             "dictionary_fit='sklearn_lasso' (its initial atoms are singular vectors)")
+            raise ValueError(
+                f"n_atoms ({self.n_atoms}) must be at most patch_size**2 ({self.patch_size**2}) for "
+                "dictionary_fit='sklearn_lasso' (its initial atoms are singular vectors)"
+            )
 
     def _check_state(self) -> None:
         super()._check_state()
@@ -187,8 +200,10 @@ class MLFSC(FeatureModel):
         # ops.omp codes over unit-norm atoms only (and refuses others, within this tolerance).
         low, high = (float(v) for v in torch.aminmax(torch.linalg.vector_norm(dictionary, dim=-1, dtype=torch.float64)))
         if not (abs(low - 1.0) <= _ATOM_NORM_TOLERANCE and abs(high - 1.0) <= _ATOM_NORM_TOLERANCE):
-            raise ValueError(f"dictionary_ must hold atoms of unit norm (within {_ATOM_NORM_TOLERANCE}), "
-                             f"got norms from {low:.6g} to {high:.6g}")
+            raise ValueError(
+                f"dictionary_ must hold atoms of unit norm (within {_ATOM_NORM_TOLERANCE}), "
+                f"got norms from {low:.6g} to {high:.6g}"
+            )
 
     # -- levels ----------------------------------------------------------------------------------
 
@@ -208,9 +223,11 @@ class MLFSC(FeatureModel):
         c = self.cutoff
         cut = levels[..., c : levels.shape[-2] - c, c : levels.shape[-1] - c] if c else levels
         if min(cut.shape[-2:]) < self.patch_size:
-            raise ValueError(f"the image is too small for MLF-SC: its feature grid {tuple(levels.shape[-2:])} minus the "
-                             f"cut-off of {c} cells per edge leaves {tuple(cut.shape[-2:])}, smaller than one "
-                             f"{self.patch_size} x {self.patch_size} patch")
+            raise ValueError(
+                f"the image is too small for MLF-SC: its feature grid {tuple(levels.shape[-2:])} minus the "
+                f"cut-off of {c} cells per edge leaves {tuple(cut.shape[-2:])}, smaller than one "
+                f"{self.patch_size} x {self.patch_size} patch"
+            )
         return cut
 
     def channel_statistics(self, cut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +256,12 @@ class MLFSC(FeatureModel):
     def _as_signals(self, cut: torch.Tensor) -> torch.Tensor:
         """(B, C, ny, nx, p, p) -> (C, B * ny * nx, p * p), the layout ``fastad.ops.omp`` codes."""
         b, c = cut.shape[:2]
-        return cut.reshape(b, c, -1, self.patch_size**2).permute(1, 0, 2, 3).reshape(c, -1, self.patch_size**2).contiguous()
+        return (
+            cut.reshape(b, c, -1, self.patch_size**2)
+            .permute(1, 0, 2, 3)
+            .reshape(c, -1, self.patch_size**2)
+            .contiguous()
+        )
 
     def patches(self, images: torch.Tensor) -> torch.Tensor:
         """(C, B * P, patch_size**2) float32: each channel's P patches of each image (image-major,
@@ -251,7 +273,11 @@ class MLFSC(FeatureModel):
 
     def _chunks(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
         stride = max(self._layer_strides().values())
-        cells = (images.shape[-2] // stride) * (images.shape[-1] // stride) if self.levels == "scaled_inputs" else self.feature_size**2
+        cells = (
+            (images.shape[-2] // stride) * (images.shape[-1] // stride)
+            if self.levels == "scaled_inputs"
+            else self.feature_size**2
+        )
         yield from images.split(self._images_per_chunk(self.feature_channels(), cells))
 
     # -- fit -------------------------------------------------------------------------------------
@@ -266,12 +292,25 @@ class MLFSC(FeatureModel):
         keys (drawn image by image in raster order, so any chunking or tiling gives one sample)."""
         d = self.patch_size**2
         if self.dictionary_fit == "sklearn_lasso":
-            learner = SampledLassoDictionaries(channels, self.n_atoms, d, alpha=float(self.alpha),
-                                               steps=int(self.dictionary_steps), batch_size=self._dictionary_batch(),
-                                               seed=int(self.seed))
+            learner = SampledLassoDictionaries(
+                channels,
+                self.n_atoms,
+                d,
+                alpha=float(self.alpha),
+                steps=int(self.dictionary_steps),
+                batch_size=self._dictionary_batch(),
+                seed=int(self.seed),
+            )
             return learner, torch.Generator().manual_seed(int(self.seed))
-        learner = DictionaryLearner(channels, self.n_atoms, d, self.n_nonzero, batch_size=self._dictionary_batch(),
-                                    seed=int(self.seed), device=self.device)
+        learner = DictionaryLearner(
+            channels,
+            self.n_atoms,
+            d,
+            self.n_nonzero,
+            batch_size=self._dictionary_batch(),
+            seed=int(self.seed),
+            device=self.device,
+        )
         return learner, None
 
     def _learn(self, learner, keys: torch.Generator | None, signals: torch.Tensor, images: int) -> None:
@@ -280,7 +319,9 @@ class MLFSC(FeatureModel):
             return
         # One draw per image, as the tiled fit draws them (draw sizes never change the sequence).
         per_image = signals.shape[1] // images
-        learner.add(signals, torch.cat([torch.rand(per_image, generator=keys, dtype=torch.float64) for _ in range(images)]))
+        learner.add(
+            signals, torch.cat([torch.rand(per_image, generator=keys, dtype=torch.float64) for _ in range(images)])
+        )
 
     fits_across_processes = True  # with the authors' (default) dictionary fit; see _cannot_fit_across_processes
     fits_tiled_across_processes = True  # the same; fit_large counts the keys of the earlier processes' images
@@ -294,8 +335,10 @@ class MLFSC(FeatureModel):
     def _cannot_fit_across_processes(self) -> str | None:
         if self.dictionary_fit == "sklearn_lasso":
             return None
-        return (f"MLFSC with dictionary_fit={self.dictionary_fit!r} does not fit across processes (its streamed "
-                "updates are sequential): use dictionary_fit='sklearn_lasso' (the default) or fit in one process")
+        return (
+            f"MLFSC with dictionary_fit={self.dictionary_fit!r} does not fit across processes (its streamed "
+            "updates are sequential): use dictionary_fit='sklearn_lasso' (the default) or fit in one process"
+        )
 
     def _fit_batches(self, batches: Iterator[torch.Tensor]) -> None:
         several = distributed.is_distributed()
@@ -333,8 +376,10 @@ class MLFSC(FeatureModel):
         grid = self._patch_grid(maps)
         b, c, ny, nx = grid.shape[:4]
         if c != self.dictionary_.shape[0]:
-            raise ValueError(f"the features have {c} channels but the model has {self.dictionary_.shape[0]} "
-                             "dictionaries; were the backbone or layers changed after fit?")
+            raise ValueError(
+                f"the features have {c} channels but the model has {self.dictionary_.shape[0]} "
+                "dictionaries; were the backbone or layers changed after fit?"
+            )
         p, s = self.patch_size, self.patch_stride
         step = max(1, _CHUNK_VALUES // (b * c * nx * p * p))
         errors, per_cell = [], []
@@ -345,7 +390,9 @@ class MLFSC(FeatureModel):
             if self.map_mode == "patch_mean":
                 errors.append(ops.omp_error(x, indices, coefs, self.dictionary_).reshape(c, b, -1, nx))
                 continue
-            atoms = self.dictionary_[torch.arange(c, device=x.device)[:, None, None], indices.clamp_min(0)]  # (C, M, s, d)
+            atoms = self.dictionary_[
+                torch.arange(c, device=x.device)[:, None, None], indices.clamp_min(0)
+            ]  # (C, M, s, d)
             used = (indices >= 0).unsqueeze(-1)
             squared = (x - torch.where(used, coefs.unsqueeze(-1) * atoms, 0.0).sum(2)).square()  # (C, M, d)
             errors.append(squared.sum(-1).reshape(c, b, -1, nx))
@@ -404,12 +451,21 @@ class MLFSC(FeatureModel):
         from ..highres import TileGeometry, measured_halo
 
         if self.levels != "scaled_inputs":
-            raise ValueError("levels='resized_maps' resizes every level to a fixed grid, which depends on the image's size; "
-                             "native-resolution scoring needs levels='scaled_inputs'")
+            raise ValueError(
+                "levels='resized_maps' resizes every level to a fixed grid, which depends on the image's size; "
+                "native-resolution scoring needs levels='scaled_inputs'"
+            )
         stride = max(self._layer_strides().values())
         align = stride * self.patch_stride
-        key = (self.backbone, tuple(self.feature_layers()), str(self.weights), self.levels, self.patch_size,
-               self.patch_stride, self.cutoff)
+        key = (
+            self.backbone,
+            tuple(self.feature_layers()),
+            str(self.weights),
+            self.levels,
+            self.patch_size,
+            self.patch_stride,
+            self.cutoff,
+        )
         cached = self.__dict__.get("_tile_geometry")
         if cached is None or cached[0] != key:
             field = measured_halo(self.raw_levels, stride, align, self.device)
@@ -428,9 +484,17 @@ class MLFSC(FeatureModel):
         stride, c = geometry.stride, self.cutoff
         rows, cols = height // stride, width // stride
         total = squares = None
-        for (oy, ox), core in tiled_cores(self._window_levels, reader, tile=tile, halo=geometry.halo, stride=stride,
-                                          align=geometry.align, same_padding=geometry.same_padding,
-                                          device=self.device, progress=progress):
+        for (oy, ox), core in tiled_cores(
+            self._window_levels,
+            reader,
+            tile=tile,
+            halo=geometry.halo,
+            stride=stride,
+            align=geometry.align,
+            same_padding=geometry.same_padding,
+            device=self.device,
+            progress=progress,
+        ):
             y0, y1 = max(oy, c), min(oy + core.shape[1], rows - c)
             x0, x1 = max(ox, c), min(ox + core.shape[2], cols - c)
             if y1 <= y0 or x1 <= x0:
@@ -440,11 +504,15 @@ class MLFSC(FeatureModel):
             total, squares = (s, q) if total is None else (total + s, squares + q)
         n = (rows - 2 * c) * (cols - 2 * c)
         if total is None or min(rows, cols) - 2 * c < self.patch_size:
-            raise ValueError(f"the image ({height} x {width}) is too small for MLF-SC: its feature grid ({rows} x {cols}) "
-                             f"minus the cut-off leaves less than one {self.patch_size} x {self.patch_size} patch")
+            raise ValueError(
+                f"the image ({height} x {width}) is too small for MLF-SC: its feature grid ({rows} x {cols}) "
+                f"minus the cut-off leaves less than one {self.patch_size} x {self.patch_size} patch"
+            )
         mean = total / n
         var = ((squares - n * mean.square()) / max(n - 1, 1)).clamp_min(0)
-        return mean.float().reshape(1, -1, 1, 1).to(self.device), var.sqrt().float().reshape(1, -1, 1, 1).to(self.device)
+        return mean.float().reshape(1, -1, 1, 1).to(self.device), var.sqrt().float().reshape(1, -1, 1, 1).to(
+            self.device
+        )
 
     def _window_levels(self, window: torch.Tensor) -> torch.Tensor:
         """(N, C, ceil(h / 8), ceil(w / 8)): the raw levels of a window; VGG's pooling floors, so a
@@ -526,8 +594,13 @@ class MLFSC(FeatureModel):
                     _skip_draws(keys, self.__dict__.get("_keys_before", 0))
             image_keys = None if keys is None else torch.rand(ny * nx, generator=keys, dtype=torch.float64)
             for (y0, y1, x0, x1), (ya, _, xa, _), pixels in tile_windows(
-                    reader, tile=tile, halo=geometry.halo, align=geometry.align,
-                    same_padding=geometry.same_padding, progress=progress):
+                reader,
+                tile=tile,
+                halo=geometry.halo,
+                align=geometry.align,
+                same_padding=geometry.same_padding,
+                progress=progress,
+            ):
                 window = pixels[None].to(self.device)
                 valid = (window.shape[-2] // stride, window.shape[-1] // stride)
                 cut = self._cut(self.raw_levels(window)[..., : valid[0], : valid[1]])

@@ -96,9 +96,13 @@ class PaDiM(FeatureModel):
             check_int(value, "grid_")
         p = grid[0] * grid[1]
         check_state_tensor("mean_", getattr(self, "mean_", None), torch.float32, (p, d))
-        factor = check_state_tensor("precision_factor_", getattr(self, "precision_factor_", None), torch.float32, (p, d, d))
+        factor = check_state_tensor(
+            "precision_factor_", getattr(self, "precision_factor_", None), torch.float32, (p, d, d)
+        )
         if not float(factor.diagonal(dim1=-2, dim2=-1).amin()) > 0:
-            raise ValueError("precision_factor_ must be Cholesky factors (a positive diagonal), got a diagonal entry <= 0")
+            raise ValueError(
+                "precision_factor_ must be Cholesky factors (a positive diagonal), got a diagonal entry <= 0"
+            )
 
     # -- embedding -------------------------------------------------------------------------------
 
@@ -156,7 +160,9 @@ class PaDiM(FeatureModel):
             b, h, w, d = emb.shape
             if grid is None:
                 grid = (h, w)
-                accumulator = GaussianAccumulator(h * w, d, device=self.device, fourth_moments=self.covariance == "ledoit_wolf")
+                accumulator = GaussianAccumulator(
+                    h * w, d, device=self.device, fourth_moments=self.covariance == "ledoit_wolf"
+                )
             elif (h, w) != grid:
                 raise ValueError(
                     f"PaDiM fits one Gaussian per position and needs training images of one size; the feature grid was "

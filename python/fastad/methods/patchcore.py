@@ -30,7 +30,6 @@ from .feature_model import BANK_DTYPES, FeatureModel, bank_dtype_of
 EMBEDDINGS = ("per_layer", "concatenated")
 
 
-
 @register_method("patchcore")
 class PatchCore(FeatureModel):
     """PatchCore with the paper's defaults; parity switches are named parameters.
@@ -120,7 +119,9 @@ class PatchCore(FeatureModel):
         if not (isinstance(self.coreset_ratio, (int, float)) and 0.0 < float(self.coreset_ratio) <= 1.0):
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio!r}")
         if self.projection_dim is not None:
-            check_int(self.projection_dim, "projection_dim", minimum=0, meaning="or None: select on the patches themselves")
+            check_int(
+                self.projection_dim, "projection_dim", minimum=0, meaning="or None: select on the patches themselves"
+            )
         bank_dtype_of(self.bank_dtype)  # raises on an unknown name
         if not isinstance(self.shard_bank, bool):
             raise ValueError(f"shard_bank must be True or False, got {self.shard_bank!r}")
@@ -144,10 +145,13 @@ class PatchCore(FeatureModel):
         if split:
             size = check_int(getattr(self, "bank_size_", None), "bank_size_")
             rows = check_state_tensor("bank_rows_", getattr(self, "bank_rows_", None), (torch.int64,), (bank.shape[0],))
-            if size > n or (rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= size
-                                              or not bool((rows.diff() > 0).all()))):
-                raise ValueError(f"bank_rows_ must be ascending rows of the whole bank (0 .. bank_size_ - 1 = {size - 1}) "
-                                 f"and bank_size_ at most n_patches_ ({n})")
+            if size > n or (
+                rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= size or not bool((rows.diff() > 0).all()))
+            ):
+                raise ValueError(
+                    f"bank_rows_ must be ascending rows of the whole bank (0 .. bank_size_ - 1 = {size - 1}) "
+                    f"and bank_size_ at most n_patches_ ({n})"
+                )
 
     # -- patch features --------------------------------------------------------------------------
 
@@ -171,7 +175,9 @@ class PatchCore(FeatureModel):
             if self.embedding == "per_layer":
                 f = _pooled_neighbourhoods(f, p, int(self.layer_dim))
             elif p > 1:
-                f = F.avg_pool2d(f, p, stride=1, padding=p // 2)  # zeros beyond the border count, as in the authors' unfold
+                f = F.avg_pool2d(
+                    f, p, stride=1, padding=p // 2
+                )  # zeros beyond the border count, as in the authors' unfold
             if f.shape[-2:] != grid:
                 # By the exact ratio of the strides, then cropped: the same as resizing to the grid
                 # whenever the image's sides are multiples of the deeper stride, and independent of
@@ -179,7 +185,9 @@ class PatchCore(FeatureModel):
                 # (The authors upsample the neighbourhoods before pooling them; both steps are
                 # linear, one across positions, one within a position, so the order is free.)
                 ratio = strides[layer] // strides[layers[0]]
-                f = F.interpolate(f, scale_factor=ratio, mode="bilinear", align_corners=False)[..., : grid[0], : grid[1]]
+                f = F.interpolate(f, scale_factor=ratio, mode="bilinear", align_corners=False)[
+                    ..., : grid[0], : grid[1]
+                ]
             maps.append(f)
         patches = torch.cat(maps, dim=1).permute(0, 2, 3, 1)  # (B, h, w, C)
         b, h, w, c = patches.shape
@@ -200,10 +208,18 @@ class PatchCore(FeatureModel):
 
         strides = self._layer_strides()
         stride, align = min(strides.values()), max(strides.values())
-        key = (self.backbone, tuple(self.feature_layers()), self.neighbourhood, self.embedding, self.layer_dim,
-               self.embed_dim, str(self.weights))
+        key = (
+            self.backbone,
+            tuple(self.feature_layers()),
+            self.neighbourhood,
+            self.embedding,
+            self.layer_dim,
+            self.embed_dim,
+            str(self.weights),
+        )
         cached = self.__dict__.get("_tile_geometry")
         if cached is None or cached[0] != key:
+
             def scores(images):
                 return self.patch_features(images).norm(dim=-1)[:, None]
 
@@ -222,7 +238,10 @@ class PatchCore(FeatureModel):
         patches = self.patch_features(images)
         b, h, w, d = patches.shape
         if d != self.bank_.shape[1]:
-            raise ValueError(f"patch features have {d} dims but the bank has {self.bank_.shape[1]}; were the layers changed after fit?")
+            raise ValueError(
+                f"patch features have {d} dims but the bank has {self.bank_.shape[1]}; "
+                "were the layers changed after fit?"
+            )
         dist, index = self._nearest(patches.reshape(-1, d).to(self.bank_.dtype), 1, squared=self.squared)
         return torch.stack([dist[:, 0].reshape(b, h, w).double(), index[:, 0].reshape(b, h, w).double()], dim=1)
 
@@ -245,8 +264,9 @@ class PatchCore(FeatureModel):
         _, height, width = reader.shape
         y0, y1, x0, x1 = window_around((cy * geometry.stride, cx * geometry.stride), (height, width), geometry)
         window = reader.read(y0, y1, x0, x1)[None].to(self.device, torch.float32)
-        patch = self.patch_features(window)[0, (cy * geometry.stride - y0) // geometry.stride,
-                                            (cx * geometry.stride - x0) // geometry.stride]
+        patch = self.patch_features(window)[
+            0, (cy * geometry.stride - y0) // geometry.stride, (cx * geometry.stride - x0) // geometry.stride
+        ]
         nearest = torch.tensor([[int(outputs[1, cy, cx])]], device=self.device)
         return float(self._reweighted(patch[None, None], s_star.reshape(1, 1).to(self.device), nearest)[0])
 
@@ -274,9 +294,17 @@ class PatchCore(FeatureModel):
 
         def chunks():
             for reader in readers:
-                features = tiled_apply(lambda x: self.patch_features(x).permute(0, 3, 1, 2), reader, tile=tile,
-                                       halo=geometry.halo, stride=geometry.stride, align=geometry.align,
-                                       same_padding=geometry.same_padding, device=self.device, progress=progress)
+                features = tiled_apply(
+                    lambda x: self.patch_features(x).permute(0, 3, 1, 2),
+                    reader,
+                    tile=tile,
+                    halo=geometry.halo,
+                    stride=geometry.stride,
+                    align=geometry.align,
+                    same_padding=geometry.same_padding,
+                    device=self.device,
+                    progress=progress,
+                )
                 count[0] += 1
                 yield torch.from_numpy(features).flatten(1).T.to(self.device)  # (h w, D), row-major positions
 
@@ -337,10 +365,12 @@ class PatchCore(FeatureModel):
         if not hasattr(self, "bank_rows_"):
             return False
         if not distributed.is_distributed():
-            raise RuntimeError(f"this PatchCore's bank of {self.bank_size_} patches is split across processes "
-                               f"(shard_bank) and this process holds {self.bank_.shape[0]} of them, but no process "
-                               "group is running: predict inside the group that fitted it, or save it there and load "
-                               "the model file in one process (AnomalyModel.load joins the parts)")
+            raise RuntimeError(
+                f"this PatchCore's bank of {self.bank_size_} patches is split across processes "
+                f"(shard_bank) and this process holds {self.bank_.shape[0]} of them, but no process "
+                "group is running: predict inside the group that fitted it, or save it there and load "
+                "the model file in one process (AnomalyModel.load joins the parts)"
+            )
         return True
 
     def _split_state_names(self) -> tuple[str, ...]:
@@ -354,8 +384,12 @@ class PatchCore(FeatureModel):
                 raise ValueError("a part of the split bank has no bank_ / bank_rows_ tensors")
         rows = torch.cat([part["bank_rows_"] for part in parts])
         sizes = {part.get("bank_size_") for part in parts}
-        if rows.dtype != torch.int64 or len(sizes) != 1 or not torch.equal(rows.sort().values, torch.arange(rows.numel())) \
-                or rows.numel() != next(iter(sizes)):
+        if (
+            rows.dtype != torch.int64
+            or len(sizes) != 1
+            or not torch.equal(rows.sort().values, torch.arange(rows.numel()))
+            or rows.numel() != next(iter(sizes))
+        ):
             raise ValueError("the parts' bank rows do not make up the whole bank exactly once")
         bank = torch.cat([part["bank_"] for part in parts])
         return {"bank_": bank[rows.argsort()]}
@@ -366,8 +400,9 @@ class PatchCore(FeatureModel):
     def _nearest(self, query: torch.Tensor, k: int, *, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``ops.knn`` of ``query`` against the whole bank (also when it is split across processes)."""
         if self._bank_is_split():
-            return distributed.knn_across_shards(query, self.bank_, self.bank_rows_, k, squared=squared,
-                                                 prepared=self._prepared_bank())
+            return distributed.knn_across_shards(
+                query, self.bank_, self.bank_rows_, k, squared=squared, prepared=self._prepared_bank()
+            )
         return ops.knn(query, self.bank_, k, squared=squared, prepared=self._prepared_bank())
 
     def _bank_rows(self, indices: torch.Tensor) -> torch.Tensor:
@@ -397,7 +432,10 @@ class PatchCore(FeatureModel):
         patches = self.patch_features(images)
         b, h, w, d = patches.shape
         if d != self.bank_.shape[1]:
-            raise ValueError(f"patch features have {d} dims but the bank has {self.bank_.shape[1]}; were the layers changed after fit?")
+            raise ValueError(
+                f"patch features have {d} dims but the bank has {self.bank_.shape[1]}; "
+                "were the layers changed after fit?"
+            )
         query = patches.reshape(b * h * w, d)
         dist, index = self._nearest(query.to(self.bank_.dtype), 1, squared=self.squared)
         scores = dist[:, 0].reshape(b, h * w)
@@ -444,8 +482,9 @@ def _pooled_neighbourhoods(features: torch.Tensor, p: int, width: int) -> torch.
     return torch.cat(parts)
 
 
-def _bank_across_processes(chunks: list[torch.Tensor], selected: torch.Tensor, offset: int, n_local: int,
-                           dtype: torch.dtype, device: str) -> torch.Tensor:
+def _bank_across_processes(
+    chunks: list[torch.Tensor], selected: torch.Tensor, offset: int, n_local: int, dtype: torch.dtype, device: str
+) -> torch.Tensor:
     """Every process given the chosen rows (global indices ``selected``) in selection order, each
     contributed by the process that holds it: this one holds rows offset .. offset + n_local."""
     import torch.distributed as dist
@@ -460,7 +499,9 @@ def _bank_across_processes(chunks: list[torch.Tensor], selected: torch.Tensor, o
     return bank.to(device, dtype)
 
 
-def _gather_rows(chunks: list[torch.Tensor], selected: torch.Tensor | None, n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+def _gather_rows(
+    chunks: list[torch.Tensor], selected: torch.Tensor | None, n: int, dtype: torch.dtype, device: str
+) -> torch.Tensor:
     """The bank: rows ``selected`` (or all) of the chunks' concatenation, in selection order,
     copied chunk by chunk into one preallocated tensor; each chunk is released once copied, so
     memory peaks at the bank plus one chunk beyond the chunks themselves."""

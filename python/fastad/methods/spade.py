@@ -129,8 +129,10 @@ class SPADE(FeatureModel):
         for layer in layers:
             check_state_tensor(f"features_[{layer!r}]", features[layer], dtype, (n, info[layer][0], "h", "w"))
             if features[layer].dtype != features[layers[0]].dtype:
-                raise ValueError(f"features_[{layer!r}] is {features[layer].dtype} but features_[{layers[0]!r}] is "
-                                 f"{features[layers[0]].dtype}: every layer's maps have the bank's one dtype")
+                raise ValueError(
+                    f"features_[{layer!r}] is {features[layer].dtype} but features_[{layers[0]!r}] is "
+                    f"{features[layers[0]].dtype}: every layer's maps have the bank's one dtype"
+                )
 
     # -- fit -------------------------------------------------------------------------------------
 
@@ -175,8 +177,10 @@ class SPADE(FeatureModel):
         if joined is None:
             return  # no process had an image: the base class reports it
         try:
-            features_ = {layer: distributed.all_gather_rows(torch.cat(chunks.pop(layer)) if pooled else None)
-                         for layer in map_layers}
+            features_ = {
+                layer: distributed.all_gather_rows(torch.cat(chunks.pop(layer)) if pooled else None)
+                for layer in map_layers
+            }
         except ValueError as exc:
             raise ValueError(f"SPADE needs training images of one size in every process: {exc}") from None
         self.pooled_, self.features_ = joined.to(self.device), {k: v.to(self.device) for k, v in features_.items()}
@@ -186,13 +190,17 @@ class SPADE(FeatureModel):
     def _score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         map_layers = self.map_layers()
         if set(self.features_) != set(map_layers):  # a model file gives the layers in name order
-            raise ValueError(f"this SPADE was fitted on layers {list(self.features_)} but its layers are now {map_layers}; fit again")
+            raise ValueError(
+                f"this SPADE was fitted on layers {list(self.features_)} but its layers are now {map_layers}; fit again"
+            )
         features = self._features(images)
         pooled = features[self.image_layer()].mean(dim=(2, 3))
         k_images = min(self.k_images, self.pooled_.shape[0])
         image_distances, neighbours = knn(pooled, self.pooled_, k_images)
 
-        layer_maps = [self._layer_distances(features[layer], self.features_[layer], neighbours, layer) for layer in map_layers]
+        layer_maps = [
+            self._layer_distances(features[layer], self.features_[layer], neighbours, layer) for layer in map_layers
+        ]
         image_scores = image_distances.mean(dim=1) if self.image_score == "knn" else None
         return self._combined(layer_maps, images.shape[-2:]), image_scores
 
@@ -208,7 +216,7 @@ class SPADE(FeatureModel):
         base = 1 if to_image else strides[layers[0]]
         grid = tuple(size) if to_image else layer_maps[0].shape[-2:]
         resized = []
-        for layer, m in zip(layers, layer_maps):
+        for layer, m in zip(layers, layer_maps, strict=True):
             ratio = strides[layer] // base
             if ratio > 1:
                 m = F.interpolate(m[:, None], scale_factor=ratio, mode="bilinear", align_corners=False)[:, 0]
@@ -229,17 +237,24 @@ class SPADE(FeatureModel):
         key = (self.backbone, tuple(layers), str(self.weights), stride)
         cache = self.__dict__.setdefault("_tile_geometries", {})
         if key not in cache:
-            cache[key] = TileGeometry(stride=stride, align=align, halo=measured_halo(fn, stride, align, self.device),
-                                      same_padding=BACKBONES[self.backbone].same_padding)
+            cache[key] = TileGeometry(
+                stride=stride,
+                align=align,
+                halo=measured_halo(fn, stride, align, self.device),
+                same_padding=BACKBONES[self.backbone].same_padding,
+            )
         return cache[key]
 
     def tile_geometry(self):
         """The pixel maps tile: the combined map at stride 1 (``"to_image"``) or the first map
         layer's stride, windows aligned to the deepest map layer, the halo of the features and the
         upsampling of the maps."""
+
         def probe(images):  # the per-layer maps' dependence on the image, through the same combination
             features = self._features(images)
-            return self._combined([features[layer].sum(dim=1) for layer in self.map_layers()], images.shape[-2:])[:, None]
+            return self._combined([features[layer].sum(dim=1) for layer in self.map_layers()], images.shape[-2:])[
+                :, None
+            ]
 
         stride = 1 if self.layer_maps == "to_image" else None
         return self._geometry_of(self.map_layers(), probe, stride)
@@ -266,14 +281,21 @@ class SPADE(FeatureModel):
             if size is None:
                 size = tuple(reader.shape[1:])
             elif tuple(reader.shape[1:]) != size:
-                raise ValueError(f"SPADE needs training images of one size, got {size[0]}x{size[1]} and then "
-                                 f"{reader.shape[1]}x{reader.shape[2]}")
-            total, count = tiled_sum(lambda x: self._features(x)[image_layer], reader, **self._tiling_args(pooled_geometry, tile, progress))
+                raise ValueError(
+                    f"SPADE needs training images of one size, got {size[0]}x{size[1]} and then "
+                    f"{reader.shape[1]}x{reader.shape[2]}"
+                )
+            total, count = tiled_sum(
+                lambda x: self._features(x)[image_layer], reader, **self._tiling_args(pooled_geometry, tile, progress)
+            )
             pooled.append((total / count).to(device=self.device, dtype=torch.float32))
             for layer in chunks:
                 geometry = self._layer_geometry(layer)
-                maps = tiled_apply(lambda x, layer=layer: self._features(x)[layer], reader,
-                                   **self._tiling_args(geometry, tile, progress))
+                maps = tiled_apply(
+                    lambda x, layer=layer: self._features(x)[layer],
+                    reader,
+                    **self._tiling_args(geometry, tile, progress),
+                )
                 chunks[layer].append(torch.from_numpy(maps)[None].to(device=self.device, dtype=dtype))
         if distributed.is_distributed():
             self._join_processes([torch.stack(pooled)] if pooled else [], chunks, list(chunks))
@@ -291,8 +313,15 @@ class SPADE(FeatureModel):
         return self._geometry_of([layer], probe)
 
     def _tiling_args(self, geometry, tile: int, progress) -> dict[str, Any]:
-        return dict(tile=max(geometry.align, tile - tile % geometry.align), halo=geometry.halo, stride=geometry.stride,
-                    align=geometry.align, same_padding=geometry.same_padding, device=self.device, progress=progress)
+        return dict(
+            tile=max(geometry.align, tile - tile % geometry.align),
+            halo=geometry.halo,
+            stride=geometry.stride,
+            align=geometry.align,
+            same_padding=geometry.same_padding,
+            device=self.device,
+            progress=progress,
+        )
 
     def _tiled_scorer(self, reader, geometry, tile, progress):
         """A first pass pools the image layer over the whole image (a sum over tiles, exact), picks
@@ -302,12 +331,15 @@ class SPADE(FeatureModel):
         from ..tiling import tiled_sum
 
         if set(self.features_) != set(self.map_layers()):
-            raise ValueError(f"this SPADE was fitted on layers {list(self.features_)} but its layers are now "
-                             f"{self.map_layers()}; fit again")
+            raise ValueError(
+                f"this SPADE was fitted on layers {list(self.features_)} but its layers are now "
+                f"{self.map_layers()}; fit again"
+            )
         pooled_geometry = self._pooled_geometry()
         image_layer = self.image_layer()
-        total, count = tiled_sum(lambda x: self._features(x)[image_layer], reader,
-                                 **self._tiling_args(pooled_geometry, tile, progress))
+        total, count = tiled_sum(
+            lambda x: self._features(x)[image_layer], reader, **self._tiling_args(pooled_geometry, tile, progress)
+        )
         pooled = (total / count).to(device=self.device, dtype=torch.float32)[None]
         k_images = min(self.k_images, self.pooled_.shape[0])
         image_distances, neighbours = knn(pooled, self.pooled_, k_images)
@@ -316,7 +348,9 @@ class SPADE(FeatureModel):
             bank = self.features_[layer]
             gallery = bank.permute(0, 2, 3, 1).index_select(0, neighbours[0]).reshape(-1, bank.shape[1]).contiguous()
             if self.k_features > gallery.shape[0]:
-                raise ValueError(f"k_features={self.k_features} exceeds the {gallery.shape[0]} gallery features of layer {layer!r}")
+                raise ValueError(
+                    f"k_features={self.k_features} exceeds the {gallery.shape[0]} gallery features of layer {layer!r}"
+                )
             galleries[layer] = (gallery, knn_prepare(gallery))
 
         def fn(images: torch.Tensor) -> torch.Tensor:
@@ -334,7 +368,9 @@ class SPADE(FeatureModel):
         score = float(image_distances.mean()) if self.image_score == "knn" else None
         return fn, lambda outputs, valid: score
 
-    def _layer_distances(self, query: torch.Tensor, bank: torch.Tensor, neighbours: torch.Tensor, layer: str) -> torch.Tensor:
+    def _layer_distances(
+        self, query: torch.Tensor, bank: torch.Tensor, neighbours: torch.Tensor, layer: str
+    ) -> torch.Tensor:
         """Per-position score of one layer: query (B, C, h, w) float32, bank (N, C, h', w'),
         neighbours (B, K) int64 rows of the bank -> (B, h, w) float32, the mean distance of each
         query position to its ``k_features`` nearest among all positions of its K neighbours."""

@@ -35,10 +35,14 @@ def part_path(path: Path, index: int, count: int) -> Path:
 def _agree(outcome: Any, what: str) -> list:
     """Every process's ``outcome`` (a value, or an exception raised here): raises on every process
     when any of them failed, naming which."""
-    results = distributed.all_gather_objects(outcome if not isinstance(outcome, BaseException)
-                                             else ("failed", f"{type(outcome).__name__}: {outcome}"))
-    failed = [f"process {r}: {res[1]}" for r, res in enumerate(results)
-              if isinstance(res, tuple) and len(res) == 2 and res[0] == "failed"]
+    results = distributed.all_gather_objects(
+        outcome if not isinstance(outcome, BaseException) else ("failed", f"{type(outcome).__name__}: {outcome}")
+    )
+    failed = [
+        f"process {r}: {res[1]}"
+        for r, res in enumerate(results)
+        if isinstance(res, tuple) and len(res) == 2 and res[0] == "failed"
+    ]
     if failed:
         if isinstance(outcome, BaseException):
             raise OSError(f"{what} failed; " + "; ".join(failed)) from outcome
@@ -46,8 +50,13 @@ def _agree(outcome: Any, what: str) -> list:
     return results
 
 
-def write_split_model(path: str | Path, shared: dict[str, torch.Tensor], header: dict[str, Any],
-                      part_tensors: dict[str, torch.Tensor], part_header: dict[str, Any]) -> Path:
+def write_split_model(
+    path: str | Path,
+    shared: dict[str, torch.Tensor],
+    header: dict[str, Any],
+    part_tensors: dict[str, torch.Tensor],
+    part_header: dict[str, Any],
+) -> Path:
     """Collective: every process of the group calls it with its own ``part_tensors`` and
     ``part_header`` (its part's learned state) and the same ``shared`` tensors and ``header``.
     Returns ``path``."""
@@ -56,7 +65,8 @@ def write_split_model(path: str | Path, shared: dict[str, torch.Tensor], header:
     mine = part_path(path, rank, size)
     try:
         _, digest = model_io.write_model_file(
-            mine, part_tensors, dict(part_header, **{PART: {"index": rank, "count": size, "model": path.name}}))
+            mine, part_tensors, dict(part_header, **{PART: {"index": rank, "count": size, "model": path.name}})
+        )
         outcome: Any = (mine.name, digest)
     except Exception as exc:  # noqa: BLE001 - every process must learn of it, then it is raised
         outcome = exc
@@ -75,9 +85,16 @@ def write_split_model(path: str | Path, shared: dict[str, torch.Tensor], header:
 def _check_parts_entry(path: Path, entry: Any) -> list[dict[str, str]]:
     files = entry.get("files") if isinstance(entry, dict) else None
     count = entry.get("count") if isinstance(entry, dict) else None
-    if (isinstance(count, bool) or not isinstance(count, int) or count < 1 or not isinstance(files, list)
-            or len(files) != count or not all(isinstance(f, dict) and isinstance(f.get("file"), str)
-                                              and isinstance(f.get("digest"), str) for f in files)):
+    if (
+        isinstance(count, bool)
+        or not isinstance(count, int)
+        or count < 1
+        or not isinstance(files, list)
+        or len(files) != count
+        or not all(
+            isinstance(f, dict) and isinstance(f.get("file"), str) and isinstance(f.get("digest"), str) for f in files
+        )
+    ):
         raise model_io.ModelFileError(f"{path}: the header's {PARTS!r} entry is malformed ({entry!r:.120})")
     for f in files:
         if Path(f["file"]).name != f["file"] or f["file"] in ("", ".", ".."):
@@ -85,7 +102,9 @@ def _check_parts_entry(path: Path, entry: Any) -> list[dict[str, str]]:
     return files
 
 
-def read_parts(path: str | Path, header: dict[str, Any]) -> tuple[list[tuple[dict[str, torch.Tensor], dict[str, Any]]], bool]:
+def read_parts(
+    path: str | Path, header: dict[str, Any]
+) -> tuple[list[tuple[dict[str, torch.Tensor], dict[str, Any]]], bool]:
     """The parts the model file at ``path`` (its ``header`` read already) names: ``(parts,
     whole)``, each part ``(tensors, header)``. In a process group of the parts' count, only this
     process's part (``whole`` False); anywhere else all of them in order, to be joined
@@ -103,14 +122,24 @@ def read_parts(path: str | Path, header: dict[str, Any]) -> tuple[list[tuple[dic
         try:
             tensors, part = model_io.load_model_file(file)
         except FileNotFoundError:
-            raise model_io.ModelFileError(f"{path} is split in {count} part files and part {index + 1}, {file}, "
-                                          "is missing: copy every part file beside the model file") from None
+            raise model_io.ModelFileError(
+                f"{path} is split in {count} part files and part {index + 1}, {file}, "
+                "is missing: copy every part file beside the model file"
+            ) from None
         label = part.get(PART)
-        if (part.get("digest") != files[index]["digest"] or not isinstance(label, dict)
-                or label.get("index") != index or label.get("count") != count):
-            raise model_io.ModelFileError(f"{file} is not part {index + 1} of {count} that {path} was saved with "
-                                          "(replaced by another save, or edited)")
+        if (
+            part.get("digest") != files[index]["digest"]
+            or not isinstance(label, dict)
+            or label.get("index") != index
+            or label.get("count") != count
+        ):
+            raise model_io.ModelFileError(
+                f"{file} is not part {index + 1} of {count} that {path} was saved with "
+                "(replaced by another save, or edited)"
+            )
         if part.get("method") != header.get("method"):
-            raise model_io.ModelFileError(f"{file} holds part of a {part.get('method')!r} model, not {header.get('method')!r}")
+            raise model_io.ModelFileError(
+                f"{file} holds part of a {part.get('method')!r} model, not {header.get('method')!r}"
+            )
         parts.append((tensors, part))
     return parts, not own

@@ -1,11 +1,11 @@
 """``fastad siamese train | detect | reproduce``: the Siamese network from the command line.
 
-    fastad siamese train --data PATH --model OUT [--pairs rectangles|digits] [--epochs N]
-                         [--pairs-per-epoch N] [--limit N] [--device D] [--curve PNG]
-                         [--set key=value ...]
-    fastad siamese detect --template A --inspected B --out DIR [--model M] [--tile N]
-                          [--dense 1|2|4] [--device D]
-    fastad siamese reproduce --out DIR [--data ROOT] [--cifar-model M] [--quick]
+fastad siamese train --data PATH --model OUT [--pairs rectangles|digits] [--epochs N]
+                     [--pairs-per-epoch N] [--limit N] [--device D] [--curve PNG]
+                     [--set key=value ...]
+fastad siamese detect --template A --inspected B --out DIR [--model M] [--tile N]
+                      [--dense 1|2|4] [--device D]
+fastad siamese reproduce --out DIR [--data ROOT] [--cifar-model M] [--quick]
 """
 
 from __future__ import annotations
@@ -45,17 +45,24 @@ def add_parser(sub) -> None:
     commands = parser.add_subparsers(dest="siamese_command", required=True)
 
     p = commands.add_parser("train", help="train the network on pairs and write a model file")
-    p.add_argument("--data", required=True,
-                   help="ImageFolder folder or .zip (train/ and test/ splits, e.g. cifar10.zip) for rectangle "
-                        "pairs, or an MNIST folder (idx files) for digit pairs")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="ImageFolder folder or .zip (train/ and test/ splits, e.g. cifar10.zip) for rectangle "
+        "pairs, or an MNIST folder (idx files) for digit pairs",
+    )
     p.add_argument("--model", required=True, help="model file to write (.safetensors)")
-    p.add_argument("--pairs", choices=("rectangles", "digits"),
-                   help="pair rule: synthetic blue rectangles (default) or same digit (default for MNIST)")
+    p.add_argument(
+        "--pairs",
+        choices=("rectangles", "digits"),
+        help="pair rule: synthetic blue rectangles (default) or same digit (default for MNIST)",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--pairs-per-epoch", type=int, help="default: one pair per training image (digits: 50,000)")
     p.add_argument("--limit", type=int, help="use only this many training images (quick runs)")
-    p.add_argument("--heldout", type=int, default=10_000,
-                   help="held-out pairs from the test split (default 10,000; 0: none)")
+    p.add_argument(
+        "--heldout", type=int, default=10_000, help="held-out pairs from the test split (default 10,000; 0: none)"
+    )
     p.add_argument("--device")
     p.add_argument("--curve", help="also write the learning curve (train / held-out loss per epoch) to this PNG")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other SiameseDetector parameter")
@@ -68,8 +75,11 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help="model file (default: the detector shipped with fastad)")
     p.add_argument("--tile", type=int, help="tile size in pixels: exact tiled inference in bounded memory")
     p.add_argument("--dense", type=int, choices=(1, 2, 4), help="map step 4 / dense pixels (cost dense^2)")
-    p.add_argument("--padding", choices=("reflect", "replicate", "zeros"),
-                   help="how windows past the border see the image (default: the model's, reflect)")
+    p.add_argument(
+        "--padding",
+        choices=("reflect", "replicate", "zeros"),
+        help="how windows past the border see the image (default: the model's, reflect)",
+    )
     p.add_argument("--device")
     p.set_defaults(run=cmd_detect)
 
@@ -79,9 +89,13 @@ def add_parser(sub) -> None:
     p.add_argument("--cifar-model", help="reuse this trained CIFAR-10 model ('shipped' = fastad's) instead of training")
     p.add_argument("--quick", action="store_true", help="a tiny run (minutes) to check the pipeline, not the numbers")
     p.add_argument("--device")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any ReproduceConfig field (e.g. mnist_epochs=5, mnist_similar_fraction=0.5, "
-                        "mosaic_images=test, cifar_epochs=20); repeatable, applied after --quick")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any ReproduceConfig field (e.g. mnist_epochs=5, mnist_similar_fraction=0.5, "
+        "mosaic_images=test, cifar_epochs=20); repeatable, applied after --quick",
+    )
     p.set_defaults(run=cmd_reproduce)
 
 
@@ -125,16 +139,30 @@ def cmd_train(args: argparse.Namespace) -> int:
                     raise  # a damaged test split is an error, not a reason to drop the held-out loss
                 print(f"note: {data} has no test/ split: training without held-out pairs")
         pairs = RectanglePairs(train.images, args.pairs_per_epoch, seed=detector.seed)
-        heldout = None if test is None else RectanglePairs(test.images, min(args.heldout, len(test)), seed=detector.seed + 1)
-    print(f"{len(train)} training images from {data}; {len(pairs)} {kind} pairs per epoch, "
-          f"{detector.epochs} epochs on {detector.device}", flush=True)
+        heldout = (
+            None if test is None else RectanglePairs(test.images, min(args.heldout, len(test)), seed=detector.seed + 1)
+        )
+    print(
+        f"{len(train)} training images from {data}; {len(pairs)} {kind} pairs per epoch, "
+        f"{detector.epochs} epochs on {detector.device}",
+        flush=True,
+    )
 
     def log(epoch: int, history) -> None:
-        held = "" if not history.heldout_loss else (f", held-out loss {history.heldout_loss[-1]:.4f}, "
-                                                    f"accuracy {history.heldout_accuracy[-1]:.3f}")
+        held = (
+            ""
+            if not history.heldout_loss
+            else (f", held-out loss {history.heldout_loss[-1]:.4f}, accuracy {history.heldout_accuracy[-1]:.3f}")
+        )
         print(f"epoch {epoch + 1}: train loss {history.train_loss[-1]:.4f}{held} ({history.seconds:.0f} s)", flush=True)
 
-    info = {"command": "fastad " + shlex.join(args.argv), "data": str(data), "pairs": kind, "n_images": len(train), "pairs_per_epoch": len(pairs)}
+    info = {
+        "command": "fastad " + shlex.join(args.argv),
+        "data": str(data),
+        "pairs": kind,
+        "n_images": len(train),
+        "pairs_per_epoch": len(pairs),
+    }
     detector.train(pairs, heldout, normalization_images=train.images, log=log, training_info=info)
     out = detector.save(args.model)
     print(f"trained in {time.perf_counter() - start:.0f} s; model written to {out}")
@@ -161,8 +189,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         detector.padding = args.padding
     out_dir = output_folder(args.out)
     start = time.perf_counter()
-    detection = detector.detect(args.template, args.inspected, dense=args.dense, tile=args.tile,
-                                progress=None)
+    detection = detector.detect(args.template, args.inspected, dense=args.dense, tile=args.tile, progress=None)
     seconds = time.perf_counter() - start
     cells = detection.cells
     with atomic_path(out_dir / "map.npy") as tmp, open(tmp, "wb") as f:
@@ -178,23 +205,34 @@ def cmd_detect(args: argparse.Namespace) -> int:
         viz.save_png(out_dir / "overlay.png", viz.overlay(load_image(args.inspected), picture, vmin=vmin, vmax=vmax))
         files.append("overlay.png")
     summary = {
-        "template": str(args.template), "inspected": str(args.inspected),
-        "model": args.model or "shipped", "image_size": [height, width], "map_shape": list(cells.shape),
+        "template": str(args.template),
+        "inspected": str(args.inspected),
+        "model": args.model or "shipped",
+        "image_size": [height, width],
+        "map_shape": list(cells.shape),
         "step": detection.step,
-        "map_png_resolution": "input" if full else f"map, cells reduced by their maximum to at most {PICTURE_SIDE} a side",
-        "map_png_range": [vmin, vmax], "map_png_shape": list(picture.shape), "max_score": float(np.max(cells)), "mean_score": float(np.mean(cells)),
-        "seconds": seconds, "megapixels_per_second": height * width / 1e6 / seconds, "files": files,
+        "map_png_resolution": "input"
+        if full
+        else f"map, cells reduced by their maximum to at most {PICTURE_SIDE} a side",
+        "map_png_range": [vmin, vmax],
+        "map_png_shape": list(picture.shape),
+        "max_score": float(np.max(cells)),
+        "mean_score": float(np.mean(cells)),
+        "seconds": seconds,
+        "megapixels_per_second": height * width / 1e6 / seconds,
+        "files": files,
     }
     write_json(out_dir / "detection.json", summary)
-    print(f"{height}x{width} pair in {seconds:.2f} s ({summary['megapixels_per_second']:.2f} MP/s); "
-          f"max score {summary['max_score']:.4f}; map (step {detection.step} px) in {out_dir}")
+    print(
+        f"{height}x{width} pair in {seconds:.2f} s ({summary['megapixels_per_second']:.2f} MP/s); "
+        f"max score {summary['max_score']:.4f}; map (step {detection.step} px) in {out_dir}"
+    )
     return 0
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .detector import PRETRAINED_PATH
     from .reproduce import ReproduceConfig, reproduce
-
 
     config = ReproduceConfig.quick() if args.quick else ReproduceConfig()
     fields = {f.name for f in dataclasses.fields(ReproduceConfig)}

@@ -58,8 +58,11 @@ class Detection:
         # Upsample the cells to ceil(H/step)*step pixels, then crop: a partial last cell keeps
         # its place instead of being stretched over the whole image.
         rows, cols = self.cells.shape
-        full = upsample(torch.from_numpy(np.ascontiguousarray(self.cells, dtype=np.float32))[None],
-                        (rows * self.step, cols * self.step), mode)[0]
+        full = upsample(
+            torch.from_numpy(np.ascontiguousarray(self.cells, dtype=np.float32))[None],
+            (rows * self.step, cols * self.step),
+            mode,
+        )[0]
         return full[: self.image_size[0], : self.image_size[1]].numpy()
 
 
@@ -68,7 +71,8 @@ class SiameseDetector:
 
     Network: ``window`` (training image size = receptive field), ``in_channels``, ``channels``
     (five encoder widths), ``embed_dim``, ``head`` ("concat" = [f1, f2, |f1 - f2|], "distance" =
-    ||f1 - f2|| (Eq. 1, a scalar per position), "abs_difference" = |f1 - f2|, "none" = embedding only), ``hidden`` (discriminator width).
+    ||f1 - f2|| (Eq. 1, a scalar per position), "abs_difference" = |f1 - f2|, "none" = embedding only),
+    ``hidden`` (discriminator width).
     Training: ``loss``: "bce" (the paper's loss for the defect detector, whose discriminator gives
     the score), "contrastive" (the embedding alone, with head "none"), "both" (their sum, the
     shipped weights' loss before 2026-12); ``margin`` (contrastive margin r),
@@ -77,20 +81,57 @@ class SiameseDetector:
     ``padding`` of windows past the border ("reflect", "replicate", "zeros"), ``device``.
     """
 
-    def __init__(self, *, window: int = 32, in_channels: int = 3, channels: tuple[int, ...] = (16, 32, 64, 64, 128),
-                 embed_dim: int = 64, head: str = "concat", hidden: int = 64, loss: str = "bce",
-                 margin: float = 1.0, epochs: int = 20, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
-                 dense: int = 1, padding: str = "reflect", device: str = "cpu") -> None:
+    def __init__(
+        self,
+        *,
+        window: int = 32,
+        in_channels: int = 3,
+        channels: tuple[int, ...] = (16, 32, 64, 64, 128),
+        embed_dim: int = 64,
+        head: str = "concat",
+        hidden: int = 64,
+        loss: str = "bce",
+        margin: float = 1.0,
+        epochs: int = 20,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        seed: int = 0,
+        dense: int = 1,
+        padding: str = "reflect",
+        device: str = "cpu",
+    ) -> None:
         self.window, self.in_channels, self.channels = window, in_channels, tuple(channels)
         self.embed_dim, self.head, self.hidden = embed_dim, head, hidden
-        self.loss, self.margin, self.epochs, self.batch_size, self.lr, self.seed = loss, margin, epochs, batch_size, lr, seed
+        self.loss, self.margin, self.epochs, self.batch_size, self.lr, self.seed = (
+            loss,
+            margin,
+            epochs,
+            batch_size,
+            lr,
+            seed,
+        )
         self.dense, self.padding, self.device = dense, padding, device
         self._check_params()
 
     # -- parameters ---------------------------------------------------------------------------
 
-    _PARAMS = ("window", "in_channels", "channels", "embed_dim", "head", "hidden", "loss", "margin", "epochs",
-               "batch_size", "lr", "seed", "dense", "padding", "device")
+    _PARAMS = (
+        "window",
+        "in_channels",
+        "channels",
+        "embed_dim",
+        "head",
+        "hidden",
+        "loss",
+        "margin",
+        "epochs",
+        "batch_size",
+        "lr",
+        "seed",
+        "dense",
+        "padding",
+        "device",
+    )
 
     def get_params(self) -> dict[str, Any]:
         params = {name: getattr(self, name) for name in self._PARAMS}
@@ -98,8 +139,14 @@ class SiameseDetector:
         return params
 
     def _network_config(self) -> NetworkConfig:
-        return NetworkConfig(window=self.window, in_channels=self.in_channels, channels=tuple(self.channels),
-                             embed_dim=self.embed_dim, head=self.head, hidden=self.hidden)
+        return NetworkConfig(
+            window=self.window,
+            in_channels=self.in_channels,
+            channels=tuple(self.channels),
+            embed_dim=self.embed_dim,
+            head=self.head,
+            hidden=self.hidden,
+        )
 
     def _check_params(self) -> None:
         config = self._network_config()  # validates the network's parameters
@@ -117,9 +164,16 @@ class SiameseDetector:
 
     # -- training -----------------------------------------------------------------------------
 
-    def train(self, train_pairs: PairSource, heldout_pairs: PairSource | None = None, *,
-              normalization_images: Tensor | None = None, progress: bool | None = None, log=None,
-              training_info: dict | None = None) -> SiameseDetector:
+    def train(
+        self,
+        train_pairs: PairSource,
+        heldout_pairs: PairSource | None = None,
+        *,
+        normalization_images: Tensor | None = None,
+        progress: bool | None = None,
+        log=None,
+        training_info: dict | None = None,
+    ) -> SiameseDetector:
         """Trains a fresh network on ``train_pairs`` (see :mod:`fastad.siamese.training`) and
         returns ``self``. ``normalization_images`` (uint8 or [0, 1] (N, C, H, W)) give the input
         normalisation; ``training_info`` (data, command...) is stored in the model file."""
@@ -130,9 +184,20 @@ class SiameseDetector:
             net = SiameseNet(self._network_config())
         if normalization_images is not None:
             net.set_normalization(*input_statistics(normalization_images))
-        history = train_network(net, train_pairs, heldout_pairs, epochs=self.epochs, batch_size=self.batch_size,
-                                lr=self.lr, loss=self.loss, margin=self.margin, seed=self.seed,
-                                device=self.device, progress=progress, log=log)
+        history = train_network(
+            net,
+            train_pairs,
+            heldout_pairs,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            loss=self.loss,
+            margin=self.margin,
+            seed=self.seed,
+            device=self.device,
+            progress=progress,
+            log=log,
+        )
         self.network_ = net.eval()
         self.history_ = history
         self.training_info_ = dict(training_info or {})
@@ -165,8 +230,10 @@ class SiameseDetector:
         """Reads a file written by :meth:`save`; ``device`` overrides the saved one."""
         tensors, header = model_io.load_model_file(path)
         if header.get("method") != METHOD:
-            raise model_io.ModelFileError(f"{path} holds a {header.get('method')!r} model, not a Siamese detector "
-                                          "(load it with fastad.AnomalyModel.load)")
+            raise model_io.ModelFileError(
+                f"{path} holds a {header.get('method')!r} model, not a Siamese detector "
+                "(load it with fastad.AnomalyModel.load)"
+            )
         params = dict(header.get("params") or {})
         if device is not None:
             params["device"] = device
@@ -185,7 +252,9 @@ class SiameseDetector:
         # An edited file whose checksum was recomputed can hold anything in these two entries.
         for entry in ("history", "training"):
             if not isinstance(header.get(entry) or {}, dict):
-                raise model_io.ModelFileError(f"{path}: the header's {entry!r} entry is malformed ({header[entry]!r:.80})")
+                raise model_io.ModelFileError(
+                    f"{path}: the header's {entry!r} entry is malformed ({header[entry]!r:.80})"
+                )
         try:
             history = TrainingHistory.from_dict(header.get("history") or {})
         except (TypeError, ValueError) as exc:
@@ -199,8 +268,10 @@ class SiameseDetector:
     def pretrained(cls, *, device: str | None = None) -> SiameseDetector:
         """The detector shipped with fastad (CIFAR-10 pairs with synthetic blue rectangles)."""
         if not PRETRAINED_PATH.is_file():
-            raise FileNotFoundError(f"the shipped Siamese weights are missing ({PRETRAINED_PATH}); "
-                                    f"reinstall fastad or recreate them with: {PRETRAINED_COMMAND}")
+            raise FileNotFoundError(
+                f"the shipped Siamese weights are missing ({PRETRAINED_PATH}); "
+                f"reinstall fastad or recreate them with: {PRETRAINED_COMMAND}"
+            )
         return cls.load(PRETRAINED_PATH, device=device)
 
     def to(self, device: str) -> SiameseDetector:
@@ -211,8 +282,16 @@ class SiameseDetector:
 
     # -- inference ----------------------------------------------------------------------------
 
-    def detect(self, template: Any, inspected: Any, *, dense: int | None = None, tile: int | None = None,
-               out: np.ndarray | None = None, progress: bool | None = None) -> Detection:
+    def detect(
+        self,
+        template: Any,
+        inspected: Any,
+        *,
+        dense: int | None = None,
+        tile: int | None = None,
+        out: np.ndarray | None = None,
+        progress: bool | None = None,
+    ) -> Detection:
         """The anomaly map of ``inspected`` against ``template``.
 
         Both are (C, H, W) float tensors in [0, 1], or paths of image files (PNG, JPEG, TIFF...,
@@ -227,12 +306,16 @@ class SiameseDetector:
         dense = self.dense if dense is None else dense
         geometry = map_geometry(net, dense)
         lazy = tile is not None
-        pair = [_open_input(x, name, self.in_channels, lazy) for x, name in ((template, "template"),
-                                                                            (inspected, "inspected"))]
+        pair = [
+            _open_input(x, name, self.in_channels, lazy)
+            for x, name in ((template, "template"), (inspected, "inspected"))
+        ]
         sizes = [tuple(x.shape[-2:]) for x in pair]
         if sizes[0] != sizes[1]:
-            raise ValueError(f"template and inspected must have the same size, got {sizes[0][0]}x{sizes[0][1]} "
-                             f"and {sizes[1][0]}x{sizes[1][1]} pixels")
+            raise ValueError(
+                f"template and inspected must have the same size, got {sizes[0][0]}x{sizes[0][1]} "
+                f"and {sizes[1][0]}x{sizes[1][1]} pixels"
+            )
         height, width = sizes[0]
         if tile is None and height * width > AUTO_TILE_PIXELS:
             tile = AUTO_TILE  # exact either way; bounds the activations of a large in-memory pair
@@ -246,8 +329,9 @@ class SiameseDetector:
             from ..tiling import ArrayReader
 
             readers = [x if isinstance(x, _ChannelAdapter) else ArrayReader(x, channels_last=False) for x in pair]
-            cells = detect_tiled(net, readers[0], readers[1], tile=tile, dense=dense, padding=self.padding,
-                                 out=out, progress=progress)
+            cells = detect_tiled(
+                net, readers[0], readers[1], tile=tile, dense=dense, padding=self.padding, out=out, progress=progress
+            )
         return Detection(cells, geometry.step, (int(height), int(width)))
 
 
@@ -296,8 +380,10 @@ def _check_out(out: Any, shape: tuple[int, int]) -> None:
 def _in_memory(x: Any, name: str, channels: int) -> Tensor:
     """A (C, H, W) float tensor in [0, 1] with the network's channels."""
     if isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a torch.Tensor (C, H, W) or a file path, got a numpy array "
-                        "(wrap it with torch.from_numpy and put the channels first)")
+        raise TypeError(
+            f"{name} must be a torch.Tensor (C, H, W) or a file path, got a numpy array "
+            "(wrap it with torch.from_numpy and put the channels first)"
+        )
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor (C, H, W) or a file path, got {type(x).__name__}")
     if x.dim() != 3:
@@ -305,8 +391,10 @@ def _in_memory(x: Any, name: str, channels: int) -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"{name} must be floating point in [0, 1], got {x.dtype}")
     if x.shape[0] > 4 and x.shape[-1] <= 4:
-        raise ValueError(f"{name} has shape {tuple(x.shape)}, which looks like (H, W, C): put the channels "
-                         "first with .permute(2, 0, 1)")
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}, which looks like (H, W, C): put the channels "
+            "first with .permute(2, 0, 1)"
+        )
     check_pixel_values(x, name)
     return _match_channels(x, channels, name)
 
@@ -326,7 +414,7 @@ class _ChannelAdapter:
 
     def __init__(self, reader, channels: int, name: str) -> None:
         c = reader.shape[0]
-        if c != channels and not ((channels, c) in ((1, 3), (3, 1))):
+        if c != channels and (channels, c) not in ((1, 3), (3, 1)):
             raise ValueError(f"{name} has {c} channels; the network takes {channels}")
         self.reader, self.channels, self.name = reader, channels, name
 

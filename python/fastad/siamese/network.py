@@ -106,13 +106,18 @@ class SiameseNet(nn.Module):
         self.config = config = config or NetworkConfig()
         c0, c1, c2, c3, c4 = config.channels
         self.encoder = nn.Sequential(
-            nn.Conv2d(config.in_channels, c0, 3), nn.ReLU(inplace=True),
-            nn.Conv2d(c0, c1, 3), nn.ReLU(inplace=True),
+            nn.Conv2d(config.in_channels, c0, 3),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c0, c1, 3),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3), nn.ReLU(inplace=True),
+            nn.Conv2d(c1, c2, 3),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(c2, c3, 3), nn.ReLU(inplace=True),
-            nn.Conv2d(c3, c4, config.final_kernel), nn.ReLU(inplace=True),
+            nn.Conv2d(c2, c3, 3),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c3, c4, config.final_kernel),
+            nn.ReLU(inplace=True),
             nn.Conv2d(c4, config.embed_dim, 1),
         )
         if config.head == "none":
@@ -199,6 +204,5 @@ class SiameseNet(nn.Module):
             raise TypeError(f"{name} must be floating point in [0, 1], got {x.dtype}")
         if x.shape[-2] < w or x.shape[-1] < w:
             raise ValueError(
-                f"{name} is {x.shape[-2]}x{x.shape[-1]} pixels, smaller than the network's "
-                f"{w}x{w} receptive field"
+                f"{name} is {x.shape[-2]}x{x.shape[-1]} pixels, smaller than the network's {w}x{w} receptive field"
             )

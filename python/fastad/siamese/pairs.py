@@ -112,8 +112,12 @@ class Box:
 def _check_range(value: object, name: str, *, upper: float | None) -> tuple[float, float]:
     """(low, high) floats with 0 < low <= high (<= upper when given)."""
     limit = f" <= {upper}" if upper is not None else ""
-    if (not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2
-            or not all(isinstance(v, Real) and not isinstance(v, bool) for v in value)):
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str)
+        or len(value) != 2
+        or not all(isinstance(v, Real) and not isinstance(v, bool) for v in value)
+    ):
         raise TypeError(f"{name} must be a pair of numbers (low, high), got {value!r}")
     low, high = float(value[0]), float(value[1])
     if not (0.0 < low <= high and math.isfinite(high) and (upper is None or high <= upper)):
@@ -128,8 +132,12 @@ def _check_fraction(value: object, name: str) -> float:
 
 
 def _check_color(color: object) -> Color:
-    if (not isinstance(color, Sequence) or isinstance(color, str) or len(color) != 3
-            or not all(isinstance(v, Real) and not isinstance(v, bool) for v in color)):
+    if (
+        not isinstance(color, Sequence)
+        or isinstance(color, str)
+        or len(color) != 3
+        or not all(isinstance(v, Real) and not isinstance(v, bool) for v in color)
+    ):
         raise TypeError(f"color must be three numbers (red, green, blue) in [0, 1], got {color!r}")
     if not all(0.0 <= float(v) <= 1.0 for v in color):
         raise ValueError(f"color must be three numbers (red, green, blue) in [0, 1], got {color!r}")
@@ -161,8 +169,7 @@ def _check_uint8_images(images: object, name: str = "images") -> torch.Tensor:
     return images
 
 
-def _fill_values(color: Color, channels: int, dtype: torch.dtype,
-                 device: torch.device) -> torch.Tensor:
+def _fill_values(color: Color, channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(C,) fill values: the colour for RGB, its mean for grey (blue becomes grey 1/3: a defect
     as distinct from the surface as the colour would be, without favouring a channel)."""
     values = color if channels == 3 else (sum(color) / 3.0,)
@@ -173,19 +180,34 @@ def _fill_values(color: Color, channels: int, dtype: torch.dtype,
 # rectangle sizes: uniform draws of (area fraction, aspect), rounded to pixels, rejected until they fit
 
 
-def _satisfies(h: np.ndarray, w: np.ndarray, height: int, width: int,
-               area: tuple[float, float], aspect: tuple[float, float]) -> np.ndarray:
+def _satisfies(
+    h: np.ndarray, w: np.ndarray, height: int, width: int, area: tuple[float, float], aspect: tuple[float, float]
+) -> np.ndarray:
     """Whether integer (h, w) boxes fit a ``height`` x ``width`` image with area fraction and
     aspect (w / h) in the ranges: the one test every sampler and the feasibility check use."""
     with np.errstate(divide="ignore", invalid="ignore"):
         fraction = (h * w) / (height * width)
         ratio = w / h
-    return ((h >= 1) & (w >= 1) & (h <= height) & (w <= width)
-            & (fraction >= area[0]) & (fraction <= area[1]) & (ratio >= aspect[0]) & (ratio <= aspect[1]))
+    return (
+        (h >= 1)
+        & (w >= 1)
+        & (h <= height)
+        & (w <= width)
+        & (fraction >= area[0])
+        & (fraction <= area[1])
+        & (ratio >= aspect[0])
+        & (ratio <= aspect[1])
+    )
 
 
-def _rounded_sizes(u_area: np.ndarray, u_aspect: np.ndarray, height: int, width: int,
-                   area: tuple[float, float], aspect: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _rounded_sizes(
+    u_area: np.ndarray,
+    u_aspect: np.ndarray,
+    height: int,
+    width: int,
+    area: tuple[float, float],
+    aspect: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Candidate (h, w, accepted) from uniforms in [0, 1): area fraction and aspect drawn
     uniformly in their ranges, h = round(sqrt(A / r)), w = round(sqrt(A * r)) for A pixels."""
     pixels = (area[0] + (area[1] - area[0]) * u_area) * (height * width)
@@ -198,8 +220,9 @@ def _rounded_sizes(u_area: np.ndarray, u_aspect: np.ndarray, height: int, width:
 @functools.lru_cache(maxsize=256)
 def _sampleable(height: int, width: int, area: tuple[float, float], aspect: tuple[float, float]) -> str | None:
     """None when rectangles can be sampled, else the reason (for a ValueError)."""
-    ranges = (f"area fraction in [{area[0]:g}, {area[1]:g}] "
-              f"and aspect (width / height) in [{aspect[0]:g}, {aspect[1]:g}]")
+    ranges = (
+        f"area fraction in [{area[0]:g}, {area[1]:g}] and aspect (width / height) in [{aspect[0]:g}, {aspect[1]:g}]"
+    )
     # Feasible widths of each height form an interval; its ends, computed in floats, are off by
     # at most one, so the exact test on their neighbours finds a box whenever one exists.
     h = np.arange(1, height + 1, dtype=np.int64)
@@ -212,8 +235,10 @@ def _sampleable(height: int, width: int, area: tuple[float, float], aspect: tupl
     u_area, u_aspect = np.meshgrid(grid, grid, indexing="ij")
     accepted = _rounded_sizes(u_area.ravel(), u_aspect.ravel(), height, width, area, aspect)[2].mean()
     if accepted < _MIN_ACCEPTANCE:
-        return (f"rectangles with {ranges} exist in a {height}x{width} image, but rounding to whole pixels "
-                f"rejects {100 * (1 - accepted):.2f} % of draws; widen the ranges")
+        return (
+            f"rectangles with {ranges} exist in a {height}x{width} image, but rounding to whole pixels "
+            f"rejects {100 * (1 - accepted):.2f} % of draws; widen the ranges"
+        )
     return None
 
 
@@ -223,8 +248,14 @@ def _require_sampleable(height: int, width: int, area: tuple[float, float], aspe
         raise ValueError(reason)
 
 
-def sample_rectangle(height: int, width: int, generator: torch.Generator, *, area: tuple[float, float] = AREA,
-                     aspect: tuple[float, float] = ASPECT) -> Box:
+def sample_rectangle(
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    *,
+    area: tuple[float, float] = AREA,
+    aspect: tuple[float, float] = ASPECT,
+) -> Box:
     """A random rectangle inside a ``height`` x ``width`` image.
 
     The area fraction and the aspect (width / height) are drawn uniformly in ``area`` and
@@ -252,8 +283,9 @@ def sample_rectangle(height: int, width: int, generator: torch.Generator, *, are
             top = int(torch.randint(0, height - box_h + 1, (), generator=generator))
             left = int(torch.randint(0, width - box_w + 1, (), generator=generator))
             return Box(top, left, box_h, box_w)
-    raise ValueError(f"no rectangle accepted in {_MAX_DRAWS} draws for a {height}x{width} image "
-                     f"with area {area} and aspect {aspect}")  # unreachable after _require_sampleable
+    raise ValueError(
+        f"no rectangle accepted in {_MAX_DRAWS} draws for a {height}x{width} image with area {area} and aspect {aspect}"
+    )  # unreachable after _require_sampleable
 
 
 def paint_rectangle(image: torch.Tensor, box: Box, color: Color = BLUE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,8 +296,10 @@ def paint_rectangle(image: torch.Tensor, box: Box, color: Color = BLUE) -> tuple
     mask, True inside the box). ``image`` itself is left untouched.
     """
     if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-        raise TypeError(f"image must be a floating tensor (C, H, W) in [0, 1], got "
-                        f"{image.dtype if isinstance(image, torch.Tensor) else type(image).__name__}")
+        raise TypeError(
+            f"image must be a floating tensor (C, H, W) in [0, 1], got "
+            f"{image.dtype if isinstance(image, torch.Tensor) else type(image).__name__}"
+        )
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"image must have shape (C, H, W) with C = 1 or 3, got {tuple(image.shape)}")
     if not isinstance(box, Box):
@@ -391,9 +425,17 @@ class RectanglePairs(_EpochPairs):
     scalars, the images used. :meth:`batch` returns the same, stacked, built in one go.
     """
 
-    def __init__(self, images: torch.Tensor, n_pairs: int | None = None, *, seed: int = 0, p_defect: float = 0.5,
-                 area: tuple[float, float] = AREA, aspect: tuple[float, float] = ASPECT,
-                 color: Color = BLUE):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        n_pairs: int | None = None,
+        *,
+        seed: int = 0,
+        p_defect: float = 0.5,
+        area: tuple[float, float] = AREA,
+        aspect: tuple[float, float] = ASPECT,
+        color: Color = BLUE,
+    ):
         self.images = _check_uint8_images(images)
         super().__init__(images.shape[0], images.shape[0] if n_pairs is None else n_pairs, seed)
         self.p_defect = _check_fraction(p_defect, "p_defect")
@@ -444,13 +486,21 @@ class RectanglePairs(_EpochPairs):
             if pending.size == 0:
                 break
             stream = 16 + 4 * round_ + 2 * slot
-            h, w, accepted = _rounded_sizes(_uniform(keys[pending], stream), _uniform(keys[pending], stream + 1),
-                                            height, width, self.area, self.aspect)
+            h, w, accepted = _rounded_sizes(
+                _uniform(keys[pending], stream),
+                _uniform(keys[pending], stream + 1),
+                height,
+                width,
+                self.area,
+                self.aspect,
+            )
             sizes[pending[accepted]] = np.stack([h[accepted], w[accepted]], axis=1)
             pending = pending[~accepted]
         if pending.size:  # unreachable in practice: see _MIN_ACCEPTANCE
-            raise ValueError(f"no rectangle accepted in {_MAX_DRAWS} draws for a {height}x{width} image "
-                             f"with area {self.area} and aspect {self.aspect}")
+            raise ValueError(
+                f"no rectangle accepted in {_MAX_DRAWS} draws for a {height}x{width} image "
+                f"with area {self.area} and aspect {self.aspect}"
+            )
         top = _below(_uniform(keys, 3 + 2 * slot), height - sizes[:, 0] + 1)
         left = _below(_uniform(keys, 4 + 2 * slot), width - sizes[:, 1] + 1)
         return np.stack([top, left, sizes[:, 0], sizes[:, 1]], axis=1)
@@ -517,16 +567,28 @@ class DigitPairs(_EpochPairs):
     ``label2``, ``index1``, ``index2`` int64 scalars. :meth:`batch` returns them stacked.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, n_pairs: int = 50_000, *, seed: int = 0,
-                 similar_fraction: float | None = None):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        n_pairs: int = 50_000,
+        *,
+        seed: int = 0,
+        similar_fraction: float | None = None,
+    ):
         self.images = _check_uint8_images(images)
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
-            got = (f"{labels.dtype} tensor of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)
-                   else type(labels).__name__)
+            got = (
+                f"{labels.dtype} tensor of shape {tuple(labels.shape)}"
+                if isinstance(labels, torch.Tensor)
+                else type(labels).__name__
+            )
             raise TypeError(f"labels must be an int64 tensor of shape ({images.shape[0]},), got {got}")
         super().__init__(images.shape[0], n_pairs, seed)
         self.labels = labels
-        self.similar_fraction = None if similar_fraction is None else _check_fraction(similar_fraction, "similar_fraction")
+        self.similar_fraction = (
+            None if similar_fraction is None else _check_fraction(similar_fraction, "similar_fraction")
+        )
         if self.similar_fraction is None and images.shape[0] < 2:
             raise ValueError("random pairs need at least two images")
         values, classes, counts = np.unique(labels.cpu().numpy(), return_inverse=True, return_counts=True)
@@ -534,11 +596,14 @@ class DigitPairs(_EpochPairs):
             pass  # any two images make a pair; the labels only say whether it is similar
         elif self.similar_fraction > 0 and counts.min() < 2:
             lonely = ", ".join(str(v) for v in values[counts < 2])
-            raise ValueError(f"label(s) {lonely} have a single image: similar pairs need two images of each label "
-                             "(or set similar_fraction=0)")
+            raise ValueError(
+                f"label(s) {lonely} have a single image: similar pairs need two images of each label "
+                "(or set similar_fraction=0)"
+            )
         elif self.similar_fraction < 1 and values.shape[0] < 2:
-            raise ValueError(f"all images have label {values[0]}: dissimilar pairs need two labels "
-                             "(or set similar_fraction=1)")
+            raise ValueError(
+                f"all images have label {values[0]}: dissimilar pairs need two labels (or set similar_fraction=1)"
+            )
         # Images grouped by label: a partner is a position in this order.
         self._order = np.argsort(classes, kind="stable")
         self._class = classes
@@ -600,9 +665,16 @@ class DigitPairs(_EpochPairs):
 # test scenes
 
 
-def mosaic_pair(images: torch.Tensor, generator: torch.Generator, *, grid: int = 10, defect_fraction: float = 0.5,
-                area: tuple[float, float] = AREA, aspect: tuple[float, float] = ASPECT,
-                color: Color = BLUE) -> dict[str, torch.Tensor]:
+def mosaic_pair(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    grid: int = 10,
+    defect_fraction: float = 0.5,
+    area: tuple[float, float] = AREA,
+    aspect: tuple[float, float] = ASPECT,
+    color: Color = BLUE,
+) -> dict[str, torch.Tensor]:
     """A template mosaic and the same mosaic with rectangles in a known set of cells.
 
     ``images``: uint8 (grid * grid, C, h, w), tiled row-major (image ``r * grid + c`` in cell
@@ -616,8 +688,9 @@ def mosaic_pair(images: torch.Tensor, generator: torch.Generator, *, grid: int =
     check_int(grid, "grid", meaning="cells per side of the mosaic")
     _check_uint8_images(images)
     if images.shape[0] != grid * grid:
-        raise ValueError(f"images must hold grid * grid = {grid * grid} images for a {grid}x{grid} mosaic, "
-                         f"got {images.shape[0]}")
+        raise ValueError(
+            f"images must hold grid * grid = {grid * grid} images for a {grid}x{grid} mosaic, got {images.shape[0]}"
+        )
     _check_generator(generator)
     defect_fraction = _check_fraction(defect_fraction, "defect_fraction")
     area = _check_range(area, "area", upper=1.0)
@@ -644,8 +717,14 @@ def mosaic_pair(images: torch.Tensor, generator: torch.Generator, *, grid: int =
     return {"template": template, "inspected": inspected, "mask": mask, "cell_labels": cell_labels.to(images.device)}
 
 
-def scatter_rectangles(image: torch.Tensor, generator: torch.Generator, *, count: int = 100,
-                       size: tuple[int, int] = (5, 15), color: Color = BLUE) -> tuple[torch.Tensor, torch.Tensor]:
+def scatter_rectangles(
+    image: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    count: int = 100,
+    size: tuple[int, int] = (5, 15),
+    color: Color = BLUE,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` filled rectangles at random on a copy of ``image`` (the high-resolution test).
 
     ``image``: float (C, H, W), C = 1 or 3. Each rectangle's height and width are drawn
@@ -654,20 +733,27 @@ def scatter_rectangles(image: torch.Tensor, generator: torch.Generator, *, count
     Returns (the painted copy, bool (H, W) mask of the union of the rectangles).
     """
     if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-        raise TypeError(f"image must be a floating tensor (C, H, W) in [0, 1], got "
-                        f"{image.dtype if isinstance(image, torch.Tensor) else type(image).__name__}")
+        raise TypeError(
+            f"image must be a floating tensor (C, H, W) in [0, 1], got "
+            f"{image.dtype if isinstance(image, torch.Tensor) else type(image).__name__}"
+        )
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"image must have shape (C, H, W) with C = 1 or 3, got {tuple(image.shape)}")
     _check_generator(generator)
     check_int(count, "count", minimum=0, meaning="the number of rectangles")
     color = _check_color(color)
     height, width = int(image.shape[1]), int(image.shape[2])
-    if (not isinstance(size, Sequence) or len(size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+    if (
+        not isinstance(size, Sequence)
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+    ):
         raise TypeError(f"size must be a pair of ints (smallest, largest side in pixels), got {size!r}")
     if not 1 <= size[0] <= size[1] <= min(height, width):
-        raise ValueError(f"size must satisfy 1 <= smallest <= largest <= {min(height, width)} "
-                         f"(the {height}x{width} image's shorter side), got {tuple(size)}")
+        raise ValueError(
+            f"size must satisfy 1 <= smallest <= largest <= {min(height, width)} "
+            f"(the {height}x{width} image's shorter side), got {tuple(size)}"
+        )
     sides = torch.randint(size[0], size[1] + 1, (2, count), generator=generator)  # heights, widths
     positions = torch.rand(2, count, dtype=torch.float64, generator=generator)
     tops = (positions[0] * (height - sides[0] + 1)).floor().long().clamp_max(height - sides[0])
@@ -704,14 +790,18 @@ def aerial_template(images: Sequence[torch.Tensor], height: int = 720, width: in
     for position, image in enumerate(images):
         if not isinstance(image, torch.Tensor) or image.shape != first.shape or image.dtype != first.dtype:
             got = f"{image.dtype} {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
-            raise ValueError(f"images must share one shape and dtype: images[0] is {first.dtype} {tuple(first.shape)}, "
-                             f"images[{position}] is {got}")
+            raise ValueError(
+                f"images must share one shape and dtype: images[0] is {first.dtype} {tuple(first.shape)}, "
+                f"images[{position}] is {got}"
+            )
     channels, tile_h, tile_w = (int(v) for v in first.shape)
     grid_rows, grid_cols = math.ceil(height / tile_h), math.ceil(width / tile_w)
     needed = grid_rows * grid_cols
     if len(images) < needed:
-        raise ValueError(f"a {height}x{width} template needs {grid_rows}x{grid_cols} = {needed} images of "
-                         f"{tile_h}x{tile_w}, got {len(images)}")
+        raise ValueError(
+            f"a {height}x{width} template needs {grid_rows}x{grid_cols} = {needed} images of "
+            f"{tile_h}x{tile_w}, got {len(images)}"
+        )
     tiles = torch.stack(list(images[:needed])).view(grid_rows, grid_cols, channels, tile_h, tile_w)
     mosaic = tiles.permute(2, 0, 3, 1, 4).reshape(channels, grid_rows * tile_h, grid_cols * tile_w)
     return mosaic[:, :height, :width].contiguous()

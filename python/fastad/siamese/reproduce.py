@@ -1,7 +1,8 @@
 """The Siamese network's four experiments as one call: figures (PNG) and ``results.json``.
 
 1. ``mnist_clustering``: three networks with a 3-D embedding on MNIST digit pairs (same digit =
-   similar; 50,000 random pairs an epoch, about 10 % similar, 100 epochs, as the paper): (a) no discriminator, contrastive loss; (b) "concat" discriminator, BCE; (c)
+   similar; 50,000 random pairs an epoch, about 10 % similar, 100 epochs, as the paper): (a) no
+   discriminator, contrastive loss; (b) "concat" discriminator, BCE; (c)
    "distance" discriminator, BCE. Figures: the embeddings of training digits in 3-D and the
    similarity matrices of unseen digits. Numbers: held-out pair accuracy, mean similarity of
    same-digit and different-digit test pairs, pair AUROC.
@@ -124,18 +125,43 @@ class ReproduceConfig:
         hundred images and pairs, one epoch, one mosaic, narrow networks): it checks the
         pipeline, not the paper's numbers. ``changes`` override any field."""
         settings: dict[str, Any] = dict(
-            cifar_epochs=1, cifar_pairs=256, cifar_limit=256, cifar_test_limit=200, cifar_heldout_pairs=128,
-            mnist_epochs=1, mnist_pairs=256, mnist_limit=300, mnist_test_limit=200, mnist_heldout_pairs=128,
-            mnist_scatter=300, mosaics=1, change_pairs_shown=1,
-            channels=(4, 8, 8, 8, 16), embed_dim=8, hidden=8, batch_size=64, lr=3e-3,
+            cifar_epochs=1,
+            cifar_pairs=256,
+            cifar_limit=256,
+            cifar_test_limit=200,
+            cifar_heldout_pairs=128,
+            mnist_epochs=1,
+            mnist_pairs=256,
+            mnist_limit=300,
+            mnist_test_limit=200,
+            mnist_heldout_pairs=128,
+            mnist_scatter=300,
+            mosaics=1,
+            change_pairs_shown=1,
+            channels=(4, 8, 8, 8, 16),
+            embed_dim=8,
+            hidden=8,
+            batch_size=64,
+            lr=3e-3,
         )
         settings.update(changes)
         return cls(**settings)
 
     def check(self) -> None:
         """ValueError / TypeError / FileNotFoundError naming the first bad field."""
-        for name in ("cifar_epochs", "cifar_heldout_pairs", "mnist_epochs", "mnist_pairs", "mnist_heldout_pairs",
-                     "mnist_scatter", "similarity_per_digit", "mosaics", "embed_dim", "hidden", "batch_size"):
+        for name in (
+            "cifar_epochs",
+            "cifar_heldout_pairs",
+            "mnist_epochs",
+            "mnist_pairs",
+            "mnist_heldout_pairs",
+            "mnist_scatter",
+            "similarity_per_digit",
+            "mosaics",
+            "embed_dim",
+            "hidden",
+            "batch_size",
+        ):
             check_int(getattr(self, name), name)
         check_int(self.seed, "seed", minimum=0)
         check_int(self.change_pairs_shown, "change_pairs_shown", minimum=0)
@@ -144,9 +170,12 @@ class ReproduceConfig:
                 check_int(getattr(self, name), name, meaning="or None for all")
         check_positive_float(self.lr, "lr")
         check_choice(self.mosaic_images, "mosaic_images", ("train", "test"))
-        if self.mnist_similar_fraction is not None and not (isinstance(self.mnist_similar_fraction, (int, float))
-                                                            and 0.0 <= self.mnist_similar_fraction <= 1.0):
-            raise ValueError(f"mnist_similar_fraction must be None (random pairs) or in [0, 1], got {self.mnist_similar_fraction!r}")
+        if self.mnist_similar_fraction is not None and not (
+            isinstance(self.mnist_similar_fraction, (int, float)) and 0.0 <= self.mnist_similar_fraction <= 1.0
+        ):
+            raise ValueError(
+                f"mnist_similar_fraction must be None (random pairs) or in [0, 1], got {self.mnist_similar_fraction!r}"
+            )
         if not isinstance(self.data_root, (str, os.PathLike)):
             raise TypeError(f"data_root must be a path, got {type(self.data_root).__name__}")
         if self.progress is not None and not isinstance(self.progress, bool):
@@ -238,7 +267,7 @@ def _rgb(image: Tensor | np.ndarray) -> np.ndarray:
 
 def _panel_row(axes, panels: list[tuple[str, np.ndarray, dict]]) -> None:
     """Draws (title, picture, imshow options) panels on a row of axes, without ticks."""
-    for ax, (title, picture, options) in zip(axes, panels):
+    for ax, (title, picture, options) in zip(axes, panels, strict=False):
         image = ax.imshow(picture, interpolation="nearest", **options)
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
@@ -285,21 +314,27 @@ class _Run:
 
             if not self.cifar_zip.is_file():
                 raise _Skip(f"CIFAR-10 not found: {self.cifar_zip} is missing")
-            self._cifar[split] = load_image_folder(self.cifar_zip, split, limit=limit, seed=self.config.seed,
-                                                   progress=self.config.progress)
+            self._cifar[split] = load_image_folder(
+                self.cifar_zip, split, limit=limit, seed=self.config.seed, progress=self.config.progress
+            )
         return self._cifar[split]
 
     def detector_kwargs(self) -> dict[str, Any]:
         c = self.config
-        return dict(channels=tuple(c.channels), hidden=c.hidden, batch_size=c.batch_size, lr=c.lr,
-                    seed=c.seed, device=c.device)
+        return dict(
+            channels=tuple(c.channels), hidden=c.hidden, batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=c.device
+        )
 
     def epoch_logger(self, what: str) -> Callable:
         def log(epoch: int, history) -> None:
-            held = ("" if not history.heldout_loss else
-                    f", held-out loss {history.heldout_loss[-1]:.4f}, accuracy {history.heldout_accuracy[-1]:.3f}")
-            self.log(f"[{what}] epoch {epoch + 1}: train loss {history.train_loss[-1]:.4f}{held} "
-                     f"({history.seconds:.0f} s)")
+            held = (
+                ""
+                if not history.heldout_loss
+                else f", held-out loss {history.heldout_loss[-1]:.4f}, accuracy {history.heldout_accuracy[-1]:.3f}"
+            )
+            self.log(
+                f"[{what}] epoch {epoch + 1}: train loss {history.train_loss[-1]:.4f}{held} ({history.seconds:.0f} s)"
+            )
 
         return log
 
@@ -308,8 +343,9 @@ class _Run:
 # The driver
 
 
-def reproduce(out_dir: str | os.PathLike, config: ReproduceConfig | None = None, *,
-              log: Callable[[str], Any] = print) -> dict[str, Any]:
+def reproduce(
+    out_dir: str | os.PathLike, config: ReproduceConfig | None = None, *, log: Callable[[str], Any] = print
+) -> dict[str, Any]:
     """Runs the four experiments (module docstring) and writes their figures and
     ``out_dir/results.json`` (rewritten after each experiment, so a long run that stops keeps
     what it finished). Returns the results: one entry per name of :data:`EXPERIMENTS`, each
@@ -328,8 +364,12 @@ def reproduce(out_dir: str | os.PathLike, config: ReproduceConfig | None = None,
         "torch_version": torch.__version__,
         "finished": False,
     }
-    steps = {"mnist_clustering": _mnist_clustering, "cifar_learning_curve": _cifar_learning_curve,
-             "mosaic": _mosaic, "aerial": _aerial}
+    steps = {
+        "mnist_clustering": _mnist_clustering,
+        "cifar_learning_curve": _cifar_learning_curve,
+        "mosaic": _mosaic,
+        "aerial": _aerial,
+    }
     start = time.perf_counter()
     for name in EXPERIMENTS:
         log(f"[{name}] starting")
@@ -370,10 +410,14 @@ def _mnist_clustering(run: _Run) -> dict[str, Any]:
         test = load_mnist(root, "test", limit=c.mnist_test_limit, seed=c.seed)
     except FileNotFoundError as exc:
         raise _Skip(f"MNIST incomplete: {exc}") from None
-    train_pairs = DigitPairs(train.images, train.labels, c.mnist_pairs, seed=c.seed, similar_fraction=c.mnist_similar_fraction)
+    train_pairs = DigitPairs(
+        train.images, train.labels, c.mnist_pairs, seed=c.seed, similar_fraction=c.mnist_similar_fraction
+    )
     heldout = DigitPairs(test.images, test.labels, c.mnist_heldout_pairs, seed=c.seed + 1, similar_fraction=0.5)
-    run.log(f"[mnist_clustering] {len(train)} training digits, {len(train_pairs)} pairs per epoch, "
-            f"{len(heldout)} held-out pairs from {len(test)} test digits")
+    run.log(
+        f"[mnist_clustering] {len(train)} training digits, {len(train_pairs)} pairs per epoch, "
+        f"{len(heldout)} held-out pairs from {len(test)} test digits"
+    )
 
     generator = _generator(c.seed, _STREAM_MNIST_PICKS)
     scatter_index = torch.randperm(len(train), generator=generator)[: c.mnist_scatter]
@@ -382,19 +426,29 @@ def _mnist_clustering(run: _Run) -> dict[str, Any]:
     variants: dict[str, Any] = {}
     embeddings, matrices = {}, {}
     for name, head, loss in MNIST_VARIANTS:
-        detector = SiameseDetector(window=28, in_channels=1, embed_dim=3, head=head, loss=loss,
-                                   epochs=c.mnist_epochs, **run.detector_kwargs())
-        detector.train(train_pairs, heldout, normalization_images=train.images, progress=c.progress,
-                       log=run.epoch_logger(f"mnist_clustering {name}"))
+        detector = SiameseDetector(
+            window=28, in_channels=1, embed_dim=3, head=head, loss=loss, epochs=c.mnist_epochs, **run.detector_kwargs()
+        )
+        detector.train(
+            train_pairs,
+            heldout,
+            normalization_images=train.images,
+            progress=c.progress,
+            log=run.epoch_logger(f"mnist_clustering {name}"),
+        )
         net, history = detector.network_, detector.history_
         embeddings[name] = _embed_digits(net, train.images[scatter_index])
         matrices[name] = _similarity_matrix(net, test.images[matrix_index], detector.margin)
         same, different, pair_auroc = _pair_similarities(net, heldout, detector.margin, c.batch_size)
         variants[name] = {
-            "head": head, "loss": loss,
-            "heldout_accuracy": history.heldout_accuracy[-1], "heldout_loss": history.heldout_loss[-1],
-            "train_loss": history.train_loss, "training_seconds": history.seconds,
-            "mean_similarity_same_digit": same, "mean_similarity_different_digit": different,
+            "head": head,
+            "loss": loss,
+            "heldout_accuracy": history.heldout_accuracy[-1],
+            "heldout_loss": history.heldout_loss[-1],
+            "train_loss": history.train_loss,
+            "training_seconds": history.seconds,
+            "mean_similarity_same_digit": same,
+            "mean_similarity_different_digit": different,
             "pair_auroc": pair_auroc,
         }
     figures = [
@@ -404,13 +458,20 @@ def _mnist_clustering(run: _Run) -> dict[str, Any]:
     return {
         **{f"{name}_heldout_accuracy": v["heldout_accuracy"] for name, v in variants.items()},
         "variants": variants,
-        "n_train_images": len(train), "n_test_images": len(test), "pairs_per_epoch": len(train_pairs),
-        "heldout_pairs": len(heldout), "epochs": c.mnist_epochs,
+        "n_train_images": len(train),
+        "n_test_images": len(test),
+        "pairs_per_epoch": len(train_pairs),
+        "heldout_pairs": len(heldout),
+        "epochs": c.mnist_epochs,
         "definitions": {
-            "similarity": ("P(similar) = sigmoid(logit) for the heads with a discriminator; exp(-d^2 / margin^2) "
-                           "of the embedding distance d for head 'none' (margin = the contrastive margin, 1)"),
-            "heldout_accuracy": ("a pair is called similar when P(similar) > 1/2, or for head 'none' when "
-                                 "d < margin / 2 (fastad.siamese.training.evaluate_pairs)"),
+            "similarity": (
+                "P(similar) = sigmoid(logit) for the heads with a discriminator; exp(-d^2 / margin^2) "
+                "of the embedding distance d for head 'none' (margin = the contrastive margin, 1)"
+            ),
+            "heldout_accuracy": (
+                "a pair is called similar when P(similar) > 1/2, or for head 'none' when "
+                "d < margin / 2 (fastad.siamese.training.evaluate_pairs)"
+            ),
             "pair_auroc": "AUROC of 1 - similarity separating different-digit from same-digit held-out pairs",
         },
         "figures": figures,
@@ -459,8 +520,7 @@ def _similarity_matrix(net, images: Tensor, margin: float) -> np.ndarray:
     return s.reshape(n, n).cpu().numpy()
 
 
-def _pair_similarities(net, pairs, margin: float,
-                       batch: int) -> tuple[float | None, float | None, float | None]:
+def _pair_similarities(net, pairs, margin: float, batch: int) -> tuple[float | None, float | None, float | None]:
     """(mean similarity of similar pairs, of dissimilar pairs, AUROC of 1 - similarity for
     dissimilar vs similar) over all held-out pairs (as drawn for epoch 0)."""
     pairs.set_epoch(0)
@@ -480,9 +540,9 @@ def _pair_similarities(net, pairs, margin: float,
 
 
 def _embedding_figure(path: Path, embeddings: dict[str, np.ndarray], labels: np.ndarray) -> str:
+    import mpl_toolkits.mplot3d  # noqa: F401  (registers the "3d" projection)
     from matplotlib import colormaps
     from matplotlib.figure import Figure
-    import mpl_toolkits.mplot3d  # noqa: F401  (registers the "3d" projection)
 
     colours = colormaps["tab10"]
     fig = Figure(figsize=(6 * len(embeddings), 6), layout="constrained")
@@ -490,8 +550,15 @@ def _embedding_figure(path: Path, embeddings: dict[str, np.ndarray], labels: np.
         ax = fig.add_subplot(1, len(embeddings), k + 1, projection="3d")
         for digit in np.unique(labels):
             sel = labels == digit
-            ax.scatter(points[sel, 0], points[sel, 1], points[sel, 2], s=4, color=colours(int(digit) % 10),
-                       label=str(int(digit)), depthshade=False)
+            ax.scatter(
+                points[sel, 0],
+                points[sel, 1],
+                points[sel, 2],
+                s=4,
+                color=colours(int(digit) % 10),
+                label=str(int(digit)),
+                depthshade=False,
+            )
         ax.set_title(f"{name}: 3-D embeddings of {len(labels)} training digits", fontsize=9)
         ax.legend(title="digit", fontsize=7, markerscale=3, loc="upper left")
     return _save_figure(fig, path)
@@ -525,8 +592,12 @@ def _cifar_learning_curve(run: _Run) -> dict[str, Any]:
         detector = SiameseDetector.load(c.cifar_model, device=c.device)
         run.cifar_detector = detector
         history = detector.history_
-        info = {"source": "loaded", "model": str(Path(c.cifar_model).resolve()),
-                "model_training": detector.training_info_, "model_params": detector.get_params()}
+        info = {
+            "source": "loaded",
+            "model": str(Path(c.cifar_model).resolve()),
+            "model_training": detector.training_info_,
+            "model_params": detector.get_params(),
+        }
         run.log(f"[cifar_learning_curve] using the trained model {c.cifar_model}")
     else:
         detector, info = _train_cifar(run)
@@ -537,7 +608,9 @@ def _cifar_learning_curve(run: _Run) -> dict[str, Any]:
         "final_heldout_loss": history.heldout_loss[-1] if history.heldout_loss else None,
         "final_heldout_accuracy": history.heldout_accuracy[-1] if history.heldout_accuracy else None,
         "epochs": len(history.train_loss),
-        **history.to_dict(), **info, "figures": [figure],
+        **history.to_dict(),
+        **info,
+        "figures": [figure],
     }
 
 
@@ -552,17 +625,36 @@ def _train_cifar(run: _Run):
     test = run.cifar_test()
     train_pairs = RectanglePairs(train.images, c.cifar_pairs, seed=c.seed)
     heldout = RectanglePairs(test.images, min(c.cifar_heldout_pairs, len(test)), seed=c.seed + 1)
-    run.log(f"[cifar_learning_curve] {len(train)} training images, {len(train_pairs)} pairs per epoch, "
-            f"{len(heldout)} held-out pairs from {len(test)} test images, {c.cifar_epochs} epochs on {c.device}")
+    run.log(
+        f"[cifar_learning_curve] {len(train)} training images, {len(train_pairs)} pairs per epoch, "
+        f"{len(heldout)} held-out pairs from {len(test)} test images, {c.cifar_epochs} epochs on {c.device}"
+    )
     detector = SiameseDetector(embed_dim=c.embed_dim, epochs=c.cifar_epochs, **run.detector_kwargs())
-    training_info = {"command": "fastad.siamese.reproduce", "data": str(run.cifar_zip), "pairs": "rectangles",
-                     "n_images": len(train), "pairs_per_epoch": len(train_pairs), "heldout_pairs": len(heldout)}
-    detector.train(train_pairs, heldout, normalization_images=train.images, progress=c.progress,
-                   log=run.epoch_logger("cifar_learning_curve"), training_info=training_info)
+    training_info = {
+        "command": "fastad.siamese.reproduce",
+        "data": str(run.cifar_zip),
+        "pairs": "rectangles",
+        "n_images": len(train),
+        "pairs_per_epoch": len(train_pairs),
+        "heldout_pairs": len(heldout),
+    }
+    detector.train(
+        train_pairs,
+        heldout,
+        normalization_images=train.images,
+        progress=c.progress,
+        log=run.epoch_logger("cifar_learning_curve"),
+        training_info=training_info,
+    )
     model = detector.save(run.out_dir / "siamese_cifar10.safetensors")
     run.cifar_detector = detector
-    return detector, {"source": "trained", "model": model.name, "n_train_images": len(train),
-                      "pairs_per_epoch": len(train_pairs), "heldout_pairs": len(heldout)}
+    return detector, {
+        "source": "trained",
+        "model": model.name,
+        "n_train_images": len(train),
+        "pairs_per_epoch": len(train_pairs),
+        "heldout_pairs": len(heldout),
+    }
 
 
 def learning_curve_figure(path: Path, history) -> str:
@@ -576,8 +668,9 @@ def learning_curve_figure(path: Path, history) -> str:
     epochs = np.arange(1, len(history.train_loss) + 1)
     lines = ax.plot(epochs, history.train_loss, "o-", color="tab:blue", label="train loss")
     if history.heldout_loss:
-        lines += ax.plot(epochs[: len(history.heldout_loss)], history.heldout_loss, "s-", color="tab:orange",
-                         label="held-out loss")
+        lines += ax.plot(
+            epochs[: len(history.heldout_loss)], history.heldout_loss, "s-", color="tab:orange", label="held-out loss"
+        )
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss")
@@ -585,8 +678,13 @@ def learning_curve_figure(path: Path, history) -> str:
         ax.set_yscale("log")  # the losses fall by orders of magnitude once the rule is learned
     if history.heldout_accuracy:
         acc = ax.twinx()
-        lines += acc.plot(epochs[: len(history.heldout_accuracy)], history.heldout_accuracy, "^--",
-                          color="tab:green", label="held-out accuracy")
+        lines += acc.plot(
+            epochs[: len(history.heldout_accuracy)],
+            history.heldout_accuracy,
+            "^--",
+            color="tab:green",
+            label="held-out accuracy",
+        )
         acc.set_ylabel("held-out pair accuracy")
         acc.set_ylim(0.0, 1.0)
     ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
@@ -615,7 +713,9 @@ def _mosaic(run: _Run) -> dict[str, Any]:
 
     cells = MOSAIC_GRID * MOSAIC_GRID
     if len(test) < cells:
-        raise _Skip(f"a {MOSAIC_GRID}x{MOSAIC_GRID} mosaic needs {cells} {c.mosaic_images} images, only {len(test)} were read")
+        raise _Skip(
+            f"a {MOSAIC_GRID}x{MOSAIC_GRID} mosaic needs {cells} {c.mosaic_images} images, only {len(test)} were read"
+        )
     generator = _generator(c.seed, _STREAM_MOSAIC)
     aurocs: dict[str, list[float]] = {"cell": [], "aligned_cell": [], "pixel": []}
     figure = None
@@ -632,23 +732,40 @@ def _mosaic(run: _Run) -> dict[str, Any]:
             aurocs["aligned_cell"].append(metrics.image_auroc(labels.ravel(), aligned.ravel()))
         aurocs["pixel"].append(metrics.pixel_auroc(mask[None], full[None]))
         aligned_text = f" (aligned windows {aurocs['aligned_cell'][-1]:.3f})" if aurocs["aligned_cell"] else ""
-        run.log(f"[mosaic] mosaic {m + 1}/{c.mosaics}: cell AUROC {aurocs['cell'][-1]:.4f}{aligned_text}, "
-                f"pixel AUROC {aurocs['pixel'][-1]:.4f}")
+        run.log(
+            f"[mosaic] mosaic {m + 1}/{c.mosaics}: cell AUROC {aurocs['cell'][-1]:.4f}{aligned_text}, "
+            f"pixel AUROC {aurocs['pixel'][-1]:.4f}"
+        )
         if m == 0:
             figure = _four_panel_figure(
-                run.out_dir / "mosaic.png", template, inspected, full, mask,
-                f"mosaic 1: cell AUROC {aurocs['cell'][0]:.3f}{aligned_text}, pixel AUROC {aurocs['pixel'][0]:.3f}")
+                run.out_dir / "mosaic.png",
+                template,
+                inspected,
+                full,
+                mask,
+                f"mosaic 1: cell AUROC {aurocs['cell'][0]:.3f}{aligned_text}, pixel AUROC {aurocs['pixel'][0]:.3f}",
+            )
     return {
-        "cell_auroc_mean": _mean(aurocs["cell"]), "aligned_cell_auroc_mean": _mean(aurocs["aligned_cell"]),
+        "cell_auroc_mean": _mean(aurocs["cell"]),
+        "aligned_cell_auroc_mean": _mean(aurocs["aligned_cell"]),
         "pixel_auroc_mean": _mean(aurocs["pixel"]),
-        "cell_auroc": aurocs["cell"], "aligned_cell_auroc": aurocs["aligned_cell"], "pixel_auroc": aurocs["pixel"],
-        "mosaics": c.mosaics, "grid": MOSAIC_GRID, "defect_fraction": 0.5, "map_step": detection.step,
+        "cell_auroc": aurocs["cell"],
+        "aligned_cell_auroc": aurocs["aligned_cell"],
+        "pixel_auroc": aurocs["pixel"],
+        "mosaics": c.mosaics,
+        "grid": MOSAIC_GRID,
+        "defect_fraction": 0.5,
+        "map_step": detection.step,
         "definitions": {
-            "cell_auroc": ("cell score = maximum of the full-resolution (bilinear) map inside the cell; label = the "
-                           "cell got a rectangle. Windows centred near a cell's border also see its neighbour, so a "
-                           "rectangle raises the maximum of the cells next to it too"),
-            "aligned_cell_auroc": ("cell score = the network's score for exactly the cell's own 32 x 32 template / "
-                                   "inspected windows (the input it was trained on), from the unpadded sliding map"),
+            "cell_auroc": (
+                "cell score = maximum of the full-resolution (bilinear) map inside the cell; label = the "
+                "cell got a rectangle. Windows centred near a cell's border also see its neighbour, so a "
+                "rectangle raises the maximum of the cells next to it too"
+            ),
+            "aligned_cell_auroc": (
+                "cell score = the network's score for exactly the cell's own 32 x 32 template / "
+                "inspected windows (the input it was trained on), from the unpadded sliding map"
+            ),
             "pixel_auroc": "the full-resolution map against the rectangles' pixel mask",
         },
         "figures": [figure],
@@ -666,8 +783,10 @@ def aligned_cell_scores(net, template: Tensor, inspected: Tensor, grid: int) -> 
     check_int(grid, "grid")
     size = grid * net.window
     if tuple(template.shape[-2:]) != (size, size) or template.shape != inspected.shape:
-        raise ValueError(f"template and inspected must both be (C, {size}, {size}) for a {grid}x{grid} grid of "
-                         f"{net.window}-pixel cells, got {tuple(template.shape)} and {tuple(inspected.shape)}")
+        raise ValueError(
+            f"template and inspected must both be (C, {size}, {size}) for a {grid}x{grid} grid of "
+            f"{net.window}-pixel cells, got {tuple(template.shape)} and {tuple(inspected.shape)}"
+        )
     step = net.window // net.stride  # the window is a multiple of the stride (NetworkConfig checks it)
     device = _net_device(net)
     with torch.inference_mode():
@@ -675,16 +794,23 @@ def aligned_cell_scores(net, template: Tensor, inspected: Tensor, grid: int) -> 
     return scores[::step, ::step].double().cpu().numpy()
 
 
-def _four_panel_figure(path: Path, template: Tensor, inspected: Tensor, amap: np.ndarray, mask: np.ndarray,
-                       title: str, dpi: int = 100) -> str:
+def _four_panel_figure(
+    path: Path, template: Tensor, inspected: Tensor, amap: np.ndarray, mask: np.ndarray, title: str, dpi: int = 100
+) -> str:
     from matplotlib.figure import Figure
 
     h, w = amap.shape
     fig = Figure(figsize=(4 * 4.2, 4.2 * h / w + 0.6), layout="constrained")
     axes = fig.subplots(1, 4)
-    _panel_row(axes, [("template", _rgb(template), {}), ("inspected", _rgb(inspected), {}),
-                      ("anomaly map (1 - P(similar))", amap, _map_options(amap)),
-                      ("ground truth", mask, {"cmap": "gray", "vmin": 0, "vmax": 1})])
+    _panel_row(
+        axes,
+        [
+            ("template", _rgb(template), {}),
+            ("inspected", _rgb(inspected), {}),
+            ("anomaly map (1 - P(similar))", amap, _map_options(amap)),
+            ("ground truth", mask, {"cmap": "gray", "vmin": 0, "vmax": 1}),
+        ],
+    )
     fig.suptitle(title, fontsize=10)
     return _save_figure(fig, path, dpi)
 
@@ -701,8 +827,9 @@ def _change_sets(run: _Run) -> dict[str, Path]:
 def _aerial(run: _Run) -> dict[str, Any]:
     sets = _change_sets(run)
     if not sets:
-        raise _Skip(f"no change-detection images: {run.data_root / 'change_detection'}/"
-                    f"{{{','.join(CHANGE_SETS)}}}/A is missing")
+        raise _Skip(
+            f"no change-detection images: {run.data_root / 'change_detection'}/{{{','.join(CHANGE_SETS)}}}/A is missing"
+        )
     detector = _require_detector(run, "the aerial experiment")
     synthetic = _aerial_synthetic(run, detector, sets)
     real, figure = _change_detection(run, detector, sets)
@@ -724,15 +851,21 @@ def _template_images(sets: dict[str, Path]) -> tuple[list[Tensor], dict[str, str
     order, and the others with the reason they are left out (the template's grid needs one size)."""
     from ..data import load_image
 
-    loaded = [(f"{name}/{path.name}", load_image(path)) for name, folder in sets.items()
-              for path in sorted((folder / "A").glob("*.png"))]
+    loaded = [
+        (f"{name}/{path.name}", load_image(path))
+        for name, folder in sets.items()
+        for path in sorted((folder / "A").glob("*.png"))
+    ]
     if not loaded:
         return [], {}
     shapes = [tuple(image.shape) for _, image in loaded]
     common = max(set(shapes), key=lambda shape: (shapes.count(shape), shape))
-    kept = [image for (_, image), shape in zip(loaded, shapes) if shape == common]
-    left_out = {name: f"size {shape[1]}x{shape[2]}, not the commonest {common[1]}x{common[2]}"
-                for (name, _), shape in zip(loaded, shapes) if shape != common}
+    kept = [image for (_, image), shape in zip(loaded, shapes, strict=True) if shape == common]
+    left_out = {
+        name: f"size {shape[1]}x{shape[2]}, not the commonest {common[1]}x{common[2]}"
+        for (name, _), shape in zip(loaded, shapes, strict=True)
+        if shape != common
+    }
     return kept, left_out
 
 
@@ -745,8 +878,10 @@ def _aerial_synthetic(run: _Run, detector, sets: dict[str, Path]) -> dict[str, A
     if images:
         needed = math.ceil(AERIAL_HEIGHT / images[0].shape[1]) * math.ceil(AERIAL_WIDTH / images[0].shape[2])
     if len(images) < needed:
-        reason = (f"a {AERIAL_WIDTH}x{AERIAL_HEIGHT} template needs {needed} \"before\" (A) images of one size, "
-                  f"found {len(images)}")
+        reason = (
+            f'a {AERIAL_WIDTH}x{AERIAL_HEIGHT} template needs {needed} "before" (A) images of one size, '
+            f"found {len(images)}"
+        )
         run.log(f"[aerial] synthetic part skipped: {reason}")
         return {"status": "skipped", "reason": reason, "left_out_images": left_out}
     generator = _generator(run.config.seed, _STREAM_AERIAL)
@@ -764,17 +899,33 @@ def _aerial_synthetic(run: _Run, detector, sets: dict[str, Path]) -> dict[str, A
     auroc = metrics.pixel_auroc(mask[None], full[None])
     height, width = full.shape
     throughput = height * width / 1e6 / seconds
-    run.log(f"[aerial] synthetic {width}x{height}: pixel AUROC {auroc:.4f}, detection {seconds:.2f} s "
-            f"({throughput:.2f} MP/s on {detector.device})")
-    figure = _four_panel_figure(run.out_dir / "aerial_synthetic.png", template, inspected, full, mask,
-                                f"{width}x{height} aerial template, {AERIAL_RECTANGLES} rectangles: "
-                                f"pixel AUROC {auroc:.3f}", dpi=150)
+    run.log(
+        f"[aerial] synthetic {width}x{height}: pixel AUROC {auroc:.4f}, detection {seconds:.2f} s "
+        f"({throughput:.2f} MP/s on {detector.device})"
+    )
+    figure = _four_panel_figure(
+        run.out_dir / "aerial_synthetic.png",
+        template,
+        inspected,
+        full,
+        mask,
+        f"{width}x{height} aerial template, {AERIAL_RECTANGLES} rectangles: pixel AUROC {auroc:.3f}",
+        dpi=150,
+    )
     return {
-        "status": "done", "pixel_auroc": auroc, "image_size": [height, width],
-        "template_images": needed, "left_out_images": left_out,
-        "rectangles": AERIAL_RECTANGLES, "rectangle_size": list(AERIAL_RECTANGLE_SIZE),
-        "defect_pixels": int(mask.sum()), "detect_seconds": seconds, "megapixels_per_second": throughput,
-        "device": str(detector.device), "torch_threads": torch.get_num_threads(), "map_step": detection.step,
+        "status": "done",
+        "pixel_auroc": auroc,
+        "image_size": [height, width],
+        "template_images": needed,
+        "left_out_images": left_out,
+        "rectangles": AERIAL_RECTANGLES,
+        "rectangle_size": list(AERIAL_RECTANGLE_SIZE),
+        "defect_pixels": int(mask.sum()),
+        "detect_seconds": seconds,
+        "megapixels_per_second": throughput,
+        "device": str(detector.device),
+        "torch_threads": torch.get_num_threads(),
+        "map_step": detection.step,
         "figure": figure,
     }
 
@@ -798,16 +949,18 @@ def _change_detection(run: _Run, detector, sets: dict[str, Path]) -> tuple[dict[
                 continue
             before, after, label = load_image(a_path), load_image(b_path), load_mask(label_path).numpy()
             if before.shape != after.shape or tuple(before.shape[1:]) != label.shape:
-                skipped[a_path.name] = (f"sizes differ: A {tuple(before.shape[1:])}, B {tuple(after.shape[1:])}, "
-                                        f"label {label.shape}")
+                skipped[a_path.name] = (
+                    f"sizes differ: A {tuple(before.shape[1:])}, B {tuple(after.shape[1:])}, label {label.shape}"
+                )
                 continue
             full = detector.detect(before, after).full_resolution()
             if label.any() and not label.all():
                 per_pair[a_path.name] = metrics.pixel_auroc(label[None], full[None])
             else:  # still pooled: its pixels count as negatives (or positives) there
                 per_pair[a_path.name] = None
-                undefined[a_path.name] = (f"the label marks {'every' if label.all() else 'no'} pixel as changed: "
-                                          "AUROC undefined")
+                undefined[a_path.name] = (
+                    f"the label marks {'every' if label.all() else 'no'} pixel as changed: AUROC undefined"
+                )
             masks.append(label)
             maps.append(full)
             if sum(1 for s in shown if s[0].startswith(name)) < run.config.change_pairs_shown:
@@ -815,11 +968,17 @@ def _change_detection(run: _Run, detector, sets: dict[str, Path]) -> tuple[dict[
         both_classes = any(m.any() for m in masks) and not all(m.all() for m in masks)
         pooled = _pooled_pixel_auroc(masks, maps) if both_classes else None
         results[name] = {
-            "pooled_pixel_auroc": pooled, "mean_pair_pixel_auroc": _mean(list(per_pair.values())),
-            "pairs": per_pair, "n_pairs": len(per_pair), "skipped_pairs": skipped, "undefined_pairs": undefined,
+            "pooled_pixel_auroc": pooled,
+            "mean_pair_pixel_auroc": _mean(list(per_pair.values())),
+            "pairs": per_pair,
+            "n_pairs": len(per_pair),
+            "skipped_pairs": skipped,
+            "undefined_pairs": undefined,
         }
-        run.log(f"[aerial] {name}: {len(per_pair)} pairs, pooled pixel AUROC "
-                f"{'n/a' if pooled is None else f'{pooled:.4f}'}" + (f", {len(skipped)} skipped" if skipped else ""))
+        run.log(
+            f"[aerial] {name}: {len(per_pair)} pairs, pooled pixel AUROC "
+            f"{'n/a' if pooled is None else f'{pooled:.4f}'}" + (f", {len(skipped)} skipped" if skipped else "")
+        )
     return results, _change_figure(run.out_dir / "change_detection.png", shown)
 
 
@@ -829,12 +988,18 @@ def _change_figure(path: Path, shown: list) -> str:
     rows = max(len(shown), 1)
     fig = Figure(figsize=(4 * 3.4, 3.4 * rows), layout="constrained")
     axes = np.atleast_2d(fig.subplots(rows, 4, squeeze=False))
-    for row, (name, before, after, amap, label) in zip(axes, shown):
+    for row, (name, before, after, amap, label) in zip(axes, shown, strict=False):
         # Each map on its own colour scale, stated in its title: on real changes the scores of a
         # network trained on rectangles stay low, and a shared 0-1 scale would show nothing.
         top = max(float(np.max(amap)), 1e-6)
-        _panel_row(row, [(f"{name}: A (before)", _rgb(before), {}), ("B (after)", _rgb(after), {}),
-                         (f"anomaly map (colours 0 to {top:.3g})", amap, {"cmap": "jet", "vmin": 0.0, "vmax": top}),
-                         ("change label", label, {"cmap": "gray", "vmin": 0, "vmax": 1})])
+        _panel_row(
+            row,
+            [
+                (f"{name}: A (before)", _rgb(before), {}),
+                ("B (after)", _rgb(after), {}),
+                (f"anomaly map (colours 0 to {top:.3g})", amap, {"cmap": "jet", "vmin": 0.0, "vmax": top}),
+                ("change label", label, {"cmap": "gray", "vmin": 0, "vmax": 1}),
+            ],
+        )
     fig.suptitle("Real before / after pairs (the network saw only synthetic rectangles in training)", fontsize=10)
     return _save_figure(fig, path)

@@ -44,7 +44,9 @@ class MapGeometry:
     def __init__(self, window: int, stride: int, dense: int) -> None:
         if isinstance(dense, bool) or not isinstance(dense, int) or dense < 1 or stride % dense:
             divisors = [d for d in range(1, stride + 1) if stride % d == 0]
-            raise ValueError(f"dense must be one of {divisors} (a divisor of the network's stride {stride}), got {dense!r}")
+            raise ValueError(
+                f"dense must be one of {divisors} (a divisor of the network's stride {stride}), got {dense!r}"
+            )
         self.window, self.stride, self.dense = window, stride, dense
         self.step = stride // dense
         self.before = (window - self.step) // 2  # pixels of a cell's window above / left of the cell's first pixel
@@ -75,8 +77,9 @@ def _pad(x: Tensor, geometry: MapGeometry, padding: str) -> Tensor:
     return F.pad(x, pads, mode=padding)
 
 
-def _batched_scores(net: SiameseNet, template: Tensor, inspected: Tensor, geometry: MapGeometry,
-                    padding: str) -> Tensor:
+def _batched_scores(
+    net: SiameseNet, template: Tensor, inspected: Tensor, geometry: MapGeometry, padding: str
+) -> Tensor:
     """(B, C, H, W) pairs -> (B, ceil(H/t), ceil(W/t)) anomaly scores; see the module docstring."""
     b, _, h, w = template.shape
     rows, cols = geometry.cells(h), geometry.cells(w)
@@ -101,18 +104,22 @@ def _check_pair(template: object, inspected: object, net: SiameseNet) -> None:
         if not x.is_floating_point():
             raise TypeError(f"{name} must be floating point in [0, 1], got {x.dtype}")
     if template.shape != inspected.shape:
-        raise ValueError(f"template and inspected must have the same size, got {tuple(template.shape)} "
-                         f"and {tuple(inspected.shape)}")
+        raise ValueError(
+            f"template and inspected must have the same size, got {tuple(template.shape)} and {tuple(inspected.shape)}"
+        )
     c, w = net.config.in_channels, net.window
     if template.shape[-3] != c:
         raise ValueError(f"the network takes {c}-channel images, got shape {tuple(template.shape)}")
     if min(template.shape[-2:]) < w:
-        raise ValueError(f"images of {template.shape[-2]}x{template.shape[-1]} pixels are smaller than the "
-                         f"network's {w}x{w} receptive field")
+        raise ValueError(
+            f"images of {template.shape[-2]}x{template.shape[-1]} pixels are smaller than the "
+            f"network's {w}x{w} receptive field"
+        )
 
 
-def score_map(net: SiameseNet, template: Tensor, inspected: Tensor, *, dense: int = 1,
-              padding: str = "reflect") -> Tensor:
+def score_map(
+    net: SiameseNet, template: Tensor, inspected: Tensor, *, dense: int = 1, padding: str = "reflect"
+) -> Tensor:
     """Anomaly map of a pair held in memory: (C, H, W) -> (ceil(H/t), ceil(W/t)) with t = 4 / dense,
     or batched (B, C, H, W) -> (B, ...). Runs on the network's device under inference mode."""
     _check_pair(template, inspected, net)
@@ -123,8 +130,9 @@ def score_map(net: SiameseNet, template: Tensor, inspected: Tensor, *, dense: in
         template, inspected = template[None], inspected[None]
     param = next(net.parameters())
     with torch.inference_mode():
-        out = _batched_scores(net, template.to(param.device, param.dtype), inspected.to(param.device, param.dtype),
-                              geometry, padding)
+        out = _batched_scores(
+            net, template.to(param.device, param.dtype), inspected.to(param.device, param.dtype), geometry, padding
+        )
     return out[0] if single else out
 
 
@@ -134,8 +142,10 @@ class PairReader:
 
     def __init__(self, template: TileReader, inspected: TileReader) -> None:
         if template.shape[1:] != inspected.shape[1:]:
-            raise ValueError(f"template and inspected must have the same size, got {template.shape[1]}x"
-                             f"{template.shape[2]} and {inspected.shape[1]}x{inspected.shape[2]}")
+            raise ValueError(
+                f"template and inspected must have the same size, got {template.shape[1]}x"
+                f"{template.shape[2]} and {inspected.shape[1]}x{inspected.shape[2]}"
+            )
         if template.shape[0] != inspected.shape[0]:
             raise ValueError(f"template has {template.shape[0]} channels, inspected {inspected.shape[0]}")
         self.template, self.inspected = template, inspected
@@ -165,10 +175,18 @@ def _pair_function(net: SiameseNet, geometry: MapGeometry, padding: str) -> Call
     return fn
 
 
-def detect_tiled(net: SiameseNet, template: TileReader | str | os.PathLike | np.ndarray | Tensor,
-                 inspected: TileReader | str | os.PathLike | np.ndarray | Tensor, *, tile: int = 1024,
-                 dense: int = 1, padding: str = "reflect", out: np.ndarray | None = None,
-                 progress: bool | None = None, batch_tiles: int = 1) -> np.ndarray:
+def detect_tiled(
+    net: SiameseNet,
+    template: TileReader | str | os.PathLike | np.ndarray | Tensor,
+    inspected: TileReader | str | os.PathLike | np.ndarray | Tensor,
+    *,
+    tile: int = 1024,
+    dense: int = 1,
+    padding: str = "reflect",
+    out: np.ndarray | None = None,
+    progress: bool | None = None,
+    batch_tiles: int = 1,
+) -> np.ndarray:
     """Anomaly map of a pair read tile by tile (files larger than memory: .npy, uncompressed TIFF,
     or anything :func:`fastad.tiling.open_reader` takes). Returns ``out`` or a new float32 array
     (ceil(H/t), ceil(W/t)); equal to :func:`score_map` on the whole pair up to float rounding.
@@ -181,14 +199,25 @@ def detect_tiled(net: SiameseNet, template: TileReader | str | os.PathLike | np.
     if c // 2 != net.config.in_channels:
         raise ValueError(f"the network takes {net.config.in_channels}-channel images, the files have {c // 2}")
     if min(h, w) < net.window:
-        raise ValueError(f"images of {h}x{w} pixels are smaller than the network's {net.window}x{net.window} receptive field")
+        raise ValueError(
+            f"images of {h}x{w} pixels are smaller than the network's {net.window}x{net.window} receptive field"
+        )
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < geometry.step:
         raise ValueError(f"tile must be an int of at least {geometry.step} pixels, got {tile!r}")
     tile -= tile % geometry.step
     if out is not None and out.ndim == 2:
         out = out[None]
     param = next(net.parameters())
-    result = tiled_apply(_pair_function(net, geometry, padding), pair, tile=tile, halo=geometry.halo,
-                         stride=geometry.step, out=out, progress=progress, batch_tiles=batch_tiles,
-                         device=param.device, dtype=param.dtype)
+    result = tiled_apply(
+        _pair_function(net, geometry, padding),
+        pair,
+        tile=tile,
+        halo=geometry.halo,
+        stride=geometry.step,
+        out=out,
+        progress=progress,
+        batch_tiles=batch_tiles,
+        device=param.device,
+        dtype=param.dtype,
+    )
     return result[0]

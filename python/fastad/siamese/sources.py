@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.datasets import IMAGE_EXTENSIONS
 from .._checks import check_int
 from .._progress import progress_bar
+from ..data.datasets import IMAGE_EXTENSIONS
 from ..data.images import decode_rgb8
 
 __all__ = ["LabelledImages", "load_image_folder", "load_mnist", "stratified_subset"]
@@ -67,8 +67,10 @@ class LabelledImages:
         if not isinstance(classes, tuple) or not all(isinstance(name, str) for name in classes):
             raise TypeError(f"classes must be a tuple of str, got {classes!r}")
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
-            raise ValueError(f"labels must lie in [0, {len(classes)}) (one per class), "
-                             f"got values in [{int(labels.min())}, {int(labels.max())}]")
+            raise ValueError(
+                f"labels must lie in [0, {len(classes)}) (one per class), "
+                f"got values in [{int(labels.min())}, {int(labels.max())}]"
+            )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -85,8 +87,9 @@ class LabelledImages:
         elif index.is_floating_point() or index.is_complex() or index.dim() != 1:
             raise TypeError(f"indices must be a 1-D sequence of ints or a bool mask, got {_describe(index)}")
         elif int(index.min()) < 0 or int(index.max()) >= len(self):
-            raise IndexError(f"indices must lie in [0, {len(self)}), "
-                             f"got values in [{int(index.min())}, {int(index.max())}]")
+            raise IndexError(
+                f"indices must lie in [0, {len(self)}), got values in [{int(index.min())}, {int(index.max())}]"
+            )
         index = index.to(self.images.device, torch.bool if index.dtype == torch.bool else torch.int64)
         return LabelledImages(self.images[index], self.labels[index.to(self.labels.device)], self.classes)
 
@@ -186,8 +189,10 @@ def _zip_tree(path: Path, archive: zipfile.ZipFile, mapped: mmap.mmap) -> _Tree:
         if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
             data = _stored_member(mapped, info)
             if data is None:
-                raise ValueError(f"member {name!r} of zip archive {path} is corrupt: its local header "
-                                 "is missing or it runs past the end of the archive")
+                raise ValueError(
+                    f"member {name!r} of zip archive {path} is corrupt: its local header "
+                    "is missing or it runs past the end of the archive"
+                )
             if zlib.crc32(data) != info.CRC:
                 raise ValueError(f"member {name!r} of zip archive {path} is corrupt: CRC-32 mismatch")
             return data
@@ -209,7 +214,7 @@ def _stored_member(mapped: mmap.mmap, info: zipfile.ZipInfo) -> bytes | None:
     start = offset + _LOCAL_HEADER.size + name_length + extra_length
     if signature != _LOCAL_SIGNATURE or start + info.compress_size > len(mapped):
         return None
-    return mapped[start:start + info.compress_size]
+    return mapped[start : start + info.compress_size]
 
 
 def _folder_tree(root: Path, depth: int) -> _Tree:
@@ -217,7 +222,7 @@ def _folder_tree(root: Path, depth: int) -> _Tree:
     files: list[str] = []
     folders: set[str] = set()
     pending = [(root, "")]
-    for level in range(depth):
+    for _ in range(depth):
         below = []
         for folder, prefix in pending:
             with os.scandir(folder) as entries:
@@ -243,8 +248,10 @@ def _select_split(tree: _Tree, split: str | None) -> str:
     splits = sorted(folder for folder in tree.folders if "/" not in folder and not _is_skipped([folder]))
     if split not in splits:
         found = ", ".join(repr(name) for name in splits) if splits else "none"
-        raise ValueError(f"{tree.location} has no split folder {split!r} (splits found: {found}); "
-                         "pass split=None when its top level holds the class folders")
+        raise ValueError(
+            f"{tree.location} has no split folder {split!r} (splits found: {found}); "
+            "pass split=None when its top level holds the class folders"
+        )
     return f"{split}/"
 
 
@@ -253,14 +260,15 @@ def _catalogue(tree: _Tree, split: str | None) -> tuple[list[str], np.ndarray, t
     prefix = _select_split(tree, split)
     where = f"{tree.location}/{prefix.rstrip('/')}" if prefix else tree.location
     classes = sorted(
-        folder[len(prefix):] for folder in tree.folders
-        if folder.startswith(prefix) and "/" not in folder[len(prefix):] and not _is_skipped([folder[len(prefix):]])
+        folder[len(prefix) :]
+        for folder in tree.folders
+        if folder.startswith(prefix) and "/" not in folder[len(prefix) :] and not _is_skipped([folder[len(prefix) :]])
     )
     by_class: dict[str, list[str]] = {name: [] for name in classes}
     for name in tree.files:
         if not name.startswith(prefix):
             continue
-        parts = name[len(prefix):].split("/")
+        parts = name[len(prefix) :].split("/")
         if len(parts) == 2 and not _is_skipped(parts) and _is_image_name(parts[1]):
             by_class[parts[0]].append(name)
     if not classes or not any(by_class.values()):
@@ -274,8 +282,10 @@ def _catalogue(tree: _Tree, split: str | None) -> tuple[list[str], np.ndarray, t
         raise ValueError(f"{where}: no images ({extensions}) in class folders <class>/<file>{hint}")
     empty = [name for name in classes if not by_class[name]]
     if empty:
-        raise ValueError(f"{where}: class folder(s) without images: {', '.join(empty)} "
-                         "(an empty class would still take a label; remove the folder)")
+        raise ValueError(
+            f"{where}: class folder(s) without images: {', '.join(empty)} "
+            "(an empty class would still take a label; remove the folder)"
+        )
     paths = [name for cls in classes for name in sorted(by_class[cls])]
     labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(by_class[cls]) for cls in classes])
     return paths, labels, tuple(classes)
@@ -292,8 +302,10 @@ def _decode_all(tree: _Tree, paths: list[str], progress: bool | None) -> torch.T
             what = f"{tree.location}/{paths[index]}"
             array = decode_rgb8(tree.read(paths[index]), what)
             if array.shape[:2] != (height, width):
-                raise ValueError(f"images must all have one size: {what} is {array.shape[0]}x{array.shape[1]} "
-                                 f"(height x width) but {paths[0]} is {height}x{width}")
+                raise ValueError(
+                    f"images must all have one size: {what} is {array.shape[0]}x{array.shape[1]} "
+                    f"(height x width) but {paths[0]} is {height}x{width}"
+                )
             pixels[index] = array
             if index % _PROGRESS_STEP == 0:
                 bar.update(_PROGRESS_STEP)
@@ -301,8 +313,14 @@ def _decode_all(tree: _Tree, paths: list[str], progress: bool | None) -> torch.T
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
 
-def load_image_folder(path: str | os.PathLike, split: str | None = "train", *, limit: int | None = None,
-                      seed: int = 0, progress: bool | None = None) -> LabelledImages:
+def load_image_folder(
+    path: str | os.PathLike,
+    split: str | None = "train",
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> LabelledImages:
     """Reads an ImageFolder tree (a folder, or a .zip read in memory) into uint8 RGB tensors.
 
     ``split``: the top-level folder to read (``"train"``, ``"test"`` ...), or None when the top
@@ -342,8 +360,9 @@ def load_image_folder(path: str | os.PathLike, split: str | None = "train", *, l
         return _load_selected(tree, split, limit, seed, progress)
 
 
-def _load_selected(tree: _Tree, split: str | None, limit: int | None, seed: int,
-                   progress: bool | None) -> LabelledImages:
+def _load_selected(
+    tree: _Tree, split: str | None, limit: int | None, seed: int, progress: bool | None
+) -> LabelledImages:
     paths, labels, classes = _catalogue(tree, split)
     if limit is not None:
         keep = stratified_subset(labels, limit, seed)
@@ -387,9 +406,11 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     if len(data) < header:
         raise ValueError(f"MNIST file {path} is truncated: {len(data)} bytes, shorter than its {header}-byte header")
     if data[0] != 0 or data[1] != 0 or data[2] != _IDX_UBYTE or data[3] != ndim:
-        raise ValueError(f"MNIST file {path} has magic number {data[:4].hex()}, expected 000008{ndim:02x} "
-                         f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''})")
-    shape = tuple(int.from_bytes(data[4 + 4 * axis: 8 + 4 * axis], "big") for axis in range(ndim))
+        raise ValueError(
+            f"MNIST file {path} has magic number {data[:4].hex()}, expected 000008{ndim:02x} "
+            f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''})"
+        )
+    shape = tuple(int.from_bytes(data[4 + 4 * axis : 8 + 4 * axis], "big") for axis in range(ndim))
     expected = header + int(np.prod(shape, dtype=np.int64))
     if len(data) != expected:
         state = "truncated" if len(data) < expected else "longer than its header says"
@@ -397,8 +418,9 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def load_mnist(root: str | os.PathLike, split: str = "train", *, limit: int | None = None,
-               seed: int = 0) -> LabelledImages:
+def load_mnist(
+    root: str | os.PathLike, split: str = "train", *, limit: int | None = None, seed: int = 0
+) -> LabelledImages:
     """Reads MNIST (or any idx data of the same form, e.g. Fashion-MNIST) without torchvision.
 
     ``root``: the folder holding ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
@@ -420,8 +442,10 @@ def load_mnist(root: str | os.PathLike, split: str = "train", *, limit: int | No
     labels_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
     images, labels = _read_idx(images_path, 3), _read_idx(labels_path, 1)
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"MNIST files disagree: {images_path} holds {images.shape[0]} images "
-                         f"but {labels_path} holds {labels.shape[0]} labels")
+        raise ValueError(
+            f"MNIST files disagree: {images_path} holds {images.shape[0]} images "
+            f"but {labels_path} holds {labels.shape[0]} labels"
+        )
     if labels.size and int(labels.max()) >= len(_MNIST_CLASSES):
         raise ValueError(f"MNIST file {labels_path} holds label {int(labels.max())}; digits are 0 to 9")
     labels = labels.astype(np.int64)

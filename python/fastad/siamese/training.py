@@ -45,8 +45,12 @@ class TrainingHistory:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainingHistory:
-        return cls([float(v) for v in d.get("train_loss", [])], [float(v) for v in d.get("heldout_loss", [])],
-                   [float(v) for v in d.get("heldout_accuracy", [])], float(d.get("seconds", 0.0)))
+        return cls(
+            [float(v) for v in d.get("train_loss", [])],
+            [float(v) for v in d.get("heldout_loss", [])],
+            [float(v) for v in d.get("heldout_accuracy", [])],
+            float(d.get("seconds", 0.0)),
+        )
 
 
 def input_statistics(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +77,15 @@ def _batches(n: int, batch_size: int, order: torch.Tensor | None = None):
         yield indices[start : start + batch_size].tolist()
 
 
-def evaluate_pairs(net: SiameseNet, pairs: PairSource, *, loss: str, margin: float, batch_size: int = 512,
-                   device: torch.device | str = "cpu") -> tuple[float, float]:
+def evaluate_pairs(
+    net: SiameseNet,
+    pairs: PairSource,
+    *,
+    loss: str,
+    margin: float,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> tuple[float, float]:
     """(mean loss, accuracy) of ``net`` on all of ``pairs`` (as drawn for epoch 0)."""
     was_training = net.training
     net.eval()
@@ -97,10 +108,21 @@ def evaluate_pairs(net: SiameseNet, pairs: PairSource, *, loss: str, margin: flo
     return total_loss / max(count, 1), correct / max(count, 1)
 
 
-def train_network(net: SiameseNet, train_pairs: PairSource, heldout_pairs: PairSource | None = None, *,
-                  epochs: int = 20, batch_size: int = 128, lr: float = 1e-3, loss: str = "bce",
-                  margin: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
-                  progress: bool | None = None, log=None) -> TrainingHistory:
+def train_network(
+    net: SiameseNet,
+    train_pairs: PairSource,
+    heldout_pairs: PairSource | None = None,
+    *,
+    epochs: int = 20,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    loss: str = "bce",
+    margin: float = 1.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool | None = None,
+    log=None,
+) -> TrainingHistory:
     """Trains ``net`` in place with Adam and returns the per-epoch history.
 
     The batch order is drawn from ``seed`` (the pairs themselves from the pair source's own seed);
