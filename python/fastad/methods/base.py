@@ -1,4 +1,5 @@
-"""The base class every anomaly-detection method derives from, and the registry of methods.
+"""The base class every anomaly-detection method derives from, and the registry of methods
+(accepted inputs: ``inputs``; the result type: ``prediction``).
 
 A method is only its own step. It implements two hooks:
 
@@ -19,7 +20,6 @@ import inspect
 import math
 import numbers
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,10 +27,13 @@ import torch
 
 from .. import distributed
 from .. import io as model_io
-from .._batching import describe, group_by_size, is_map_dataset, iterate, stack_images, stack_labels
-from .._checks import check_choice, check_device, check_image_batch, check_int
+from .._batching import is_map_dataset
+from .._checks import check_choice, check_device, check_int
 from .._version import __version__
 from . import split_files
+from .inputs import iter_image_batches, same_size_runs
+from .learned_state import flatten_state, is_tensor_dict, part_state, rebuild_state
+from .prediction import Prediction
 
 # ----------------------------------------------------------------------------------------------
 # Registry
@@ -68,82 +71,7 @@ def available_methods() -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs
-
-
-def check_images(images: Any, what: str = "images") -> torch.Tensor:
-    """A batch (B, 3, H, W), or one image (3, H, W) made a batch of one, checked as every image
-    entering fastad is (``fastad._checks``)."""
-    if isinstance(images, torch.Tensor) and images.dim() == 3:
-        images = images.unsqueeze(0)
-    return check_image_batch(images, what)
-
-
-def _name_of(group: list[Any]) -> str:
-    """How the checks name a batch in errors: the file of a single image when it has one."""
-    single = len(group) == 1 and describe(group[0]) != "an element"
-    return f"image {describe(group[0])}" if single else "images"
-
-
-def _check_normal(group: list[Any]) -> None:
-    labels = stack_labels(group)
-    if labels is None or not bool((labels != 0).any()):
-        return
-    first = int((labels != 0).nonzero()[0])
-    where = describe(group[first]) if len(group) == labels.numel() else "a batch"
-    raise ValueError(f"fit expects normal images only, but {where} holds an image labelled anomalous")
-
-
-def iter_image_batches(data: Any, batch_size: int, *, normal_only: bool = False) -> Iterator[torch.Tensor]:
-    """Streams ``data`` as checked image batches (B, 3, H, W).
-
-    ``data`` is an image tensor (N, 3, H, W) or (3, H, W), a map-style data set whose items are
-    dicts with ``image`` (fastad.data) or tensors, or any iterable of batches (a DataLoader): a
-    tensor, a dict with ``image`` or a tuple whose first element is the images. Single images are
-    batched while consecutive ones share a size (``fastad._batching``). With ``normal_only`` an
-    item labelled anomalous is an error (fitting must see normal images only).
-    """
-    if isinstance(data, dict):  # one item or one batch, e.g. test_set[0]
-        data = [data]
-    if isinstance(data, torch.Tensor):
-        images = check_images(data)
-        for start in range(0, images.shape[0], batch_size):
-            yield images[start : start + batch_size]
-        return
-    if is_map_dataset(data) and len(data) == 0:
-        raise ValueError("the data set is empty")
-    seen = 0
-    for group in group_by_size(iterate(data), batch_size):
-        if normal_only:
-            _check_normal(group)
-        seen += 1
-        yield check_images(stack_images(group), _name_of(group))
-    if seen == 0:
-        raise ValueError("the data yielded no images")
-
-
-# ----------------------------------------------------------------------------------------------
 # The base class
-
-
-@dataclass
-class Prediction:
-    """What ``predict`` returns. ``scores`` (N,) float32, higher = more anomalous; ``maps``
-    (N, H, W) float32 at the input resolution, or None for a method that scores whole images only
-    (Gaussian AD); ``threshold`` the model's decision threshold (None when it has none)."""
-
-    scores: torch.Tensor
-    maps: torch.Tensor | None
-    threshold: float | None = None
-
-    @property
-    def is_anomalous(self) -> torch.Tensor | None:
-        return None if self.threshold is None else self.scores > self.threshold
-
-
-# Learned state that is not a tensor or a JSON value is stored as tensors named "<attr>.<key>"
-# (a dict of tensors) or "<attr>" (a NumPy array); the header says which attributes to rebuild.
-_DICT_STATE, _NUMPY_STATE = "tensor_dicts", "numpy_arrays"
 
 
 # At most this many training images are held back for the threshold: enough for its 0.99
@@ -305,9 +233,9 @@ class AnomalyModel:
             # A split model predicts together (every process the same images): all the held-back
             # images, in the processes' order, which is the images' order.
             held = [image for part in distributed.all_gather_objects(held) for image in part]
-            scores = [self.predict(group).scores.cpu() for group in _same_size_runs(held)]
+            scores = [self.predict(group).scores.cpu() for group in same_size_runs(held)]
         else:
-            scores = [self.predict(group).scores.cpu() for group in _same_size_runs(held)]
+            scores = [self.predict(group).scores.cpu() for group in same_size_runs(held)]
             # In the processes' order, which is the images' order: the scores one process would have.
             scores = [part for parts in distributed.all_gather_objects(scores) for part in parts]
         if sum(part.shape[0] for part in scores) >= 2:
@@ -407,29 +335,7 @@ class AnomalyModel:
         """Learned attributes (ending in ``_``) as model-file parts: tensors (a dict of tensors
         flattened to ``attr.key``, a NumPy array made a tensor), JSON values, and the names of the
         attributes to rebuild as dicts and arrays on loading."""
-        import numpy as np
-
-        tensors: dict[str, torch.Tensor] = {}
-        values: dict[str, Any] = {}
-        rebuild: dict[str, list[str]] = {_DICT_STATE: [], _NUMPY_STATE: []}
-        for name, value in self._learned_attributes().items():
-            if isinstance(value, torch.Tensor):
-                tensors[name] = value
-            elif isinstance(value, np.ndarray):
-                tensors[name] = torch.from_numpy(np.ascontiguousarray(value))
-                rebuild[_NUMPY_STATE].append(name)
-            elif _is_tensor_dict(value):
-                for key, t in value.items():
-                    if not isinstance(key, str) or not key:
-                        raise TypeError(
-                            f"learned state {name!r} is a dict of tensors whose keys must be non-empty strings, "
-                            f"got {key!r}"
-                        )
-                    tensors[f"{name}.{key}"] = t
-                rebuild[_DICT_STATE].append(name)
-            else:
-                values[name] = value
-        return tensors, values, rebuild
+        return flatten_state(self._learned_attributes())
 
     def to(self, device: str) -> AnomalyModel:
         """Moves the learned tensors (also inside dicts) to ``device`` and makes it the device for
@@ -438,7 +344,7 @@ class AnomalyModel:
         for name, value in self._learned_attributes().items():
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(self.device))
-            elif _is_tensor_dict(value):
+            elif is_tensor_dict(value):
                 setattr(self, name, {key: t.to(self.device) for key, t in value.items()})
         self._moved_to(self.device)
         return self
@@ -549,10 +455,10 @@ class AnomalyModel:
         try:
             model = klass(**params)
             state = dict(header.get("state") or {})
-            state.update(_rebuild_state(tensors, header.get("rebuild") or {}, path))
+            state.update(rebuild_state(tensors, header.get("rebuild") or {}, path))
             if split_files.PARTS in header:  # a model saved split across processes
                 parts, whole = split_files.read_parts(path, header)
-                states = [_part_state(part_tensors, part_header, path) for part_tensors, part_header in parts]
+                states = [part_state(part_tensors, part_header, path) for part_tensors, part_header in parts]
                 state.update(klass._joined_state(states) if whole else states[0])
             for name_, value in state.items():
                 if not (name_.isidentifier() and name_.endswith("_") and not name_.startswith("_")):
@@ -566,43 +472,3 @@ class AnomalyModel:
             raise model_io.ModelFileError(f"{path} does not hold a usable {name!r} model: {exc}") from exc
         model._check_fitted()
         return model.to(model.device)
-
-
-def _part_state(tensors: dict[str, torch.Tensor], header: dict[str, Any], path: Any) -> dict[str, Any]:
-    """The learned attributes in one part file of a split model."""
-    state, rebuild = header.get("state", {}), header.get("rebuild", {})
-    if (
-        not isinstance(state, dict)
-        or not isinstance(rebuild, dict)
-        or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in rebuild.values())
-    ):
-        raise model_io.ModelFileError(f"{path}: a part file's header is malformed")
-    return {**state, **_rebuild_state(tensors, rebuild, path)}
-
-
-def _is_tensor_dict(value: Any) -> bool:
-    """Learned state stored as ``attr.key`` tensors: a non-empty dict whose values are tensors."""
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
-
-
-def _rebuild_state(tensors: dict[str, torch.Tensor], rebuild: dict[str, list[str]], path: Any) -> dict[str, Any]:
-    """Learned attributes from a model file's tensors: plain tensors, dicts of tensors
-    (``attr.key``) and NumPy arrays, as ``_learned_state`` wrote them."""
-    dict_names = set(rebuild.get(_DICT_STATE) or [])
-    numpy_names = set(rebuild.get(_NUMPY_STATE) or [])
-    state: dict[str, Any] = {name: {} for name in dict_names}
-    for key, t in tensors.items():
-        attr, dot, sub = key.partition(".")
-        if dot:
-            if attr not in dict_names or not sub:
-                raise model_io.ModelFileError(f"{path}: tensor {key!r} belongs to no learned dict")
-            state[attr][sub] = t
-        else:
-            state[attr] = t.numpy() if attr in numpy_names else t
-    return state
-
-
-def _same_size_runs(images: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """Consecutive images of one size, stacked (held-back images may come in several sizes)."""
-    for group in group_by_size(images, len(images)):
-        yield stack_images(group)
