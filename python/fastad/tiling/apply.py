@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .._progress import progress_bar
+from ..distributed import shard
 from .plan import Tile, check_tiling_args, plan_tiles, tile_batches
 from .readers import TileReader, open_reader
 from .receptive_field import probe_placement, receptive_field
@@ -187,8 +188,6 @@ def tiled_cores(
     _, height, width = reader.shape
     tiles = plan_tiles(height, width, tile, halo, align if same_padding else 0)
     if part is not None:
-        from .distributed import shard
-
         block = shard(len(tiles), *part)
         tiles = tiles[block.start : block.stop]
     for t, y in _tile_outputs(fn, reader, tiles, 1, stride, device, dtype, progress, "tiled_cores"):
