@@ -305,9 +305,9 @@ def fit_large(model: Any, images: Any, *, tile: int = 1024, progress: bool | Non
             raise ValueError(f"fitting across {size} processes needs at least one image per process, got {len(images)}")
         block = distributed.shard(len(images))
         images = images[block.start : block.stop]
-        if hasattr(model, "_tiled_keys"):
-            # A method drawing random keys image by image (MLF-SC) skips those of the images before
-            # this process's block: each process counts its own from the images' shapes.
+        if model.draws_tiled_keys:
+            # The method skips the keys of the images before this process's block: each process
+            # counts its own from the images' shapes (AnomalyModel.draws_tiled_keys).
             counts = distributed.all_gather_objects(sum(model._tiled_keys(_shape_of(image)) for image in images))
             model.__dict__["_keys_before"] = sum(counts[:rank])
 

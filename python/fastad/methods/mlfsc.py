@@ -325,6 +325,7 @@ class MLFSC(FeatureModel):
 
     fits_across_processes = True  # with the authors' (default) dictionary fit; see _cannot_fit_across_processes
     fits_tiled_across_processes = True  # the same; fit_large counts the keys of the earlier processes' images
+    draws_tiled_keys = True
 
     def _finish(self, learner) -> None:
         if isinstance(learner, SampledLassoDictionaries):
@@ -629,8 +630,7 @@ class MLFSC(FeatureModel):
         return count
 
     def _tiled_keys(self, shape: tuple[int, int, int]) -> int:
-        """How many sampling keys the tiled fit draws for an image of ``shape`` (C, H, W): one per
-        patch (``fastad.highres.fit_large`` counts those of the images before a process's block)."""
+        """One sampling key per patch of an image of ``shape`` (C, H, W) (see AnomalyModel.draws_tiled_keys)."""
         stride, c, s, p = self.tile_geometry().stride, self.cutoff, self.patch_stride, self.patch_size
         nx = (shape[2] // stride - 2 * c - p) // s + 1
         ny = (shape[1] // stride - 2 * c - p) // s + 1
