@@ -332,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits with status 2 on a bad command line
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in model files that say how they were made
     try:
-        return args.run(args)
+        status = args.run(args)
+        distributed.leave_environment_group()  # a torchrun job's group, torn down once all are done
+        return status
     # OSError: unreadable or unwritable paths; ArithmeticError: a diverged training run.
     except (CliError, ValueError, TypeError, OSError, RuntimeError, ImportError, ArithmeticError) as exc:
         print(f"fastad {args.command}: error: {exc}", file=sys.stderr)

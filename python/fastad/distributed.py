@@ -47,6 +47,7 @@ __all__ = [
     "is_distributed",
     "kcenter_greedy",
     "knn_across_shards",
+    "leave_environment_group",
     "rows_across_shards",
     "shard",
     "shard_data",
@@ -91,7 +92,29 @@ def init_from_environment(device: str = "cpu", *, timeout_s: float = 600.0) -> b
         raise RuntimeError("WORLD_SIZE > 1 asks for torch.distributed, which this torch was built without")
     backend = "cpu:gloo,cuda:nccl" if str(device).startswith("cuda") else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    global _joined_from_environment
+    _joined_from_environment = True
     return is_distributed()
+
+
+# Whether init_from_environment made the default group (so that only it is torn down here).
+_joined_from_environment = False
+
+
+def leave_environment_group() -> None:
+    """Destroys the process group :func:`init_from_environment` made, once every process has
+    come this far; a group made by the caller is left alone. Call it when the job has ended
+    well: a process that exits with its gloo group alive can abort in the backend's threads
+    ("terminate called without an active exception") after its work is done, failing the
+    torchrun job. After an error it is not called, since the other processes may still be
+    inside a collective that would never finish."""
+    global _joined_from_environment
+    dist = _dist()
+    if not _joined_from_environment or not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    _joined_from_environment = False
 
 
 def process_device(device: str | None) -> str | None:

@@ -133,6 +133,13 @@ def test_cuda_means_the_gpu_of_the_local_rank(tmp_path):
     assert results == [["cuda:0", "cuda:1", "cpu", None], ["cuda:1", "cuda:1", "cpu", None]]
 
 
+def test_the_group_joined_from_the_environment_is_torn_down_and_no_other(tmp_path):
+    # A CLI process under torchrun that exits with its gloo group alive can abort after its work
+    # is done; the CLI tears down the group it joined, and only that one.
+    results = _ok(spawn(2, "environment_group", _free_port(), tmp_path=tmp_path))
+    assert results == [[True, True, 3, False]] * 2
+
+
 def test_gaussian_statistics_merge_to_one_process(tmp_path):
     counts = [3, 5, 1, 4, 2]  # batches, dealt round-robin to the ranks
     positions, dim = 7, 5

@@ -186,6 +186,21 @@ def devices(rank: int, size: int) -> list:
     return [process_device(d) for d in ("cuda", "cuda:1", "cpu", None)]
 
 
+def environment_group(rank: int, size: int, port: int) -> list:
+    """leave_environment_group leaves the harness's group alone, then tears down the group that
+    init_from_environment joins from torchrun's variables, once both ranks have used it."""
+    from fastad import distributed
+
+    distributed.leave_environment_group()
+    caller_group_kept = dist.is_initialized()
+    dist.destroy_process_group()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    joined = distributed.init_from_environment(timeout_s=60)
+    total = distributed.all_reduce_sum(rank + 1)
+    distributed.leave_environment_group()
+    return [caller_group_kept, joined, total, dist.is_initialized()]
+
+
 def fit_split(rank: int, size: int, model_path: str) -> dict:
     """PatchCore with its bank left split across the processes: what each holds, its scores,
     its saved parts, and the scores of the model loaded back inside the group."""
@@ -273,6 +288,7 @@ BODIES = {
     "fit_dies": fit_dies,
     "knn_shards": knn_shards,
     "devices": devices,
+    "environment_group": environment_group,
     "fit_split": fit_split,
     "tiled": tiled,
 }
