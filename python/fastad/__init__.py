@@ -12,6 +12,7 @@ _C = _loader.load_compiled_library()
 # The ops and everything built on them need the library loaded first.
 from . import ops, reference
 from ._version import __version__
+from .estimator import Estimator, load_model
 from .methods import (
     MLFSC,
     SPADE,
@@ -19,11 +20,11 @@ from .methods import (
     GaussianAD,
     PaDiM,
     PatchCore,
-    Prediction,
     available_methods,
     get_method,
     register_method,
 )
+from .prediction import Prediction
 from .siamese import SiameseDetector
 
 
@@ -41,6 +42,7 @@ def build_info() -> dict:
 
 __all__ = [
     "AnomalyModel",
+    "Estimator",
     "GaussianAD",
     "MLFSC",
     "PaDiM",
@@ -51,6 +53,7 @@ __all__ = [
     "available_methods",
     "build_info",
     "get_method",
+    "load_model",
     "ops",
     "reference",
     "register_method",

@@ -24,6 +24,7 @@ import torch
 
 from . import distributed
 from .cli_args import CliError, parse_sets
+from .estimator import load_model
 from .io import output_folder, write_json
 
 
@@ -211,8 +212,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
     from .report import write_report
 
-    model = _load_model(args.model, args.device)
+    # Any model file: a method fitted on normal images, or a Siamese detector on change pairs.
+    model = load_model(args.model, device=args.device)
     dataset = open_dataset(args.data, "test")  # evaluate applies the method's transform()
+    for name, why in getattr(dataset, "skipped", {}).items():
+        print(f"  skipped {name}: {why}")
     result = evaluate(model, dataset)
     report_dir = output_folder(args.report, "--report")
     write_json(
@@ -312,8 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_predict)
 
     p = sub.add_parser("evaluate", help="metrics and an HTML report on a labelled test set")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True, help="model file (any method, or a Siamese detector)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="test set: MVTec layout or good/ and defect folders; change pairs (A/, B/, label/) for a Siamese detector",
+    )
     p.add_argument("--report", required=True, help="folder for metrics.json and report.html")
     p.add_argument("--device")
     p.set_defaults(run=cmd_evaluate)

@@ -1,4 +1,8 @@
-"""Evaluating a fitted model on a labelled test set: metrics, speed, and what the report shows."""
+"""Evaluating a fitted model on a labelled test set: metrics, speed, and what the report shows.
+
+Any ``fastad.estimator.Estimator`` is evaluated the same way: a method fitted on normal images on
+a data set of images, a ``SiameseDetector`` on a data set of template / inspected pairs
+(``fastad.data.ChangePairs``); the model scores groups of items (``_predict_items``)."""
 
 from __future__ import annotations
 
@@ -10,8 +14,11 @@ from typing import Any
 import torch
 
 from . import metrics
-from ._batching import group_by_size, iterate, stack_images
-from .methods.base import AnomalyModel
+from ._batching import group_by_size, iterate
+from .estimator import Estimator
+
+# Items kept for timing: enough for the latency's repeats and one throughput batch is built from them.
+_TIMING_ITEMS = 32
 
 
 @dataclass
@@ -36,17 +43,15 @@ class EvaluationResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _collect(model: AnomalyModel, dataset) -> dict[str, Any]:
+def _collect(model: Estimator, dataset) -> dict[str, Any]:
     """Predicts every item of ``dataset`` (after the model's transform), batching consecutive
-    items of one size."""
+    items of one size; keeps the first items for timing."""
     out: dict[str, list] = {
-        k: [] for k in ("images", "maps", "scores", "masks", "has_mask", "labels", "defects", "paths")
+        k: [] for k in ("images", "maps", "scores", "masks", "has_mask", "labels", "defects", "paths", "timing")
     }
     for group in group_by_size(iterate(model._prepared(dataset)), model.batch_size):
-        images = stack_images(group)
-        if images.shape[0] != len(group):
-            raise TypeError("evaluate() takes a data set of single items (fastad.data), not of batches")
-        pred = model.predict(images)
+        images, pred = model._predict_items(group)
+        out["timing"].extend(group[: _TIMING_ITEMS - len(out["timing"])])
         out["images"].append(images)
         out["scores"].append(pred.scores)
         if pred.maps is not None:
@@ -66,36 +71,35 @@ def _collect(model: AnomalyModel, dataset) -> dict[str, Any]:
     return out
 
 
-def _time_latency(model: AnomalyModel, images: torch.Tensor, repeats: int) -> float:
-    """Median wall time of predict on one image, in milliseconds (after one warm-up call)."""
-    model.predict(images[:1])
+def _time_latency(model: Estimator, items: list[dict[str, Any]], repeats: int) -> float:
+    """Median wall time of scoring one item, in milliseconds (after one warm-up call)."""
+    model._predict_items(items[:1])
     times = []
-    for i in range(min(repeats, images.shape[0])):
-        one = images[i : i + 1]
+    for i in range(min(repeats, len(items))):
+        one = items[i : i + 1]
         if str(model.device).startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        model.predict(one)
+        model._predict_items(one)
         if str(model.device).startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
 
-def _time_throughput(model: AnomalyModel, images: torch.Tensor, batch: int, repeats: int = 3) -> float:
-    """Images per second of predict on one batch of ``batch`` images (repeating the test images
-    when there are fewer): the median of ``repeats`` timed calls after one warm-up call at that
-    batch size (the first call at a new size builds the convolution primitives)."""
-    reps = -(-batch // images.shape[0])
-    block = images.repeat(reps, 1, 1, 1)[:batch]
+def _time_throughput(model: Estimator, items: list[dict[str, Any]], batch: int, repeats: int = 3) -> float:
+    """Items per second of scoring one batch of ``batch`` items (repeating the test items when
+    there are fewer): the median of ``repeats`` timed calls after one warm-up call at that batch
+    size (the first call at a new size builds the convolution primitives)."""
+    block = (items * -(-batch // len(items)))[:batch]
     saved = model.batch_size
     model.batch_size = batch
     try:
-        model.predict(block)
+        model._predict_items(block)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            model.predict(block)
+            model._predict_items(block)
             if str(model.device).startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
@@ -104,7 +108,7 @@ def _time_throughput(model: AnomalyModel, images: torch.Tensor, batch: int, repe
         model.batch_size = saved
 
 
-def evaluate(model: AnomalyModel, dataset, *, latency_images: int = 10, throughput_batch: int = 32) -> EvaluationResult:
+def evaluate(model: Estimator, dataset, *, latency_images: int = 10, throughput_batch: int = 32) -> EvaluationResult:
     """Scores every item of a labelled data set (items as ``fastad.data`` gives them) and computes
     image AUROC, pixel AUROC and AUPRO (over images with masks), the best F1 and its threshold,
     the model's own threshold, latency at batch 1 and throughput at ``throughput_batch``.
@@ -139,8 +143,8 @@ def evaluate(model: AnomalyModel, dataset, *, latency_images: int = 10, throughp
         tp = int((predicted & (labels == 1)).sum())
         m["precision_at_threshold"] = tp / max(int(predicted.sum()), 1)
         m["recall_at_threshold"] = tp / max(int((labels == 1).sum()), 1)
-    m["latency_ms"] = _time_latency(model, images, latency_images)
-    m["throughput_img_s"] = _time_throughput(model, images, throughput_batch)
+    m["latency_ms"] = _time_latency(model, c["timing"], latency_images)
+    m["throughput_img_s"] = _time_throughput(model, c["timing"], throughput_batch)
     m["device"] = str(model.device)
 
     per_defect: dict[str, dict[str, Any]] = {}

@@ -35,10 +35,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fastad import estimator as fastad_estimator
 from fastad import io as model_io
 from fastad.io import ModelFileError
 from fastad.methods import AnomalyModel
-from fastad.methods import base as methods_base
 
 from ..toy_method import ToyMean
 
@@ -466,7 +466,7 @@ class CheckedToy(ToyMean):
     ],
 )
 def test_a_methods_state_check_runs_at_load(files, tmp_path, monkeypatch, edit_header, edit_tensors, named_field):
-    monkeypatch.setitem(methods_base._REGISTRY, CheckedToy.method_name, CheckedToy)
+    monkeypatch.setitem(fastad_estimator._REGISTRY, CheckedToy.method_name, CheckedToy)
     model = _fit(files.seed, 16, CheckedToy)
     good = model.save(tmp_path / "good.safetensors")
     assert type(AnomalyModel.load(good)) is CheckedToy

@@ -87,7 +87,7 @@ def test_tampered_or_foreign_files_are_refused(trained, tmp_path):
     from fastad.io import save_model_file
 
     other = save_model_file(tmp_path / "other.safetensors", {"x": torch.zeros(1)}, {"method": "patchcore"})
-    with pytest.raises(ModelFileError, match="not a Siamese detector"):
+    with pytest.raises(ModelFileError, match="not a SiameseDetector"):
         SiameseDetector.load(other)
 
 

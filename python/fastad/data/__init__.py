@@ -1,5 +1,6 @@
-"""Images in, tensors out: image and mask loading, the MVTec-layout and folder data sets, an
-aligned resize/crop, and a synthetic defect data set that needs no download.
+"""Images in, tensors out: image and mask loading, the MVTec-layout and folder data sets,
+template / inspected change pairs (``ChangePairs``), an aligned resize/crop, and a synthetic
+defect data set that needs no download.
 
 Items of every data set are dicts (``image`` float32 (3, H, W) in [0, 1], ``mask`` bool (H, W),
 ``has_mask``, ``label``, ``defect``, ``path``; see :mod:`fastad.data.datasets`). Importing this
@@ -8,6 +9,7 @@ package loads neither torchvision nor scikit-image.
 
 from __future__ import annotations
 
+from .change_pairs import ChangePairs, is_change_pair_folder
 from .datasets import (
     GOOD,
     IMAGE_EXTENSIONS,
@@ -16,9 +18,9 @@ from .datasets import (
     MVTecDataset,
     Sample,
     list_images,
-    open_dataset,
 )
 from .images import MASK_THRESHOLD, load_image, load_mask
+from .opening import open_dataset
 from .synthetic import DEFECT_KINDS, TEXTURES, add_defect, make_synthetic_dataset
 from .transforms import ResizeCrop
 
@@ -29,11 +31,13 @@ __all__ = [
     "DEFECT_KINDS",
     "TEXTURES",
     "AnomalyDataset",
+    "ChangePairs",
     "FolderDataset",
     "MVTecDataset",
     "Sample",
     "ResizeCrop",
     "add_defect",
+    "is_change_pair_folder",
     "list_images",
     "load_image",
     "load_mask",

@@ -45,7 +45,9 @@ __all__ = [
     "AnomalyDataset",
     "MVTecDataset",
     "FolderDataset",
-    "open_dataset",
+    "check_root",
+    "check_split",
+    "subfolders",
 ]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -66,13 +68,13 @@ class Sample(NamedTuple):
     mask_path: Path | None  # None: no mask file (normal image, or anomalous without a mask)
 
 
-def _check_split(split: str) -> str:
+def check_split(split: str) -> str:
     if split not in _SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return split
 
 
-def _check_root(root: str | os.PathLike) -> Path:
+def check_root(root: str | os.PathLike) -> Path:
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"data set root not found: {root}")
@@ -95,7 +97,7 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
-def _subfolders(folder: Path) -> list[Path]:
+def subfolders(folder: Path) -> list[Path]:
     return sorted(entry for entry in folder.iterdir() if entry.is_dir() and not _is_hidden(entry))
 
 
@@ -181,7 +183,7 @@ class MVTecDataset(AnomalyDataset):
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: Transform | None = None) -> None:
-        super().__init__(_check_root(root), _check_split(split), transform)
+        super().__init__(check_root(root), check_split(split), transform)
         self.samples = self._train_samples() if split == "train" else self._test_samples()
 
     def _train_samples(self) -> list[Sample]:
@@ -198,7 +200,7 @@ class MVTecDataset(AnomalyDataset):
         if not test.is_dir():
             raise ValueError(f"{self.root} is not an MVTec-layout category: missing folder {test}")
         samples: list[Sample] = []
-        for folder in _subfolders(test):
+        for folder in subfolders(test):
             defect = folder.name
             for path in list_images(folder):
                 if defect == GOOD:
@@ -227,8 +229,8 @@ class FolderDataset(AnomalyDataset):
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: Transform | None = None) -> None:
-        super().__init__(_check_root(root), _check_split(split), transform)
-        folders = _subfolders(self.root)
+        super().__init__(check_root(root), check_split(split), transform)
+        folders = subfolders(self.root)
         if not folders:
             good_folder, defect_folders = self.root, []
         elif (self.root / GOOD) in folders:
@@ -245,22 +247,3 @@ class FolderDataset(AnomalyDataset):
         if split == "test":
             for folder in defect_folders:
                 self.samples.extend(Sample(path, 1, folder.name, None) for path in list_images(folder))
-
-
-def open_dataset(root: str | os.PathLike, split: str, transform: Transform | None = None) -> AnomalyDataset:
-    """The data set at ``root``: :class:`MVTecDataset` when ``root/train`` and ``root/test`` are
-    folders, else :class:`FolderDataset`.
-
-    Raises FileNotFoundError for a missing root; ValueError for a file, or a folder holding
-    neither images nor subfolders.
-    """
-    root = _check_root(root)
-    _check_split(split)
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        return MVTecDataset(root, split, transform)
-    if not _subfolders(root) and not list_images(root):
-        raise ValueError(
-            f"data set root {root} is empty: expected train/ and test/ (MVTec layout), "
-            f"good/ and defect folders, or images"
-        )
-    return FolderDataset(root, split, transform)

@@ -5,13 +5,13 @@
 registered method class; ``available_methods()`` lists them.
 """
 
+from ..prediction import Prediction
 from .base import AnomalyModel, available_methods, get_method, register_method
 from .feature_model import FeatureModel
 from .gaussian_ad import GaussianAD
 from .mlfsc import MLFSC
 from .padim import PaDiM
 from .patchcore import PatchCore
-from .prediction import Prediction
 from .spade import SPADE
 
 __all__ = [

@@ -1,5 +1,5 @@
-"""The base class every anomaly-detection method derives from, and the registry of methods
-(accepted inputs: ``inputs``; the result type: ``prediction``).
+"""The base class of the methods fitted on normal images, and their registry (what every model
+shares: ``fastad.estimator``; accepted inputs: ``inputs``; the result type: ``fastad.prediction``).
 
 A method is only its own step. It implements two hooks:
 
@@ -10,13 +10,11 @@ A method is only its own step. It implements two hooks:
 
 Everything else is shared here: accepting data sets, DataLoaders and tensors, streaming, the input
 checks, upsampling and blurring the maps (``postprocess``), a decision threshold from held-back
-normal images, model files (``fastad.io``) and parameters in the scikit-learn manner (the
-constructor stores them, ``get_params`` reads them back, learned state ends in ``_``).
+normal images, and model files (``fastad.io``) holding the learned state.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from collections.abc import Iterator
@@ -27,47 +25,47 @@ import torch
 
 from .. import distributed
 from .. import io as model_io
-from .._batching import is_map_dataset
-from .._checks import check_choice, check_device, check_int
-from .._version import __version__
+from .._batching import stack_images
+from .._checks import check_choice, check_int
+from ..estimator import Estimator, register_estimator, registered_estimators
+from ..postprocess import UPSAMPLE_MODES, anomaly_maps, image_scores
+from ..prediction import Prediction
 from . import split_files
 from .inputs import iter_image_batches, same_size_runs
-from .learned_state import flatten_state, is_tensor_dict, part_state, rebuild_state
-from .prediction import Prediction
+from .learned_state import flatten_state, part_state, rebuild_state
 
 # ----------------------------------------------------------------------------------------------
-# Registry
-
-
-_REGISTRY: dict[str, type[AnomalyModel]] = {}
+# Registry (one with SiameseDetector's: fastad.estimator)
 
 
 def register_method(name: str):
-    """Class decorator: makes a method available by ``name`` (CLI, model files, ``get_method``)."""
+    """Class decorator: makes a method fitted on normal images available by ``name`` (CLI, model
+    files, ``get_method``)."""
 
     def decorate(cls: type[AnomalyModel]) -> type[AnomalyModel]:
         if not (isinstance(cls, type) and issubclass(cls, AnomalyModel)):
             raise TypeError(f"@register_method({name!r}) needs an AnomalyModel subclass, got {cls!r}")
-        known = _REGISTRY.get(name)
-        if known is not None and known.__qualname__ != cls.__qualname__:
-            raise ValueError(f"a method named {name!r} is already registered ({known.__qualname__})")
-        cls.method_name = name
-        _REGISTRY[name] = cls
-        return cls
+        return register_estimator(name)(cls)
 
     return decorate
 
 
 def get_method(name: str) -> type[AnomalyModel]:
     """The method class registered as ``name``."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods()) or 'none'}") from None
+    klass = registered_estimators().get(name)
+    if klass is not None and not issubclass(klass, AnomalyModel):
+        raise ValueError(
+            f"{name!r} ({klass.__name__}) is not fitted on normal images; "
+            f"available methods: {', '.join(available_methods())}"
+        )
+    if klass is None:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods()) or 'none'}")
+    return klass
 
 
 def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
+    """The registered methods fitted on normal images, by name."""
+    return sorted(name for name, klass in registered_estimators().items() if issubclass(klass, AnomalyModel))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,10 +77,9 @@ def available_methods() -> list[str]:
 MAX_HELD_BACK = 256
 
 
-class AnomalyModel:
+class AnomalyModel(Estimator):
     """Base class of the methods; see the module docstring for the two hooks a method writes."""
 
-    method_name: ClassVar[str] = ""
     # Whether fit merges what the processes of a torch.distributed group learned (fastad.distributed).
     fits_across_processes: ClassVar[bool] = False
     # The same for fastad.highres.fit_large (native resolution, tile by tile).
@@ -121,48 +118,10 @@ class AnomalyModel:
         transform of their own; tensors and DataLoaders are taken as they are."""
         return None
 
-    def _prepared(self, data: Any) -> Any:
-        transform = self.transform()
-        if (
-            transform is not None
-            and is_map_dataset(data)
-            and hasattr(data, "with_transform")
-            and data.transform is None
-        ):
-            return data.with_transform(transform)
-        return data
-
     # -- parameters ----------------------------------------------------------------------------
 
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        names: list[str] = []
-        for klass in cls.__mro__:
-            init = klass.__dict__.get("__init__")
-            if init is None or klass is object:
-                continue
-            for p in inspect.signature(init).parameters.values():
-                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in names:
-                    names.append(p.name)
-        return names
-
-    def get_params(self) -> dict[str, Any]:
-        """The constructor's parameters and their current values."""
-        return {name: getattr(self, name) for name in self._param_names()}
-
-    def set_params(self, **params: Any) -> AnomalyModel:
-        valid = set(self._param_names())
-        for name, value in params.items():
-            if name not in valid:
-                raise ValueError(
-                    f"{type(self).__name__} has no parameter {name!r}; parameters: {', '.join(sorted(valid))}"
-                )
-            setattr(self, name, value)
-        return self
-
     def _check_params(self) -> None:
-        from ..postprocess import UPSAMPLE_MODES
-
+        super()._check_params()
         check_int(self.batch_size, "batch_size")
         for name in ("holdout", "threshold_quantile", "blur_sigma"):
             value = getattr(self, name)
@@ -177,7 +136,6 @@ class AnomalyModel:
             raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile!r}")
         if float(self.blur_sigma) < 0:
             raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma!r}")
-        self.device = str(check_device(self.device))
 
     # -- fit / predict ---------------------------------------------------------------------------
 
@@ -192,8 +150,7 @@ class AnomalyModel:
         ``holdout=0`` to fit on every image, as the papers do, and go without a threshold.
         """
         self._check_params()
-        for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("_")]:
-            delattr(self, name)  # a failed re-fit must not leave a half-old model that looks fitted
+        self._forget_learned()
         held: list[torch.Tensor] = []
         period = round(1.0 / self.holdout) if self.holdout > 0 else 0
         data, first_index = self._prepared(data), 0
@@ -258,12 +215,8 @@ class AnomalyModel:
         attribute): a file can be edited and its checksum recomputed. The base checks what it sets
         itself; a method overrides this (calling super) to check its own state against its
         parameters (tensor shapes and dtypes), so that a wrong file fails at load, not at predict."""
+        super()._check_state()
         check_int(getattr(self, "n_train_images_", None), "n_train_images_")
-        threshold = getattr(self, "threshold_", None)
-        if threshold is not None and (
-            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
-        ):
-            raise ValueError(f"threshold_ must be None or a finite number, got {threshold!r}")
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "n_train_images_"):
@@ -273,8 +226,6 @@ class AnomalyModel:
         """Scores images (tensor (N, 3, H, W) / (3, H, W), data set or DataLoader) and returns
         :class:`Prediction` with maps at the input resolution. All images of one call must have
         one size (a ``fastad.data`` data set is resized by the method's ``transform()``)."""
-        from ..postprocess import anomaly_maps, image_scores
-
         self._check_fitted()
         scores, maps, size = [], [], None
         with torch.inference_mode():
@@ -300,6 +251,12 @@ class AnomalyModel:
             maps=torch.cat(maps) if maps else None,
             threshold=getattr(self, "threshold_", None),
         )
+
+    def _predict_items(self, items: list[dict[str, Any]]) -> tuple[torch.Tensor, Prediction]:
+        images = stack_images(items)
+        if images.shape[0] != len(items):
+            raise TypeError("evaluate() takes a data set of single items (fastad.data), not of batches")
+        return images, self.predict(images)
 
     def tile_geometry(self):
         """How this method's patch scores tile for :func:`fastad.highres.predict_large`
@@ -337,29 +294,11 @@ class AnomalyModel:
 
     # -- state and model files -----------------------------------------------------------------
 
-    def _learned_attributes(self) -> dict[str, Any]:
-        return {name: value for name, value in vars(self).items() if name.endswith("_") and not name.startswith("_")}
-
     def _learned_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, list[str]]]:
         """Learned attributes (ending in ``_``) as model-file parts: tensors (a dict of tensors
         flattened to ``attr.key``, a NumPy array made a tensor), JSON values, and the names of the
         attributes to rebuild as dicts and arrays on loading."""
         return flatten_state(self._learned_attributes())
-
-    def to(self, device: str) -> AnomalyModel:
-        """Moves the learned tensors (also inside dicts) to ``device`` and makes it the device for
-        later calls."""
-        self.device = str(check_device(device))
-        for name, value in self._learned_attributes().items():
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(self.device))
-            elif is_tensor_dict(value):
-                setattr(self, name, {key: t.to(self.device) for key, t in value.items()})
-        self._moved_to(self.device)
-        return self
-
-    def _moved_to(self, device: str) -> None:
-        """Hook for a method that caches device-bound helpers (a feature extractor)."""
 
     def _split_state_names(self) -> tuple[str, ...]:
         """Hook: the learned attributes this process holds only its part of (a bank split across
@@ -385,23 +324,9 @@ class AnomalyModel:
         parts (``fastad.methods.split_files``). A whole model is written by whichever process
         calls this (under torchrun, let rank 0 do it)."""
         self._check_fitted()
-        registered = _REGISTRY.get(self.method_name)
-        if registered is not type(self):
-            raise TypeError(
-                f"{type(self).__qualname__} is not a registered method, so a model file could not be loaded back; "
-                "decorate the class with @fastad.register_method('name')"
-            )
+        header = self._file_header()
         tensors, values, rebuild = self._learned_state()
-        header = {
-            "method": self.method_name,
-            "class": f"{type(self).__module__}.{type(self).__qualname__}",
-            "params": self.get_params(),
-            "state": values,
-            "rebuild": rebuild,
-            "fastad_version": __version__,
-            "torch_version": torch.__version__,
-            **self._header_extras(),
-        }
+        header.update(state=values, rebuild=rebuild, **self._header_extras())
         split = set(self._split_state_names())
         if split:
 
@@ -410,7 +335,7 @@ class AnomalyModel:
 
             part_header = {
                 "method": self.method_name,
-                "fastad_version": __version__,
+                "fastad_version": header["fastad_version"],
                 "state": {n: v for n, v in values.items() if in_part(n)},
                 "rebuild": {kind: [n for n in names if in_part(n)] for kind, names in rebuild.items()},
             }
@@ -426,10 +351,9 @@ class AnomalyModel:
         return model_io.save_model_file(path, tensors, header)
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | None = None) -> AnomalyModel:
-        """Reads a model file; ``AnomalyModel.load`` returns whichever method wrote it, a
-        subclass's ``load`` insists on that subclass. ``device`` overrides the saved one."""
-        tensors, header = model_io.load_model_file(path)
+    def _from_file(
+        cls, path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, Any], device: str | None
+    ) -> AnomalyModel:
         part = header.get(split_files.PART)
         if part is not None:
             model = part.get("model") if isinstance(part, dict) else None
@@ -437,15 +361,7 @@ class AnomalyModel:
                 f"{path} is one part of a model split across processes, not a model: "
                 f"load the model file it belongs to ({model!r}, beside it)"
             )
-        name = header.get("method")
-        try:
-            klass = get_method(name)
-        except ValueError as exc:
-            raise model_io.ModelFileError(
-                f"{path} holds a {name!r} model, which is not available here: {exc}"
-            ) from None
-        if cls is not AnomalyModel and not issubclass(klass, cls):
-            raise model_io.ModelFileError(f"{path} holds a {name!r} model, not a {cls.__name__}")
+        name = cls.method_name
         for field in ("params", "state", "rebuild"):  # an edited file whose checksum was recomputed
             value = header.get(field, {})
             if not isinstance(value, dict) or (
@@ -456,19 +372,19 @@ class AnomalyModel:
         params = dict(header.get("params") or {})
         if device is not None:
             params["device"] = device
-        unknown = set(params) - set(klass._param_names())
+        unknown = set(params) - set(cls._param_names())
         if unknown:
             raise model_io.ModelFileError(
-                f"{path} was written with parameters this {klass.__name__} does not have: {', '.join(sorted(unknown))}"
+                f"{path} was written with parameters this {cls.__name__} does not have: {', '.join(sorted(unknown))}"
             )
         try:
-            model = klass(**params)
+            model = cls(**params)
             state = dict(header.get("state") or {})
             state.update(rebuild_state(tensors, header.get("rebuild") or {}, path))
             if split_files.PARTS in header:  # a model saved split across processes
                 parts, whole = split_files.read_parts(path, header)
                 states = [part_state(part_tensors, part_header, path) for part_tensors, part_header in parts]
-                state.update(klass._joined_state(states) if whole else states[0])
+                state.update(cls._joined_state(states) if whole else states[0])
             for name_, value in state.items():
                 if not (name_.isidentifier() and name_.endswith("_") and not name_.startswith("_")):
                     raise model_io.ModelFileError(f"{path}: {name_!r} is not a learned attribute name")

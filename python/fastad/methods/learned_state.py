@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .. import io as model_io
+from ..estimator import is_tensor_dict
 
 # Learned state that is not a tensor or a JSON value is stored as tensors named "<attr>.<key>"
 # (a dict of tensors) or "<attr>" (a NumPy array); the header says which attributes to rebuild.
@@ -52,11 +53,6 @@ def part_state(tensors: dict[str, torch.Tensor], header: dict[str, Any], path: A
     ):
         raise model_io.ModelFileError(f"{path}: a part file's header is malformed")
     return {**state, **rebuild_state(tensors, rebuild, path)}
-
-
-def is_tensor_dict(value: Any) -> bool:
-    """Learned state stored as ``attr.key`` tensors: a non-empty dict whose values are tensors."""
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def rebuild_state(tensors: dict[str, torch.Tensor], rebuild: dict[str, list[str]], path: Any) -> dict[str, Any]:

@@ -1,7 +1,12 @@
 """``SiameseDetector``: train, save, load and apply the Siamese network to template / inspected pairs.
 
-Parameters follow the scikit-learn habit: the constructor stores them, ``train`` sets the learned
-state (``network_``, ``history_``). The shipped detector (:meth:`SiameseDetector.pretrained`) was
+It is a ``fastad.estimator.Estimator`` like the methods fitted on normal images: parameters in
+the scikit-learn manner (``train`` sets the learned state: ``network_``, ``history_``,
+``threshold_``), model files read by ``fastad.load_model``, ``to``, and :meth:`SiameseDetector.predict`
+returning the shared :class:`fastad.prediction.Prediction`, so that ``fastad.evaluation.evaluate``,
+the report and ``fastad evaluate`` take it on a data set of pairs (``fastad.data.ChangePairs``).
+:meth:`SiameseDetector.detect` gives one pair's map at the network's cell resolution, tile by tile
+for pairs beyond memory (:class:`Detection`). The shipped detector (:meth:`SiameseDetector.pretrained`) was
 trained on CIFAR-10 pairs with synthetic blue rectangles; the command that produced it is in its
 file's header (``training["command"]``) and in the package README.
 """
@@ -18,8 +23,13 @@ import torch
 from torch import Tensor
 
 from .. import io as model_io
-from .._checks import check_choice, check_device, check_int, check_pixel_values, check_positive_float
-from .._version import __version__
+from .._batching import stack_images
+from .._checks import check_choice, check_int, check_pixel_values, check_positive_float
+from ..data import load_image
+from ..estimator import Estimator, register_estimator
+from ..postprocess import upsample
+from ..prediction import Prediction
+from ..tiling import ArrayReader, open_reader
 from .losses import LOSSES
 from .network import STRIDE, NetworkConfig, SiameseNet
 from .sliding import PADDINGS, MapGeometry, detect_tiled, map_geometry, score_map
@@ -51,8 +61,6 @@ class Detection:
 
     def full_resolution(self, mode: str = "bilinear") -> np.ndarray:
         """The map upsampled to (H, W) (half-pixel bilinear by default; ``postprocess.upsample``)."""
-        from ..postprocess import upsample
-
         if self.step == 1:
             return np.asarray(self.cells[: self.image_size[0], : self.image_size[1]], dtype=np.float32)
         # Upsample the cells to ceil(H/step)*step pixels, then crop: a partial last cell keeps
@@ -66,7 +74,8 @@ class Detection:
         return full[: self.image_size[0], : self.image_size[1]].numpy()
 
 
-class SiameseDetector:
+@register_estimator(METHOD)
+class SiameseDetector(Estimator):
     """Template-vs-inspected detector on the fully-convolutional Siamese network.
 
     Network: ``window`` (training image size = receptive field), ``in_channels``, ``channels``
@@ -79,6 +88,10 @@ class SiameseDetector:
     ``epochs``, ``batch_size``, ``lr`` (Adam), ``seed`` (weights' initialisation and batch order).
     Inference: ``dense`` (1: map step 4 px; 2: step 2 at 4x the cost; 4: per-pixel at 16x),
     ``padding`` of windows past the border ("reflect", "replicate", "zeros"), ``device``.
+
+    ``threshold_`` is the discriminator's own decision, 0.5 on 1 - P(similar): a pair is anomalous
+    when one window of it is more likely changed than not (None for head "none", whose embedding
+    distance has no calibrated scale).
     """
 
     def __init__(
@@ -115,29 +128,6 @@ class SiameseDetector:
 
     # -- parameters ---------------------------------------------------------------------------
 
-    _PARAMS = (
-        "window",
-        "in_channels",
-        "channels",
-        "embed_dim",
-        "head",
-        "hidden",
-        "loss",
-        "margin",
-        "epochs",
-        "batch_size",
-        "lr",
-        "seed",
-        "dense",
-        "padding",
-        "device",
-    )
-
-    def get_params(self) -> dict[str, Any]:
-        params = {name: getattr(self, name) for name in self._PARAMS}
-        params["channels"] = list(params["channels"])
-        return params
-
     def _network_config(self) -> NetworkConfig:
         return NetworkConfig(
             window=self.window,
@@ -149,6 +139,7 @@ class SiameseDetector:
         )
 
     def _check_params(self) -> None:
+        super()._check_params()
         config = self._network_config()  # validates the network's parameters
         check_choice(self.loss, "loss", LOSSES)
         if self.loss != "contrastive" and config.head == "none":
@@ -160,7 +151,9 @@ class SiameseDetector:
         check_int(self.seed, "seed", minimum=0)
         MapGeometry(self.window, STRIDE, self.dense)  # validates dense against the stride
         check_choice(self.padding, "padding", PADDINGS)
-        self.device = str(check_device(self.device))
+
+    def _decision_threshold(self) -> float | None:
+        return None if self.head == "none" else DECISION_THRESHOLD
 
     # -- training -----------------------------------------------------------------------------
 
@@ -177,6 +170,8 @@ class SiameseDetector:
         """Trains a fresh network on ``train_pairs`` (see :mod:`fastad.siamese.training`) and
         returns ``self``. ``normalization_images`` (uint8 or [0, 1] (N, C, H, W)) give the input
         normalisation; ``training_info`` (data, command...) is stored in the model file."""
+        self._check_params()
+        self._forget_learned()
         with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
             # Only the CPU generator (the network is built on the CPU): torch.manual_seed would
             # also reseed every CUDA generator, which fork_rng(devices=[]) does not restore.
@@ -201,6 +196,7 @@ class SiameseDetector:
         self.network_ = net.eval()
         self.history_ = history
         self.training_info_ = dict(training_info or {})
+        self.threshold_ = self._decision_threshold()
         return self
 
     def _check_trained(self) -> SiameseNet:
@@ -212,29 +208,25 @@ class SiameseDetector:
     # -- files --------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Writes the network, parameters and training history (safetensors + JSON header)."""
+        """Writes the network, parameters, threshold and training history (safetensors + JSON header)."""
         net = self._check_trained()
-        header = {
-            "method": METHOD,
-            "params": self.get_params(),
-            "network": net.config.to_dict(),
-            "history": self.history_.to_dict(),
-            "training": self.training_info_,
-            "fastad_version": __version__,
-            "torch_version": torch.__version__,
-        }
+        header = self._file_header()
+        header.update(
+            network=net.config.to_dict(),
+            history=self.history_.to_dict(),
+            training=self.training_info_,
+            threshold=self.threshold_,
+        )
         return model_io.save_model_file(path, dict(net.state_dict()), header)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> SiameseDetector:
-        """Reads a file written by :meth:`save`; ``device`` overrides the saved one."""
-        tensors, header = model_io.load_model_file(path)
-        if header.get("method") != METHOD:
-            raise model_io.ModelFileError(
-                f"{path} holds a {header.get('method')!r} model, not a Siamese detector "
-                "(load it with fastad.AnomalyModel.load)"
-            )
-        params = dict(header.get("params") or {})
+    def _from_file(
+        cls, path: str | os.PathLike, tensors: dict[str, Tensor], header: dict[str, Any], device: str | None
+    ) -> SiameseDetector:
+        params = header.get("params") or {}
+        if not isinstance(params, dict):
+            raise model_io.ModelFileError(f"{path}: the header's 'params' entry is malformed ({params!r:.80})")
+        params = dict(params)
         if device is not None:
             params["device"] = device
         try:
@@ -262,6 +254,12 @@ class SiameseDetector:
         detector.network_ = net.to(detector.device).eval()
         detector.history_ = history
         detector.training_info_ = dict(header.get("training") or {})
+        # Files written before the detector had a threshold get the one it would have had.
+        detector.threshold_ = header.get("threshold", detector._decision_threshold())
+        try:
+            detector._check_state()
+        except (TypeError, ValueError) as exc:
+            raise model_io.ModelFileError(f"{path}: {exc}") from exc
         return detector
 
     @classmethod
@@ -273,12 +271,6 @@ class SiameseDetector:
                 f"reinstall fastad or recreate them with: {PRETRAINED_COMMAND}"
             )
         return cls.load(PRETRAINED_PATH, device=device)
-
-    def to(self, device: str) -> SiameseDetector:
-        self.device = str(check_device(device))
-        if getattr(self, "network_", None) is not None:
-            self.network_.to(self.device)
-        return self
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -326,14 +318,53 @@ class SiameseDetector:
                 out[...] = cells
                 cells = out
         else:
-            from ..tiling import ArrayReader
-
             readers = [x if isinstance(x, _ChannelAdapter) else ArrayReader(x, channels_last=False) for x in pair]
             cells = detect_tiled(
                 net, readers[0], readers[1], tile=tile, dense=dense, padding=self.padding, out=out, progress=progress
             )
         return Detection(cells, geometry.step, (int(height), int(width)))
 
+    def predict(self, template: Any, inspected: Any, *, dense: int | None = None) -> Prediction:
+        """Scores pairs: ``template`` and ``inspected`` are one image each ((C, H, W) tensors in
+        [0, 1] or file paths), a batch (N, C, H, W), or lists of images, pair i = (template[i],
+        inspected[i]). Returns :class:`fastad.prediction.Prediction`: ``maps`` (N, H, W) at the
+        input resolution (every pair of one call has one size), ``scores`` the largest cell score
+        of each pair (the most changed window), ``threshold`` the detector's ``threshold_``."""
+        templates, inspecteds = _as_image_list(template, "template"), _as_image_list(inspected, "inspected")
+        if len(templates) != len(inspecteds):
+            raise ValueError(f"got {len(templates)} template(s) for {len(inspecteds)} inspected image(s)")
+        if not templates:
+            raise ValueError("predict got no pairs")
+        scores, maps = [], []
+        for n, pair in enumerate(zip(templates, inspecteds, strict=True)):
+            found = self.detect(*pair, dense=dense)
+            if maps and found.image_size != tuple(maps[0].shape):
+                raise ValueError(
+                    f"predict got pairs of different sizes ({maps[0].shape[0]}x{maps[0].shape[1]}, then "
+                    f"{found.image_size[0]}x{found.image_size[1]} at pair {n}); predict each size separately"
+                )
+            scores.append(float(np.max(found.cells)))
+            maps.append(torch.from_numpy(found.full_resolution()))
+        return Prediction(
+            scores=torch.tensor(scores, dtype=torch.float32),
+            maps=torch.stack(maps),
+            threshold=getattr(self, "threshold_", None),
+        )
+
+    def _predict_items(self, items: list[dict[str, Any]]) -> tuple[Tensor, Prediction]:
+        missing = [item.get("path", "?") for item in items if "template" not in item]
+        if missing:
+            raise TypeError(
+                f"a SiameseDetector scores template / inspected pairs; {missing[0]} has no template "
+                "(evaluate it on pairs: fastad.data.ChangePairs)"
+            )
+        inspected = stack_images(items)
+        templates = torch.stack([torch.as_tensor(item["template"]) for item in items])
+        return inspected, self.predict(templates, inspected)
+
+
+# The discriminator's decision: 1 - P(similar) above one half.
+DECISION_THRESHOLD = 0.5
 
 # Above this many pixels a pair held in memory is still run tile by tile (the activations of the
 # first layers would take several GB); the map is the same to float rounding.
@@ -353,17 +384,27 @@ def _open_input(x: Any, name: str, channels: int, lazy: bool):
             raise ValueError(f"{name}: {path} is a folder, not an image file")
         suffix = path.suffix.lower()
         if suffix in _LAZY_SUFFIXES and (lazy or suffix == ".npy"):
-            from ..tiling import open_reader
-
             reader = _ChannelAdapter(open_reader(path), channels, name)
             if lazy:
                 return reader
             x = reader.read(0, reader.shape[1], 0, reader.shape[2])
         else:  # any image file, compressed TIFF included, read whole
-            from ..data import load_image
-
             x = load_image(path)
     return _in_memory(x, name, channels)
+
+
+def _as_image_list(x: Any, name: str) -> list:
+    """``predict``'s pairs side as a list of single images (tensors or paths)."""
+    if isinstance(x, Tensor) and x.dim() == 4:
+        return list(x.unbind(0))
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    if isinstance(x, (Tensor, str, os.PathLike)):
+        return [x]
+    raise TypeError(
+        f"{name} must be an image tensor (C, H, W), a batch (N, C, H, W), a file path or a list of them, "
+        f"got {type(x).__name__}"
+    )
 
 
 def _check_out(out: Any, shape: tuple[int, int]) -> None:
