@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastad._checks import check_choice, check_int, check_state_tensor
+from fastad.checks import check_choice, check_int, check_state_tensor
 from fastad.methods import AnomalyModel, register_method
 
 

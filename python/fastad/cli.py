@@ -5,7 +5,7 @@
     fastad predict --model M --out DIR [--device D] [--tile PX] IMAGES...
     fastad evaluate --model M --data DIR --report DIR [--device D]
     fastad info
-    fastad siamese train | detect | reproduce ...   (see fastad.siamese.cli)
+    fastad siamese train | detect ...   (see fastad.siamese.cli)
 
 ``main(argv)`` returns the exit status (0 ok, 1 a failed run, 2 a bad command line), so that it
 can be called in-process as well as through the ``fastad`` script or ``python -m fastad``.

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._checks import check_device, check_int
+from .checks import check_device, check_int
 
 UNUSED_ATOM = 1e-6  # A_kk at or below this: the atom is (nearly) never used; scikit-learn's and SPAMS' value
 TINY_NORM = 1e-10  # a drawn signal or updated atom shorter than this has no direction to keep

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ._checks import check_int
+from .checks import check_int
 
 __all__ = [
     "CommunicationLog",

@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 import torch
 
 from . import io as model_io
-from ._checks import check_device
 from ._version import __version__
+from .checks import check_device
 from .prediction import Prediction
 
 __all__ = ["Estimator", "load_model", "register_estimator", "registered_estimators"]

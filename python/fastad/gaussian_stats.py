@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import check_choice
+from .checks import check_choice
 from .ops import mahalanobis_factor_layout
 
 __all__ = [

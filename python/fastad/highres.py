@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed, tiling
-from ._checks import check_int
+from .checks import check_int
 from .postprocess import _kernel_radius, gaussian_blur
 from .tiling import plan as tiling_plan
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_choice
+from .checks import check_choice
 
 __all__ = [
     "upsample",

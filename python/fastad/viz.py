@@ -1,4 +1,5 @@
-"""Pictures of anomaly maps: colour heat maps, overlays on the image, PNG files.
+"""Pictures: anomaly maps as colour heat maps and overlays on the image, PNG files, matplotlib
+figures saved atomically, and the Siamese network's learning curve.
 
 Images are float (3, H, W) in [0, 1]; maps float (H, W); pictures come out as uint8 (H, W, 3).
 Heat maps of several images share one value range (``vmin``, ``vmax``) so that their colours
@@ -86,3 +87,47 @@ def save_map_png(path: str | Path, amap, *, vmin: float, vmax: float) -> Path:
     with atomic_path(path) as tmp:
         Image.fromarray((scaled * 65535.0 + 0.5).astype(np.uint16)).save(tmp, format="PNG")
     return path
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> str:
+    """A matplotlib figure as a PNG at ``path`` (atomically); returns the file name."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return path.name
+
+
+def learning_curve_figure(path: str | Path, history) -> str:
+    """A Siamese training run's ``history`` (``fastad.siamese.TrainingHistory``): train and
+    held-out loss per epoch (log scale when positive), held-out accuracy on a second axis, as a
+    PNG at ``path``; returns the file name."""
+    from matplotlib.figure import Figure  # a bare Figure: no pyplot, no global backend change
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    epochs = np.arange(1, len(history.train_loss) + 1)
+    lines = ax.plot(epochs, history.train_loss, "o-", color="tab:blue", label="train loss")
+    if history.heldout_loss:
+        lines += ax.plot(
+            epochs[: len(history.heldout_loss)], history.heldout_loss, "s-", color="tab:orange", label="held-out loss"
+        )
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("loss")
+    if min(history.train_loss + history.heldout_loss, default=0.0) > 0:
+        ax.set_yscale("log")  # the losses fall by orders of magnitude once the rule is learned
+    if history.heldout_accuracy:
+        acc = ax.twinx()
+        lines += acc.plot(
+            epochs[: len(history.heldout_accuracy)],
+            history.heldout_accuracy,
+            "^--",
+            color="tab:green",
+            label="held-out accuracy",
+        )
+        acc.set_ylabel("held-out pair accuracy")
+        acc.set_ylim(0.0, 1.0)
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+    ax.set_title("Siamese network on CIFAR-10 pairs with synthetic rectangles", fontsize=10)
+    return save_figure(fig, path)

@@ -1,4 +1,4 @@
-"""``fastad siamese train / detect / reproduce`` on tiny inputs, in-process."""
+"""``fastad siamese train / detect`` on tiny inputs, in-process."""
 
 from __future__ import annotations
 
@@ -242,62 +242,3 @@ def test_bad_files_are_one_line_errors(tiny_model, tmp_path, capsys):
         ["siamese", "train", "--data", str(tmp_path / "a.png"), "--model", str(tmp_path / "nowhere" / "m.st")]
     )
     assert status == 1 and "not a file in an existing folder" in capsys.readouterr().err
-
-
-def test_reproduce_takes_settings_and_names_unknown_ones(tmp_path, capsys):
-    # Every ReproduceConfig field is a --set; a bad one fails before any work, naming it.
-    assert (
-        main(
-            [
-                "siamese",
-                "reproduce",
-                "--out",
-                str(tmp_path / "a"),
-                "--data",
-                str(tmp_path / "none"),
-                "--quick",
-                "--set",
-                "nosuch=1",
-            ]
-        )
-        != 0
-    )
-    assert "nosuch" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "siamese",
-                "reproduce",
-                "--out",
-                str(tmp_path / "b"),
-                "--data",
-                str(tmp_path / "none"),
-                "--quick",
-                "--set",
-                "mosaic_images=val",
-            ]
-        )
-        != 0
-    )
-    assert "mosaic_images" in capsys.readouterr().err
-    # Valid settings with no data: every experiment is recorded as skipped, with its reason.
-    assert (
-        main(
-            [
-                "siamese",
-                "reproduce",
-                "--out",
-                str(tmp_path / "c"),
-                "--data",
-                str(tmp_path / "none"),
-                "--quick",
-                "--set",
-                "mnist_epochs=2",
-                "--set",
-                "mnist_similar_fraction=0.5",
-            ]
-        )
-        == 0
-    )
-    results = json.loads((tmp_path / "c" / "results.json").read_text())
-    assert results["config"]["mnist_epochs"] == 2 and results["config"]["mnist_similar_fraction"] == 0.5

@@ -1,9 +1,7 @@
 """fastad.siamese.pairs: rectangle statistics against their exact distributions, the pair-labelling
-rules, per-epoch determinism, batch() == stacked items, and the test scenes."""
+rules, per-epoch determinism and batch() == stacked items."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -15,15 +13,12 @@ from fastad.siamese.pairs import (
     Box,
     DigitPairs,
     RectanglePairs,
-    aerial_template,
-    mosaic_pair,
     paint_rectangle,
     sample_rectangle,
-    scatter_rectangles,
 )
 from fastad.siamese.sources import LabelledImages
 
-P_MIN = 1e-4  # significance of the statistical checks: a correct implementation fails 1 run in 10,000
+from .rectangles import P_MIN, as_box, boxes_of, random_uint8_images
 
 
 def _binomial_ok(successes: int, trials: int, p: float) -> bool:
@@ -69,28 +64,6 @@ def _discrete_pit(
     return below[at] + np_rng.random(values.shape[0]) * mass[at]
 
 
-def _as_box(mask: torch.Tensor) -> Box:
-    """The box a mask is, asserting that it is exactly one filled rectangle."""
-    rows = torch.nonzero(mask.any(1)).flatten()
-    cols = torch.nonzero(mask.any(0)).flatten()
-    box = Box(int(rows[0]), int(cols[0]), int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1))
-    assert int(mask.sum()) == box.area, "mask is not one filled rectangle"
-    return box
-
-
-def _boxes_of(masks: torch.Tensor) -> torch.Tensor:
-    """(B, 4) int64 (top, left, height, width) of non-empty (B, H, W) masks, asserting that each is
-    exactly one filled rectangle."""
-    rows, cols = masks.any(2), masks.any(1)
-    top, left = rows.int().argmax(1), cols.int().argmax(1)
-    height, width = rows.sum(1), cols.sum(1)
-    assert bool(rows.any(1).all()), "empty mask"
-    for lines in (rows, cols):  # contiguous: at most one switch on and one off
-        assert bool((lines.int().diff(dim=1).abs().sum(1) <= 2).all()), "a mask is not one rectangle"
-    assert torch.equal(masks.sum((1, 2)), height * width), "a mask is not one filled rectangle"
-    return torch.stack([top, left, height, width], 1)
-
-
 def _check_box_statistics(boxes: torch.Tensor, height: int, width: int, np_rng: np.random.Generator) -> None:
     """Ranges, the exact area distribution and uniform positions of (B, 4) boxes."""
     top, left, h, w = (boxes[:, k].numpy() for k in range(4))
@@ -121,7 +94,7 @@ def test_rectangle_statistics(rng: torch.Generator, np_rng: np.random.Generator)
     assert min(b.area_fraction(height, width) for b in boxes) < 0.03  # the small end is reached
 
 
-def test_rectangle_ranges_hold_after_rounding_on_tiny_images(rng: torch.Generator) -> None:
+def test_rectangle_ranges_hold_after_rounding_on_tinyrandom_uint8_images(rng: torch.Generator) -> None:
     for height, width, area, aspect in (
         (3, 3, (0.1, 0.5), (0.5, 1.5)),
         (5, 2, (0.2, 0.6), (0.3, 1.0)),
@@ -239,13 +212,9 @@ def test_paint_rectangle_bad_arguments(rng: torch.Generator) -> None:
 # RectanglePairs
 
 
-def _images(rng: torch.Generator, n: int, channels: int = 3, height: int = 12, width: int = 10) -> torch.Tensor:
-    return torch.randint(0, 256, (n, channels, height, width), dtype=torch.uint8, generator=rng)
-
-
 @pytest.mark.parametrize("channels", [3, 1])
 def test_rectangle_pairs_follow_the_labelling_rule(channels: int, rng: torch.Generator) -> None:
-    images = _images(rng, 200, channels)
+    images = random_uint8_images(rng, 200, channels)
     pairs = RectanglePairs(images, 4000, seed=int(torch.randint(0, 2**31, (), generator=rng)))
     b = pairs.batch(range(len(pairs)))
     has1, has2 = b["mask1"].any((1, 2)), b["mask2"].any((1, 2))
@@ -262,24 +231,26 @@ def test_rectangle_pairs_follow_the_labelling_rule(channels: int, rng: torch.Gen
             source = images[b[f"index{slot}"][k]].float() / 255
             assert torch.equal(x[:, ~mask], source[:, ~mask])
             if mask.any():
-                box = _as_box(mask)
+                box = as_box(mask)
                 assert 0.01 <= box.area_fraction(12, 10) <= 0.99 and 0.5 <= box.aspect <= 1.5
                 assert torch.equal(x[:, mask], fill[:, None].expand(-1, box.area))
-    _boxes_of(b["mask1"][has1])  # every mask is one filled rectangle
+    boxes_of(b["mask1"][has1])  # every mask is one filled rectangle
 
 
 def test_rectangle_pairs_boxes_have_the_training_distribution(
     rng: torch.Generator, np_rng: np.random.Generator
 ) -> None:
     height, width = (int(v) for v in np_rng.integers(96, 161, 2))
-    pairs = RectanglePairs(_images(rng, 16, 1, height, width), 1500, seed=int(np_rng.integers(0, 2**40)), p_defect=1.0)
+    pairs = RectanglePairs(
+        random_uint8_images(rng, 16, 1, height, width), 1500, seed=int(np_rng.integers(0, 2**40)), p_defect=1.0
+    )
     batch = pairs.batch(range(1500))
-    boxes = torch.cat([_boxes_of(batch["mask1"]), _boxes_of(batch["mask2"])])
+    boxes = torch.cat([boxes_of(batch["mask1"]), boxes_of(batch["mask2"])])
     _check_box_statistics(boxes, height, width, np_rng)
 
 
 def test_each_image_is_first_once_per_epoch(rng: torch.Generator) -> None:
-    images = _images(rng, 97)
+    images = random_uint8_images(rng, 97)
     pairs = RectanglePairs(images)
     assert len(pairs) == 97
     for epoch in (0, 1, 5):
@@ -292,7 +263,7 @@ def test_each_image_is_first_once_per_epoch(rng: torch.Generator) -> None:
 
 
 def test_rectangle_pairs_are_pure_functions_of_seed_epoch_and_index(rng: torch.Generator) -> None:
-    images = _images(rng, 64)
+    images = random_uint8_images(rng, 64)
     pairs, twin = RectanglePairs(images, seed=11), RectanglePairs(images, seed=11)
     order = torch.randperm(64, generator=rng).tolist()
     a = pairs.batch(range(64))
@@ -310,7 +281,7 @@ def test_rectangle_pairs_are_pure_functions_of_seed_epoch_and_index(rng: torch.G
 
 @pytest.mark.parametrize("channels", [3, 1])
 def test_rectangle_batch_equals_stacked_items(channels: int, rng: torch.Generator) -> None:
-    pairs = RectanglePairs(_images(rng, 40, channels), 90, seed=5, color=(0.3, 0.6, 0.1))
+    pairs = RectanglePairs(random_uint8_images(rng, 40, channels), 90, seed=5, color=(0.3, 0.6, 0.1))
     pairs.set_epoch(2)
     indices = torch.randint(0, 90, (50,), generator=rng).tolist()  # repeats included
     batch = pairs.batch(indices)
@@ -326,7 +297,7 @@ def test_rectangle_batch_equals_stacked_items(channels: int, rng: torch.Generato
 
 
 def test_rectangle_pairs_defect_probability_extremes(rng: torch.Generator) -> None:
-    images = _images(rng, 30)
+    images = random_uint8_images(rng, 30)
     never = RectanglePairs(images, p_defect=0.0).batch(range(30))
     assert not never["mask1"].any() and not never["mask2"].any() and bool((never["similar"] == 1).all())
     always = RectanglePairs(images, p_defect=1).batch(range(30))
@@ -335,7 +306,7 @@ def test_rectangle_pairs_defect_probability_extremes(rng: torch.Generator) -> No
 
 
 def test_rectangle_pairs_bad_arguments(rng: torch.Generator) -> None:
-    images = _images(rng, 5)
+    images = random_uint8_images(rng, 5)
     with pytest.raises(TypeError, match="uint8"):
         RectanglePairs(images.float())
     with pytest.raises(TypeError, match=r"pass images\.images"):
@@ -374,7 +345,7 @@ def test_rectangle_pairs_bad_arguments(rng: torch.Generator) -> None:
 
 def _labelled(rng: torch.Generator, n: int, n_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.randperm(n, generator=rng) % n_labels  # every label present, shuffled
-    return _images(rng, n, 1, 6, 6), labels
+    return random_uint8_images(rng, n, 1, 6, 6), labels
 
 
 @pytest.mark.parametrize("similar_fraction", [0.5, 0.2])
@@ -451,106 +422,3 @@ def test_digit_pairs_extremes_and_bad_arguments(rng: torch.Generator) -> None:
         DigitPairs(images, labels, similar_fraction=-0.1)
     with pytest.raises(ValueError, match="n_pairs"):
         DigitPairs(images, labels, -3)
-
-
-# ---------------------------------------------------------------------------------------------
-# test scenes
-
-
-def test_mosaic_pair(rng: torch.Generator, np_rng: np.random.Generator) -> None:
-    cases = ((10, 0.5), (5, 0.5), (3, 0.0), (4, 1.0), (int(np_rng.integers(2, 8)), float(np_rng.random())))
-    for grid, fraction in cases:
-        images = _images(rng, grid * grid, 3, 8, 9)
-        scene = mosaic_pair(images, rng, grid=grid, defect_fraction=fraction)
-        template, inspected, mask, cells = scene["template"], scene["inspected"], scene["mask"], scene["cell_labels"]
-        assert template.shape == inspected.shape == (3, grid * 8, grid * 9) and template.dtype == torch.float32
-        assert mask.shape == (grid * 8, grid * 9) and cells.shape == (grid, grid) and cells.dtype == torch.bool
-        assert int(cells.sum()) == round(fraction * grid * grid)  # 12 of 25 at one half: Python rounds half to even
-        for r in range(grid):
-            for c in range(grid):
-                rows, cols = slice(r * 8, (r + 1) * 8), slice(c * 9, (c + 1) * 9)
-                assert torch.equal(template[:, rows, cols], images[r * grid + c].float() / 255)
-                cell_mask = mask[rows, cols]
-                assert bool(cell_mask.any()) == bool(cells[r, c])
-                if cells[r, c]:
-                    box = _as_box(cell_mask)
-                    assert 0.01 <= box.area_fraction(8, 9) <= 0.99 and 0.5 <= box.aspect <= 1.5
-        assert torch.equal(inspected[:, ~mask], template[:, ~mask])
-        assert torch.equal(inspected[:, mask], torch.tensor(BLUE)[:, None].expand(-1, int(mask.sum())))
-    assert mosaic_pair(_images(rng, 100, 3, 32, 32), rng)["template"].shape == (3, 320, 320)
-
-
-def test_mosaic_pair_is_seeded_and_checks_arguments(rng: torch.Generator) -> None:
-    images = _images(rng, 16)
-    a = mosaic_pair(images, torch.Generator().manual_seed(4), grid=4)
-    b = mosaic_pair(images, torch.Generator().manual_seed(4), grid=4)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="grid \\* grid = 9"):
-        mosaic_pair(images, rng, grid=3)
-    with pytest.raises(ValueError, match="defect_fraction"):
-        mosaic_pair(images, rng, grid=4, defect_fraction=2)
-    with pytest.raises(TypeError, match="uint8"):
-        mosaic_pair(images.float(), rng, grid=4)
-    with pytest.raises(ValueError, match="grid"):
-        mosaic_pair(images, rng, grid=0)
-
-
-def test_scatter_rectangle_sides_and_positions(rng: torch.Generator, np_rng: np.random.Generator) -> None:
-    image = torch.rand(3, 40, 50, generator=rng)
-    painted, masks = zip(*(scatter_rectangles(image, rng, count=1, size=(5, 15)) for _ in range(400)), strict=True)
-    masks = torch.stack(masks)
-    for x, mask in zip(painted[:50], masks, strict=False):
-        assert torch.equal(x[:, ~mask], image[:, ~mask])
-    top, left, height, width = _boxes_of(masks).unbind(1)
-    assert bool(((top + height <= 40) & (left + width <= 50)).all())
-    for sides in (height, width):
-        counts = torch.bincount(sides, minlength=16).numpy()
-        assert counts[:5].sum() == 0 and len(counts) == 16  # all within 5 .. 15
-        assert stats.chisquare(counts[5:]).pvalue > P_MIN  # uniform over the 11 side lengths
-    for first, room in ((top, 40 - height + 1), (left, 50 - width + 1)):
-        pit = (first.numpy() + np_rng.random(400)) / room.numpy()
-        assert stats.kstest(pit, "uniform").pvalue > P_MIN
-
-
-def test_scatter_many_rectangles(rng: torch.Generator) -> None:
-    image = torch.rand(1, 120, 200, generator=rng, dtype=torch.float64)
-    painted, mask = scatter_rectangles(image, rng, count=100, size=(5, 15), color=(0.0, 0.3, 0.9))
-    assert painted.dtype == torch.float64 and mask.shape == (120, 200)
-    assert 100 * 25 / 4 < int(mask.sum()) <= 100 * 15 * 15
-    assert torch.allclose(painted[0, mask], torch.tensor(0.4, dtype=torch.float64))
-    assert torch.equal(painted[:, ~mask], image[:, ~mask])
-    same = scatter_rectangles(image, torch.Generator().manual_seed(1), count=7)[1]
-    assert torch.equal(same, scatter_rectangles(image, torch.Generator().manual_seed(1), count=7)[1])
-    assert not scatter_rectangles(image, rng, count=0)[1].any()
-    with pytest.raises(ValueError, match="size"):
-        scatter_rectangles(image, rng, size=(5, 121))
-    with pytest.raises(ValueError, match="size"):
-        scatter_rectangles(image, rng, size=(6, 5))
-    with pytest.raises(TypeError, match="size"):
-        scatter_rectangles(image, rng, size=(5.0, 6))
-    with pytest.raises(ValueError, match="count"):
-        scatter_rectangles(image, rng, count=-1)
-    with pytest.raises(TypeError, match="floating"):
-        scatter_rectangles(image.to(torch.uint8), rng)
-
-
-def test_aerial_template(rng: torch.Generator) -> None:
-    tiles = [torch.rand(3, 256, 256, generator=rng) for _ in range(16)]
-    template = aerial_template(tiles)
-    assert template.shape == (3, 720, 1260) and template.is_contiguous()
-    columns = math.ceil(1260 / 256)  # 5 per row, 3 rows: 15 tiles used
-    for r in range(3):
-        for c in range(columns):
-            part = template[:, r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256]
-            assert torch.equal(part, tiles[r * columns + c][:, : part.shape[1], : part.shape[2]])
-    stacked = torch.stack(tiles).mul(255).to(torch.uint8)
-    small = aerial_template(stacked, 300, 300)
-    assert small.dtype == torch.uint8 and torch.equal(small[:, :256, 256:], stacked[1][:, :, :44])
-    with pytest.raises(ValueError, match="needs 3x5 = 15 images of 256x256, got 14"):
-        aerial_template(tiles[:14])
-    with pytest.raises(ValueError, match=r"images\[2\]"):
-        aerial_template(tiles[:2] + [torch.rand(3, 128, 256)] + tiles[3:])
-    with pytest.raises(ValueError, match="non-empty"):
-        aerial_template([])
-    with pytest.raises(ValueError, match="height"):
-        aerial_template(tiles, 0)

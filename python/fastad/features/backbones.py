@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_device, check_image_batch
+from ..checks import check_device, check_image_batch
 from .weights import (
     WeightsFileError,
     WeightsSource,

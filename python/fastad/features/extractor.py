@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .._batching import group_by_size, images_of, iterate, stack_images
-from .._checks import check_device, check_image_batch, check_int
+from ..checks import check_device, check_image_batch, check_int
 from .backbones import Backbone
 
 # Below this many batches a progress bar is noise rather than help.

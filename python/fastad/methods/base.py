@@ -26,7 +26,7 @@ import torch
 from .. import distributed
 from .. import io as model_io
 from .._batching import stack_images
-from .._checks import check_choice, check_int
+from ..checks import check_choice, check_int
 from ..estimator import Estimator, register_estimator, registered_estimators
 from ..postprocess import UPSAMPLE_MODES, anomaly_maps, image_scores
 from ..prediction import Prediction

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import io as model_io
-from .._checks import check_choice
+from ..checks import check_choice
 from .base import AnomalyModel
 
 # Storage types a method may keep its training features in (``bank_dtype``); the ops widen them to

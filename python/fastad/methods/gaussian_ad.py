@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .. import distributed, ops
-from .._checks import check_state_tensor, keys_of
+from ..checks import check_state_tensor, keys_of
 from ..gaussian_stats import GaussianAccumulator, check_regularization, precision_factors
 from .base import register_method
 from .feature_model import FeatureModel

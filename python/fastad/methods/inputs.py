@@ -9,12 +9,12 @@ from typing import Any
 import torch
 
 from .._batching import describe, group_by_size, is_map_dataset, iterate, stack_images, stack_labels
-from .._checks import check_image_batch
+from ..checks import check_image_batch
 
 
 def check_images(images: Any, what: str = "images") -> torch.Tensor:
     """A batch (B, 3, H, W), or one image (3, H, W) made a batch of one, checked as every image
-    entering fastad is (``fastad._checks``)."""
+    entering fastad is (``fastad.checks``)."""
     if isinstance(images, torch.Tensor) and images.dim() == 3:
         images = images.unsqueeze(0)
     return check_image_batch(images, what)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed, ops
-from .._checks import check_int, check_state_tensor
+from ..checks import check_int, check_state_tensor
 from ..dictionary import DictionaryLearner, SampledLassoDictionaries
 from .base import register_method
 from .feature_model import FeatureModel

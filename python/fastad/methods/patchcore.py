@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed, ops
-from .._checks import check_int, check_state_tensor
 from .._versions import in_place_version
+from ..checks import check_int, check_state_tensor
 from .base import register_method
 from .feature_model import BANK_DTYPES, FeatureModel, bank_dtype_of
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
-from .._checks import check_choice, check_int, check_state_tensor, keys_of
+from ..checks import check_choice, check_int, check_state_tensor, keys_of
 from ..ops import knn
 from .base import register_method
 from .feature_model import BANK_DTYPES, FeatureModel, bank_dtype_of

@@ -3,11 +3,14 @@
 - :mod:`.network`: the shared all-convolutional encoder and the per-position discriminator;
 - :mod:`.losses`: contrastive and binary cross-entropy losses;
 - :mod:`.sources`, :mod:`.pairs`: labelled image collections (CIFAR-10 zip / ImageFolder, MNIST
-  idx) and training / test pairs with synthetic defects;
+  idx) and training pairs with synthetic defects;
 - :mod:`.training`: the Adam training loop with held-out loss per epoch;
 - :mod:`.sliding`: exact sliding inference on pairs of any size, tiled for images beyond memory;
-- :mod:`.detector`: :class:`SiameseDetector` (train / save / load / pretrained / detect);
-- :mod:`.reproduce`: the paper's experiments as one command.
+- :mod:`.detector`: :class:`SiameseDetector` (train / save / load / pretrained / predict / detect),
+  an estimator like the other methods (``fastad.estimator``);
+- :mod:`.cli`: ``fastad siamese train | detect``.
+
+The paper's experiments are outside the library: ``python -m benchmarks.siamese_paper``.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from __future__ import annotations
 from .detector import PRETRAINED_COMMAND, PRETRAINED_PATH, Detection, SiameseDetector
 from .losses import bce_loss, contrastive_loss, siamese_loss
 from .network import NetworkConfig, SiameseNet, SiameseOutput
-from .pairs import DigitPairs, RectanglePairs, mosaic_pair, paint_rectangle, sample_rectangle, scatter_rectangles
+from .pairs import BLUE, Box, DigitPairs, RectanglePairs, paint_rectangle, sample_rectangle
 from .sliding import detect_tiled, score_map
 from .sources import LabelledImages, load_image_folder, load_mnist
 from .training import TrainingHistory, train_network
 
 __all__ = [
+    "BLUE",
+    "Box",
     "Detection",
     "DigitPairs",
     "LabelledImages",
@@ -37,10 +42,8 @@ __all__ = [
     "detect_tiled",
     "load_image_folder",
     "load_mnist",
-    "mosaic_pair",
     "paint_rectangle",
     "sample_rectangle",
-    "scatter_rectangles",
     "score_map",
     "siamese_loss",
     "train_network",

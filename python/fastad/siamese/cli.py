@@ -1,18 +1,16 @@
-"""``fastad siamese train | detect | reproduce``: the Siamese network from the command line.
+"""``fastad siamese train | detect``: the Siamese network from the command line (its paper's
+experiments: ``python -m benchmarks.siamese_paper``; evaluation on change pairs: ``fastad evaluate``).
 
 fastad siamese train --data PATH --model OUT [--pairs rectangles|digits] [--epochs N]
                      [--pairs-per-epoch N] [--limit N] [--device D] [--curve PNG]
                      [--set key=value ...]
 fastad siamese detect --template A --inspected B --out DIR [--model M] [--tile N]
                       [--dense 1|2|4] [--device D]
-fastad siamese reproduce --out DIR [--data ROOT] [--cifar-model M] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import shlex
 import time
 from pathlib import Path
@@ -20,8 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import viz
 from ..cli_args import CliError, parse_sets
+from ..data import load_image
 from ..io import atomic_path, output_folder, write_json
+from ..viz import learning_curve_figure
+from .detector import SiameseDetector
+from .pairs import DigitPairs, RectanglePairs
+from .sources import is_mnist_folder, load_image_folder, load_mnist
 
 # Above this many input pixels, detect writes its pictures at the map's resolution (one pixel per
 # cell, blocks of cells beyond PICTURE_SIDE) rather than upsampled to the input's: a 20,000 x
@@ -83,27 +87,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device")
     p.set_defaults(run=cmd_detect)
 
-    p = commands.add_parser("reproduce", help="run the paper's four experiments; figures and results.json")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--data", default="../shared/data", help="data root (default ../shared/data)")
-    p.add_argument("--cifar-model", help="reuse this trained CIFAR-10 model ('shipped' = fastad's) instead of training")
-    p.add_argument("--quick", action="store_true", help="a tiny run (minutes) to check the pipeline, not the numbers")
-    p.add_argument("--device")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="any ReproduceConfig field (e.g. mnist_epochs=5, mnist_similar_fraction=0.5, "
-        "mosaic_images=test, cifar_epochs=20); repeatable, applied after --quick",
-    )
-    p.set_defaults(run=cmd_reproduce)
-
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .detector import SiameseDetector
-    from .pairs import DigitPairs, RectanglePairs
-    from .sources import is_mnist_folder, load_image_folder, load_mnist
-
     data = Path(args.data)
     if not data.exists():
         raise FileNotFoundError(f"--data: no such file or folder: {data}")
@@ -167,23 +152,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = detector.save(args.model)
     print(f"trained in {time.perf_counter() - start:.0f} s; model written to {out}")
     if args.curve:
-        from .reproduce import learning_curve_figure
-
         learning_curve_figure(Path(args.curve), detector.history_)
         print(f"learning curve: {args.curve}")
     return 0
 
 
 def _load_detector(model: str | None, device: str | None):
-    from .detector import SiameseDetector
-
     return SiameseDetector.pretrained(device=device) if model is None else SiameseDetector.load(model, device=device)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from .. import viz
-    from ..data import load_image
-
     detector = _load_detector(args.model, args.device)
     if args.padding:
         detector.padding = args.padding
@@ -228,36 +206,3 @@ def cmd_detect(args: argparse.Namespace) -> int:
         f"max score {summary['max_score']:.4f}; map (step {detection.step} px) in {out_dir}"
     )
     return 0
-
-
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .detector import PRETRAINED_PATH
-    from .reproduce import ReproduceConfig, reproduce
-
-    config = ReproduceConfig.quick() if args.quick else ReproduceConfig()
-    fields = {f.name for f in dataclasses.fields(ReproduceConfig)}
-    for name, value in parse_sets(args.set or []).items():
-        if name not in fields:
-            raise CliError(f"--set {name}: not a setting of the reproduction; known: {', '.join(sorted(fields))}")
-        setattr(config, name, tuple(value) if isinstance(value, list) else value)
-    config.data_root = Path(args.data)
-    if args.cifar_model:
-        config.cifar_model = PRETRAINED_PATH if args.cifar_model == "shipped" else Path(args.cifar_model)
-    if args.device:
-        config.device = args.device
-    out_dir = output_folder(args.out)
-    results = reproduce(out_dir, config)
-    print(json.dumps(_headline(results), indent=2))
-    print(f"figures and results.json in {out_dir}")
-    return 0
-
-
-def _headline(results: dict) -> dict:
-    """The numbers worth a glance: every float at the top two levels of the results."""
-    headline = {}
-    for name, value in results.items():
-        if isinstance(value, dict):
-            picked = {k: v for k, v in value.items() if isinstance(v, (float, int, str)) and not isinstance(v, bool)}
-            if picked:
-                headline[name] = picked
-    return headline

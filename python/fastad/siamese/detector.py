@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import io as model_io
 from .._batching import stack_images
-from .._checks import check_choice, check_int, check_pixel_values, check_positive_float
+from ..checks import check_choice, check_int, check_pixel_values, check_positive_float
 from ..data import load_image
 from ..estimator import Estimator, register_estimator
 from ..postprocess import upsample

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_choice
+from ..checks import check_choice
 from .network import SiameseOutput
 
 __all__ = ["LOSSES", "contrastive_loss", "bce_loss", "siamese_loss"]

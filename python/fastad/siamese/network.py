@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice
+from ..checks import check_choice
 
 __all__ = ["HEADS", "NetworkConfig", "SiameseNet", "SiameseOutput"]
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_choice, check_pixel_values
+from ..checks import check_choice, check_pixel_values
 from ..tiling import TileReader, open_reader, tiled_apply
 from .network import SiameseNet
 

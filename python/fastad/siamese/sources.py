@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._checks import check_int
 from .._progress import progress_bar
+from ..checks import check_int
 from ..data.datasets import IMAGE_EXTENSIONS
 from ..data.images import decode_rgb8
 

@@ -1,4 +1,6 @@
-"""The checks that features and methods share: image batches and devices.
+"""The argument checks every fastad model shares, public so that a method of your own
+(``fastad.register_method``) fails the way the built-in ones do: image batches, devices,
+choices, numbers and learned-state tensors.
 
 Images entering fastad are float (B, 3, H, W) RGB with values in [0, 1]: each backbone applies
 its own normalisation, so an image normalised already, or left in 0..255, is a mistake worth a

@@ -1,4 +1,4 @@
-"""fastad.siamese.reproduce: the quick run on the shared data, skipped experiments, cell scoring."""
+"""benchmarks.siamese_paper: the quick run on the shared data, skipped experiments, cell scoring."""
 
 from __future__ import annotations
 
@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.siamese_paper import EXPERIMENTS, ReproduceConfig, aligned_cell_scores, cell_scores, reproduce
+from benchmarks.siamese_paper.common import pooled_pixel_auroc
 from fastad.siamese import NetworkConfig, SiameseNet
-from fastad.siamese.reproduce import (
-    EXPERIMENTS,
-    ReproduceConfig,
-    _pooled_pixel_auroc,
-    aligned_cell_scores,
-    cell_scores,
-    reproduce,
-)
 
 DATA = Path(__file__).parents[2].parent / "shared" / "data"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -113,7 +107,7 @@ def test_pooled_pixel_auroc_over_pairs_of_different_sizes(np_rng):
     expected = metrics_sklearn.roc_auc_score(
         np.concatenate([m.ravel() for m in masks]), np.concatenate([s.ravel() for s in maps])
     )
-    assert _pooled_pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
+    assert pooled_pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +273,7 @@ def test_quick_run_numbers(quick_run):
         assert aerial["megapixels_per_second"] > 0
         assert "synthetic" in aerial["note"] and "rectangles" in aerial["note"]
         for name, entry in aerial["change_detection"].items():
+            assert aerial[f"{name.lower()}_pooled_pixel_auroc"] == entry["pooled_pixel_auroc"]  # the headline keys
             folder = DATA / "change_detection" / name
             complete = sorted(
                 p.name
