@@ -22,22 +22,26 @@ from typing import Any
 
 import torch
 
-from . import distributed
+from . import distributed, viz
+from .build import build_info
 from .cli_args import CliError, parse_sets
+from .data import load_image, open_dataset
 from .estimator import load_model
+from .evaluation import evaluate
+from .features import available_backbones
+from .geo import MapWriter, RasterReader, gdal_cache
+from .highres import fit_large, open_image, predict_large
 from .io import output_folder, write_json
+from .methods import AnomalyModel, available_methods, get_method
+from .report import write_report
+from .siamese.cli import add_parser as add_siamese_parser
 
 
 def _load_model(path: str, device: str | None):
-    from .methods import AnomalyModel
-
     return AnomalyModel.load(path, device=device)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .data import open_dataset
-    from .methods import get_method
-
     klass = get_method(args.method)
     params = parse_sets(args.set or [])
     accepted = set(klass._param_names())
@@ -66,9 +70,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.data, "train")  # fit applies the method's transform()
     start = time.perf_counter()
     if args.tile is not None:  # native resolution, each image read tile by tile
-        from .geo import gdal_cache
-        from .highres import fit_large
-
         with gdal_cache():
             fit_large(model, [sample.path for sample in dataset.samples if sample.label == 0], tile=args.tile)
     else:
@@ -92,9 +93,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from . import viz
-    from .data import load_image
-
     # Under torchrun: the images are divided among the processes, or, for tiled prediction and a
     # bank split across the processes, every process takes part in every image and rank 0 writes.
     distributed.init_from_environment(args.device or "cpu")
@@ -164,9 +162,6 @@ def _predict_tiled(model, path: str, stem: str, out_dir: Path, tile: int, writes
     both written only once complete. GDAL's block cache is capped so that memory stays bounded
     by the tile. ``writes`` False: a process of a group that helps with the tiles and writes
     nothing."""
-    from .geo import MapWriter, RasterReader, gdal_cache
-    from .highres import open_image, predict_large
-
     with gdal_cache():
         reader = open_image(path)
         georeferenced = reader if isinstance(reader, RasterReader) else None
@@ -208,10 +203,6 @@ def _predict_tiled(model, path: str, stem: str, out_dir: Path, tile: int, writes
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import open_dataset
-    from .evaluation import evaluate
-    from .report import write_report
-
     # Any model file: a method fitted on normal images, or a Siamese detector on change pairs.
     model = load_model(args.model, device=args.device)
     dataset = open_dataset(args.data, "test")  # evaluate applies the method's transform()
@@ -244,11 +235,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import fastad
-
-    from .methods import available_methods
-
-    info = fastad.build_info()
+    info = build_info()
     print(
         f"fastad {info['version']} (built against torch {info['torch_version']}; torch {torch.__version__} installed)"
     )
@@ -266,11 +253,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"methods: {', '.join(available_methods()) or 'none registered'}")
     print("backbones:")
     try:
-        from .features import available_backbones
+        backbones = available_backbones()
     except ImportError as exc:  # no torchvision/timm in this environment
         print(f"  unavailable: {exc}")
         return 0
-    for name, status in available_backbones().items():
+    for name, status in backbones.items():
         if status["available"]:
             print(f"  {name:18s} available: {status['path']}")
         else:
@@ -328,8 +315,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="build, devices, methods and available backbone weights")
     p.set_defaults(run=cmd_info)
-
-    from .siamese.cli import add_parser as add_siamese_parser
 
     add_siamese_parser(sub)
     return parser

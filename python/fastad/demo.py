@@ -15,11 +15,15 @@ import argparse
 import time
 from pathlib import Path
 
-import fastad
+from .build import build_info
+from .data import make_synthetic_dataset, open_dataset
+from .evaluation import evaluate
+from .methods import PatchCore
+from .report import write_report
 
 
 def show_build() -> None:
-    info = fastad.build_info()
+    info = build_info()
     print(
         f"fastad {info['version']} (torch {info['torch_version']}; "
         f"CUDA kernels {'built' if info['cuda'] else 'not built'}, "
@@ -28,15 +32,11 @@ def show_build() -> None:
 
 
 def run(data: Path, report_dir: Path, texture: str, seed: int, device: str) -> dict:
-    from .data import make_synthetic_dataset, open_dataset
-    from .evaluation import evaluate
-    from .report import write_report
-
     root = make_synthetic_dataset(data / f"{texture}-seed{seed}", seed=seed, texture=texture)
     train, test = open_dataset(root, "train"), open_dataset(root, "test")
     print(f"data: {root} ({len(train)} good training images, {len(test)} test images: {', '.join(test.defect_types)})")
 
-    model = fastad.PatchCore(backbone="efficientnet_lite0", crop=None, device=device)
+    model = PatchCore(backbone="efficientnet_lite0", crop=None, device=device)
     start = time.perf_counter()
     model.fit(train)
     fit_s = time.perf_counter() - start

@@ -36,7 +36,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ops
+from . import distributed, ops
+from ._progress import progress_bar
 from .checks import check_device, check_int
 
 UNUSED_ATOM = 1e-6  # A_kk at or below this: the atom is (nearly) never used; scikit-learn's and SPAMS' value
@@ -356,8 +357,6 @@ class SampledLassoDictionaries:
         one process's sample when each drew the keys one process would have drawn for its signals."""
         import torch.distributed as dist
 
-        from . import distributed
-
         if not distributed.is_distributed(group):
             return self
         dist.all_reduce(self.gram, group=group)
@@ -376,8 +375,6 @@ class SampledLassoDictionaries:
         if self.n_signals == 0:
             raise ValueError("no signals were added to learn dictionaries from")
         from sklearn.decomposition import MiniBatchDictionaryLearning
-
-        from ._progress import progress_bar
 
         groups = range(self.groups) if groups is None else groups
         init = self.initial_atoms().numpy()

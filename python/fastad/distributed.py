@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import ops
+from ._batching import is_map_dataset
 from .checks import check_int
 
 __all__ = [
@@ -186,8 +188,6 @@ def shard_data(data, group=None) -> tuple[object, int, int]:
     all). ``data`` is a tensor of images (N, ...) or a map-style data set; an iterable without a
     length (a DataLoader) cannot be split by index here and is refused: give the data set itself.
     Every rank must own at least one item."""
-    from ._batching import is_map_dataset
-
     if isinstance(data, torch.Tensor):
         total = data.shape[0] if data.dim() == 4 else 1
     elif is_map_dataset(data):
@@ -273,8 +273,6 @@ def kcenter_greedy(
     rank, size = world(group)
     x = x.detach().cpu()
     if size == 1:
-        from . import ops
-
         return ops.kcenter_greedy(x, k, start=start)
     d = x.shape[1]
     dims = _all_gather(torch.tensor([x.shape[0], d], dtype=torch.int64), size, group, log, "row counts")
@@ -358,8 +356,6 @@ def knn_across_shards(
     of M k (4 + 8) bytes per rank. Without a process group it is ``ops.knn`` with the indices
     mapped through ``rows``.
     """
-    from . import ops
-
     _check_shard(shard, rows)
     k = check_int(k, "k")
     rank, size = world(group)

@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 import torch
 
 from . import io as model_io
-from ._version import __version__
+from ._batching import is_map_dataset
+from .build import __version__
 from .checks import check_device
 from .prediction import Prediction
 
@@ -150,8 +151,6 @@ class Estimator:
     def _prepared(self, data: Any) -> Any:
         """``data`` with the model's transform applied, when it is a ``fastad.data`` data set
         that has none of its own."""
-        from ._batching import is_map_dataset
-
         transform = self.transform()
         if (
             transform is not None

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import viz
+
 __all__ = ["RasterReader", "MapWriter", "block_max", "gdal_cache"]
 
 # Pixel values are scaled to [0, 1] by the largest value of their integer type (what predict
@@ -254,8 +256,6 @@ class MapWriter:
         finally:
             self._tmp.unlink(missing_ok=True)
         if ok and self.quicklook is not None:
-            from . import viz
-
             top = float(np.nanmax(self._small)) if np.isfinite(self._small).any() else 0.0
             picture = np.nan_to_num(self._small / top if top > 0 else np.zeros_like(self._small), nan=0.0)
             viz.save_png(self.quicklook, (np.clip(picture, 0, 1) * 255 + 0.5).astype(np.uint8))

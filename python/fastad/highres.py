@@ -47,6 +47,8 @@ from torch import Tensor
 
 from . import distributed, tiling
 from .checks import check_int
+from .data import load_image
+from .geo import RasterReader
 from .postprocess import _kernel_radius, gaussian_blur
 from .tiling import plan as tiling_plan
 
@@ -356,15 +358,11 @@ def open_image(image: Any):
         suffix = os.path.splitext(str(image))[1].lower()
         if suffix in _RASTER_SUFFIXES:
             try:
-                from .geo import RasterReader
-
                 return RasterReader(image)
             except ImportError:
                 if suffix not in (".tif", ".tiff"):
                     raise
         elif suffix != ".npy":
-            from .data import load_image
-
             return tiling.ArrayReader(load_image(image))
     return tiling.open_reader(image)
 

@@ -28,7 +28,7 @@ from .. import io as model_io
 from .._batching import stack_images
 from ..checks import check_choice, check_int
 from ..estimator import Estimator, register_estimator, registered_estimators
-from ..postprocess import UPSAMPLE_MODES, anomaly_maps, image_scores
+from ..postprocess import UPSAMPLE_MODES, anomaly_maps, good_quantile_threshold, image_scores
 from ..prediction import Prediction
 from . import split_files
 from .inputs import iter_image_batches, same_size_runs
@@ -196,8 +196,6 @@ class AnomalyModel(Estimator):
             # In the processes' order, which is the images' order: the scores one process would have.
             scores = [part for parts in distributed.all_gather_objects(scores) for part in parts]
         if sum(part.shape[0] for part in scores) >= 2:
-            from ..postprocess import good_quantile_threshold
-
             self.threshold_ = float(good_quantile_threshold(torch.cat(scores), self.threshold_quantile))
         return self
 

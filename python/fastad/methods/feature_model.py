@@ -15,6 +15,15 @@ import torch
 
 from .. import io as model_io
 from ..checks import check_choice
+from ..data import ResizeCrop
+from ..features import (
+    BACKBONES,
+    FeatureExtractor,
+    fold_batchnorm,
+    inline_same_padding,
+    layers_at_strides,
+    load_backbone,
+)
 from .base import AnomalyModel
 
 # Storage types a method may keep its training features in (``bank_dtype``); the ops widen them to
@@ -73,14 +82,11 @@ class FeatureModel(AnomalyModel):
     def transform(self):
         if self.resize is None and self.crop is None:
             return None
-        from ..data import ResizeCrop
 
         return ResizeCrop(self.resize, self.crop)
 
     def feature_layers(self) -> list[str]:
         """The layers this model extracts, in network order."""
-        from ..features import BACKBONES, layers_at_strides
-
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(BACKBONES)}")
         if self.layers is None:
@@ -94,15 +100,11 @@ class FeatureModel(AnomalyModel):
 
     def feature_channels(self) -> int:
         """Channels of the extracted layers together, from the backbone's layer table (no forward)."""
-        from ..features import BACKBONES
-
         info = BACKBONES[self.backbone].layer_info
         return sum(info[layer][0] for layer in self.feature_layers())
 
     def _layer_strides(self) -> dict[str, int]:
         """``{layer: output stride}`` of the extracted layers."""
-        from ..features import BACKBONES
-
         info = BACKBONES[self.backbone].layer_info
         return {layer: info[layer][1] for layer in self.feature_layers()}
 
@@ -139,7 +141,6 @@ class FeatureModel(AnomalyModel):
         cached = self.__dict__.get("_extractor_cache")
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
-        from ..features import FeatureExtractor, fold_batchnorm, inline_same_padding, load_backbone
 
         network = load_backbone(self.backbone, self.weights, self.device, **options)
         # Every parameter and buffer of the stages, before a half cast changes them: the identity

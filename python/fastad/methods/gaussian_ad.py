@@ -19,6 +19,7 @@ import torch
 
 from .. import distributed, ops
 from ..checks import check_state_tensor, keys_of
+from ..features import BACKBONES
 from ..gaussian_stats import GaussianAccumulator, check_regularization, precision_factors
 from .base import register_method
 from .feature_model import FeatureModel
@@ -60,8 +61,6 @@ class GaussianAD(FeatureModel):
 
     def feature_layers(self) -> list[str]:
         """The levels: the given layers, or every layer of the backbone, in network order."""
-        from ..features import BACKBONES
-
         if self.layers is None:
             if self.backbone not in BACKBONES:
                 raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(BACKBONES)}")
@@ -73,8 +72,6 @@ class GaussianAD(FeatureModel):
         check_regularization(self.covariance, self.eps)
 
     def _check_state(self) -> None:
-        from ..features import BACKBONES
-
         super()._check_state()
         info = BACKBONES[self.backbone].layer_info
         levels = self.feature_layers()

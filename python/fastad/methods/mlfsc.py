@@ -50,6 +50,9 @@ import torch.nn.functional as F
 from .. import distributed, ops
 from ..checks import check_int, check_state_tensor
 from ..dictionary import DictionaryLearner, SampledLassoDictionaries
+from ..features import BACKBONES
+from ..highres import TiledScorer, TileGeometry, measured_halo
+from ..tiling import tile_windows, tiled_cores
 from .base import register_method
 from .feature_model import FeatureModel
 
@@ -145,8 +148,6 @@ class MLFSC(FeatureModel):
         self.seed = seed
 
     def _backbone_options(self) -> dict[str, Any]:
-        from ..features import BACKBONES
-
         return {"pre_relu": True} if self.pre_relu and BACKBONES[self.backbone].family == "vgg" else {}
 
     def _extractor_options(self) -> dict[str, Any]:
@@ -448,9 +449,6 @@ class MLFSC(FeatureModel):
         image's; the halo is the levels' measured receptive field plus the reach of the patches
         (a cell's value comes from a patch starting up to ``patch_size`` cells before or after it)
         and of the cut-off, which every window applies at its own edges."""
-        from ..features import BACKBONES
-        from ..highres import TileGeometry, measured_halo
-
         if self.levels != "scaled_inputs":
             raise ValueError(
                 "levels='resized_maps' resizes every level to a fixed grid, which depends on the image's size; "
@@ -479,8 +477,6 @@ class MLFSC(FeatureModel):
 
     def _image_statistics(self, reader, geometry, tile: int, progress) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, C, 1, 1) mean and unbiased std of the whole image's cut grid, from one tiled pass of sums."""
-        from ..tiling import tiled_cores
-
         _, height, width = reader.shape
         stride, c = geometry.stride, self.cutoff
         rows, cols = height // stride, width // stride
@@ -549,8 +545,6 @@ class MLFSC(FeatureModel):
         return outputs
 
     def _tiled_scorer(self, reader, geometry, tile, progress):
-        from ..highres import TiledScorer
-
         mean, std = self._image_statistics(reader, geometry, tile, progress)
         k = int(self.top_k)
         best: list[torch.Tensor] = []  # (C, <= k) running largest patch errors per channel
@@ -577,8 +571,6 @@ class MLFSC(FeatureModel):
         """Native-resolution fit: per image, the standardisation's statistics in a first tiled
         pass, then each window's patches that start in its core fed to the learner, a few patch
         rows at a time, with the sampling keys of their places in the image's raster order."""
-        from ..tiling import tile_windows
-
         geometry = self.tile_geometry()
         tile = max(geometry.align, tile - tile % geometry.align)
         stride, c, s, p = geometry.stride, self.cutoff, self.patch_stride, self.patch_size

@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from .. import distributed, ops
 from .._versions import in_place_version
 from ..checks import check_int, check_state_tensor
+from ..features import BACKBONES
+from ..highres import TileGeometry, measured_halo, window_around
+from ..tiling import tiled_apply
 from .base import register_method
 from .feature_model import BANK_DTYPES, FeatureModel, bank_dtype_of
 
@@ -203,9 +206,6 @@ class PatchCore(FeatureModel):
         neighbourhood averaging, upsampling), plus one aligned cell of margin. Measured once per
         model on random inputs (a check of where outputs stop changing, see
         ``fastad.tiling.receptive_field``) and cached."""
-        from ..features import BACKBONES
-        from ..highres import TileGeometry, measured_halo
-
         strides = self._layer_strides()
         stride, align = min(strides.values()), max(strides.values())
         key = (
@@ -249,8 +249,6 @@ class PatchCore(FeatureModel):
         """Eq. 7 at the image's worst patch (the first maximum in row-major order, as ``argmax``
         on the untiled map), whose feature is recomputed from the one window around it; patches
         where ``patch_valid`` is False (no data in the image) are not candidates."""
-        from ..highres import window_around
-
         scores = torch.from_numpy(np.ascontiguousarray(outputs[0]))
         if not self.reweight:
             return None  # predict's score then: the final map's maximum
@@ -286,8 +284,6 @@ class PatchCore(FeatureModel):
     def _fit_tiled(self, readers, tile: int, progress) -> int:
         """Native-resolution fit (``fastad.highres.fit_large``): each image's patch features are
         computed tile by tile (equal to the untiled ones), one chunk of the bank per image."""
-        from ..tiling import tiled_apply
-
         geometry = self.tile_geometry()
         tile = max(geometry.align, tile - tile % geometry.align)
         count = [0]

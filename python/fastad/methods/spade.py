@@ -28,7 +28,10 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..checks import check_choice, check_int, check_state_tensor, keys_of
-from ..ops import knn
+from ..features import BACKBONES, layers_at_strides
+from ..highres import TileGeometry, measured_halo
+from ..ops import knn, knn_prepare
+from ..tiling import tiled_apply, tiled_sum
 from .base import register_method
 from .feature_model import BANK_DTYPES, FeatureModel, bank_dtype_of
 
@@ -94,14 +97,10 @@ class SPADE(FeatureModel):
     def image_layer(self) -> str:
         """The layer whose pooled features choose the nearest training images: the deepest layer
         at stride 32."""
-        from ..features import layers_at_strides
-
         return layers_at_strides(self.backbone, [_IMAGE_STRIDE])[0]
 
     def feature_layers(self) -> list[str]:
         """Every layer extracted: the map layers and the image layer, in network order."""
-        from ..features import BACKBONES
-
         map_layers = self.map_layers()  # checks the backbone and the layer names first
         order = list(BACKBONES[self.backbone].layer_info)
         return sorted({*map_layers, self.image_layer()}, key=order.index)
@@ -115,8 +114,6 @@ class SPADE(FeatureModel):
         bank_dtype_of(self.bank_dtype)  # raises on an unknown name
 
     def _check_state(self) -> None:
-        from ..features import BACKBONES
-
         super()._check_state()
         info = BACKBONES[self.backbone].layer_info
         n = self.n_train_images_  # one pooled row and one map per training image
@@ -229,9 +226,6 @@ class SPADE(FeatureModel):
         """Tile geometry of ``fn`` (built on ``layers``): output ``stride`` (default the first
         layer's), aligned to the deepest, halo measured once per backbone, layers, weights and
         stride, and cached."""
-        from ..features import BACKBONES
-        from ..highres import TileGeometry, measured_halo
-
         strides = self._layer_strides()
         stride, align = stride or strides[layers[0]], max(strides[layer] for layer in layers)
         key = (self.backbone, tuple(layers), str(self.weights), stride)
@@ -269,8 +263,6 @@ class SPADE(FeatureModel):
         """Native-resolution fit (``fastad.highres.fit_large``): each training image's map layers
         and pooled row are computed tile by tile (one pass per map layer and one for the pooled
         row, each equal to the untiled values); the images must share one size, as in ``fit``."""
-        from ..tiling import tiled_apply, tiled_sum
-
         dtype = bank_dtype_of(self.bank_dtype)
         image_layer = self.image_layer()
         pooled_geometry = self._pooled_geometry()
@@ -327,9 +319,6 @@ class SPADE(FeatureModel):
         """A first pass pools the image layer over the whole image (a sum over tiles, exact), picks
         the ``k_images`` nearest training images and gives the image score; then each map layer's
         gallery (every position of those images) is gathered and prepared once for all tiles."""
-        from ..ops import knn_prepare
-        from ..tiling import tiled_sum
-
         if set(self.features_) != set(self.map_layers()):
             raise ValueError(
                 f"this SPADE was fitted on layers {list(self.features_)} but its layers are now "
