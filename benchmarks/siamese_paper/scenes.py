@@ -16,17 +16,13 @@ from collections.abc import Sequence
 
 import torch
 
-from fastad.checks import check_int
+from fastad.checks import check_fraction, check_generator, check_int
 from fastad.siamese import BLUE, Box, paint_rectangle, sample_rectangle
+from fastad.siamese.rectangles import check_float_image
 
 __all__ = ["aerial_template", "mosaic_pair", "scatter_rectangles"]
 
 Color = tuple[float, float, float]  # red, green, blue in [0, 1]
-
-
-def _check_generator(generator: object) -> None:
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
 
 def mosaic_pair(
@@ -55,11 +51,8 @@ def mosaic_pair(
         raise ValueError(
             f"images must hold grid * grid = {grid * grid} images for a {grid}x{grid} mosaic, got {images.shape[0]}"
         )
-    _check_generator(generator)
-    if isinstance(defect_fraction, bool) or not isinstance(defect_fraction, (int, float)):
-        raise TypeError(f"defect_fraction must be a number in [0, 1], got {defect_fraction!r}")
-    if not 0.0 <= defect_fraction <= 1.0:
-        raise ValueError(f"defect_fraction must be in [0, 1], got {defect_fraction!r}")
+    check_generator(generator)
+    defect_fraction = check_fraction(defect_fraction, "defect_fraction")
     channels, height, width = (int(v) for v in images.shape[1:])
 
     tiles = images.to(torch.float32).div_(255.0).view(grid, grid, channels, height, width)
@@ -95,14 +88,8 @@ def scatter_rectangles(
     position uniformly among those where it lies fully inside the image; rectangles may overlap.
     Returns (the painted copy, bool (H, W) mask of the union of the rectangles).
     """
-    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-        raise TypeError(
-            f"image must be a floating tensor (C, H, W) in [0, 1], got "
-            f"{image.dtype if isinstance(image, torch.Tensor) else type(image).__name__}"
-        )
-    if image.dim() != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"image must have shape (C, H, W) with C = 1 or 3, got {tuple(image.shape)}")
-    _check_generator(generator)
+    check_float_image(image)
+    check_generator(generator)
     check_int(count, "count", minimum=0, meaning="the number of rectangles")
     height, width = int(image.shape[1]), int(image.shape[2])
     if (

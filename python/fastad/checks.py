@@ -1,6 +1,10 @@
 """The argument checks every fastad model shares, public so that a method of your own
 (``fastad.register_method``) fails the way the built-in ones do: image batches, devices,
-choices, numbers and learned-state tensors.
+choices, numbers, generators and learned-state tensors.
+
+One convention, Python's own: a value of the wrong type raises TypeError, a value of the right
+type that is out of range raises ValueError; both name the parameter, say what it must be and
+what it got. The C++ operators word their checks the same way (``csrc/include/fastad/checks.h``).
 
 Images entering fastad are float (B, 3, H, W) RGB with values in [0, 1]: each backbone applies
 its own normalisation, so an image normalised already, or left in 0..255, is a mistake worth a
@@ -10,7 +14,9 @@ clear message rather than silently poor features.
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 
 RANGE_TOLERANCE = 1e-3  # resizing filters overshoot [0, 1] by rounding; real mistakes are far off
@@ -69,20 +75,82 @@ def check_choice(value: object, name: str, choices) -> object:
     return value
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (numbers.Real, np.floating, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(
+    value: object, name: str, *, minimum: int | None = 1, maximum: int | None = None, meaning: str = ""
+) -> int:
+    """``value`` as an int: TypeError unless it is an int (a NumPy integer counts; a bool does
+    not), ValueError unless ``minimum <= value <= maximum`` (None: unbounded). ``meaning`` (e.g.
+    "the number of neighbours") goes into the message."""
+    what = f" ({meaning})" if meaning else ""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int{what}, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        if maximum is not None:
+            kind = f"an int in [{'-inf' if minimum is None else minimum}, {maximum}]"
+        else:
+            kind = {1: "a positive int", 0: "a non-negative int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"{name} must be {kind}{what}, got {value}")
+    return value
+
+
+def check_float(
+    value: object,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: bool = False,
+    meaning: str = "",
+) -> float:
+    """``value`` as a float: TypeError unless it is a real number (not a bool), ValueError unless
+    it is finite and within [``minimum``, ``maximum``] (``above``: strictly above ``minimum``).
+    ``meaning`` goes into the message."""
+    what = f" ({meaning})" if meaning else ""
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a number{what}, got {type(value).__name__} {value!r}")
+    value = float(value)
+    low_ok = minimum is None or (value > minimum if above else value >= minimum)
+    if not math.isfinite(value) or not low_ok or (maximum is not None and value > maximum):
+        if minimum is None and maximum is None:
+            kind = "a finite number"
+        elif maximum is None:
+            kind = f"a finite number {'>' if above else '>='} {minimum:g}"
+        else:
+            kind = f"a number in {'(' if above else '['}{-math.inf if minimum is None else minimum:g}, {maximum:g}]"
+        raise ValueError(f"{name} must be {kind}{what}, got {value!r}")
+    return value
+
+
 def check_positive_float(value: object, name: str) -> float:
-    """``value`` as a float if it is a finite number > 0 (not a bool), else a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
+    """``value`` as a float if it is a finite number > 0 (TypeError / ValueError otherwise)."""
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a positive finite number, got {type(value).__name__} {value!r}")
+    if not 0 < float(value) < math.inf:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
-def check_int(value: object, name: str, *, minimum: int = 1, meaning: str = "") -> int:
-    """``value`` if it is an int (not a bool) of at least ``minimum``, else a ValueError saying
-    which parameter, what it means (``meaning``, e.g. "the number of neighbours") and what it got."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
-        raise ValueError(f"{name} must be a {kind} int{f' ({meaning})' if meaning else ''}, got {value!r}")
-    return value
+def check_fraction(value: object, name: str) -> float:
+    """``value`` as a float in [0, 1] (TypeError / ValueError otherwise)."""
+    return check_float(value, name, minimum=0.0, maximum=1.0)
+
+
+def check_generator(generator: object) -> torch.Generator:
+    """A CPU ``torch.Generator`` (the random draws fastad makes on the host)."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
+    return generator
 
 
 def check_state_tensor(name: str, value: object, dtype, shape: tuple) -> torch.Tensor:

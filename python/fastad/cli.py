@@ -2,7 +2,7 @@
 
     fastad fit --method NAME [--backbone NAME] --data DIR --model OUT [--device cpu|cuda]
                [--batch-size N] [--tile PX] [--set key=value ...]
-    fastad predict --model M --out DIR [--device D] [--tile PX] IMAGES...
+    fastad predict --model M --out DIR [--device D] [--tile PX] [--template T] IMAGES...
     fastad evaluate --model M --data DIR --report DIR [--device D]
     fastad info
     fastad siamese train | detect ...   (see fastad.siamese.cli)
@@ -32,13 +32,10 @@ from .features import available_backbones
 from .geo import MapWriter, RasterReader, gdal_cache
 from .highres import fit_large, open_image, predict_large
 from .io import output_folder, write_json
-from .methods import AnomalyModel, available_methods, get_method
+from .methods import available_methods, get_method
 from .report import write_report
+from .siamese import SiameseDetector
 from .siamese.cli import add_parser as add_siamese_parser
-
-
-def _load_model(path: str, device: str | None):
-    return AnomalyModel.load(path, device=device)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -97,13 +94,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # bank split across the processes, every process takes part in every image and rank 0 writes.
     distributed.init_from_environment(args.device or "cpu")
     rank, size = distributed.world()
-    model = _load_model(args.model, distributed.process_device(args.device))
+    model = load_model(args.model, device=distributed.process_device(args.device))
+    # A Siamese detector scores each image against the template; the methods score images alone.
+    pairs = isinstance(model, SiameseDetector)
+    if pairs and args.template is None:
+        raise CliError(
+            f"{args.model} holds a Siamese detector, which scores each image against a template: give --template"
+        )
+    if not pairs and args.template is not None:
+        raise CliError(f"--template is for a Siamese detector; {args.model} holds a {model.method_name!r} model")
+    if pairs and args.tile is not None:
+        raise CliError("a Siamese detector scores large pairs tile by tile with: fastad siamese detect --tile")
+    template = load_image(args.template) if pairs else None
     transform = model.transform()
     out_dir = output_folder(args.out)
     results, used = [], set()
     if args.tile is not None:
         model.tile_geometry()  # a method that does not tile says so before any image is read
-    together = args.tile is not None or bool(model._split_state_names())
+    together = args.tile is not None or (not pairs and bool(model._split_state_names()))
     mine = range(len(args.images)) if together else distributed.shard(len(args.images))
     writes = rank == 0 or not together
     for n, path in enumerate(args.images):
@@ -127,7 +135,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         }
         if transform is not None:
             item = transform(item)
-        pred = model.predict(item["image"])
+        pred = model.predict(template, item["image"]) if pairs else model.predict(item["image"])
         score = float(pred.scores[0])
         entry = {
             "path": str(path),
@@ -150,7 +158,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         results = [entry for part in distributed.all_gather_objects(results) for entry in part]
     if rank == 0:
         write_json(
-            out_dir / "scores.json", {"model": str(args.model), "threshold": model.threshold_, "images": results}
+            out_dir / "scores.json",
+            {
+                "model": str(args.model),
+                "threshold": model.threshold_,
+                **({"template": str(args.template)} if pairs else {}),
+                "images": results,
+            },
         )
     distributed.barrier()
     return 0
@@ -298,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PX",
         help="score each image at its own resolution in tiles of PX pixels (PatchCore, SPADE; GeoTIFF, "
         "TIFF, PNG, JPEG or .npy): the map as a GeoTIFF with the input's georeference, and a quick-look",
+    )
+    p.add_argument(
+        "--template",
+        help="for a Siamese detector: the template every image is compared with (same size as the images)",
     )
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(run=cmd_predict)

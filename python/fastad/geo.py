@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import viz
+from .checks import check_positive_float
 
 __all__ = ["RasterReader", "MapWriter", "block_max", "gdal_cache"]
 
@@ -108,9 +108,11 @@ class RasterReader:
             else:
                 self.close()
                 raise ValueError(f"{self.path} holds {dtype} values; give scale= to bring them to [0, 1]")
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        try:
+            scale = check_positive_float(scale, "scale")
+        except (TypeError, ValueError):
             self.close()
-            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+            raise
         self.bands, self.scale, self.dtype = bands, float(scale), np.dtype(np.float32)
         self.shape = (3, ds.height, ds.width)
 

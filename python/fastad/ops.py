@@ -12,14 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .checks import check_int
+
 _INT64 = (-(2**63), 2**63 - 1)
 
 
-def _check_int(value, name: str) -> int:
+def _check_int64(value, name: str) -> int:
     # The schema's int is int64: a larger Python int would fail in the dispatcher with a
     # multi-line message about types.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = check_int(value, name, minimum=None)
     if not _INT64[0] <= value <= _INT64[1]:
         raise ValueError(f"{name} must fit in a 64-bit integer, got {value}")
     return value
@@ -67,7 +68,7 @@ def knn(
     """
     _check_tensors(query=query, bank=bank)
     _check_prepared(prepared, bank)
-    return torch.ops.fastad.knn(query, bank, _check_int(k, "k"), bool(squared), prepared)
+    return torch.ops.fastad.knn(query, bank, _check_int64(k, "k"), bool(squared), prepared)
 
 
 @torch.library.register_fake("fastad::knn")
@@ -134,7 +135,7 @@ def kcenter_greedy(x: Tensor, k: int, *, start: int = 0) -> tuple[Tensor, Tensor
         copy in ``x``'s dtype when it is strided).
     """
     _check_tensors(x=x)
-    return torch.ops.fastad.kcenter_greedy(x, _check_int(k, "k"), _check_int(start, "start"))
+    return torch.ops.fastad.kcenter_greedy(x, _check_int64(k, "k"), _check_int64(start, "start"))
 
 
 @torch.library.register_fake("fastad::kcenter_greedy")
@@ -229,7 +230,7 @@ def omp(x: Tensor, dictionary: Tensor, n_nonzero: int) -> tuple[Tensor, Tensor]:
         back to check the atoms; the devices each path has run on: benchmarks/RESULTS.md).
     """
     _check_tensors(x=x, dictionary=dictionary)
-    return torch.ops.fastad.omp(x, dictionary, _check_int(n_nonzero, "n_nonzero"))
+    return torch.ops.fastad.omp(x, dictionary, _check_int64(n_nonzero, "n_nonzero"))
 
 
 @torch.library.register_fake("fastad::omp")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import check_choice
+from .checks import check_choice, check_float
 
 __all__ = [
     "upsample",
@@ -102,11 +102,7 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:
     maps = _check_float_tensor(maps, "maps")
     if maps.dim() != 3:
         raise ValueError(f"maps must be (N, H, W), got shape {tuple(maps.shape)}")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.integer, np.floating)):
-        raise TypeError(f"sigma must be a number, got {type(sigma).__name__}")
-    sigma = float(sigma)
-    if not (math.isfinite(sigma) and sigma >= 0.0):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    sigma = check_float(sigma, "sigma", minimum=0.0)
     if sigma == 0.0 or maps.numel() == 0:
         return maps
     radius = _kernel_radius(sigma)

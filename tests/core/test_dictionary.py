@@ -165,8 +165,8 @@ def test_forgetting_factor_matches_scikit_learn():
     "kwargs, error",
     [
         (dict(groups=0), ValueError),
-        (dict(n_atoms=2.0), ValueError),
-        (dict(dim=True), ValueError),
+        (dict(n_atoms=2.0), TypeError),
+        (dict(dim=True), TypeError),
         (dict(n_nonzero=6), ValueError),
         (dict(n_atoms=8, dim=4, n_nonzero=5), ValueError),
         (dict(batch_size=0), ValueError),

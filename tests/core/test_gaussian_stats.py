@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastad.gaussian_stats import GaussianAccumulator, precision_cholesky, precision_factors, regularized_covariance
+from fastad.gaussian_stats import GaussianAccumulator
+from fastad.precision import precision_cholesky, precision_factors, regularized_covariance
 
 
 def _feed(acc: GaussianAccumulator, x: torch.Tensor, batch: int) -> GaussianAccumulator:
@@ -371,16 +372,16 @@ def test_results_need_enough_samples():
 
 
 @pytest.mark.parametrize(
-    "kwargs,message",
+    "kwargs,message,error",
     [
-        (dict(positions=0, dim=3), "positions"),
-        (dict(positions=2, dim=2.0), "dim"),
-        (dict(positions=2, dim=3, position_chunk=0), "position_chunk"),
-        (dict(positions=2, dim=3, device="gpu:x"), "device"),
+        (dict(positions=0, dim=3), "positions", ValueError),
+        (dict(positions=2, dim=2.0), "dim", TypeError),
+        (dict(positions=2, dim=3, position_chunk=0), "position_chunk", ValueError),
+        (dict(positions=2, dim=3, device="gpu:x"), "device", ValueError),
     ],
 )
-def test_constructor_rejects_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_constructor_rejects_bad_arguments(kwargs, message, error):
+    with pytest.raises(error, match=message):
         GaussianAccumulator(**kwargs)
 
 

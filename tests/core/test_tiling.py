@@ -185,9 +185,9 @@ def test_progress_bar_when_asked(rng, capsys):
     [
         (dict(tile=32, halo=18, stride=4), "halo=18 must be a multiple of stride=4"),
         (dict(tile=30, halo=20, stride=4), "tile=30 must be a multiple of stride=4"),
-        (dict(tile=32, halo=-4, stride=4), "halo must be >= 0"),
-        (dict(tile=32, halo=20, stride=0), "stride must be >= 1"),
-        (dict(tile=32, halo=20, stride=4, batch_tiles=0), "batch_tiles must be >= 1"),
+        (dict(tile=32, halo=-4, stride=4), "halo must be a non-negative int"),
+        (dict(tile=32, halo=20, stride=0), "stride must be a positive int"),
+        (dict(tile=32, halo=20, stride=4, batch_tiles=0), "batch_tiles must be a positive int"),
     ],
 )
 def test_bad_tiling_arguments_raise(net4, kwargs, match):

@@ -165,19 +165,19 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 @pytest.mark.parametrize(
-    ("argument", "value"),
+    ("argument", "value", "error"),
     [
-        ("texture", "marble"),
-        ("size", 16),
-        ("n_train", 0),
-        ("n_test_good", 0),
-        ("n_test_per_defect", 0),
-        ("seed", -1),
-        ("size", 64.0),
-        ("n_train", True),
+        ("texture", "marble", ValueError),
+        ("size", 16, ValueError),
+        ("n_train", 0, ValueError),
+        ("n_test_good", 0, ValueError),
+        ("n_test_per_defect", 0, ValueError),
+        ("seed", -1, ValueError),
+        ("size", 64.0, TypeError),
+        ("n_train", True, TypeError),
     ],
 )
-def test_make_rejects_bad_arguments(tmp_path: Path, argument: str, value) -> None:
-    with pytest.raises(ValueError, match=argument):
+def test_make_rejects_bad_arguments(tmp_path: Path, argument: str, value, error) -> None:
+    with pytest.raises(error, match=argument):
         make_synthetic_dataset(tmp_path / "set", **{**SMALL, argument: value})
     assert not (tmp_path / "set").exists()

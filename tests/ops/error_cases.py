@@ -124,10 +124,12 @@ KNN = {
         "query and bank must have the same dtype, got Float and Half",
     ),
     "k-float": Case(
-        lambda dev: fastad.ops.knn(_ones((4, 3), dev), _ones((5, 3), dev), 1.5), TYPE, "k must be an int, got float"
+        lambda dev: fastad.ops.knn(_ones((4, 3), dev), _ones((5, 3), dev), 1.5), TYPE, "k must be an int, got float 1.5"
     ),
     "k-bool": Case(
-        lambda dev: fastad.ops.knn(_ones((4, 3), dev), _ones((5, 3), dev), True), TYPE, "k must be an int, got bool"
+        lambda dev: fastad.ops.knn(_ones((4, 3), dev), _ones((5, 3), dev), True),
+        TYPE,
+        "k must be an int, got bool True",
     ),
     "k-beyond-int64": Case(
         lambda dev: fastad.ops.knn(_ones((4, 3), dev), _ones((5, 3), dev), 2**70),
@@ -163,7 +165,7 @@ KNN = {
         "bank must be a torch.Tensor, got ndarray",
     ),
     "k-str": Case(
-        lambda dev: fastad.ops.knn(_ones((4, 3), dev), _ones((5, 3), dev), "3"), TYPE, "k must be an int, got str"
+        lambda dev: fastad.ops.knn(_ones((4, 3), dev), _ones((5, 3), dev), "3"), TYPE, "k must be an int, got str '3'"
     ),
     "two-devices": Case(
         lambda dev: fastad.ops.knn(_ones((4, 3), "cpu"), _ones((5, 3), dev), 1),
@@ -305,11 +307,15 @@ KCENTER = {
         "x must be float32, float16 or bfloat16, got Long",
     ),
     "k-float": Case(
-        lambda dev: fastad.ops.kcenter_greedy(_ones((5, 3), dev), 1.5), TYPE, "k must be an int, got float"
+        lambda dev: fastad.ops.kcenter_greedy(_ones((5, 3), dev), 1.5), TYPE, "k must be an int, got float 1.5"
     ),
-    "k-bool": Case(lambda dev: fastad.ops.kcenter_greedy(_ones((5, 3), dev), True), TYPE, "k must be an int, got bool"),
+    "k-bool": Case(
+        lambda dev: fastad.ops.kcenter_greedy(_ones((5, 3), dev), True), TYPE, "k must be an int, got bool True"
+    ),
     "start-str": Case(
-        lambda dev: fastad.ops.kcenter_greedy(_ones((5, 3), dev), 2, start="0"), TYPE, "start must be an int, got str"
+        lambda dev: fastad.ops.kcenter_greedy(_ones((5, 3), dev), 2, start="0"),
+        TYPE,
+        "start must be an int, got str '0'",
     ),
     "x-none": Case(lambda dev: fastad.ops.kcenter_greedy(None, 1), TYPE, "x must be a torch.Tensor, got NoneType"),
     "start-beyond-int64": Case(
@@ -324,7 +330,9 @@ KCENTER = {
         cpu_only=True,
     ),
     "start-float": Case(
-        lambda dev: fastad.ops.kcenter_greedy(_ones((5, 3), dev), 2, start=2.0), TYPE, "start must be an int, got float"
+        lambda dev: fastad.ops.kcenter_greedy(_ones((5, 3), dev), 2, start=2.0),
+        TYPE,
+        "start must be an int, got float 2.0",
     ),
     "nan-start-row": Case(
         _kcenter((300, 20), 1, poison=(0, float("nan"))),
@@ -531,7 +539,7 @@ OMP = {
         TYPE,
         "dictionary must be a torch.Tensor, got ndarray",
     ),
-    "s-float": Case(lambda dev: _omp(2.0)(dev), TYPE, "n_nonzero must be an int, got float"),
+    "s-float": Case(lambda dev: _omp(2.0)(dev), TYPE, "n_nonzero must be an int, got float 2.0"),
     "reconstruct-int32": Case(
         lambda dev: fastad.ops.omp_reconstruct(
             torch.zeros(2, 3, 2, dtype=torch.int32, device=dev), torch.zeros(2, 3, 2, device=dev), _ones((2, 5, 4), dev)

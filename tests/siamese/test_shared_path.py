@@ -15,7 +15,7 @@ from PIL import Image
 import fastad
 from fastad import metrics
 from fastad.cli import main
-from fastad.data import ChangePairs, open_dataset
+from fastad.data import ChangePairs, load_image, open_dataset
 from fastad.evaluation import evaluate
 from fastad.io import ModelFileError
 from fastad.methods import AnomalyModel, available_methods, get_method
@@ -172,21 +172,21 @@ def test_fastad_evaluate_takes_a_siamese_model_and_pairs(pairs_folder, tmp_path,
     written = json.loads((report / "metrics.json").read_text())
     assert written["n_images"] == 5 and written["threshold"] == 0.5
     assert (report / "report.html").is_file()
-    # predict stays with the methods fitted on normal images, and says so.
-    assert (
-        main(
-            [
-                "predict",
-                "--model",
-                str(PRETRAINED_PATH),
-                "--out",
-                str(tmp_path / "p"),
-                str(pairs_folder / "A" / "p0.png"),
-            ]
-        )
-        == 1
-    )
-    assert "not a AnomalyModel" in capsys.readouterr().err
+    # predict scores images against a template, as the methods score images alone.
+    predict = ["predict", "--model", str(PRETRAINED_PATH), "--out", str(tmp_path / "p")]
+    assert main([*predict, str(pairs_folder / "B" / "p1.png")]) == 1
+    assert "give --template" in capsys.readouterr().err
+    images = [str(pairs_folder / "B" / name) for name in ("p1.png", "q1.png")]
+    assert main([*predict, "--template", str(pairs_folder / "A" / "p1.png"), *images]) == 0
+    scores = json.loads((tmp_path / "p" / "scores.json").read_text())
+    assert scores["threshold"] == 0.5 and scores["template"].endswith("p1.png")
+    template, changed = (load_image(pairs_folder / f / "p1.png") for f in ("A", "B"))
+    want = SiameseDetector.pretrained().predict(template, changed)
+    assert scores["images"][0]["score"] == pytest.approx(float(want.scores[0]))
+    assert scores["images"][0]["anomalous"] is True and (tmp_path / "p" / "p1_map.png").is_file()
+    toy = ["predict", "--model", str(PRETRAINED_PATH), "--out", str(tmp_path / "t"), "--tile", "64"]
+    assert main([*toy, "--template", images[0], images[1]]) == 1
+    assert "fastad siamese detect --tile" in capsys.readouterr().err
 
 
 def test_change_pairs_refuse_what_cannot_be_scored(tmp_path):

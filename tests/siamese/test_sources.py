@@ -229,18 +229,18 @@ def test_bad_paths_and_archives(tmp_path: Path, np_rng: np.random.Generator) -> 
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, message, error",
     [
-        ({"split": "a/b"}, "split must be"),
-        ({"split": ""}, "split must be"),
-        ({"limit": 0}, "limit"),
-        ({"limit": 2.5}, "limit"),
-        ({"limit": True}, "limit"),
-        ({"seed": -1}, "seed"),
+        ({"split": "a/b"}, "split must be", ValueError),
+        ({"split": ""}, "split must be", ValueError),
+        ({"limit": 0}, "limit", ValueError),
+        ({"limit": 2.5}, "limit", TypeError),
+        ({"limit": True}, "limit", TypeError),
+        ({"seed": -1}, "seed", ValueError),
     ],
 )
-def test_bad_arguments(kwargs: dict, message: str, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=message):
+def test_bad_arguments(kwargs: dict, message: str, error: type, tmp_path: Path) -> None:
+    with pytest.raises(error, match=message):
         load_image_folder(tmp_path, **kwargs)
 
 

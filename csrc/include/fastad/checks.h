@@ -1,4 +1,5 @@
-// Input checks shared by every op: one place that words errors the way users read them.
+// Input checks shared by every op: one place that words errors the way users read them, as
+// fastad.checks does in Python ("<name> must be <what>, got <found>").
 //
 // Which Python exception a failed check becomes: TORCH_CHECK_TYPE (TypeError) for a wrong dtype,
 // TORCH_CHECK_VALUE (ValueError) for every other bad argument (shape, size, device, values, an

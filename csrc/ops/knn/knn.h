@@ -53,6 +53,20 @@ inline void check_knn_args(const at::Tensor& query, const at::Tensor& bank, int6
                     "), got k = ", k);
 }
 
+// The CUDA kernel codes nothing per bank, so its prepared bank is empty (knn_prepare_cuda); and
+// the query reaches the CUDA kernel on the CPU only when `prepared` alone is a CUDA tensor (it
+// takes part in dispatch): fastad.ops.knn refuses that first, a direct torch.ops call lands here.
+inline void check_knn_cuda_prepared(const at::Tensor& query,
+                                    const std::optional<at::Tensor>& prepared) {
+  TORCH_CHECK_VALUE(!prepared.has_value() || prepared->numel() == 0,
+                    "prepared must be fastad.ops.knn_prepare(bank) of this CUDA bank, which is "
+                    "empty; got ",
+                    prepared.has_value() ? prepared->numel() : 0, " bytes (a CPU bank's?)");
+  TORCH_CHECK_VALUE(query.is_cuda(), "query and bank must be on prepared's device (",
+                    prepared.has_value() ? prepared->device() : query.device(), "), got ",
+                    query.device());
+}
+
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& bank,
                                            int64_t k, bool squared,
                                            const std::optional<at::Tensor>& prepared);

@@ -275,17 +275,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at
                                             int64_t k, bool squared,
                                             const std::optional<at::Tensor>& prepared) {
   check_knn_args(query_in, bank_in, k);
-  // The CUDA kernel codes nothing per bank, so its prepared bank is empty (see knn_prepare_cuda).
-  TORCH_CHECK_VALUE(
-      !prepared.has_value() || prepared->numel() == 0,
-      "prepared must be fastad.ops.knn_prepare(bank) of this CUDA bank, which is empty; "
-      "got ",
-      prepared.has_value() ? prepared->numel() : 0, " bytes (a CPU bank's?)");
-  // Reached with CPU query and bank only when `prepared` alone is a CUDA tensor (it takes part
-  // in dispatch); fastad.ops.knn refuses that first, a direct torch.ops call lands here.
-  TORCH_CHECK_VALUE(query_in.is_cuda(), "query and bank must be on prepared's device (",
-                    prepared.has_value() ? prepared->device() : query_in.device(), "), got ",
-                    query_in.device());
+  check_knn_cuda_prepared(query_in, prepared);
   const c10::cuda::CUDAGuard guard(query_in.device());
   // Row-major rows make the survivors' exact distances coalesced reads (a no-op when they are).
   const at::Tensor query = query_in.contiguous();

@@ -89,6 +89,15 @@ inline void check_omp_args(const at::Tensor& x, const at::Tensor& dictionary, in
       " (K = ", dictionary.size(1), " atoms, d = ", x.size(2), " features), got ", n_nonzero);
 }
 
+// The refusal of a dictionary atom that is not of unit norm (within 1e-3), worded once for the
+// CPU and CUDA kernels, which find the first such atom each their own way.
+[[noreturn]] inline void refuse_non_unit_atom(double norm, int64_t atom, int64_t group) {
+  TORCH_CHECK_VALUE(false, "dictionary atoms must have unit norm (within 1e-3), got norm ", norm,
+                    " for atom ", atom, " of group ", group,
+                    " (normalise the rows: dictionary / dictionary.norm(dim=-1, keepdim=True))");
+  __builtin_unreachable();
+}
+
 std::tuple<at::Tensor, at::Tensor> omp_cpu(const at::Tensor& x, const at::Tensor& dictionary,
                                            int64_t n_nonzero);
 

@@ -164,10 +164,7 @@ void check_unit_atoms(const at::Tensor& gram) {
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t k = 0; k < K; ++k) {
       const double norm = std::sqrt(gp[(g * K + k) * K + k]);
-      TORCH_CHECK_VALUE(
-          std::fabs(norm - 1.0) <= 1e-3, "dictionary atoms must have unit norm (within 1e-3), got ",
-          "norm ", norm, " for atom ", k, " of group ", g,
-          " (normalise the rows: dictionary / dictionary.norm(dim=-1, keepdim=True))");
+      if (!(std::fabs(norm - 1.0) <= 1e-3)) refuse_non_unit_atom(norm, k, g);  // NaN refused too
     }
 }
 

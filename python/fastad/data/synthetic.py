@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..checks import check_int
+
 __all__ = ["DEFECT_KINDS", "TEXTURES", "add_defect", "normal_image", "make_synthetic_dataset"]
 
 DEFECT_KINDS = ("scratch", "blob", "color", "missing")
@@ -240,12 +242,6 @@ def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[
 # ----------------------------------------------------------------------------- the data set
 
 
-def _check_count(value: object, name: str, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _save_png(array: np.ndarray, path: Path) -> None:
     # Fixed compression settings and no metadata: the same pixels give the same bytes.
     Image.fromarray(array).save(path, format="PNG", compress_level=6)
@@ -307,12 +303,12 @@ def make_synthetic_dataset(
         raise ValueError(f"texture must be one of {TEXTURES}, got {texture!r}")
     settings = {
         "format": _FORMAT_VERSION,
-        "seed": _check_count(seed, "seed", 0),
+        "seed": check_int(seed, "seed", minimum=0),
         "texture": texture,
-        "size": _check_count(size, "size", 32),
-        "n_train": _check_count(n_train, "n_train", 1),
-        "n_test_good": _check_count(n_test_good, "n_test_good", 1),
-        "n_test_per_defect": _check_count(n_test_per_defect, "n_test_per_defect", 1),
+        "size": check_int(size, "size", minimum=32),
+        "n_train": check_int(n_train, "n_train", minimum=1),
+        "n_test_good": check_int(n_test_good, "n_test_good", minimum=1),
+        "n_test_per_defect": check_int(n_test_per_defect, "n_test_per_defect", minimum=1),
     }
     root = Path(root)
     if root.exists() and not overwrite:

@@ -11,16 +11,8 @@ torchvision and timm are imported only when a backbone is built.
 
 from __future__ import annotations
 
-from .backbones import (
-    BACKBONES,
-    Backbone,
-    available_backbones,
-    backbone_from_network,
-    build_network,
-    layers_at_strides,
-    load_backbone,
-    weights_source,
-)
+from .backbones import Backbone, available_backbones, backbone_from_network, build_network, load_backbone
+from .catalogue import BACKBONES, layers_at_strides, weights_source
 from .extractor import FeatureExtractor
 from .folding import fold_batchnorm
 from .same_padding import inline_same_padding

@@ -15,8 +15,6 @@ normal images, and model files (``fastad.io``) holding the learned state.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,7 +24,7 @@ import torch
 from .. import distributed
 from .. import io as model_io
 from .._batching import stack_images
-from ..checks import check_choice, check_int
+from ..checks import check_choice, check_float, check_int
 from ..estimator import Estimator, register_estimator, registered_estimators
 from ..postprocess import UPSAMPLE_MODES, anomaly_maps, good_quantile_threshold, image_scores
 from ..prediction import Prediction
@@ -124,9 +122,7 @@ class AnomalyModel(Estimator):
         super()._check_params()
         check_int(self.batch_size, "batch_size")
         for name in ("holdout", "threshold_quantile", "blur_sigma"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            check_float(getattr(self, name), name)
         check_choice(self.upsample_mode, "upsample_mode", UPSAMPLE_MODES)
         if not (0.0 <= float(self.holdout) <= 0.5):
             raise ValueError(

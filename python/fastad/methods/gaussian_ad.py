@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from .. import distributed, ops
-from ..checks import check_state_tensor, keys_of
+from ..checks import check_fraction, check_state_tensor, keys_of
 from ..features import BACKBONES
-from ..gaussian_stats import GaussianAccumulator, check_regularization, precision_factors
+from ..gaussian_stats import GaussianAccumulator
+from ..precision import check_regularization, precision_factors
 from .base import register_method
 from .feature_model import FeatureModel
 
@@ -94,8 +95,7 @@ class GaussianAD(FeatureModel):
         if not isinstance(shrinkage, dict) or (shrinkage and set(shrinkage) != set(levels)):
             raise ValueError(f"shrinkage_ must be a dict of the levels {levels} or empty, got {keys_of(shrinkage)}")
         for level, value in shrinkage.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"shrinkage_[{level!r}] must be a number in [0, 1], got {value!r}")
+            check_fraction(value, f"shrinkage_[{level!r}]")
 
     def pooled_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{level: (B, C) float32}``: each level's feature map averaged over its positions."""

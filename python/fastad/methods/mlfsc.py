@@ -36,6 +36,12 @@ Images of any size: with ``resize=None`` the grid is the image's size / 8, and
 ``fastad.highres.predict_large`` / ``fit_large`` score and fit scenes of any size tile by tile,
 equal to the untiled call (the standardisation's statistics come from a first pass over the
 whole image).
+
+The module is one class of about 640 lines, on purpose: MLF-SC's pipeline has more steps than the
+other methods (levels, cut-off, per-image standardisation, one dictionary per channel, two
+learners, two map modes), and the tiled fit and scoring at the end are those same steps applied
+window by window (``_window_levels``, ``_cut``, ``_code``); split across files they would have to
+reach into each other's private steps.
 """
 
 from __future__ import annotations

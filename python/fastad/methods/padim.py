@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from .. import distributed, ops
 from ..checks import check_int, check_state_tensor
-from ..gaussian_stats import GaussianAccumulator, check_regularization, precision_factors
+from ..gaussian_stats import GaussianAccumulator
+from ..precision import check_regularization, precision_factors
 from .base import register_method
 from .feature_model import FeatureModel
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import distributed, ops
 from .._versions import in_place_version
-from ..checks import check_int, check_state_tensor
+from ..checks import check_float, check_int, check_state_tensor
 from ..features import BACKBONES
 from ..highres import TileGeometry, measured_halo, window_around
 from ..tiling import tiled_apply
@@ -127,7 +127,7 @@ class PatchCore(FeatureModel):
             )
         bank_dtype_of(self.bank_dtype)  # raises on an unknown name
         if not isinstance(self.shard_bank, bool):
-            raise ValueError(f"shard_bank must be True or False, got {self.shard_bank!r}")
+            raise TypeError(f"shard_bank must be True or False, got {self.shard_bank!r}")
 
     def _check_state(self) -> None:
         super()._check_state()
@@ -143,8 +143,7 @@ class PatchCore(FeatureModel):
         if bank.shape[0] > n:
             raise ValueError(f"bank_ holds {bank.shape[0]} patches, more than the {n} training patches (n_patches_)")
         radius = getattr(self, "coreset_radius_", None)
-        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0.0 <= radius < math.inf:
-            raise ValueError(f"coreset_radius_ must be a finite number >= 0, got {radius!r}")
+        check_float(radius, "coreset_radius_", minimum=0.0)
         if split:
             size = check_int(getattr(self, "bank_size_", None), "bank_size_")
             rows = check_state_tensor("bank_rows_", getattr(self, "bank_rows_", None), (torch.int64,), (bank.shape[0],))

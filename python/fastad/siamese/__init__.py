@@ -2,8 +2,8 @@
 
 - :mod:`.network`: the shared all-convolutional encoder and the per-position discriminator;
 - :mod:`.losses`: contrastive and binary cross-entropy losses;
-- :mod:`.sources`, :mod:`.pairs`: labelled image collections (CIFAR-10 zip / ImageFolder, MNIST
-  idx) and training pairs with synthetic defects;
+- :mod:`.sources`, :mod:`.rectangles`, :mod:`.pairs`: labelled image collections (CIFAR-10 zip /
+  ImageFolder, MNIST idx), the synthetic rectangle defect, and training pairs;
 - :mod:`.training`: the Adam training loop with held-out loss per epoch;
 - :mod:`.sliding`: exact sliding inference on pairs of any size, tiled for images beyond memory;
 - :mod:`.detector`: :class:`SiameseDetector` (train / save / load / pretrained / predict / detect),
@@ -18,7 +18,8 @@ from __future__ import annotations
 from .detector import PRETRAINED_COMMAND, PRETRAINED_PATH, Detection, SiameseDetector
 from .losses import bce_loss, contrastive_loss, siamese_loss
 from .network import NetworkConfig, SiameseNet, SiameseOutput
-from .pairs import BLUE, Box, DigitPairs, RectanglePairs, paint_rectangle, sample_rectangle
+from .pairs import DigitPairs, RectanglePairs
+from .rectangles import BLUE, Box, paint_rectangle, sample_rectangle
 from .sliding import detect_tiled, score_map
 from .sources import LabelledImages, load_image_folder, load_mnist
 from .training import TrainingHistory, train_network

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_choice
+from ..checks import check_choice, check_int
 
 __all__ = ["HEADS", "NetworkConfig", "SiameseNet", "SiameseOutput"]
 
@@ -53,9 +53,7 @@ class NetworkConfig:
 
     def __post_init__(self) -> None:
         for name in ("window", "in_channels", "embed_dim", "hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(getattr(self, name), name)
         if self.window % STRIDE or self.window < 20:
             raise ValueError(
                 f"window must be a multiple of {STRIDE} and at least 20 (the encoder's four 3x3 "

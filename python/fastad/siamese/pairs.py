@@ -1,11 +1,11 @@
-"""Training and test pairs for the Siamese network, with synthetic defects.
+"""Training pairs for the Siamese network, with synthetic defects.
 
 Training rule (CIFAR-10, as in the paper): two random images; each independently receives, with
 probability 1/2, a filled blue rectangle covering 1-99 % of the image with aspect ratio
-(width / height) 0.5-1.5 at a random position. The pair is *dissimilar* when exactly one of the
-two has a rectangle, *similar* otherwise: the network must learn to notice a difference between
-template and inspected image, not the presence of blue. MNIST pairs are similar when the digits
-are equal.
+(width / height) 0.5-1.5 at a random position (the rectangle rule: :mod:`.rectangles`). The pair
+is *dissimilar* when exactly one of the two has a rectangle, *similar* otherwise: the network
+must learn to notice a difference between template and inspected image, not the presence of blue.
+MNIST pairs are similar when the digits are equal.
 
 The paper's test scenes (mosaics, a large aerial template with scattered rectangles) are
 experiment code: ``benchmarks/siamese_paper/scenes.py``.
@@ -13,303 +13,35 @@ experiment code: ``benchmarks/siamese_paper/scenes.py``.
 Reproducibility: every random choice of a pair data set is a pure function of (seed, epoch, item
 index), computed with a counter-based generator (SplitMix64 over those numbers), so items can be
 drawn in any order, in any batch, in any worker, and :meth:`RectanglePairs.batch` equals stacking
-``__getitem__`` exactly. The free functions take a ``torch.Generator``.
+``__getitem__`` exactly.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from numbers import Real
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..checks import check_int
+from ..checks import check_fraction, check_int
+from .rectangles import (
+    AREA,
+    ASPECT,
+    BLUE,
+    MAX_DRAWS,
+    Box,
+    Color,
+    check_color,
+    check_range,
+    check_uint8_images,
+    fill_values,
+    paint_rectangle,
+    require_sampleable,
+    rounded_sizes,
+)
 
-__all__ = [
-    "BLUE",
-    "Box",
-    "sample_rectangle",
-    "paint_rectangle",
-    "RectanglePairs",
-    "DigitPairs",
-]
-
-Color = tuple[float, float, float]  # red, green, blue in [0, 1]
-
-BLUE: Color = (0.0, 0.0, 1.0)
-AREA = (0.01, 0.99)  # fraction of the image a training rectangle covers
-ASPECT = (0.5, 1.5)  # width / height of a training rectangle
-
-# Rounding to whole pixels rejects some draws; ranges for which fewer than this fraction of draws
-# survive are refused up front, so that the sampling loops below end (after at most _MAX_DRAWS
-# draws per rectangle the chance of still having none is below e^-100).
-_MIN_ACCEPTANCE = 1e-3
-_MAX_DRAWS = 100_000
-_ACCEPTANCE_GRID = 256  # the acceptance rate is measured on a 256 x 256 grid of (area, aspect) draws
-
-
-@dataclass(frozen=True)
-class Box:
-    """A rectangle of whole pixels: rows ``top .. top + height - 1``, columns ``left .. left + width - 1``."""
-
-    top: int
-    left: int
-    height: int
-    width: int
-
-    def __post_init__(self) -> None:
-        for name in ("top", "left", "height", "width"):
-            value = getattr(self, name)
-            minimum = 0 if name in ("top", "left") else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"Box.{name} must be an int >= {minimum}, got {value!r}")
-
-    @property
-    def bottom(self) -> int:
-        """One past the last row."""
-        return self.top + self.height
-
-    @property
-    def right(self) -> int:
-        """One past the last column."""
-        return self.left + self.width
-
-    @property
-    def area(self) -> int:
-        return self.height * self.width
-
-    @property
-    def aspect(self) -> float:
-        """width / height."""
-        return self.width / self.height
-
-    def area_fraction(self, height: int, width: int) -> float:
-        """The fraction of a ``height`` x ``width`` image this box covers."""
-        return self.area / (height * width)
-
-    def fits(self, height: int, width: int) -> bool:
-        """Whether the box lies inside a ``height`` x ``width`` image."""
-        return self.bottom <= height and self.right <= width
-
-    def slices(self) -> tuple[slice, slice]:
-        """(rows, columns) slices of the box, for ``tensor[..., rows, columns]``."""
-        return slice(self.top, self.bottom), slice(self.left, self.right)
-
-
-# ---------------------------------------------------------------------------------------------
-# argument checks
-
-
-def _check_range(value: object, name: str, *, upper: float | None) -> tuple[float, float]:
-    """(low, high) floats with 0 < low <= high (<= upper when given)."""
-    limit = f" <= {upper}" if upper is not None else ""
-    if (
-        not isinstance(value, Sequence)
-        or isinstance(value, str)
-        or len(value) != 2
-        or not all(isinstance(v, Real) and not isinstance(v, bool) for v in value)
-    ):
-        raise TypeError(f"{name} must be a pair of numbers (low, high), got {value!r}")
-    low, high = float(value[0]), float(value[1])
-    if not (0.0 < low <= high and math.isfinite(high) and (upper is None or high <= upper)):
-        raise ValueError(f"{name} must satisfy 0 < low <= high{limit}, got {value!r}")
-    return low, high
-
-
-def _check_fraction(value: object, name: str) -> float:
-    if not isinstance(value, Real) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_color(color: object) -> Color:
-    if (
-        not isinstance(color, Sequence)
-        or isinstance(color, str)
-        or len(color) != 3
-        or not all(isinstance(v, Real) and not isinstance(v, bool) for v in color)
-    ):
-        raise TypeError(f"color must be three numbers (red, green, blue) in [0, 1], got {color!r}")
-    if not all(0.0 <= float(v) <= 1.0 for v in color):
-        raise ValueError(f"color must be three numbers (red, green, blue) in [0, 1], got {color!r}")
-    return float(color[0]), float(color[1]), float(color[2])
-
-
-def _check_generator(generator: object) -> torch.Generator:
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if generator.device.type != "cpu":
-        raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
-    return generator
-
-
-def _check_seed(seed: object) -> int:
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    return seed
-
-
-def _check_uint8_images(images: object, name: str = "images") -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        hint = f" (pass {name}.images)" if hasattr(images, "images") and hasattr(images, "labels") else ""
-        raise TypeError(f"{name} must be a uint8 tensor (N, C, H, W), got {type(images).__name__}{hint}")
-    if images.dtype != torch.uint8:
-        raise TypeError(f"{name} must be uint8 (N, C, H, W) with values 0..255, got {images.dtype}")
-    if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
-        raise ValueError(f"{name} must have shape (N, C, H, W) with N >= 1 and C = 1 or 3, got {tuple(images.shape)}")
-    return images
-
-
-def _fill_values(color: Color, channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(C,) fill values: the colour for RGB, its mean for grey (blue becomes grey 1/3: a defect
-    as distinct from the surface as the colour would be, without favouring a channel)."""
-    values = color if channels == 3 else (sum(color) / 3.0,)
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
-# ---------------------------------------------------------------------------------------------
-# rectangle sizes: uniform draws of (area fraction, aspect), rounded to pixels, rejected until they fit
-
-
-def _satisfies(
-    h: np.ndarray, w: np.ndarray, height: int, width: int, area: tuple[float, float], aspect: tuple[float, float]
-) -> np.ndarray:
-    """Whether integer (h, w) boxes fit a ``height`` x ``width`` image with area fraction and
-    aspect (w / h) in the ranges: the one test every sampler and the feasibility check use."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fraction = (h * w) / (height * width)
-        ratio = w / h
-    return (
-        (h >= 1)
-        & (w >= 1)
-        & (h <= height)
-        & (w <= width)
-        & (fraction >= area[0])
-        & (fraction <= area[1])
-        & (ratio >= aspect[0])
-        & (ratio <= aspect[1])
-    )
-
-
-def _rounded_sizes(
-    u_area: np.ndarray,
-    u_aspect: np.ndarray,
-    height: int,
-    width: int,
-    area: tuple[float, float],
-    aspect: tuple[float, float],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Candidate (h, w, accepted) from uniforms in [0, 1): area fraction and aspect drawn
-    uniformly in their ranges, h = round(sqrt(A / r)), w = round(sqrt(A * r)) for A pixels."""
-    pixels = (area[0] + (area[1] - area[0]) * u_area) * (height * width)
-    ratio = aspect[0] + (aspect[1] - aspect[0]) * u_aspect
-    h = np.rint(np.sqrt(pixels / ratio)).astype(np.int64)
-    w = np.rint(np.sqrt(pixels * ratio)).astype(np.int64)
-    return h, w, _satisfies(h, w, height, width, area, aspect)
-
-
-@functools.lru_cache(maxsize=256)
-def _sampleable(height: int, width: int, area: tuple[float, float], aspect: tuple[float, float]) -> str | None:
-    """None when rectangles can be sampled, else the reason (for a ValueError)."""
-    ranges = (
-        f"area fraction in [{area[0]:g}, {area[1]:g}] and aspect (width / height) in [{aspect[0]:g}, {aspect[1]:g}]"
-    )
-    # Feasible widths of each height form an interval; its ends, computed in floats, are off by
-    # at most one, so the exact test on their neighbours finds a box whenever one exists.
-    h = np.arange(1, height + 1, dtype=np.int64)
-    low = np.maximum(np.ceil(area[0] * height * width / h), np.ceil(aspect[0] * h))
-    high = np.minimum(np.floor(area[1] * height * width / h), np.floor(aspect[1] * h))
-    candidates = np.clip(np.stack([low - 1, low, low + 1, high - 1, high, high + 1]), 1, width).astype(np.int64)
-    if not _satisfies(np.broadcast_to(h, candidates.shape), candidates, height, width, area, aspect).any():
-        return f"no rectangle of whole pixels inside a {height}x{width} image has {ranges}"
-    grid = (np.arange(_ACCEPTANCE_GRID) + 0.5) / _ACCEPTANCE_GRID
-    u_area, u_aspect = np.meshgrid(grid, grid, indexing="ij")
-    accepted = _rounded_sizes(u_area.ravel(), u_aspect.ravel(), height, width, area, aspect)[2].mean()
-    if accepted < _MIN_ACCEPTANCE:
-        return (
-            f"rectangles with {ranges} exist in a {height}x{width} image, but rounding to whole pixels "
-            f"rejects {100 * (1 - accepted):.2f} % of draws; widen the ranges"
-        )
-    return None
-
-
-def _require_sampleable(height: int, width: int, area: tuple[float, float], aspect: tuple[float, float]) -> None:
-    reason = _sampleable(height, width, area, aspect)
-    if reason is not None:
-        raise ValueError(reason)
-
-
-def sample_rectangle(
-    height: int,
-    width: int,
-    generator: torch.Generator,
-    *,
-    area: tuple[float, float] = AREA,
-    aspect: tuple[float, float] = ASPECT,
-) -> Box:
-    """A random rectangle inside a ``height`` x ``width`` image.
-
-    The area fraction and the aspect (width / height) are drawn uniformly in ``area`` and
-    ``aspect``, the sides rounded to whole pixels, and the draw rejected and repeated until the
-    realised box has its area fraction and aspect in the ranges and fits the image: the ranges
-    hold exactly for the returned box, not only before rounding. The position is uniform over
-    all positions where the box fits.
-
-    Raises ValueError when no box of whole pixels satisfies the ranges for this image size, or
-    when rounding rejects nearly all draws (ranges too narrow for the size).
-    """
-    check_int(height, "height", meaning="image height in pixels")
-    check_int(width, "width", meaning="image width in pixels")
-    _check_generator(generator)
-    area = _check_range(area, "area", upper=1.0)
-    aspect = _check_range(aspect, "aspect", upper=None)
-    _require_sampleable(height, width, area, aspect)
-    chunk = 16
-    for _ in range(_MAX_DRAWS // chunk):
-        u = torch.rand(2, chunk, dtype=torch.float64, generator=generator).numpy()
-        h, w, accepted = _rounded_sizes(u[0], u[1], height, width, area, aspect)
-        if accepted.any():
-            first = int(np.argmax(accepted))
-            box_h, box_w = int(h[first]), int(w[first])
-            top = int(torch.randint(0, height - box_h + 1, (), generator=generator))
-            left = int(torch.randint(0, width - box_w + 1, (), generator=generator))
-            return Box(top, left, box_h, box_w)
-    raise ValueError(
-        f"no rectangle accepted in {_MAX_DRAWS} draws for a {height}x{width} image with area {area} and aspect {aspect}"
-    )  # unreachable after _require_sampleable
-
-
-def paint_rectangle(image: torch.Tensor, box: Box, color: Color = BLUE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paints ``box`` filled with ``color`` on a copy of ``image``.
-
-    ``image``: float (C, H, W), C = 3 (RGB; ``color`` in [0, 1] per channel) or 1 (grey; filled
-    with the mean of ``color``). Returns (the painted copy, same dtype and device; bool (H, W)
-    mask, True inside the box). ``image`` itself is left untouched.
-    """
-    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-        raise TypeError(
-            f"image must be a floating tensor (C, H, W) in [0, 1], got "
-            f"{image.dtype if isinstance(image, torch.Tensor) else type(image).__name__}"
-        )
-    if image.dim() != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"image must have shape (C, H, W) with C = 1 or 3, got {tuple(image.shape)}")
-    if not isinstance(box, Box):
-        raise TypeError(f"box must be a Box, got {type(box).__name__}")
-    height, width = image.shape[1:]
-    if not box.fits(height, width):
-        raise ValueError(f"{box} does not fit inside the {height}x{width} image")
-    fill = _fill_values(_check_color(color), image.shape[0], image.dtype, image.device)
-    rows, cols = box.slices()
-    painted = image.clone()
-    painted[:, rows, cols] = fill[:, None, None]
-    mask = torch.zeros(height, width, dtype=torch.bool, device=image.device)
-    mask[rows, cols] = True
-    return painted, mask
+__all__ = ["DigitPairs", "RectanglePairs"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +111,7 @@ class _EpochPairs(Dataset):
 
     def __init__(self, n_images: int, n_pairs: int, seed: int):
         self.n_pairs = check_int(n_pairs, "n_pairs", meaning="the number of pairs per epoch")
-        self.seed = _check_seed(seed)
+        self.seed = check_int(seed, "seed", minimum=0, maximum=2**64 - 1)
         self._n_images = n_images
         self.epoch = 0
 
@@ -432,14 +164,14 @@ class RectanglePairs(_EpochPairs):
         aspect: tuple[float, float] = ASPECT,
         color: Color = BLUE,
     ):
-        self.images = _check_uint8_images(images)
+        self.images = check_uint8_images(images)
         super().__init__(images.shape[0], images.shape[0] if n_pairs is None else n_pairs, seed)
-        self.p_defect = _check_fraction(p_defect, "p_defect")
-        self.area = _check_range(area, "area", upper=1.0)
-        self.aspect = _check_range(aspect, "aspect", upper=None)
-        self.color = _check_color(color)
+        self.p_defect = check_fraction(p_defect, "p_defect")
+        self.area = check_range(area, "area", upper=1.0)
+        self.aspect = check_range(aspect, "aspect", upper=None)
+        self.color = check_color(color)
         self._height, self._width = int(images.shape[2]), int(images.shape[3])
-        _require_sampleable(self._height, self._width, self.area, self.aspect)
+        require_sampleable(self._height, self._width, self.area, self.aspect)
         self._permutations: dict[tuple[int, int], np.ndarray] = {}  # (epoch, block) -> permutation
 
     def set_epoch(self, epoch: int) -> None:
@@ -478,11 +210,11 @@ class RectanglePairs(_EpochPairs):
         height, width = self._height, self._width
         sizes = np.zeros((keys.shape[0], 2), dtype=np.int64)
         pending = np.arange(keys.shape[0])
-        for round_ in range(_MAX_DRAWS):
+        for round_ in range(MAX_DRAWS):
             if pending.size == 0:
                 break
             stream = 16 + 4 * round_ + 2 * slot
-            h, w, accepted = _rounded_sizes(
+            h, w, accepted = rounded_sizes(
                 _uniform(keys[pending], stream),
                 _uniform(keys[pending], stream + 1),
                 height,
@@ -492,9 +224,9 @@ class RectanglePairs(_EpochPairs):
             )
             sizes[pending[accepted]] = np.stack([h[accepted], w[accepted]], axis=1)
             pending = pending[~accepted]
-        if pending.size:  # unreachable in practice: see _MIN_ACCEPTANCE
+        if pending.size:  # unreachable in practice: see rectangles.MIN_ACCEPTANCE
             raise ValueError(
-                f"no rectangle accepted in {_MAX_DRAWS} draws for a {height}x{width} image "
+                f"no rectangle accepted in {MAX_DRAWS} draws for a {height}x{width} image "
                 f"with area {self.area} and aspect {self.aspect}"
             )
         top = _below(_uniform(keys, 3 + 2 * slot), height - sizes[:, 0] + 1)
@@ -524,7 +256,7 @@ class RectanglePairs(_EpochPairs):
         indices = _check_indices(indices, len(self))
         draw = self._draw(indices)
         device = self.images.device
-        fill = _fill_values(self.color, self.images.shape[1], torch.float32, device)[None, :, None, None]
+        fill = fill_values(self.color, self.images.shape[1], torch.float32, device)[None, :, None, None]
         rows = torch.arange(self._height, device=device)
         cols = torch.arange(self._width, device=device)
         out: dict[str, torch.Tensor] = {}
@@ -572,7 +304,7 @@ class DigitPairs(_EpochPairs):
         seed: int = 0,
         similar_fraction: float | None = None,
     ):
-        self.images = _check_uint8_images(images)
+        self.images = check_uint8_images(images)
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
             got = (
                 f"{labels.dtype} tensor of shape {tuple(labels.shape)}"
@@ -583,7 +315,7 @@ class DigitPairs(_EpochPairs):
         super().__init__(images.shape[0], n_pairs, seed)
         self.labels = labels
         self.similar_fraction = (
-            None if similar_fraction is None else _check_fraction(similar_fraction, "similar_fraction")
+            None if similar_fraction is None else check_fraction(similar_fraction, "similar_fraction")
         )
         if self.similar_fraction is None and images.shape[0] < 2:
             raise ValueError("random pairs need at least two images")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..checks import check_choice, check_pixel_values
+from ..checks import check_choice, check_int, check_pixel_values
 from ..tiling import TileReader, open_reader, tiled_apply
 from .network import SiameseNet
 
@@ -42,7 +42,8 @@ class MapGeometry:
     """Step, padding and reach of the map of a network with ``window`` and ``stride`` at ``dense``."""
 
     def __init__(self, window: int, stride: int, dense: int) -> None:
-        if isinstance(dense, bool) or not isinstance(dense, int) or dense < 1 or stride % dense:
+        check_int(dense, "dense", meaning="the map step is stride / dense")
+        if stride % dense:
             divisors = [d for d in range(1, stride + 1) if stride % d == 0]
             raise ValueError(
                 f"dense must be one of {divisors} (a divisor of the network's stride {stride}), got {dense!r}"
@@ -202,8 +203,7 @@ def detect_tiled(
         raise ValueError(
             f"images of {h}x{w} pixels are smaller than the network's {net.window}x{net.window} receptive field"
         )
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < geometry.step:
-        raise ValueError(f"tile must be an int of at least {geometry.step} pixels, got {tile!r}")
+    check_int(tile, "tile", minimum=geometry.step, meaning="pixels, at least the map step")
     tile -= tile % geometry.step
     if out is not None and out.ndim == 2:
         out = out[None]

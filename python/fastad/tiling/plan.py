@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
+from ..checks import check_int
 
 
 @dataclass(frozen=True)
@@ -60,20 +60,12 @@ def tile_batches(tiles: list[Tile], batch_tiles: int) -> Iterator[list[Tile]]:
     yield from pending.values()
 
 
-def positive_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def check_tiling_args(tile, halo, stride, batch_tiles, align=None) -> tuple[int, int, int, int, int]:
-    stride = positive_int(stride, "stride", 1)
-    align = stride if align is None else positive_int(align, "align", 1)
-    tile = positive_int(tile, "tile", 1)
-    halo = positive_int(halo, "halo", 0)
-    batch_tiles = positive_int(batch_tiles, "batch_tiles", 1)
+    stride = check_int(stride, "stride", minimum=1)
+    align = stride if align is None else check_int(align, "align", minimum=1)
+    tile = check_int(tile, "tile", minimum=1)
+    halo = check_int(halo, "halo", minimum=0)
+    batch_tiles = check_int(batch_tiles, "batch_tiles", minimum=1)
     if align % stride:
         raise ValueError(f"align={align} must be a multiple of stride={stride} (windows start on the output grid)")
     grid = "stride" if align == stride else "align"

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .plan import positive_int
+from ..checks import check_int
 
 
 @runtime_checkable
@@ -288,7 +288,7 @@ class TiffReader(_FileReader):
 
     def __init__(self, path: str | os.PathLike, *, series: int = 0) -> None:
         p = _existing_file(path, "TiffReader")
-        series = positive_int(series, "series", 0)
+        series = check_int(series, "series", minimum=0)
         tifffile = _import_tifffile()
         try:
             tif = tifffile.TiffFile(p)

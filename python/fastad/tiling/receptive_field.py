@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .plan import positive_int
+from ..checks import check_int
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,12 @@ def receptive_field(
     """
     if not callable(fn_or_module):
         raise TypeError(f"fn_or_module must be callable, got {type(fn_or_module).__name__}")
-    channels = positive_int(channels, "channels", 1)
-    trials = positive_int(trials, "trials", 1)
-    size = positive_int(size, "size", 2)
-    max_size = positive_int(max_size, "max_size", size)
+    channels = check_int(channels, "channels", minimum=1)
+    trials = check_int(trials, "trials", minimum=1)
+    size = check_int(size, "size", minimum=2)
+    max_size = check_int(max_size, "max_size", minimum=size)
     if stride_hint is not None:
-        stride_hint = positive_int(stride_hint, "stride_hint", 1)
+        stride_hint = check_int(stride_hint, "stride_hint", minimum=1)
     device, dtype = probe_placement(fn_or_module, device, dtype)
     gen = torch.Generator().manual_seed(seed)
 
