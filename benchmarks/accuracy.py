@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import fastad
-from fastad.cli import _parse_sets
+from fastad.cli_args import parse_sets
 from fastad.data import open_dataset
 from fastad.evaluation import evaluate
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         raise SystemExit(f"skipped: no data set at {args.data} (see ../shared/data/README.md)")
-    params = _parse_sets(args.set)
+    params = parse_sets(args.set)
     print(
         f"data {args.data}, backbone efficientnet_lite0, {torch.get_num_threads()} threads, "
         f"params {params or 'defaults'}"

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import fastad
 
 
@@ -109,3 +111,18 @@ def test_no_import_circle():
     for start in sorted(modules):
         if start not in state and (cycle := visit(start)):
             raise AssertionError("import circle: " + " -> ".join(cycle))
+
+
+def test_the_benchmark_scripts_import():
+    """The scripts under benchmarks/ (run as python -m benchmarks.NAME) import what the library
+    offers now: a moved or renamed name fails here, not in the middle of a long run."""
+    import importlib
+
+    root = Path(__file__).parents[2] / "benchmarks"
+    if not root.is_dir():
+        pytest.skip("no benchmarks/ folder beside the tests (an installed copy of the tests)")
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("siamese_paper/*.py")):
+        if path.stem in ("__init__", "conftest") or path.stem.startswith("test_"):
+            continue
+        module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+        importlib.import_module(module)
