@@ -207,3 +207,15 @@ def test_change_pairs_refuse_what_cannot_be_scored(tmp_path):
         open_dataset(tmp_path, "train")
     with pytest.raises(TypeError, match="a SiameseDetector scores template / inspected pairs"):
         SiameseDetector.pretrained()._predict_items([{"image": _field(0), "path": "x.png"}])
+
+
+def test_a_failed_retraining_leaves_no_half_old_detector():
+    # The contract of every estimator: learned state is cleared before a new fit, so a failure
+    # cannot leave the old network looking like the result of the new settings.
+    detector = SiameseDetector.load(PRETRAINED_PATH)
+    assert detector.threshold_ == 0.5
+    with pytest.raises(TypeError, match="train_pairs must be a pair source"):
+        detector.train("not pairs")
+    assert not hasattr(detector, "network_") and not hasattr(detector, "threshold_")
+    with pytest.raises(RuntimeError, match="not trained"):
+        detector.predict(_field(1), _field(1))

@@ -128,6 +128,12 @@ def train_network(
     The batch order is drawn from ``seed`` (the pairs themselves from the pair source's own seed);
     the global torch RNG is not touched. ``log(epoch, history)`` is called after every epoch.
     """
+    for name, pairs in (("train_pairs", train_pairs), ("heldout_pairs", heldout_pairs)):
+        if pairs is not None and not all(hasattr(pairs, a) for a in ("__len__", "set_epoch", "batch")):
+            raise TypeError(
+                f"{name} must be a pair source (len, set_epoch, batch: fastad.siamese.RectanglePairs or "
+                f"DigitPairs), got {type(pairs).__name__}"
+            )
     if len(train_pairs) == 0:
         raise ValueError("train_pairs is empty")
     net.to(device)
