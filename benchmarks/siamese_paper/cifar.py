@@ -29,7 +29,9 @@ def cifar_learning_curve(run: Run) -> dict[str, Any]:
     else:
         detector, info = train_cifar(run)
         history = detector.history_
-    figure = learning_curve_figure(run.out_dir / "cifar_learning_curve.png", history)
+    figure = learning_curve_figure(
+        run.out_dir / "cifar_learning_curve.png", history, "Siamese network on CIFAR-10 pairs with synthetic rectangles"
+    )
     return {
         "final_train_loss": history.train_loss[-1] if history.train_loss else None,
         "final_heldout_loss": history.heldout_loss[-1] if history.heldout_loss else None,

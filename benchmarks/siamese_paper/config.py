@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastad.checks import check_choice, check_device, check_int, check_positive_float
+from fastad.checks import check_choice, check_device, check_fraction, check_int, check_positive_float
 from fastad.siamese import NetworkConfig
 
 EXPERIMENTS = ("mnist_clustering", "cifar_learning_curve", "mosaic", "aerial")
@@ -136,12 +136,8 @@ class ReproduceConfig:
                 check_int(getattr(self, name), name, meaning="or None for all")
         check_positive_float(self.lr, "lr")
         check_choice(self.mosaic_images, "mosaic_images", ("train", "test"))
-        if self.mnist_similar_fraction is not None and not (
-            isinstance(self.mnist_similar_fraction, (int, float)) and 0.0 <= self.mnist_similar_fraction <= 1.0
-        ):
-            raise ValueError(
-                f"mnist_similar_fraction must be None (random pairs) or in [0, 1], got {self.mnist_similar_fraction!r}"
-            )
+        if self.mnist_similar_fraction is not None:  # None: random pairs
+            check_fraction(self.mnist_similar_fraction, "mnist_similar_fraction")
         if not isinstance(self.data_root, (str, os.PathLike)):
             raise TypeError(f"data_root must be a path, got {type(self.data_root).__name__}")
         if self.progress is not None and not isinstance(self.progress, bool):

@@ -1,5 +1,5 @@
-"""The paper's test scenes, built from the library's rectangles (``fastad.siamese.sample_rectangle``
-and ``paint_rectangle``, the training defects):
+"""The paper's test scenes, built from the library's rectangle defect (``fastad.siamese.rectangles``:
+``sample_rectangle`` and the training colour fill):
 
 * :func:`mosaic_pair`: a template mosaic of small images and the same mosaic with a rectangle in a
   known set of cells (experiment 3);
@@ -17,12 +17,17 @@ from collections.abc import Sequence
 import torch
 
 from fastad.checks import check_fraction, check_generator, check_int
-from fastad.siamese import BLUE, Box, paint_rectangle, sample_rectangle
-from fastad.siamese.rectangles import check_float_image
+from fastad.siamese.rectangles import (
+    BLUE,
+    Color,
+    check_color,
+    check_float_image,
+    check_uint8_images,
+    fill_values,
+    sample_rectangle,
+)
 
 __all__ = ["aerial_template", "mosaic_pair", "scatter_rectangles"]
-
-Color = tuple[float, float, float]  # red, green, blue in [0, 1]
 
 
 def mosaic_pair(
@@ -44,9 +49,7 @@ def mosaic_pair(
     (grid * h, grid * w) (True on the rectangles) and ``cell_labels`` bool (grid, grid).
     """
     check_int(grid, "grid", meaning="cells per side of the mosaic")
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-        raise TypeError(f"images must be a uint8 tensor (N, C, h, w), got {got}")
+    check_uint8_images(images)
     if images.shape[0] != grid * grid:
         raise ValueError(
             f"images must hold grid * grid = {grid * grid} images for a {grid}x{grid} mosaic, got {images.shape[0]}"
@@ -54,22 +57,22 @@ def mosaic_pair(
     check_generator(generator)
     defect_fraction = check_fraction(defect_fraction, "defect_fraction")
     channels, height, width = (int(v) for v in images.shape[1:])
+    fill = fill_values(check_color(color), channels, torch.float32, images.device)[:, None, None]
 
     tiles = images.to(torch.float32).div_(255.0).view(grid, grid, channels, height, width)
     template = tiles.permute(2, 0, 3, 1, 4).reshape(channels, grid * height, grid * width)
-    inspected = template
+    inspected = template.clone()
     mask = torch.zeros(grid * height, grid * width, dtype=torch.bool, device=images.device)
     cell_labels = torch.zeros(grid, grid, dtype=torch.bool)
     defects = round(defect_fraction * grid * grid)
     for cell in sorted(torch.randperm(grid * grid, generator=generator)[:defects].tolist()):
         row, col = divmod(cell, grid)
         box = sample_rectangle(height, width, generator)
-        placed = Box(row * height + box.top, col * width + box.left, box.height, box.width)
-        inspected, painted = paint_rectangle(inspected, placed, color)
-        mask |= painted
+        rows = slice(row * height + box.top, row * height + box.bottom)
+        cols = slice(col * width + box.left, col * width + box.right)
+        inspected[:, rows, cols] = fill
+        mask[rows, cols] = True
         cell_labels[row, col] = True
-    if inspected is template:
-        inspected = template.clone()
     return {"template": template, "inspected": inspected, "mask": mask, "cell_labels": cell_labels.to(images.device)}
 
 
@@ -103,8 +106,7 @@ def scatter_rectangles(
             f"size must satisfy 1 <= smallest <= largest <= {min(height, width)} "
             f"(the {height}x{width} image's shorter side), got {tuple(size)}"
         )
-    # The colour as the library paints it (grey images get its mean), checked there.
-    filled, _ = paint_rectangle(image, Box(0, 0, height, width), color)
+    fill = fill_values(check_color(color), image.shape[0], image.dtype, image.device)[:, None, None]
     sides = torch.randint(size[0], size[1] + 1, (2, count), generator=generator)  # heights, widths
     positions = torch.rand(2, count, dtype=torch.float64, generator=generator)
     tops = (positions[0] * (height - sides[0] + 1)).floor().long().clamp_max(height - sides[0])
@@ -115,7 +117,7 @@ def scatter_rectangles(
     in_cols = (cols >= lefts[:, None]) & (cols < (lefts + sides[1])[:, None])  # (count, W)
     # Union of the rectangles as a (H, W) matrix product of row and column memberships.
     mask = (in_rows.T.to(torch.float32) @ in_cols.to(torch.float32) > 0).to(image.device)
-    return torch.where(mask, filled, image), mask
+    return torch.where(mask, fill, image), mask
 
 
 def aerial_template(images: Sequence[torch.Tensor], height: int = 720, width: int = 1260) -> torch.Tensor:

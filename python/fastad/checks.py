@@ -115,28 +115,29 @@ def check_float(
     it is finite and within [``minimum``, ``maximum``] (``above``: strictly above ``minimum``).
     ``meaning`` goes into the message."""
     what = f" ({meaning})" if meaning else ""
+    if minimum is None and maximum is None:
+        kind = "a finite number"
+    elif minimum == 0 and above and maximum is None:
+        kind = "a positive finite number"
+    elif maximum is None:
+        kind = f"a finite number {'>' if above else '>='} {minimum:g}"
+    else:
+        kind = f"a number in {'(' if above else '['}{-math.inf if minimum is None else minimum:g}, {maximum:g}]"
     if not _is_real(value):
-        raise TypeError(f"{name} must be a number{what}, got {type(value).__name__} {value!r}")
-    value = float(value)
-    low_ok = minimum is None or (value > minimum if above else value >= minimum)
-    if not math.isfinite(value) or not low_ok or (maximum is not None and value > maximum):
-        if minimum is None and maximum is None:
-            kind = "a finite number"
-        elif maximum is None:
-            kind = f"a finite number {'>' if above else '>='} {minimum:g}"
-        else:
-            kind = f"a number in {'(' if above else '['}{-math.inf if minimum is None else minimum:g}, {maximum:g}]"
+        unbounded = minimum is None and maximum is None
+        raise TypeError(
+            f"{name} must be {'a number' if unbounded else kind}{what}, got {type(value).__name__} {value!r}"
+        )
+    number = float(value)
+    low_ok = minimum is None or (number > minimum if above else number >= minimum)
+    if not math.isfinite(number) or not low_ok or (maximum is not None and number > maximum):
         raise ValueError(f"{name} must be {kind}{what}, got {value!r}")
-    return value
+    return number
 
 
 def check_positive_float(value: object, name: str) -> float:
     """``value`` as a float if it is a finite number > 0 (TypeError / ValueError otherwise)."""
-    if not _is_real(value):
-        raise TypeError(f"{name} must be a positive finite number, got {type(value).__name__} {value!r}")
-    if not 0 < float(value) < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+    return check_float(value, name, minimum=0.0, above=True)
 
 
 def check_fraction(value: object, name: str) -> float:

@@ -34,7 +34,6 @@ from .highres import fit_large, open_image, predict_large
 from .io import output_folder, write_json
 from .methods import available_methods, get_method
 from .report import write_report
-from .siamese import SiameseDetector
 from .siamese.cli import add_parser as add_siamese_parser
 
 
@@ -96,22 +95,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rank, size = distributed.world()
     model = load_model(args.model, device=distributed.process_device(args.device))
     # A Siamese detector scores each image against the template; the methods score images alone.
-    pairs = isinstance(model, SiameseDetector)
+    pairs = model.scores_pairs
     if pairs and args.template is None:
         raise CliError(
-            f"{args.model} holds a Siamese detector, which scores each image against a template: give --template"
+            f"{args.model} holds a {model.method_name!r} model, which scores images against a template: give --template"
         )
     if not pairs and args.template is not None:
-        raise CliError(f"--template is for a Siamese detector; {args.model} holds a {model.method_name!r} model")
-    if pairs and args.tile is not None:
-        raise CliError("a Siamese detector scores large pairs tile by tile with: fastad siamese detect --tile")
+        raise CliError(f"--template is for a model that scores pairs; {args.model} holds a {model.method_name!r} model")
     template = load_image(args.template) if pairs else None
     transform = model.transform()
     out_dir = output_folder(args.out)
     results, used = [], set()
     if args.tile is not None:
         model.tile_geometry()  # a method that does not tile says so before any image is read
-    together = args.tile is not None or (not pairs and bool(model._split_state_names()))
+    together = args.tile is not None or bool(model._split_state_names())
     mine = range(len(args.images)) if together else distributed.shard(len(args.images))
     writes = rank == 0 or not together
     for n, path in enumerate(args.images):
@@ -133,9 +130,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "defect": "",
             "path": str(path),
         }
+        if pairs:
+            item["template"] = template
         if transform is not None:
             item = transform(item)
-        pred = model.predict(template, item["image"]) if pairs else model.predict(item["image"])
+        pred = model._predict_items([item])[1]
         score = float(pred.scores[0])
         entry = {
             "path": str(path),

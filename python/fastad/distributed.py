@@ -104,8 +104,9 @@ _joined_from_environment = False
 
 
 def leave_environment_group() -> None:
-    """Destroys the process group :func:`init_from_environment` made, once every process has
-    come this far; a group made by the caller is left alone. Call it when the job has ended
+    """Destroys the process group :func:`init_from_environment` made; a group made by the caller
+    is left alone. Every process must have finished its collectives (the CLI's commands end with
+    a barrier). Call it when the job has ended
     well: a process that exits with its gloo group alive can abort in the backend's threads
     ("terminate called without an active exception") after its work is done, failing the
     torchrun job. After an error it is not called, since the other processes may still be
@@ -114,7 +115,6 @@ def leave_environment_group() -> None:
     dist = _dist()
     if not _joined_from_environment or not (dist.is_available() and dist.is_initialized()):
         return
-    dist.barrier()
     dist.destroy_process_group()
     _joined_from_environment = False
 

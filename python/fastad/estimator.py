@@ -73,6 +73,8 @@ class Estimator:
     """Base of every fastad model; see the module docstring."""
 
     method_name: ClassVar[str] = ""
+    # True for a model that scores an image against a template (items carry a "template").
+    scores_pairs: ClassVar[bool] = False
 
     # -- parameters ----------------------------------------------------------------------------
 
@@ -161,6 +163,16 @@ class Estimator:
             return data.with_transform(transform)
         return data
 
+    def tile_geometry(self):
+        """How this model's scores tile for ``fastad.highres.predict_large``; a model that does
+        not score that way raises a ValueError saying what it offers instead."""
+        raise ValueError(f"{type(self).__name__} does not score images tile by tile")
+
+    def _split_state_names(self) -> tuple[str, ...]:
+        """The learned attributes this process holds only its part of (a bank split across the
+        processes of a group); empty when the model is whole, as it is by default."""
+        return ()
+
     def _predict_items(self, items: list[dict[str, Any]]) -> tuple[torch.Tensor, Prediction]:
         """Scores a group of same-size data-set items (dicts as ``fastad.data`` gives them):
         the images to show in a report (N, C, H, W) and the prediction, one entry per item."""
@@ -203,6 +215,26 @@ class Estimator:
                 "fastad.load_model reads any model file"
             )
         return klass._from_file(path, tensors, header, device)
+
+    @classmethod
+    def _constructed(cls, path: str | Path, header: dict[str, Any], device: str | None) -> Estimator:
+        """An instance with a file's parameters (``device`` overriding the saved one): what every
+        ``_from_file`` starts with; ModelFileError when they cannot be this class's."""
+        params = header.get("params") or {}
+        if not isinstance(params, dict):  # an edited file whose checksum was recomputed
+            raise model_io.ModelFileError(f"{path}: the header's 'params' entry is malformed ({params!r:.80})")
+        params = dict(params)
+        if device is not None:
+            params["device"] = device
+        unknown = set(params) - set(cls._param_names())
+        if unknown:
+            raise model_io.ModelFileError(
+                f"{path} was written with parameters this {cls.__name__} does not have: {', '.join(sorted(unknown))}"
+            )
+        try:
+            return cls(**params)
+        except (TypeError, ValueError) as exc:
+            raise model_io.ModelFileError(f"{path} does not hold a usable {cls.method_name!r} model: {exc}") from exc
 
     @classmethod
     def _from_file(

@@ -17,9 +17,6 @@ from . import metrics
 from ._batching import group_by_size, iterate
 from .estimator import Estimator
 
-# Items kept for timing: enough for the latency's repeats and one throughput batch is built from them.
-_TIMING_ITEMS = 32
-
 
 @dataclass
 class EvaluationResult:
@@ -43,15 +40,15 @@ class EvaluationResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _collect(model: Estimator, dataset) -> dict[str, Any]:
+def _collect(model: Estimator, dataset, timing_items: int) -> dict[str, Any]:
     """Predicts every item of ``dataset`` (after the model's transform), batching consecutive
-    items of one size; keeps the first items for timing."""
+    items of one size; keeps the first ``timing_items`` items for timing."""
     out: dict[str, list] = {
         k: [] for k in ("images", "maps", "scores", "masks", "has_mask", "labels", "defects", "paths", "timing")
     }
     for group in group_by_size(iterate(model._prepared(dataset)), model.batch_size):
         images, pred = model._predict_items(group)
-        out["timing"].extend(group[: _TIMING_ITEMS - len(out["timing"])])
+        out["timing"].extend(group[: timing_items - len(out["timing"])])
         out["images"].append(images)
         out["scores"].append(pred.scores)
         if pred.maps is not None:
@@ -115,7 +112,7 @@ def evaluate(model: Estimator, dataset, *, latency_images: int = 10, throughput_
     """
     if len(dataset) == 0:
         raise ValueError("the test set is empty")
-    c = _collect(model, dataset)
+    c = _collect(model, dataset, max(latency_images, throughput_batch))
     images = torch.cat(c["images"])
     maps = torch.cat(c["maps"]) if c["maps"] else None  # None: the method scores whole images only
     scores = torch.cat(c["scores"])

@@ -67,6 +67,23 @@ class TileGeometry:
     halo: int
     same_padding: bool = False
 
+    def rounded_tile(self, tile: int) -> int:
+        """``tile`` rounded down to a multiple of ``align`` (at least one): window origins must be."""
+        return max(self.align, tile - tile % self.align)
+
+    def tiling_args(self, tile: int, **extra: Any) -> dict[str, Any]:
+        """The keyword arguments of ``fastad.tiling``'s ``tiled_apply`` / ``tiled_cores`` /
+        ``tiled_sum`` for tiles of about ``tile`` pixels with this geometry, plus ``extra``
+        (``device``, ``progress``, ``part``)."""
+        return dict(
+            tile=self.rounded_tile(tile),
+            halo=self.halo,
+            stride=self.stride,
+            align=self.align,
+            same_padding=self.same_padding,
+            **extra,
+        )
+
 
 @dataclass(frozen=True)
 class TiledScorer:
@@ -135,7 +152,7 @@ def predict_large(
     geometry = model.tile_geometry()
     check_int(tile, "tile")
     check_int(band, "band")
-    tile = max(geometry.align, tile - tile % geometry.align)
+    tile = geometry.rounded_tile(tile)
     reader = open_image(image)
     try:
         return _predict_large(model, reader, geometry, tile, out, band, progress)
@@ -238,16 +255,7 @@ def _stitched_outputs(
             "processes (TiledScorer.merge)"
         )
     for (oy, ox), core in tiling.tiled_cores(
-        scorer.fn,
-        reader,
-        tile=tile,
-        halo=geometry.halo,
-        stride=s,
-        align=geometry.align,
-        same_padding=geometry.same_padding,
-        device=device,
-        progress=progress,
-        part=part,
+        scorer.fn, reader, **geometry.tiling_args(tile, device=device, progress=progress, part=part)
     ):
         if scorer.observe is not None:
             scorer.observe((oy, ox), core)

@@ -97,10 +97,10 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> str:
     return path.name
 
 
-def learning_curve_figure(path: str | Path, history) -> str:
+def learning_curve_figure(path: str | Path, history, title: str = "Siamese network training") -> str:
     """A Siamese training run's ``history`` (``fastad.siamese.TrainingHistory``): train and
     held-out loss per epoch (log scale when positive), held-out accuracy on a second axis, as a
-    PNG at ``path``; returns the file name."""
+    PNG at ``path`` under ``title``; returns the file name."""
     from matplotlib.figure import Figure  # a bare Figure: no pyplot, no global backend change
     from matplotlib.ticker import MaxNLocator
 
@@ -129,5 +129,5 @@ def learning_curve_figure(path: str | Path, history) -> str:
         acc.set_ylabel("held-out pair accuracy")
         acc.set_ylim(0.0, 1.0)
     ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
-    ax.set_title("Siamese network on CIFAR-10 pairs with synthetic rectangles", fontsize=10)
+    ax.set_title(title, fontsize=10)
     return save_figure(fig, path)

@@ -129,7 +129,7 @@ def test_model_files_go_through_the_shared_loader(detector, tmp_path):
     from fastad.io import load_model_file, save_model_file
 
     tensors, header = load_model_file(path)
-    header["threshold"] = "high"
+    header["state"]["threshold_"] = "high"
     save_model_file(tmp_path / "forged.safetensors", tensors, header)
     with pytest.raises(ModelFileError, match="threshold_ must be None or a finite number"):
         fastad.load_model(tmp_path / "forged.safetensors")

@@ -67,7 +67,7 @@ inline size_t forced_isa_level(const char* env_name, std::initializer_list<const
     choices += levels.begin()[i];
     choices += i > 1 ? ", " : (i == 1 ? " or " : "");
   }
-  TORCH_CHECK_VALUE(false, env_name, " must be ", choices, ", got '", forced, "'");
+  C10_THROW_ERROR(ValueError, c10::str(env_name, " must be ", choices, ", got '", forced, "'"));
 }
 
 // The vector set to use now: the best one, or the lesser one named by the environment variable

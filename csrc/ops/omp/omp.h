@@ -57,6 +57,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 
 #include "fastad/checks.h"
@@ -89,13 +90,16 @@ inline void check_omp_args(const at::Tensor& x, const at::Tensor& dictionary, in
       " (K = ", dictionary.size(1), " atoms, d = ", x.size(2), " features), got ", n_nonzero);
 }
 
-// The refusal of a dictionary atom that is not of unit norm (within 1e-3), worded once for the
-// CPU and CUDA kernels, which find the first such atom each their own way.
-[[noreturn]] inline void refuse_non_unit_atom(double norm, int64_t atom, int64_t group) {
-  TORCH_CHECK_VALUE(false, "dictionary atoms must have unit norm (within 1e-3), got norm ", norm,
+// How far from 1 a dictionary atom's norm may be (the message below writes it out).
+constexpr double kAtomNormTolerance = 1e-3;
+
+// The check of one atom's norm, worded once for the CPU and CUDA kernels, which find the first
+// bad atom each their own way (NaN fails it).
+inline void check_unit_atom(double norm, int64_t atom, int64_t group) {
+  TORCH_CHECK_VALUE(std::fabs(norm - 1.0) <= kAtomNormTolerance,
+                    "dictionary atoms must have unit norm (within 1e-3), got norm ", norm,
                     " for atom ", atom, " of group ", group,
                     " (normalise the rows: dictionary / dictionary.norm(dim=-1, keepdim=True))");
-  __builtin_unreachable();
 }
 
 std::tuple<at::Tensor, at::Tensor> omp_cpu(const at::Tensor& x, const at::Tensor& dictionary,

@@ -141,17 +141,17 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // Refuses dictionaries whose atoms are not of unit norm, from the Gram diagonals (float64), with
-// the CPU's message (refuse_non_unit_atom, omp.h). The verdict is computed on the device; reading
+// the CPU's message (check_unit_atom, omp.h). The verdict is computed on the device; reading
 // it is the op's one host sync.
 void check_unit_atoms(const at::Tensor& gram) {
   const int64_t groups = gram.size(0), K = gram.size(1);
   const at::Tensor norms = at::diagonal(gram, 0, 1, 2).sqrt().reshape({-1});  // (G * K), g-major
-  const at::Tensor ok = (norms - 1.0).abs() <= 1e-3;                          // NaN is not ok
+  const at::Tensor ok = (norms - 1.0).abs() <= kAtomNormTolerance;            // NaN is not ok
   const at::Tensor position = at::arange(groups * K, norms.options().dtype(at::kLong));
   const int64_t first_bad = at::where(ok, groups * K, position).min().item<int64_t>();
   if (first_bad == groups * K) return;
   const double norm = norms[first_bad].item<double>();  // error path only
-  refuse_non_unit_atom(norm, first_bad % K, first_bad / K);
+  check_unit_atom(norm, first_bad % K, first_bad / K);  // fails: the message of the CPU's check
 }
 
 // Launch shape for a tile of gn groups of mn signals, within the thread and scratch budgets.

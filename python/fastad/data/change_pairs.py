@@ -13,14 +13,11 @@ be scored against the truth: it is left out and named in :attr:`ChangePairs.skip
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
-
-from .datasets import GOOD, Item, Transform, check_root, list_images
+from .datasets import GOOD, Item, ItemDataset, Transform, check_root, list_images
 from .images import load_image, load_mask
 
 __all__ = ["CHANGE", "ChangePairs", "is_change_pair_folder"]
@@ -35,7 +32,7 @@ def is_change_pair_folder(root: str | os.PathLike) -> bool:
     return all((root / name).is_dir() for name in _FOLDERS)
 
 
-class ChangePairs(Dataset):
+class ChangePairs(ItemDataset):
     """The pairs under ``root`` (see the module docstring), sorted by name; ``transform`` is
     applied to each item as in the other data sets."""
 
@@ -44,9 +41,7 @@ class ChangePairs(Dataset):
         if not is_change_pair_folder(root):
             missing = [name for name in _FOLDERS if not (root / name).is_dir()]
             raise ValueError(f"{root} is not a change-detection folder: it has no {', '.join(missing)} folder(s)")
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be a callable on the item dict or None, got {type(transform).__name__}")
-        self.root, self.split, self.transform = root, "test", transform
+        super().__init__(root, "test", transform)
         self.pairs: list[tuple[Path, Path, Path]] = []
         self.skipped: dict[str, str] = {}
         for before in list_images(root / "A"):
@@ -60,14 +55,6 @@ class ChangePairs(Dataset):
         if not self.pairs:
             raise ValueError(f"{root} holds no complete pair (A, B and label files of one name)")
         self._labels: list[int] | None = None
-
-    def with_transform(self, transform: Transform | None) -> ChangePairs:
-        """The same pairs with another transform (a shallow copy; this data set is unchanged)."""
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be a callable on the item dict or None, got {type(transform).__name__}")
-        other = copy.copy(self)
-        other.transform = transform
-        return other
 
     @property
     def labels(self) -> list[int]:

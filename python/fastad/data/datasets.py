@@ -42,6 +42,7 @@ __all__ = [
     "Sample",
     "Item",
     "Transform",
+    "ItemDataset",
     "AnomalyDataset",
     "MVTecDataset",
     "FolderDataset",
@@ -101,28 +102,35 @@ def subfolders(folder: Path) -> list[Path]:
     return sorted(entry for entry in folder.iterdir() if entry.is_dir() and not _is_hidden(entry))
 
 
-class AnomalyDataset(Dataset):
-    """Base of the data sets: reads ``samples`` into item dicts (see the module docstring).
+def _check_transform(transform: object) -> Transform | None:
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be a callable on the item dict or None, got {type(transform).__name__}")
+    return transform
+
+
+class ItemDataset(Dataset):
+    """What every fastad data set shares: a ``root``, a ``split`` and a ``transform`` applied to
+    each item dict, which :meth:`with_transform` swaps (methods apply their own this way)."""
+
+    def __init__(self, root: Path, split: str, transform: Transform | None) -> None:
+        self.root = root
+        self.split = split
+        self.transform = _check_transform(transform)
+
+    def with_transform(self, transform: Transform | None) -> ItemDataset:
+        """The same items with another transform (a shallow copy; this data set is unchanged)."""
+        other = copy.copy(self)
+        other.transform = _check_transform(transform)
+        return other
+
+
+class AnomalyDataset(ItemDataset):
+    """Base of the image data sets: reads ``samples`` into item dicts (see the module docstring).
 
     Subclasses fill ``self.samples`` (a list of :class:`Sample`) in their constructor.
     """
 
     samples: list[Sample]
-
-    def __init__(self, root: Path, split: str, transform: Transform | None) -> None:
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be a callable on the item dict or None, got {type(transform).__name__}")
-        self.root = root
-        self.split = split
-        self.transform = transform
-
-    def with_transform(self, transform: Transform | None) -> AnomalyDataset:
-        """The same samples with another transform (a shallow copy; this data set is unchanged)."""
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be a callable on the item dict or None, got {type(transform).__name__}")
-        other = copy.copy(self)
-        other.transform = transform
-        return other
 
     @property
     def defect_types(self) -> list[str]:

@@ -294,12 +294,6 @@ class AnomalyModel(Estimator):
         attributes to rebuild as dicts and arrays on loading."""
         return flatten_state(self._learned_attributes())
 
-    def _split_state_names(self) -> tuple[str, ...]:
-        """Hook: the learned attributes this process holds only its part of (a bank split across
-        the processes of a group), saved in part files (``split_files``); empty when the model
-        is whole, as it is by default."""
-        return ()
-
     @classmethod
     def _joined_state(cls, parts: list[dict[str, Any]]) -> dict[str, Any]:
         """Hook: the whole model's learned attributes from every process's part (in process
@@ -355,24 +349,15 @@ class AnomalyModel(Estimator):
                 f"{path} is one part of a model split across processes, not a model: "
                 f"load the model file it belongs to ({model!r}, beside it)"
             )
-        name = cls.method_name
-        for field in ("params", "state", "rebuild"):  # an edited file whose checksum was recomputed
+        for field in ("state", "rebuild"):  # an edited file whose checksum was recomputed
             value = header.get(field, {})
             if not isinstance(value, dict) or (
                 field == "rebuild"
                 and not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in value.values())
             ):
                 raise model_io.ModelFileError(f"{path}: the header's {field!r} entry is malformed ({value!r:.80})")
-        params = dict(header.get("params") or {})
-        if device is not None:
-            params["device"] = device
-        unknown = set(params) - set(cls._param_names())
-        if unknown:
-            raise model_io.ModelFileError(
-                f"{path} was written with parameters this {cls.__name__} does not have: {', '.join(sorted(unknown))}"
-            )
+        model = cls._constructed(path, header, device)
         try:
-            model = cls(**params)
             state = dict(header.get("state") or {})
             state.update(rebuild_state(tensors, header.get("rebuild") or {}, path))
             if split_files.PARTS in header:  # a model saved split across processes
@@ -388,6 +373,6 @@ class AnomalyModel(Estimator):
         except model_io.ModelFileError:
             raise
         except (TypeError, ValueError) as exc:  # a parameter or learned value that cannot be right
-            raise model_io.ModelFileError(f"{path} does not hold a usable {name!r} model: {exc}") from exc
+            raise model_io.ModelFileError(f"{path} does not hold a usable {cls.method_name!r} model: {exc}") from exc
         model._check_fitted()
         return model.to(model.device)

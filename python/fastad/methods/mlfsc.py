@@ -488,15 +488,7 @@ class MLFSC(FeatureModel):
         rows, cols = height // stride, width // stride
         total = squares = None
         for (oy, ox), core in tiled_cores(
-            self._window_levels,
-            reader,
-            tile=tile,
-            halo=geometry.halo,
-            stride=stride,
-            align=geometry.align,
-            same_padding=geometry.same_padding,
-            device=self.device,
-            progress=progress,
+            self._window_levels, reader, **geometry.tiling_args(tile, device=self.device, progress=progress)
         ):
             y0, y1 = max(oy, c), min(oy + core.shape[1], rows - c)
             x0, x1 = max(ox, c), min(ox + core.shape[2], cols - c)
@@ -578,15 +570,13 @@ class MLFSC(FeatureModel):
         pass, then each window's patches that start in its core fed to the learner, a few patch
         rows at a time, with the sampling keys of their places in the image's raster order."""
         geometry = self.tile_geometry()
-        tile = max(geometry.align, tile - tile % geometry.align)
+        tile = geometry.rounded_tile(tile)
         stride, c, s, p = geometry.stride, self.cutoff, self.patch_stride, self.patch_size
         learner = keys = None
         count = 0
         for reader in readers:
             mean, std = self._image_statistics(reader, geometry, tile, progress)
-            _, height, width = reader.shape
-            nx = (width // stride - 2 * c - p) // s + 1
-            ny = (height // stride - 2 * c - p) // s + 1
+            ny, nx = self._patch_counts(reader.shape, stride)
             if learner is None:
                 learner, keys = self._new_learner(self.feature_channels())
                 if keys is not None and distributed.is_distributed():  # the earlier processes' images' keys
@@ -627,12 +617,18 @@ class MLFSC(FeatureModel):
         self._finish_learning(learner)
         return count
 
+    def _patch_counts(self, shape: tuple[int, int, int], stride: int) -> tuple[int, int]:
+        """Patch rows and columns of an image of ``shape`` (C, H, W) at feature ``stride``: the
+        one count the tiled fit's keys and ``_tiled_keys`` share (zero for an image too small)."""
+        c, s, p = self.cutoff, self.patch_stride, self.patch_size
+        return tuple(max(0, (side // stride - 2 * c - p) // s + 1) for side in shape[1:])
+
     def _tiled_keys(self, shape: tuple[int, int, int]) -> int:
         """One sampling key per patch of an image of ``shape`` (C, H, W) (see AnomalyModel.draws_tiled_keys)."""
-        stride, c, s, p = self.tile_geometry().stride, self.cutoff, self.patch_stride, self.patch_size
-        nx = (shape[2] // stride - 2 * c - p) // s + 1
-        ny = (shape[1] // stride - 2 * c - p) // s + 1
-        return max(0, nx) * max(0, ny) if self.dictionary_fit == "sklearn_lasso" else 0
+        if self.dictionary_fit != "sklearn_lasso":
+            return 0
+        ny, nx = self._patch_counts(shape, self.tile_geometry().stride)
+        return ny * nx
 
 
 __all__ = ["MLFSC", "LEVELS", "DICTIONARY_FITS", "MAP_MODES"]

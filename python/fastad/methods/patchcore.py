@@ -284,7 +284,6 @@ class PatchCore(FeatureModel):
         """Native-resolution fit (``fastad.highres.fit_large``): each image's patch features are
         computed tile by tile (equal to the untiled ones), one chunk of the bank per image."""
         geometry = self.tile_geometry()
-        tile = max(geometry.align, tile - tile % geometry.align)
         count = [0]
 
         def chunks():
@@ -292,13 +291,7 @@ class PatchCore(FeatureModel):
                 features = tiled_apply(
                     lambda x: self.patch_features(x).permute(0, 3, 1, 2),
                     reader,
-                    tile=tile,
-                    halo=geometry.halo,
-                    stride=geometry.stride,
-                    align=geometry.align,
-                    same_padding=geometry.same_padding,
-                    device=self.device,
-                    progress=progress,
+                    **geometry.tiling_args(tile, device=self.device, progress=progress),
                 )
                 count[0] += 1
                 yield torch.from_numpy(features).flatten(1).T.to(self.device)  # (h w, D), row-major positions

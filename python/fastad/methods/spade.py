@@ -278,7 +278,9 @@ class SPADE(FeatureModel):
                     f"{reader.shape[1]}x{reader.shape[2]}"
                 )
             total, count = tiled_sum(
-                lambda x: self._features(x)[image_layer], reader, **self._tiling_args(pooled_geometry, tile, progress)
+                lambda x: self._features(x)[image_layer],
+                reader,
+                **pooled_geometry.tiling_args(tile, device=self.device, progress=progress),
             )
             pooled.append((total / count).to(device=self.device, dtype=torch.float32))
             for layer in chunks:
@@ -286,7 +288,7 @@ class SPADE(FeatureModel):
                 maps = tiled_apply(
                     lambda x, layer=layer: self._features(x)[layer],
                     reader,
-                    **self._tiling_args(geometry, tile, progress),
+                    **geometry.tiling_args(tile, device=self.device, progress=progress),
                 )
                 chunks[layer].append(torch.from_numpy(maps)[None].to(device=self.device, dtype=dtype))
         if distributed.is_distributed():
@@ -304,17 +306,6 @@ class SPADE(FeatureModel):
 
         return self._geometry_of([layer], probe)
 
-    def _tiling_args(self, geometry, tile: int, progress) -> dict[str, Any]:
-        return dict(
-            tile=max(geometry.align, tile - tile % geometry.align),
-            halo=geometry.halo,
-            stride=geometry.stride,
-            align=geometry.align,
-            same_padding=geometry.same_padding,
-            device=self.device,
-            progress=progress,
-        )
-
     def _tiled_scorer(self, reader, geometry, tile, progress):
         """A first pass pools the image layer over the whole image (a sum over tiles, exact), picks
         the ``k_images`` nearest training images and gives the image score; then each map layer's
@@ -327,7 +318,9 @@ class SPADE(FeatureModel):
         pooled_geometry = self._pooled_geometry()
         image_layer = self.image_layer()
         total, count = tiled_sum(
-            lambda x: self._features(x)[image_layer], reader, **self._tiling_args(pooled_geometry, tile, progress)
+            lambda x: self._features(x)[image_layer],
+            reader,
+            **pooled_geometry.tiling_args(tile, device=self.device, progress=progress),
         )
         pooled = (total / count).to(device=self.device, dtype=torch.float32)[None]
         k_images = min(self.k_images, self.pooled_.shape[0])

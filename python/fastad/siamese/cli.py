@@ -22,7 +22,6 @@ from .. import viz
 from ..cli_args import CliError, parse_sets
 from ..data import load_image
 from ..io import atomic_path, output_folder, write_json
-from ..viz import learning_curve_figure
 from .detector import SiameseDetector
 from .pairs import DigitPairs, RectanglePairs
 from .sources import is_mnist_folder, load_image_folder, load_mnist
@@ -152,7 +151,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = detector.save(args.model)
     print(f"trained in {time.perf_counter() - start:.0f} s; model written to {out}")
     if args.curve:
-        learning_curve_figure(Path(args.curve), detector.history_)
+        viz.learning_curve_figure(
+            Path(args.curve), detector.history_, f"Siamese network on {kind} pairs from {data.name}"
+        )
         print(f"learning curve: {args.curve}")
     return 0
 

@@ -76,6 +76,8 @@ class Detection:
 
 @register_estimator(METHOD)
 class SiameseDetector(Estimator):
+    scores_pairs = True
+
     """Template-vs-inspected detector on the fully-convolutional Siamese network.
 
     Network: ``window`` (training image size = receptive field), ``in_channels``, ``channels``
@@ -215,7 +217,7 @@ class SiameseDetector(Estimator):
             network=net.config.to_dict(),
             history=self.history_.to_dict(),
             training=self.training_info_,
-            threshold=self.threshold_,
+            state={"threshold_": self.threshold_},  # learned state beside the network, as the methods keep it
         )
         return model_io.save_model_file(path, dict(net.state_dict()), header)
 
@@ -223,17 +225,11 @@ class SiameseDetector(Estimator):
     def _from_file(
         cls, path: str | os.PathLike, tensors: dict[str, Tensor], header: dict[str, Any], device: str | None
     ) -> SiameseDetector:
-        params = header.get("params") or {}
-        if not isinstance(params, dict):
-            raise model_io.ModelFileError(f"{path}: the header's 'params' entry is malformed ({params!r:.80})")
-        params = dict(params)
-        if device is not None:
-            params["device"] = device
+        detector = cls._constructed(path, header, device)
         try:
-            detector = cls(**params)
             config = NetworkConfig.from_dict(header.get("network") or {})
         except (TypeError, ValueError) as exc:
-            raise model_io.ModelFileError(f"{path}: its parameters are not valid here: {exc}") from exc
+            raise model_io.ModelFileError(f"{path}: the header's network description is not valid: {exc}") from exc
         if config != detector._network_config():
             raise model_io.ModelFileError(f"{path}: the network description does not match its parameters")
         net = SiameseNet(config)
@@ -255,7 +251,10 @@ class SiameseDetector(Estimator):
         detector.history_ = history
         detector.training_info_ = dict(header.get("training") or {})
         # Files written before the detector had a threshold get the one it would have had.
-        detector.threshold_ = header.get("threshold", detector._decision_threshold())
+        state = header.get("state") or {}
+        if not isinstance(state, dict):
+            raise model_io.ModelFileError(f"{path}: the header's 'state' entry is malformed ({state!r:.80})")
+        detector.threshold_ = state.get("threshold_", detector._decision_threshold())
         try:
             detector._check_state()
         except (TypeError, ValueError) as exc:
@@ -351,6 +350,9 @@ class SiameseDetector(Estimator):
             threshold=getattr(self, "threshold_", None),
         )
 
+    def tile_geometry(self):
+        raise ValueError("a Siamese detector scores large pairs tile by tile with: fastad siamese detect --tile")
+
     def _predict_items(self, items: list[dict[str, Any]]) -> tuple[Tensor, Prediction]:
         missing = [item.get("path", "?") for item in items if "template" not in item]
         if missing:
@@ -358,9 +360,8 @@ class SiameseDetector(Estimator):
                 f"a SiameseDetector scores template / inspected pairs; {missing[0]} has no template "
                 "(evaluate it on pairs: fastad.data.ChangePairs)"
             )
-        inspected = stack_images(items)
-        templates = torch.stack([torch.as_tensor(item["template"]) for item in items])
-        return inspected, self.predict(templates, inspected)
+        pred = self.predict([item["template"] for item in items], [item["image"] for item in items])
+        return stack_images(items), pred
 
 
 # The discriminator's decision: 1 - P(similar) above one half.

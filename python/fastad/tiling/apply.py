@@ -18,8 +18,13 @@ from .readers import TileReader, open_reader
 from .receptive_field import probe_placement, receptive_field
 
 
+def _host_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Outputs are stored in float64 when fn gives float64, else in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _numpy_dtype_for(dtype: torch.dtype) -> np.dtype:
-    return np.dtype(np.float64) if dtype == torch.float64 else np.dtype(np.float32)
+    return np.dtype(np.float64) if _host_dtype(dtype) == torch.float64 else np.dtype(np.float32)
 
 
 def _check_output(y, tiles: list[Tile], stride: int) -> None:
@@ -128,7 +133,7 @@ def tiled_apply(
                 out = np.empty((y.shape[0], *out_hw), dtype=_numpy_dtype_for(y.dtype))
             elif out.shape[0] != y.shape[0]:
                 raise ValueError(f"out has {out.shape[0]} channels but fn returns {y.shape[0]}")
-            host = y.to("cpu", dtype=torch.float64 if y.dtype == torch.float64 else torch.float32).numpy()
+            host = y.to("cpu", dtype=_host_dtype(y.dtype)).numpy()
             _write_core(out, host, t, stride)
     return out
 
@@ -191,9 +196,8 @@ def tiled_cores(
         block = shard(len(tiles), *part)
         tiles = tiles[block.start : block.stop]
     for t, y in _tile_outputs(fn, reader, tiles, 1, stride, device, dtype, progress, "tiled_cores"):
-        cy, cx = (t.y0 - t.ya) // stride, (t.x0 - t.xa) // stride
-        oh, ow = -(-t.y1 // stride) - t.y0 // stride, -(-t.x1 // stride) - t.x0 // stride
-        yield (t.y0 // stride, t.x0 // stride), y[:, cy : cy + oh, cx : cx + ow]
+        (rows, cols), (core_rows, core_cols) = t.output_core(stride)
+        yield (rows.start, cols.start), y[:, core_rows, core_cols]
 
 
 def tiled_sum(
@@ -266,7 +270,5 @@ def _read_batch(reader: TileReader, group: list[Tile]) -> Tensor:
 
 def _write_core(out: np.ndarray, result: np.ndarray, t: Tile, stride: int) -> None:
     """Crop the halo's share from one tile's output (C_out, h', w') and store its core."""
-    oy0, ox0 = t.y0 // stride, t.x0 // stride
-    oy1, ox1 = -(-t.y1 // stride), -(-t.x1 // stride)
-    cy, cx = (t.y0 - t.ya) // stride, (t.x0 - t.xa) // stride
-    out[:, oy0:oy1, ox0:ox1] = result[:, cy : cy + oy1 - oy0, cx : cx + ox1 - ox0]
+    (rows, cols), (core_rows, core_cols) = t.output_core(stride)
+    out[:, rows, cols] = result[:, core_rows, core_cols]

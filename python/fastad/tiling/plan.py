@@ -25,6 +25,14 @@ class Tile:
     def window_shape(self) -> tuple[int, int]:
         return (self.yb - self.ya, self.xb - self.xa)
 
+    def output_core(self, stride: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """Where the core's outputs at ``stride`` go in the image's output map (rows, columns),
+        and where they lie in the window's output (the halo's share cropped)."""
+        oy0, ox0 = self.y0 // stride, self.x0 // stride
+        oy1, ox1 = -(-self.y1 // stride), -(-self.x1 // stride)
+        cy, cx = (self.y0 - self.ya) // stride, (self.x0 - self.xa) // stride
+        return (slice(oy0, oy1), slice(ox0, ox1)), (slice(cy, cy + oy1 - oy0), slice(cx, cx + ox1 - ox0))
+
 
 def axis_spans(length: int, tile: int, halo: int, residue_of: int = 0) -> list[tuple[int, int, int, int]]:
     """(core start, core end, window start, window end) along one axis. With ``residue_of`` > 0
