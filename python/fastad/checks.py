@@ -124,10 +124,7 @@ def check_float(
     else:
         kind = f"a number in {'(' if above else '['}{-math.inf if minimum is None else minimum:g}, {maximum:g}]"
     if not _is_real(value):
-        unbounded = minimum is None and maximum is None
-        raise TypeError(
-            f"{name} must be {'a number' if unbounded else kind}{what}, got {type(value).__name__} {value!r}"
-        )
+        raise TypeError(f"{name} must be a number{what}, got {type(value).__name__} {value!r}")
     number = float(value)
     low_ok = minimum is None or (number > minimum if above else number >= minimum)
     if not math.isfinite(number) or not low_ok or (maximum is not None and number > maximum):
@@ -137,6 +134,8 @@ def check_float(
 
 def check_positive_float(value: object, name: str) -> float:
     """``value`` as a float if it is a finite number > 0 (TypeError / ValueError otherwise)."""
+    if not _is_real(value):  # said as the range is, for the parameters (lr, margin, scale) that use it
+        raise TypeError(f"{name} must be a positive finite number, got {type(value).__name__} {value!r}")
     return check_float(value, name, minimum=0.0, above=True)
 
 
