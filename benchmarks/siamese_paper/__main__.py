@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="KEY=VALUE",
         help="any ReproduceConfig field (e.g. mnist_epochs=5, mnist_similar_fraction=0.5, "
-        "mosaic_images=test, cifar_epochs=20); repeatable, applied after --quick",
+        "mosaic_images=test, cifar_epochs=20, experiments=mnist_clustering, "
+        "mnist_variants=concat_bce,distance_bce); repeatable, applied after --quick",
     )
     return parser
 
@@ -47,6 +48,8 @@ def _config(args: argparse.Namespace) -> ReproduceConfig:
     for name, value in parse_sets(args.set or []).items():
         if name not in fields:
             raise CliError(f"--set {name}: not a setting of the reproduction; known: {', '.join(sorted(fields))}")
+        if isinstance(value, str) and isinstance(getattr(config, name), tuple):
+            value = [part.strip() for part in value.split(",")]  # experiments=mosaic,aerial
         setattr(config, name, tuple(value) if isinstance(value, list) else value)
     config.data_root = Path(args.data)
     if args.cifar_model:

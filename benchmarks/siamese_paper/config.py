@@ -49,6 +49,12 @@ class ReproduceConfig:
         mnist_limit / mnist_test_limit (images read; None = all), mnist_heldout_pairs (balanced, so
         that accuracy weighs "same" and "different" alike), mnist_scatter (training digits in the
         3-D plots), similarity_per_digit (test digits per class in the similarity matrices).
+    experiments: which of :data:`EXPERIMENTS` to run (the others are recorded as skipped, "not
+        selected"); the mosaic and the aerial experiment need "cifar_learning_curve" beside them,
+        which makes (or, with ``cifar_model``, loads) their detector.
+    mnist_variants: which of the three MNIST variants (names of :data:`MNIST_VARIANTS`) to train;
+        with the paper's 100 epochs each takes about an hour on two CPU cores, so a long
+        reproduction can be split over processes (one variant each, ``OMP_NUM_THREADS=1``).
     mosaics: independent 10 x 10 mosaics behind the numbers (the figure shows the first);
         mosaic_images: "train" (the paper: 100 CIFAR-10 training images) or "test" (unseen ones).
     change_pairs_shown: before / after pairs per set in ``change_detection.png``.
@@ -59,6 +65,7 @@ class ReproduceConfig:
     """
 
     data_root: Path = Path("../shared/data")
+    experiments: tuple[str, ...] = EXPERIMENTS
     cifar_model: Path | None = None
     cifar_epochs: int = 20
     cifar_pairs: int | None = None
@@ -71,6 +78,7 @@ class ReproduceConfig:
     mnist_limit: int | None = None
     mnist_test_limit: int | None = None
     mnist_heldout_pairs: int = 10_000
+    mnist_variants: tuple[str, ...] = tuple(name for name, _, _ in MNIST_VARIANTS)
     mnist_scatter: int = 3_000
     similarity_per_digit: int = 2
     mosaics: int = 10
@@ -136,6 +144,14 @@ class ReproduceConfig:
                 check_int(getattr(self, name), name, meaning="or None for all")
         check_positive_float(self.lr, "lr")
         check_choice(self.mosaic_images, "mosaic_images", ("train", "test"))
+        _check_names(self.experiments, "experiments", EXPERIMENTS)
+        _check_names(self.mnist_variants, "mnist_variants", tuple(name for name, _, _ in MNIST_VARIANTS))
+        needing_detector = [name for name in ("mosaic", "aerial") if name in self.experiments]
+        if needing_detector and "cifar_learning_curve" not in self.experiments:
+            raise ValueError(
+                f"experiments: {' and '.join(needing_detector)} need(s) the CIFAR-10 detector that "
+                "'cifar_learning_curve' makes or loads (cifar_model); select it too"
+            )
         if self.mnist_similar_fraction is not None:  # None: random pairs
             check_fraction(self.mnist_similar_fraction, "mnist_similar_fraction")
         if not isinstance(self.data_root, (str, os.PathLike)):
@@ -162,3 +178,16 @@ class ReproduceConfig:
                 value = list(value)
             out[f.name] = value
         return out
+
+
+def _check_names(names: Any, what: str, known: tuple[str, ...]) -> None:
+    """A non-empty tuple or list of distinct names out of ``known``."""
+    if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{what} must be a tuple of names out of {', '.join(known)}, got {names!r}")
+    if not names:
+        raise ValueError(f"{what} is empty; choose from {', '.join(known)}")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"{what}: unknown {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} names one twice: {list(names)}")

@@ -28,7 +28,8 @@ def reproduce(
     ``out_dir/results.json`` (rewritten after each experiment, so a long run that stops keeps
     what it finished). Returns the results: one entry per name of :data:`EXPERIMENTS`, each
     with ``status`` ("done" or "skipped"), ``reason`` when skipped, ``seconds``, ``figures`` and
-    its numbers; plus ``config``, ``fastad_version``, ``torch_version``, ``seconds``."""
+    its numbers; plus ``config``, ``fastad_version``, ``torch_version``, ``torch_threads``,
+    ``seconds``."""
     config = ReproduceConfig() if config is None else config
     if not isinstance(config, ReproduceConfig):
         raise TypeError(f"config must be a ReproduceConfig or None, got {type(config).__name__}")
@@ -40,6 +41,7 @@ def reproduce(
         "config": {**config.to_dict(), "data_root": str(run.data_root)},
         "fastad_version": __version__,
         "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "finished": False,
     }
     steps = {
@@ -50,6 +52,9 @@ def reproduce(
     }
     start = time.perf_counter()
     for name in EXPERIMENTS:
+        if name not in config.experiments:
+            results[name] = {"status": "skipped", "reason": "not selected (experiments setting)", "seconds": 0.0}
+            continue
         log(f"[{name}] starting")
         began = time.perf_counter()
         try:

@@ -47,6 +47,8 @@ def mnist_clustering(run: Run) -> dict[str, Any]:
     variants: dict[str, Any] = {}
     embeddings, matrices = {}, {}
     for name, head, loss in MNIST_VARIANTS:
+        if name not in c.mnist_variants:
+            continue
         detector = SiameseDetector(
             window=28, in_channels=1, embed_dim=3, head=head, loss=loss, epochs=c.mnist_epochs, **run.detector_kwargs()
         )
@@ -84,6 +86,7 @@ def mnist_clustering(run: Run) -> dict[str, Any]:
         "pairs_per_epoch": len(train_pairs),
         "heldout_pairs": len(heldout),
         "epochs": c.mnist_epochs,
+        "similar_fraction": c.mnist_similar_fraction,
         "definitions": {
             "similarity": (
                 "P(similar) = sigmoid(logit) for the heads with a discriminator; exp(-d^2 / margin^2) "

@@ -60,12 +60,23 @@ def test_reproduce_takes_settings_and_names_unknown_ones(tmp_path, capsys):
                 "mnist_epochs=2",
                 "--set",
                 "mnist_similar_fraction=0.5",
+                "--set",
+                "experiments=mnist_clustering, cifar_learning_curve",  # a list: comma-separated names
+                "--set",
+                'mnist_variants=["concat_bce"]',  # or JSON
             ]
         )
         == 0
     )
     results = json.loads((tmp_path / "c" / "results.json").read_text())
     assert results["config"]["mnist_epochs"] == 2 and results["config"]["mnist_similar_fraction"] == 0.5
+    assert results["config"]["experiments"] == ["mnist_clustering", "cifar_learning_curve"]
+    assert results["config"]["mnist_variants"] == ["concat_bce"]
+    assert results["mosaic"]["reason"] == "not selected (experiments setting)"
+    assert "MNIST not found" in results["mnist_clustering"]["reason"]
+    argv = ["--out", str(tmp_path / "d"), "--quick", "--set", "mnist_variants=concat"]
+    assert main(argv) != 0
+    assert "mnist_variants: unknown 'concat'" in capsys.readouterr().err
 
 
 def test_the_experiments_are_no_longer_a_fastad_command(tmp_path, capsys):

@@ -149,6 +149,34 @@ def test_bad_configuration_is_refused_before_anything_runs(tmp_path):
         reproduce(tmp_path / "out", {"seed": 1})
 
 
+def test_experiments_and_mnist_variants_are_checked_and_select_what_runs(tmp_path):
+    full = ReproduceConfig()
+    assert full.experiments == EXPERIMENTS
+    assert full.mnist_variants == ("none_contrastive", "concat_bce", "distance_bce")
+    with pytest.raises(ValueError, match="experiments: unknown 'mnist'"):
+        ReproduceConfig(experiments=("mnist",)).check()
+    with pytest.raises(ValueError, match="experiments is empty"):
+        ReproduceConfig(experiments=()).check()
+    with pytest.raises(ValueError, match="twice"):
+        ReproduceConfig(mnist_variants=("concat_bce", "concat_bce")).check()
+    with pytest.raises(TypeError, match="mnist_variants"):
+        ReproduceConfig(mnist_variants="concat_bce").check()
+    # The mosaic and the aerial experiment use the detector that experiment 2 makes or loads.
+    with pytest.raises(ValueError, match="mosaic need.*cifar_learning_curve"):
+        ReproduceConfig(experiments=("mnist_clustering", "mosaic")).check()
+    ReproduceConfig(experiments=("cifar_learning_curve", "aerial")).check()
+    # Unselected experiments are recorded as skipped, and nothing of theirs is read.
+    absent = tmp_path / "no-data-here"
+    logs: list[str] = []
+    config = ReproduceConfig.quick(data_root=absent, experiments=("mnist_clustering",))
+    results = reproduce(tmp_path / "out", config, log=logs.append)
+    assert "MNIST not found" in results["mnist_clustering"]["reason"]
+    for name in EXPERIMENTS[1:]:
+        assert results[name] == {"status": "skipped", "reason": "not selected (experiments setting)", "seconds": 0.0}
+        assert not any(line.startswith(f"[{name}]") for line in logs)
+    assert results["torch_threads"] == torch.get_num_threads()
+
+
 def test_quick_is_small_and_takes_overrides():
     quick, full = ReproduceConfig.quick(seed=7), ReproduceConfig()
     assert quick.seed == 7 and quick.mosaics == 1 and quick.cifar_epochs == 1 and quick.mnist_epochs == 1
@@ -296,6 +324,22 @@ def test_quick_run_numbers(quick_run):
         }
         common = max(set(sizes.values()), key=list(sizes.values()).count)
         assert set(aerial["synthetic"]["left_out_images"]) == {n for n, size in sizes.items() if size != common}
+
+
+def test_one_mnist_variant_alone_repeats_its_numbers_in_the_full_run(quick_run, tmp_path):
+    # A long reproduction may train the variants in separate processes: each variant's draws
+    # (pairs, batch order, initial weights, plotted digits) do not depend on which others run.
+    if _expected_status()["mnist_clustering"] != "done":
+        pytest.skip("MNIST is absent from the shared data")
+    _, first, _ = quick_run
+    config = ReproduceConfig.quick(data_root=DATA, experiments=("mnist_clustering",), mnist_variants=("distance_bce",))
+    alone = reproduce(tmp_path / "out", config, log=lambda line: None)["mnist_clustering"]
+    assert set(alone["variants"]) == {"distance_bce"}
+    timing = {"training_seconds"}
+    expected = {k: v for k, v in first["mnist_clustering"]["variants"]["distance_bce"].items() if k not in timing}
+    assert {k: v for k, v in alone["variants"]["distance_bce"].items() if k not in timing} == expected
+    assert alone["distance_bce_heldout_accuracy"] == first["mnist_clustering"]["distance_bce_heldout_accuracy"]
+    assert "concat_bce_heldout_accuracy" not in alone
 
 
 def test_rerun_with_the_saved_model_repeats_the_numbers(quick_run, tmp_path):
