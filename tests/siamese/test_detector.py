@@ -38,6 +38,18 @@ def test_training_learns_the_pair_rule(trained):
     assert history.heldout_accuracy[-1] > 0.8
 
 
+@pytest.mark.parametrize("head,loss", [("distance", "bce"), ("abs_difference", "bce"), ("none", "contrastive")])
+def test_every_head_learns_the_pair_rule(head, loss):
+    # The embeddings start close together (distances ~0.01): a distance head whose similarity
+    # could rise with the distance collapsed the encoder to one point and stayed at chance.
+    images = _images(768, 1)
+    train = RectanglePairs(images, seed=0)
+    heldout = RectanglePairs(_images(256, 2), seed=1)
+    detector = SiameseDetector(epochs=4, seed=0, head=head, loss=loss, **TINY)
+    history = detector.train(train, heldout, normalization_images=images).history_
+    assert history.heldout_accuracy[-1] > 0.8, history
+
+
 def test_training_is_seeded_and_leaves_the_global_rng_alone():
     train = RectanglePairs(_images(128, 3), seed=0)
     state = torch.random.get_rng_state()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from fastad.siamese import NetworkConfig, SiameseNet
+from fastad.siamese.network import DistanceDiscriminator
 
 SMALL = (4, 6, 8, 8, 12)  # channel widths that keep the tests fast
 
@@ -70,7 +73,7 @@ def test_heads(rng):
     absolute = _net(1, head="abs_difference")
     none = _net(1, head="none")
     assert concat.discriminator[0].in_channels == 15 and absolute.discriminator[0].in_channels == 5
-    assert distance.discriminator[0].in_channels == 1  # Eq. 1's Euclidean distance, one scalar
+    assert isinstance(distance.discriminator, DistanceDiscriminator)  # Eq. 1's distance, one scalar
     assert none.discriminator is None and none(x1, x2).logits is None
     with torch.no_grad():
         out = concat(x1, x2)
@@ -85,6 +88,21 @@ def test_heads(rng):
         torch.testing.assert_close(absolute(x1, x2).logits, absolute(x2, x1).logits)
         f = none.embed(torch.cat([x1, x2]))
         torch.testing.assert_close(none.anomaly(x1, x2), (f[:2] - f[2:]).norm(dim=1))
+
+
+def test_the_distance_head_calls_farther_pairs_less_similar(rng):
+    # Whatever its parameters, similarity must fall with the distance (else training can
+    # collapse the embeddings; see test_detector's test_every_head_learns_the_pair_rule).
+    head = DistanceDiscriminator().double()
+    d = torch.rand(64, generator=rng, dtype=torch.float64).sort().values.view(-1, 1, 1, 1) * 10
+    for raw_slope, bias in [(0.0, 0.0), (-8.0, 2.0), (5.0, -1.0)]:
+        with torch.no_grad():
+            head.raw_slope.fill_(raw_slope)
+            head.bias.fill_(bias)
+            logits = head(d).flatten()
+        expected = bias - math.log1p(math.exp(raw_slope)) * d.flatten()
+        torch.testing.assert_close(logits, expected)
+        assert bool((logits.diff() < 0).all()) and float(head.slope.detach()) > 0
 
 
 def test_normalisation_is_inside_the_network(rng):

@@ -83,7 +83,8 @@ class SiameseDetector(Estimator):
     Network: ``window`` (training image size = receptive field), ``in_channels``, ``channels``
     (five encoder widths), ``embed_dim``, ``head`` ("concat" = [f1, f2, |f1 - f2|], "distance" =
     ||f1 - f2|| (Eq. 1, a scalar per position), "abs_difference" = |f1 - f2|, "none" = embedding only),
-    ``hidden`` (discriminator width).
+    ``hidden`` (discriminator width; head "distance" is ``bias - slope * d`` with a learned
+    ``slope > 0`` and has no hidden layer).
     Training: ``loss``: "bce" (the paper's loss for the defect detector, whose discriminator gives
     the score), "contrastive" (the embedding alone, with head "none"), "both" (their sum, the
     shipped weights' loss before 2026-12); ``margin`` (contrastive margin r),

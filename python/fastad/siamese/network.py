@@ -13,12 +13,13 @@ Layout for a window w (a multiple of 4, at least 20), channels c0..c4, embedding
     conv3 (c1 -> c2), ReLU, maxpool 2                              -> (w - 8) / 4
     conv3 (c2 -> c3), ReLU, conv k (c3 -> c4), ReLU, conv1 (c4 -> D)  -> 1,   k = (w - 8) / 4 - 2
 
-Output stride 4; receptive field = the window. The discriminator is a 1x1 convolution, ReLU and a
-1x1 convolution from ``[f1, f2, |f1 - f2|]`` (head "concat", the default), from the Euclidean
-distance ``||f1 - f2||`` of Eq. 1, one scalar per position (head "distance", the paper's), or from
-the element-wise ``|f1 - f2|`` (head "abs_difference", fastad's earlier "distance") to one logit per
-position: the log-odds that the two inputs are *similar*. Head "none" has no discriminator; its
-anomaly score is the embedding distance.
+Output stride 4; receptive field = the window. The discriminator gives one logit per position, the
+log-odds that the two inputs are *similar*: a 1x1 convolution, ReLU and a 1x1 convolution from
+``[f1, f2, |f1 - f2|]`` (head "concat", the default) or from the element-wise ``|f1 - f2|`` (head
+"abs_difference", fastad's earlier "distance"); or, from the Euclidean distance ``d = ||f1 - f2||``
+of Eq. 1, one scalar per position (head "distance", the paper's), ``bias - slope * d`` with a
+learned ``slope > 0`` (:class:`DistanceDiscriminator`: similarity falls with distance). Head "none"
+has no discriminator; its anomaly score is the embedding distance.
 
 Inputs are images in [0, 1]; the per-channel normalisation learned from the training data is a
 pair of buffers inside the network, so callers never normalise.
@@ -31,10 +32,11 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..checks import check_choice, check_int
 
-__all__ = ["HEADS", "NetworkConfig", "SiameseNet", "SiameseOutput"]
+__all__ = ["HEADS", "DistanceDiscriminator", "NetworkConfig", "SiameseNet", "SiameseOutput"]
 
 HEADS = ("concat", "distance", "abs_difference", "none")
 STRIDE = 4  # two 2x2 poolings
@@ -95,6 +97,31 @@ class SiameseOutput(NamedTuple):
         return (self.f1 - self.f2).pow(2).sum(1).sqrt()
 
 
+class DistanceDiscriminator(nn.Module):
+    """Head "distance": (B, 1, h, w) distances ``d`` -> log-odds ``bias - softplus(raw_slope) * d``.
+
+    A discriminator that sees one scalar can do no more than place a threshold on it, so its only
+    real freedom is the direction, and that must be "farther is less similar". Left free (a small
+    MLP on ``d``, as this head was first built), the direction is a coin toss at initialisation;
+    the embeddings start close together (``d`` about 0.01 on MNIST), so the discriminator's weights,
+    whose gradient scales with ``d``, hardly move while the encoder, pushed the wrong way by the
+    many dissimilar pairs, collapses to one point (``d = 0`` for every pair) and never recovers:
+    the loss stayed at the class prior's for balanced and for random MNIST pairs alike. With the
+    sign fixed the same training separates the digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw_slope = nn.Parameter(torch.zeros(1))  # slope = softplus(0) = log 2 at the start
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    @property
+    def slope(self) -> Tensor:
+        return F.softplus(self.raw_slope)
+
+    def forward(self, distance: Tensor) -> Tensor:
+        return self.bias - self.slope * distance
+
+
 class SiameseNet(nn.Module):
     """See the module docstring. ``forward(x1, x2)`` takes two (B, C, H, W) batches in [0, 1] of
     the same size, H and W at least ``window``."""
@@ -118,10 +145,13 @@ class SiameseNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(c4, config.embed_dim, 1),
         )
+        self.discriminator: nn.Module | None
         if config.head == "none":
             self.discriminator = None
+        elif config.head == "distance":
+            self.discriminator = DistanceDiscriminator()
         else:
-            width = {"concat": 3 * config.embed_dim, "distance": 1, "abs_difference": config.embed_dim}[config.head]
+            width = {"concat": 3 * config.embed_dim, "abs_difference": config.embed_dim}[config.head]
             self.discriminator = nn.Sequential(
                 nn.Conv2d(width, config.hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(config.hidden, 1, 1)
             )
