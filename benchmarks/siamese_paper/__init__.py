@@ -7,10 +7,10 @@ Experiment code, not library code: it uses only what ``fastad`` exports (``fasta
 
 1. ``mnist_clustering``: three networks with a 3-D embedding on MNIST digit pairs (same digit =
    similar; 50,000 random pairs an epoch, about 10 % similar, 100 epochs, as the paper): (a) no
-   discriminator, contrastive loss; (b) "concat" discriminator, BCE; (c)
-   "distance" discriminator (on the Euclidean distance of Eq. 1), BCE. Figures: the embeddings of training digits in 3-D and the
-   similarity matrices of unseen digits. Numbers: held-out pair accuracy, mean similarity of
-   same-digit and different-digit test pairs, pair AUROC.
+   discriminator, contrastive loss; (b) "concat" discriminator, BCE; (c) "distance"
+   discriminator (on the Euclidean distance of Eq. 1), BCE. Figures: the embeddings of training
+   digits in 3-D and the similarity matrices of unseen digits. Numbers: held-out pair accuracy,
+   mean similarity of same-digit and different-digit test pairs, pair AUROC.
 2. ``cifar_learning_curve``: the detector trained on CIFAR-10 pairs with synthetic rectangles,
    held-out loss and accuracy on test-set pairs per epoch (or a given model's recorded history).
 3. ``mosaic``: 100 CIFAR-10 training images (as the paper; ``mosaic_images="test"``: unseen ones)
@@ -22,9 +22,10 @@ Experiment code, not library code: it uses only what ``fastad`` exports (``fasta
 
 ``--set experiments=...`` and ``--set mnist_variants=...`` run a part (the paper's 100 MNIST epochs
 take more than an hour per variant on two CPU cores); a part gives the numbers it has in the
-whole run. Each experiment that lacks its data is recorded as skipped with the reason (in ``results.json``
-and the log) while the others run. Every random draw comes from a seeded ``torch.Generator`` or
-a pair source's own seed, so a rerun with the same configuration gives the same numbers.
+whole run. Each experiment that lacks its data is recorded as skipped with the reason (in
+``results.json`` and the log) while the others run. Every random draw comes from a seeded
+``torch.Generator`` or a pair source's own seed, so a rerun with the same configuration gives the
+same numbers.
 Figures are drawn on bare matplotlib ``Figure`` objects (no pyplot, no global backend change)
 and every file is written atomically.
 """
