@@ -72,6 +72,7 @@ def train_cifar(run: Run):
         progress=c.progress,
         log=run.epoch_logger("cifar_learning_curve"),
         training_info=training_info,
+        checkpoint=run.checkpoint("cifar"),
     )
     model = detector.save(run.out_dir / "siamese_cifar10.safetensors")
     run.cifar_detector = detector

@@ -133,6 +133,16 @@ class Run:
             channels=tuple(c.channels), hidden=c.hidden, batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=c.device
         )
 
+    def checkpoint(self, what: str) -> Path:
+        """The training checkpoint of ``what`` (``checkpoints/<what>.pt`` in the output folder):
+        a run stopped during a long training and started again into the same folder goes on from
+        its last finished epoch, with the numbers of an uninterrupted run."""
+        path = self.out_dir / "checkpoints" / f"{what}.pt"
+        path.parent.mkdir(exist_ok=True)
+        if path.exists():
+            self.log(f"[{what}] resuming from the training checkpoint {path}")
+        return path
+
     def epoch_logger(self, what: str) -> Callable:
         def log(epoch: int, history) -> None:
             held = (

@@ -58,6 +58,7 @@ def mnist_clustering(run: Run) -> dict[str, Any]:
             normalization_images=train.images,
             progress=c.progress,
             log=run.epoch_logger(f"mnist_clustering {name}"),
+            checkpoint=run.checkpoint(f"mnist_{name}"),
         )
         net, history = detector.network_, detector.history_
         embeddings[name] = _embed_digits(net, train.images[scatter_index])

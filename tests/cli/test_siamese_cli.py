@@ -70,6 +70,36 @@ def test_train_writes_a_loadable_model_with_its_command(tiny_model):
     assert info["pairs"] == "rectangles" and info["pairs_per_epoch"] == 96
 
 
+def test_train_resumes_from_its_checkpoint(tmp_path, capsys):
+    data = _write_zip(tmp_path / "tiny.zip", {"train": 64, "test": 16}, seed=3)
+    tiny = ["--set", "channels=[4,4,8,8,8]", "--set", "embed_dim=4", "--set", "hidden=4", "--heldout", "16"]
+
+    def train(model: str, epochs: int, *extra: str) -> int:
+        args = ["siamese", "train", "--data", str(data), "--model", str(tmp_path / model), "--epochs", str(epochs)]
+        return main([*args, *tiny, *extra])
+
+    assert train("straight.safetensors", 2) == 0
+    checkpoint = tmp_path / "train.pt"
+    assert train("first.safetensors", 1, "--checkpoint", str(checkpoint)) == 0 and checkpoint.is_file()
+    capsys.readouterr()
+    assert train("resumed.safetensors", 2, "--checkpoint", str(checkpoint)) == 0
+    out = capsys.readouterr().out
+    assert "resuming from checkpoint" in out and "epoch 1:" not in out and "epoch 2:" in out
+    straight = SiameseDetector.load(tmp_path / "straight.safetensors")
+    resumed = SiameseDetector.load(tmp_path / "resumed.safetensors")
+    assert resumed.history_.train_loss == straight.history_.train_loss
+    for (name, a), b in zip(
+        straight.network_.state_dict().items(), resumed.network_.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    # Another training's checkpoint: a one-line error naming what differs, the file kept.
+    saved = checkpoint.read_bytes()
+    assert train("other.safetensors", 3, "--checkpoint", str(checkpoint), "--set", "lr=0.01") == 1
+    err = capsys.readouterr().err
+    assert "belongs to another training" in err and "lr" in err and len(err.strip().splitlines()) == 1
+    assert checkpoint.read_bytes() == saved and not (tmp_path / "other.safetensors").exists()
+
+
 def test_detect_writes_map_files(tiny_model, tmp_path):
     rng = np.random.default_rng(1)
     template = (rng.random((60, 76, 3)) * 255).astype(np.uint8)

@@ -342,6 +342,30 @@ def test_one_mnist_variant_alone_repeats_its_numbers_in_the_full_run(quick_run, 
     assert "concat_bce_heldout_accuracy" not in alone
 
 
+def test_a_stopped_mnist_training_resumes_from_its_checkpoint(tmp_path):
+    # The paper's 100 epochs outlast a working session: a run started again into the same folder
+    # goes on from the last finished epoch and ends with the numbers of an uninterrupted run.
+    if _expected_status()["mnist_clustering"] != "done":
+        pytest.skip("MNIST is absent from the shared data")
+
+    def config(epochs: int) -> ReproduceConfig:
+        return ReproduceConfig.quick(
+            data_root=DATA, experiments=("mnist_clustering",), mnist_variants=("concat_bce",), mnist_epochs=epochs
+        )
+
+    straight = reproduce(tmp_path / "straight", config(2), log=lambda line: None)["mnist_clustering"]
+    reproduce(tmp_path / "parts", config(1), log=lambda line: None)  # as if stopped after epoch 1
+    assert (tmp_path / "parts" / "checkpoints" / "mnist_concat_bce.pt").is_file()
+    logs: list[str] = []
+    resumed = reproduce(tmp_path / "parts", config(2), log=logs.append)["mnist_clustering"]
+    assert any("resuming from the training checkpoint" in line for line in logs)
+    epochs_logged = [line for line in logs if line.startswith("[mnist_clustering concat_bce] epoch")]
+    assert len(epochs_logged) == 1 and "epoch 2:" in epochs_logged[0]
+    timing = {"training_seconds"}
+    expected = {k: v for k, v in straight["variants"]["concat_bce"].items() if k not in timing}
+    assert {k: v for k, v in resumed["variants"]["concat_bce"].items() if k not in timing} == expected
+
+
 def test_rerun_with_the_saved_model_repeats_the_numbers(quick_run, tmp_path):
     out, first, _ = quick_run
     status = _expected_status()

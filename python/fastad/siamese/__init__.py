@@ -5,6 +5,7 @@
 - :mod:`.sources`, :mod:`.rectangles`, :mod:`.pairs`: labelled image collections (CIFAR-10 zip /
   ImageFolder, MNIST idx), the synthetic rectangle defect, and training pairs;
 - :mod:`.training`: the Adam training loop with held-out loss per epoch;
+- :mod:`.checkpoint`: the per-epoch training checkpoint a stopped training resumes from;
 - :mod:`.sliding`: exact sliding inference on pairs of any size, tiled for images beyond memory;
 - :mod:`.detector`: :class:`SiameseDetector` (train / save / load / pretrained / predict / detect),
   an estimator like the other methods (``fastad.estimator``);
@@ -15,6 +16,7 @@ The paper's experiments are outside the library: ``python -m benchmarks.siamese_
 
 from __future__ import annotations
 
+from .checkpoint import CheckpointError
 from .detector import PRETRAINED_COMMAND, PRETRAINED_PATH, Detection, SiameseDetector
 from .losses import bce_loss, contrastive_loss, siamese_loss
 from .network import NetworkConfig, SiameseNet, SiameseOutput
@@ -27,6 +29,7 @@ from .training import TrainingHistory, train_network
 __all__ = [
     "BLUE",
     "Box",
+    "CheckpointError",
     "Detection",
     "DigitPairs",
     "LabelledImages",

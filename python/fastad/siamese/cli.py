@@ -68,6 +68,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--device")
     p.add_argument("--curve", help="also write the learning curve (train / held-out loss per epoch) to this PNG")
+    p.add_argument(
+        "--checkpoint",
+        help="training state file written after every epoch; the same command run again resumes from it",
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other SiameseDetector parameter")
     p.set_defaults(run=cmd_train)
 
@@ -147,7 +151,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         "n_images": len(train),
         "pairs_per_epoch": len(pairs),
     }
-    detector.train(pairs, heldout, normalization_images=train.images, log=log, training_info=info)
+    if args.checkpoint and Path(args.checkpoint).exists():
+        print(f"resuming from checkpoint {args.checkpoint}", flush=True)
+    detector.train(
+        pairs, heldout, normalization_images=train.images, log=log, training_info=info, checkpoint=args.checkpoint
+    )
     out = detector.save(args.model)
     print(f"trained in {time.perf_counter() - start:.0f} s; model written to {out}")
     if args.curve:

@@ -169,10 +169,13 @@ class SiameseDetector(Estimator):
         progress: bool | None = None,
         log=None,
         training_info: dict | None = None,
+        checkpoint: str | os.PathLike | None = None,
     ) -> SiameseDetector:
         """Trains a fresh network on ``train_pairs`` (see :mod:`fastad.siamese.training`) and
         returns ``self``. ``normalization_images`` (uint8 or [0, 1] (N, C, H, W)) give the input
-        normalisation; ``training_info`` (data, command...) is stored in the model file."""
+        normalisation; ``training_info`` (data, command...) is stored in the model file.
+        ``checkpoint``: a file written after every epoch, which a training started again with the
+        same parameters and pairs resumes from (:func:`fastad.siamese.train_network`)."""
         self._check_params()
         self._forget_learned()
         with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
@@ -195,6 +198,7 @@ class SiameseDetector(Estimator):
             device=self.device,
             progress=progress,
             log=log,
+            checkpoint=checkpoint,
         )
         self.network_ = net.eval()
         self.history_ = history

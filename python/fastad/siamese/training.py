@@ -9,6 +9,7 @@ held-out pairs are drawn once (epoch 0) so that their loss is comparable from ep
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -16,6 +17,7 @@ from typing import Protocol
 import torch
 
 from .._progress import progress_bar
+from .checkpoint import CheckpointError, TrainingState, read_checkpoint, training_description, write_checkpoint
 from .losses import siamese_loss
 from .network import SiameseNet
 
@@ -122,11 +124,19 @@ def train_network(
     device: torch.device | str = "cpu",
     progress: bool | None = None,
     log=None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> TrainingHistory:
     """Trains ``net`` in place with Adam and returns the per-epoch history.
 
     The batch order is drawn from ``seed`` (the pairs themselves from the pair source's own seed);
     the global torch RNG is not touched. ``log(epoch, history)`` is called after every epoch.
+
+    ``checkpoint``: a file that the state of the training is written to after every epoch (see
+    :mod:`fastad.siamese.checkpoint`). When it already holds a checkpoint of this training (same
+    network, normalisation, pair sources and settings), training goes on from there: a training
+    stopped after epoch k and started again gives the network and history of one that ran
+    through, and with more ``epochs`` it extends a finished one. The history's ``seconds`` add
+    up the time of every part. The file is left in place at the end.
     """
     for name, pairs in (("train_pairs", train_pairs), ("heldout_pairs", heldout_pairs)):
         if pairs is not None and not all(hasattr(pairs, a) for a in ("__len__", "set_epoch", "batch")):
@@ -140,8 +150,30 @@ def train_network(
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     order_gen = torch.Generator().manual_seed(seed)
     history = TrainingHistory()
-    start = time.perf_counter()
-    for epoch in range(epochs):
+    first_epoch, training = 0, None
+    if checkpoint is not None:
+        training = training_description(
+            net, train_pairs, heldout_pairs, loss=loss, margin=margin, lr=lr, batch_size=batch_size, seed=seed
+        )
+        state = read_checkpoint(checkpoint, training)
+        if state is not None:
+            if state.epochs_done > epochs:
+                raise CheckpointError(
+                    f"checkpoint {checkpoint} holds {state.epochs_done} epochs, more than epochs={epochs}; "
+                    "a training cannot be shortened"
+                )
+            initial = {k: v.clone() for k, v in net.state_dict().items()}
+            try:
+                net.load_state_dict(state.network, strict=True)
+                optimizer.load_state_dict(state.optimizer)
+                order_gen.set_state(state.order_generator)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                net.load_state_dict(initial)  # a refused checkpoint leaves the network as it came
+                raise CheckpointError(f"checkpoint {checkpoint} does not fit this network: {exc}") from None
+            history = TrainingHistory.from_dict(state.history)
+            first_epoch = state.epochs_done
+    start = time.perf_counter() - history.seconds
+    for epoch in range(first_epoch, epochs):
         net.train()
         train_pairs.set_epoch(epoch)
         order = torch.randperm(len(train_pairs), generator=order_gen)
@@ -166,6 +198,14 @@ def train_network(
             history.heldout_loss.append(held_loss)
             history.heldout_accuracy.append(held_acc)
         history.seconds = time.perf_counter() - start
+        if checkpoint is not None:
+            write_checkpoint(
+                checkpoint,
+                training,
+                TrainingState(
+                    epoch + 1, net.state_dict(), optimizer.state_dict(), order_gen.get_state(), history.to_dict()
+                ),
+            )
         if log is not None:
             log(epoch, history)
     net.eval()
