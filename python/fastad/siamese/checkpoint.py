@@ -23,7 +23,7 @@ import torch
 
 from ..io import atomic_path
 
-__all__ = ["CheckpointError", "TrainingState", "training_description", "read_checkpoint", "write_checkpoint"]
+__all__ = ["CheckpointError", "TrainingState", "training_description", "read_checkpoint", "write_checkpoint", "resume"]
 
 _FORMAT = "fastad.siamese.training-checkpoint"
 _VERSION = 1
@@ -145,3 +145,29 @@ def read_checkpoint(path: str | os.PathLike, training: dict[str, Any]) -> Traini
     if not valid:
         raise CheckpointError(f"checkpoint {path} is damaged: its state does not hold together")
     return TrainingState(epochs_done, payload["network"], payload["optimizer"], generator, history)
+
+
+def resume(path: str | os.PathLike, training: dict[str, Any], net, optimizer, order_generator, epochs: int):
+    """Restores ``net``, ``optimizer`` and ``order_generator`` from the checkpoint at ``path`` and
+    returns its history (a dict), or returns None when there is no checkpoint yet.
+
+    Raises CheckpointError (see :func:`read_checkpoint`) also when the checkpoint holds more than
+    ``epochs`` epochs or its state does not load; the network is then left as it came.
+    """
+    state = read_checkpoint(path, training)
+    if state is None:
+        return None
+    if state.epochs_done > epochs:
+        raise CheckpointError(
+            f"checkpoint {path} holds {state.epochs_done} epochs, more than epochs={epochs}; "
+            "a training cannot be shortened"
+        )
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    try:
+        net.load_state_dict(state.network, strict=True)
+        optimizer.load_state_dict(state.optimizer)
+        order_generator.set_state(state.order_generator)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        net.load_state_dict(initial)  # load_state_dict copies what fits before it raises
+        raise CheckpointError(f"checkpoint {path} does not fit this network: {exc}") from None
+    return state.history

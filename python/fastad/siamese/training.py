@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from .._progress import progress_bar
-from .checkpoint import CheckpointError, TrainingState, read_checkpoint, training_description, write_checkpoint
+from .checkpoint import TrainingState, resume, training_description, write_checkpoint
 from .losses import siamese_loss
 from .network import SiameseNet
 
@@ -150,30 +150,16 @@ def train_network(
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     order_gen = torch.Generator().manual_seed(seed)
     history = TrainingHistory()
-    first_epoch, training = 0, None
+    training = None
     if checkpoint is not None:
         training = training_description(
             net, train_pairs, heldout_pairs, loss=loss, margin=margin, lr=lr, batch_size=batch_size, seed=seed
         )
-        state = read_checkpoint(checkpoint, training)
-        if state is not None:
-            if state.epochs_done > epochs:
-                raise CheckpointError(
-                    f"checkpoint {checkpoint} holds {state.epochs_done} epochs, more than epochs={epochs}; "
-                    "a training cannot be shortened"
-                )
-            initial = {k: v.clone() for k, v in net.state_dict().items()}
-            try:
-                net.load_state_dict(state.network, strict=True)
-                optimizer.load_state_dict(state.optimizer)
-                order_gen.set_state(state.order_generator)
-            except (RuntimeError, ValueError, KeyError) as exc:
-                net.load_state_dict(initial)  # a refused checkpoint leaves the network as it came
-                raise CheckpointError(f"checkpoint {checkpoint} does not fit this network: {exc}") from None
-            history = TrainingHistory.from_dict(state.history)
-            first_epoch = state.epochs_done
+        saved_history = resume(checkpoint, training, net, optimizer, order_gen, epochs)
+        if saved_history is not None:
+            history = TrainingHistory.from_dict(saved_history)
     start = time.perf_counter() - history.seconds
-    for epoch in range(first_epoch, epochs):
+    for epoch in range(len(history.train_loss), epochs):
         net.train()
         train_pairs.set_epoch(epoch)
         order = torch.randperm(len(train_pairs), generator=order_gen)
