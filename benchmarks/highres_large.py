@@ -1,7 +1,7 @@
 """A large georeferenced scene scored end to end through the CLI, in bounded memory.
 
     python -m benchmarks.highres_large [--size 20000] [--tile 1024] [--method patchcore|spade|mlfsc]
-                                       [--folder DIR] [--keep]
+                                       [--set KEY=VALUE ...] [--folder DIR] [--keep]
 
 Generates (never committed) a size x size RGB GeoTIFF (tiled, DEFLATE, BigTIFF when needed, UTM
 georeference): a smooth random surface with fine grain and 12 planted defects (dark scratches and
@@ -10,7 +10,8 @@ resolution: no resize, no crop) is fitted on eight defect-free 384-px crops of t
 then ``fastad predict --tile`` scores the scene in a separate process, whose peak resident memory
 is measured (``getrusage`` of the child). Reports the time, the throughput in megapixels per
 second, the peak memory, whether the map GeoTIFF carries the scene's CRS and transform, and how
-many defects stand above the map's background. Files are removed afterwards unless --keep
+many defects stand above the map's background. ``--set`` passes a parameter to the method (e.g.
+``embedding=concatenated`` for PatchCore's earlier default). Files are removed afterwards unless --keep
 (``make demo-highres`` keeps a 4,000-px run in build/highres-demo). In the quick-look the eight
 training crops' areas read darker than the rest: the bank holds their very colours.
 """
@@ -29,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fastad.cli_args import parse_sets
 
 CRS = "EPSG:32633"
 
@@ -90,7 +93,7 @@ def write_scene(path: Path, size: int, seed: int, rows: int = 512) -> list[tuple
     return boxes
 
 
-def fit_model(path: Path, size: int, seed: int, method: str = "patchcore") -> None:
+def fit_model(path: Path, size: int, seed: int, method: str = "patchcore", params: dict | None = None) -> None:
     import fastad
 
     crops = []
@@ -98,7 +101,8 @@ def fit_model(path: Path, size: int, seed: int, method: str = "patchcore") -> No
     for _ in range(8):  # defect-free crops of the same surface (the defects are drawn on the scene only)
         y, x = (int(v) // 32 * 32 for v in rng.integers(0, size - 384, size=2))
         crops.append(torch.from_numpy(surface(y, y + 384, x, x + 384, size, seed).astype(np.float32) / 255))
-    model = fastad.get_method(method)(backbone="efficientnet_lite0", resize=None, crop=None, holdout=0)
+    settings = {"backbone": "efficientnet_lite0", "resize": None, "crop": None, "holdout": 0, **(params or {})}
+    model = fastad.get_method(method)(**settings)
     model.fit(torch.stack(crops)).save(path)
 
 
@@ -108,9 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--method", default="patchcore", choices=["patchcore", "spade", "mlfsc"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a parameter of the method")
     parser.add_argument("--folder", type=Path, help="where to write (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the scene, model and outputs")
     args = parser.parse_args(argv)
+    params = parse_sets(args.set)
     folder = args.folder or Path(tempfile.mkdtemp(prefix="fastad-highres-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             f"({(folder / 'scene.tif').stat().st_size / 1e9:.2f} GB)",
             flush=True,
         )
-        fit_model(folder / "model.safetensors", args.size, args.seed, args.method)
+        fit_model(folder / "model.safetensors", args.size, args.seed, args.method, params)
         out = folder / "out"
         command = [
             sys.executable,
@@ -169,6 +175,7 @@ def report(folder: Path, out: Path, boxes, args, elapsed: float, peak_mb: float)
         json.dumps(
             {
                 "method": args.method,
+                "settings": parse_sets(args.set),
                 "size": args.size,
                 "tile": args.tile,
                 "threads": torch.get_num_threads(),

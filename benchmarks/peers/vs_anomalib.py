@@ -116,6 +116,7 @@ def build_fastad_model(args: argparse.Namespace):
         "device": "cpu",
         "batch_size": args.batch_size,
         "holdout": 0.0,
+        "seed": args.seed,
     }
     if args.method == "patchcore":
         embedding = {} if args.embedding is None else {"embedding": args.embedding}
@@ -235,6 +236,7 @@ def run_anomalib(
         command += ["--train-limit", str(args.train_limit)]
     if args.limit is not None:
         command += ["--limit", str(args.limit)]
+    command += ["--seed", str(args.seed)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
     env.pop("PYTHONPATH", None)  # nothing of fastad's environment may leak into anomalib's
     log = workdir / "anomalib.log"
@@ -361,6 +363,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, default=None, help="fit on N evenly spaced training images (default all)")
     p.add_argument("--limit", type=int, default=None, help="score N evenly spaced test images (default all)")
     p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore only")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="both sides' seed (PatchCore: projection and first coreset patch; PaDiM: the channel subset)",
+    )
     p.add_argument(
         "--embedding",
         choices=["per_layer", "concatenated"],
@@ -489,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out is not None:
         report = {
             "method": args.method,
+            "seed": args.seed,
             "fastad": fastad_row,
             "anomalib": anomalib_row,
             "ratios": ratios,

@@ -58,7 +58,7 @@ def train_cifar(run: Run):
     )
     detector = SiameseDetector(embed_dim=c.embed_dim, epochs=c.cifar_epochs, **run.detector_kwargs())
     training_info = {
-        "command": "fastad.siamese.reproduce",
+        "command": "benchmarks.siamese_paper",
         "data": str(run.cifar_zip),
         "pairs": "rectangles",
         "n_images": len(train),

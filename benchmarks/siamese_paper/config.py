@@ -53,7 +53,7 @@ class ReproduceConfig:
         selected"); the mosaic and the aerial experiment need "cifar_learning_curve" beside them,
         which makes (or, with ``cifar_model``, loads) their detector.
     mnist_variants: which of the three MNIST variants (names of :data:`MNIST_VARIANTS`) to train;
-        with the paper's 100 epochs each takes about an hour on two CPU cores, so a long
+        with the paper's 100 epochs each takes 100-130 minutes on two CPU cores, so a long
         reproduction can be split over processes (one variant each, ``OMP_NUM_THREADS=1``).
     mosaics: independent 10 x 10 mosaics behind the numbers (the figure shows the first);
         mosaic_images: "train" (the paper: 100 CIFAR-10 training images) or "test" (unseen ones).

@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tile",
         type=int,
         metavar="PX",
-        help="fit at native resolution, each image read in tiles of PX pixels (PatchCore, SPADE; "
+        help="fit at native resolution, each image read in tiles of PX pixels (PatchCore, SPADE, MLF-SC; "
         "give --set resize=null --set crop=null); no images are held back for a threshold",
     )
     p.set_defaults(run=cmd_fit)
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tile",
         type=int,
         metavar="PX",
-        help="score each image at its own resolution in tiles of PX pixels (PatchCore, SPADE; GeoTIFF, "
+        help="score each image at its own resolution in tiles of PX pixels (PatchCore, SPADE, MLF-SC; GeoTIFF, "
         "TIFF, PNG, JPEG or .npy): the map as a GeoTIFF with the input's georeference, and a quick-look",
     )
     p.add_argument(

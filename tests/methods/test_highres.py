@@ -235,3 +235,17 @@ def test_spade_and_mlfsc_on_wide_resnet_random_weights(rng):
     ).fit(train)
     assert mlfsc._extractor_options() == {"input_pools": {"layer1": 2, "layer2": 1}}
     assert_equals_untiled(mlfsc, scene(1024, 768, rng), tile=256)
+
+
+def test_the_large_scene_benchmark_fits_with_the_settings_it_is_given(tmp_path):
+    """``python -m benchmarks.highres_large --set KEY=VALUE``: the setting reaches the fitted model
+    (RESULTS.md names the earlier defaults' figures by it), and without one the defaults hold."""
+    from benchmarks.highres_large import fit_model
+    from fastad.cli_args import parse_sets
+
+    fit_model(tmp_path / "set.safetensors", 512, 0, "patchcore", parse_sets(["embedding=concatenated"]))
+    fit_model(tmp_path / "default.safetensors", 512, 0, "patchcore")
+    concatenated = fastad.load_model(tmp_path / "set.safetensors")
+    default = fastad.load_model(tmp_path / "default.safetensors")
+    assert concatenated.embedding == "concatenated" and default.embedding == "per_layer"
+    assert concatenated.bank_.shape[1] < default.bank_.shape[1]  # Lite0: 152 against 1024

@@ -49,9 +49,7 @@
 // there so that a bad dictionary raises the CPU's error (it also keeps the op out of CUDA graphs).
 //
 // Which devices each path has run on, and when: the table "Devices verified, per kernel" in
-// benchmarks/RESULTS.md (one place for it). The CUDA kernel's per-thread loop, interleaved
-// scratch indexing, tiling and grid-stride loops were also checked by a Python transliteration
-// against the CPU op.
+// benchmarks/RESULTS.md (one place for it).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -2,10 +2,10 @@
 // same rules step for step (see omp.h).
 //
 // Why this shape (kept simple; where it has run: see omp.h):
-//  * As on the CPU, the only large work is Xy = x D^T, so it goes to cuBLAS (at::matmul) one tile
-//  of
-//    signals at a time (at most kXyTileFloats floats, never the whole (G, M, K)); the tile of x is
-//    made contiguous first so that the GEMM, hence the result, does not depend on x's strides.
+//  * As on the CPU, the only large work is Xy = x D^T, so it goes to cuBLAS (at::matmul) one
+//    tile of signals at a time (at most kXyTileFloats floats, never the whole (G, M, K)); the
+//    tile of x is made contiguous first so that the GEMM, hence the result, does not depend on
+//    x's strides.
 //  * What is left per signal is small and sequential (s steps of K multiply-adds per selected
 //    atom, an argmax, s x s triangular solves), so one thread runs one signal's whole pursuit, in
 //    float64, exactly as omp_one in omp_cpu.cpp. Its working memory (K correlations, the s x s
