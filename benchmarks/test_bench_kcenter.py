@@ -132,11 +132,25 @@ def test_kcenter_cpu_float64_reference_prefix(benchmark, record, request):
     record(benchmark, benchmark.group, "fastad.reference.kcenter_greedy (float64)", 0.0)
 
 
+# (N, k) on the GPU: PatchCore's coreset step and a ten times larger selection from a 1M-row set
+CUDA_CASES = [(N, K), (1_000_000, 10_000)]
+CUDA_CONTENDERS = {
+    "fastad.ops.kcenter_greedy": fastad.ops.kcenter_greedy,
+    "anomalib KCenterGreedy loop": anomalib_kcenter_greedy,
+}
+
+
+def cuda_group(n: int, k: int) -> str:
+    """The summary group of a CUDA case (benchmarks/gpu_summary.py reads it)."""
+    return f"kcenter cuda random N={n} D={D} k={k}"
+
+
 @pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and fastad's CUDA kernels")
-@pytest.mark.parametrize("contender", list(CONTENDERS))
-def test_kcenter_cuda(benchmark, record, contender):
-    x = torch.randn(N, D, generator=torch.Generator().manual_seed(0)).cuda()
-    fn, _ = CONTENDERS[contender]
-    benchmark.group = f"kcenter cuda random N={N} D={D} k={K}"
-    benchmark.pedantic(cuda_synced(fn), args=(x,), rounds=3, iterations=1, warmup_rounds=1)
+@pytest.mark.parametrize("n,k", CUDA_CASES, ids=[f"N{n}-k{k}" for n, k in CUDA_CASES])
+@pytest.mark.parametrize("contender", list(CUDA_CONTENDERS))
+def test_kcenter_cuda(benchmark, record, contender, n, k):
+    x = torch.randn(n, D, generator=torch.Generator().manual_seed(0)).cuda()
+    select = CUDA_CONTENDERS[contender]
+    benchmark.group = cuda_group(n, k)
+    benchmark.pedantic(cuda_synced(lambda x: select(x, k)), args=(x,), rounds=3, iterations=1, warmup_rounds=1)
     record(benchmark, benchmark.group, contender, 0.0)

@@ -103,13 +103,24 @@ def test_mahalanobis_cpu(benchmark, record, case, contender, layout):
     record(benchmark, benchmark.group, contender, 2.0 * b * p * d * (d + 1) / 2)
 
 
+def cuda_group(case: tuple[str, int, int, int, int]) -> str:
+    """The summary group of a CUDA case (benchmarks/gpu_summary.py reads it)."""
+    name, b, p, q, d = case
+    return f"mahalanobis cuda {name} B={b} P={p} D={d} Q={q}"
+
+
 @pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and fastad's CUDA kernels")
-@pytest.mark.parametrize("contender", ["fastad.ops.mahalanobis", "anomalib batched matmul"])
+@pytest.mark.parametrize(
+    "contender", ["fastad.ops.mahalanobis", "fastad.ops.mahalanobis, L row-major", "anomalib batched matmul"]
+)
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=["per-patch", "shared", "WRN-50"])
 def test_mahalanobis_cuda(benchmark, record, case, contender):
     name, b, p, q, d = case
-    args = make_inputs(b, p, q, d, "channels-last", "cuda")
+    x, mean, L, inv_cov = make_inputs(b, p, q, d, "channels-last", "cuda")
+    if contender.endswith("row-major"):
+        L = L.contiguous()
+    args = (x, mean, L, inv_cov)
     fn, _ = CONTENDERS[contender]
-    benchmark.group = f"mahalanobis cuda {name} B={b} P={p} D={d} Q={q}"
+    benchmark.group = cuda_group(case)
     benchmark.pedantic(cuda_synced(fn), args=args, rounds=10, iterations=1, warmup_rounds=1)
     record(benchmark, benchmark.group, contender, 2.0 * b * p * d * (d + 1) / 2)
