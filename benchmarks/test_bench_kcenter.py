@@ -22,6 +22,7 @@ Run with `make bench` (or `pytest benchmarks -k kcenter --benchmark-only`).
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -134,8 +135,24 @@ def test_kcenter_cpu_float64_reference_prefix(benchmark, record, request):
 
 # (N, k) on the GPU: PatchCore's coreset step and a ten times larger selection from a 1M-row set
 CUDA_CASES = [(N, K), (1_000_000, 10_000)]
+
+
+def _full_cuda_path(x: torch.Tensor, k: int):
+    """fastad's CUDA k-center with its full path forced (every row's distance at every step)."""
+    before = os.environ.get("FASTAD_KCENTER_CUDA_PATH")
+    os.environ["FASTAD_KCENTER_CUDA_PATH"] = "full"
+    try:
+        return fastad.ops.kcenter_greedy(x, k)
+    finally:
+        if before is None:
+            del os.environ["FASTAD_KCENTER_CUDA_PATH"]
+        else:
+            os.environ["FASTAD_KCENTER_CUDA_PATH"] = before
+
+
 CUDA_CONTENDERS = {
     "fastad.ops.kcenter_greedy": fastad.ops.kcenter_greedy,
+    "fastad.ops.kcenter_greedy (full path)": _full_cuda_path,
     "anomalib KCenterGreedy loop": anomalib_kcenter_greedy,
 }
 

@@ -82,26 +82,31 @@ def assert_matches_reference(x, k, start, idx, radii, msg=""):
         assert torch.equal(idx.cpu(), ref_idx), msg
 
 
-@pytest.fixture(params=["auto", "avx2", "portable"])
-def cpu_isa(request, device, monkeypatch):
-    """Runs a CPU case with the best distance kernels for this CPU, and with the AVX2 and portable
-    ones forced (FASTAD_KCENTER_CPU_ISA), so that every kernel is tested on one machine."""
-    if request.param != "auto":
+@pytest.fixture(params=["auto", "avx2", "portable", "cuda-full"])
+def kernel_path(request, device, monkeypatch):
+    """Runs a case with each kernel path of its device: on the CPU the best distance kernels for
+    this CPU and the AVX2 and portable ones forced (FASTAD_KCENTER_CPU_ISA); on CUDA the default
+    pruned path and the full one (FASTAD_KCENTER_CUDA_PATH=full)."""
+    if request.param in ("avx2", "portable"):
         if device != "cpu":
             pytest.skip("the instruction-set switch is a CPU kernel knob")
         monkeypatch.setenv("FASTAD_KCENTER_CPU_ISA", request.param)
+    elif request.param == "cuda-full":
+        if device != "cuda":
+            pytest.skip("the pruned / full switch is a CUDA kernel knob")
+        monkeypatch.setenv("FASTAD_KCENTER_CUDA_PATH", "full")
     return request.param
 
 
 @pytest.mark.parametrize("n,d,k,start", SHAPES)
-def test_matches_float64_reference(n, d, k, start, device, cpu_isa, rng):
+def test_matches_float64_reference(n, d, k, start, device, kernel_path, rng):
     x = torch.randn(n, d, generator=rng)
     idx, radii = select(x, k, start, device)
     assert_matches_reference(x, k, start, idx, radii, f"seed {rng.initial_seed()}")
 
 
 @pytest.mark.parametrize("kind", ["uniform-2d", "random-24d", "mixture-16d"])
-def test_many_steps_on_larger_inputs(kind, device, cpu_isa, rng):
+def test_many_steps_on_larger_inputs(kind, device, kernel_path, rng):
     # Enough rows and steps for the CPU kernel's lazy heap to re-evaluate rows many times, stop
     # early and batch re-evaluations.
     if kind == "uniform-2d":
@@ -144,7 +149,7 @@ def test_non_contiguous_inputs(device, rng):
         assert_matches_reference(x, 50, 1, idx, radii, f"seed {rng.initial_seed()}")
 
 
-def test_integer_coordinates_tie_exactly_like_the_reference(device, cpu_isa, rng):
+def test_integer_coordinates_tie_exactly_like_the_reference(device, kernel_path, rng):
     # Small integer coordinates make every distance exact in float32 and float64, with many exact
     # ties (and duplicate rows): the tie rule alone decides, so the selections must be identical.
     x = torch.randint(-3, 4, (700, 5), generator=rng).float()
@@ -154,7 +159,7 @@ def test_integer_coordinates_tie_exactly_like_the_reference(device, cpu_isa, rng
     assert torch.equal(radii, ref_radii)
 
 
-def test_duplicate_rows_come_last_lowest_index_first(device, cpu_isa, rng):
+def test_duplicate_rows_come_last_lowest_index_first(device, kernel_path, rng):
     base = torch.randn(50, 8, generator=rng)
     x = torch.cat([base, base, base])  # rows r, r + 50 and r + 100 are equal
     idx, radii = select(x, 150, 60, device)
@@ -167,7 +172,7 @@ def test_duplicate_rows_come_last_lowest_index_first(device, cpu_isa, rng):
     assert idx[50:].tolist() == sorted(set(range(150)) - set(idx[:50].tolist()))
 
 
-def test_copies_scattered_through_the_rows_tie_exactly(device, cpu_isa, rng):
+def test_copies_scattered_through_the_rows_tie_exactly(device, kernel_path, rng):
     # Five copies of each row at random positions: whichever path evaluates a copy (a group of
     # four rows, a single row, the first pass), its distances must have the same bits as the other
     # copies', or a higher copy could be picked before a lower one.
@@ -205,6 +210,46 @@ def test_hand_computed_examples(device):
         idx, radii = fn(tie, 4)
         assert idx.tolist() == [0, 1, 2, 3]
         assert radii.tolist() == [INF, 3.0, 3.0, 1.0]
+
+
+@pytest.mark.parametrize("kind", ["random-128d", "clusters-32d", "line-64d", "duplicates-8d", "half-48d", "spread-2d"])
+def test_the_pruned_cuda_path_selects_what_the_full_one_does_bit_for_bit(kind, device, rng, monkeypatch):
+    """The pruned path skips a row only when the triangle inequality (with its margin) shows the
+    new centre cannot lower the row's distance, so its selection and radii must equal the full
+    path's exactly, on inputs where pruning takes most rows (clusters, a line, a spread plane) and
+    where it takes few (random in 128 dimensions), with duplicates and half rows."""
+    if device != "cuda":
+        pytest.skip("the pruned / full switch is a CUDA kernel knob")
+    if kind == "random-128d":
+        x, k = torch.randn(5000, 128, generator=rng), 600
+    elif kind == "clusters-32d":
+        centres = 6.0 * torch.randn(30, 32, generator=rng)
+        x, k = centres[torch.randint(0, 30, (20000,), generator=rng)] + 0.2 * torch.randn(20000, 32, generator=rng), 900
+    elif kind == "line-64d":
+        direction = torch.randn(1, 64, generator=rng)
+        x, k = torch.rand(9000, 1, generator=rng) * direction, 700
+    elif kind == "duplicates-8d":
+        base = torch.randn(300, 8, generator=rng)
+        x, k = base[torch.randint(0, 300, (3000,), generator=rng)], 500  # k past the distinct rows
+    elif kind == "half-48d":
+        x, k = torch.randn(4000, 48, generator=rng).half(), 400
+    else:
+        x, k = torch.rand(30000, 2, generator=rng), 2500
+    x = x.contiguous().to(device)
+    start = int(torch.randint(0, x.shape[0], (1,), generator=rng))
+    pruned = fastad.ops.kcenter_greedy(x, k, start=start)
+    monkeypatch.setenv("FASTAD_KCENTER_CUDA_PATH", "full")
+    full = fastad.ops.kcenter_greedy(x, k, start=start)
+    assert torch.equal(pruned[0], full[0]), f"{kind}: the selections differ"
+    assert torch.equal(pruned[1], full[1]), f"{kind}: the radii differ"
+
+
+def test_an_unknown_cuda_path_is_refused(device, monkeypatch):
+    if device != "cuda":
+        pytest.skip("the pruned / full switch is a CUDA kernel knob")
+    monkeypatch.setenv("FASTAD_KCENTER_CUDA_PATH", "fast")
+    with pytest.raises(ValueError, match="FASTAD_KCENTER_CUDA_PATH must be pruned or full, got 'fast'"):
+        fastad.ops.kcenter_greedy(torch.randn(10, 3, device=device), 3)
 
 
 def test_non_finite_values_still_give_distinct_rows_on_cuda(device, rng):

@@ -1,16 +1,30 @@
-// CUDA k-center greedy: one fused kernel per step, no host synchronisation.
+// CUDA k-center greedy: one or two launches per step, no host synchronisation.
 //
-// Why this shape: on a GPU a full pass over x per step is cheap (x is read at full memory
-// bandwidth across all SMs), while a host round trip per step (.item() of an argmax) would cost
-// more than the pass. So step t is a single launch that
+// Why this shape: a host round trip per step (.item() of an argmax) would cost more than the
+// step, so step t is a launch (or two) that
 //   1. reads the row chosen at step t-1 from device memory (indices[t-1]),
 //   2. lowers every unselected row's distance to the chosen set by its distance to that row
-//      (one warp per row, a direct sum of squared differences in float32), and marks the chosen
-//      row as selected (-1, below every distance),
+//      (a direct sum of squared differences in float32, one warp per distance), and marks the
+//      chosen row as selected (-1, below every distance),
 //   3. reduces its rows to one (largest distance, lowest index) pair per block, and
 //   4. has the last block to finish (an atomic ticket after a memory fence) reduce the blocks'
 //      pairs and write indices[t] and radii[t] for the next launch.
-// All k-1 launches go on the current stream under a device guard; the host never waits.
+// All launches go on the current stream under a device guard; the host never waits.
+//
+// Two paths (FASTAD_KCENTER_CUDA_PATH, read on every call):
+//   pruned (default)  each row also keeps which chosen row is its nearest (assign) and, per step,
+//                     a first launch measures the new centre's distance to every earlier centre.
+//                     By the triangle inequality a row whose nearest centre is at least twice its
+//                     distance away from the new centre cannot get nearer to it, so most rows
+//                     cost 12 bytes of reads instead of a D-float distance once the selection has
+//                     spread out (as the CPU kernel's lazy bounds do). The test keeps a relative
+//                     margin (kPruneMargin) far above float32 rounding, so a skipped row is one
+//                     whose computed distance would not have lowered its own: the selection and
+//                     radii equal the full path's bit for bit (tested).
+//   full              every row's distance to the new centre at every step (the path before
+//                     2026-12-07; verified on an H200 at 125d10d).
+// The pruned path was written without a GPU at hand: until a GPU run says otherwise it is
+// unverified (benchmarks/RESULTS.md, "Devices verified, per kernel").
 //
 // Ties: (distance desc, index asc) everywhere, the same order as the CPU kernel. Distances are
 // squared until the radius is written. A NaN distance counts as +inf, so non-finite rows are
@@ -24,7 +38,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include "fastad/cuda_warp.cuh"
@@ -39,6 +55,10 @@ constexpr int kBlocksPerSm = 4;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kSelected = -1.0f;  // below every distance: a chosen row never wins again
 constexpr int64_t kNoRow = std::numeric_limits<int64_t>::max();
+// A row is skipped only when its nearest centre is more than 2 (1 + 0.5e-3) times its distance
+// away from the new centre (squared: 4 (1 + 1e-3)); float32 sums of D squares err by far less
+// than 1e-3 relative for any D this op meets, so the skip never hides a lower computed distance.
+constexpr float kPruneMargin = 4.0f * (1.0f + 1e-3f);
 
 // True when (va, ia) is the greedy's better choice: larger distance, ties to the lower index.
 __device__ __forceinline__ bool better(float va, int64_t ia, float vb, int64_t ib) {
@@ -80,7 +100,52 @@ struct StepState {
   unsigned int* ticket;  // blocks finished in this step; reset to 0 by the last one
 };
 
-// Step t (1 <= t < k): fold in the row chosen at step t-1, then choose row t.
+// The pruned path's extra state.
+struct PruneState {
+  int32_t*
+      assign;  // (n) place in indices of each row's nearest chosen row (valid once min_d < inf)
+  float* centre_d;  // (k) squared distance of each earlier centre to the newest one, this step
+};
+
+// Steps 3 and 4 of a step: this thread's best pair into the block's, the block's into block_v /
+// block_i, and in the last block to finish, the choice of row t. Called by every thread.
+__device__ __forceinline__ void finish_step(float best_v, int64_t best_i, int64_t t,
+                                            const StepState& s, float* sv, int64_t* si,
+                                            bool* last_block) {
+  block_best(best_v, best_i, sv, si);
+  if (threadIdx.x == 0) {
+    s.block_v[blockIdx.x] = best_v;
+    s.block_i[blockIdx.x] = best_i;
+    __threadfence();  // this block's pair is visible device-wide before its ticket is
+    *last_block = atomicAdd(s.ticket, 1u) == gridDim.x - 1;
+    if (*last_block) __threadfence();  // acquire side: the other blocks' pairs are read after this
+  }
+  __syncthreads();
+  if (!*last_block) return;
+
+  // The last block: every other block's pair is written. __ldcg reads through L2, never a stale
+  // L1 line from an earlier step on this SM.
+  float v = kSelected - 1.0f;
+  int64_t i = kNoRow;
+  for (int64_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+    const float bv = __ldcg(s.block_v + b);
+    const int64_t bi = __ldcg(s.block_i + b);
+    if (better(bv, bi, v, i)) {
+      v = bv;
+      i = bi;
+    }
+  }
+  block_best(v, i, sv, si);
+  if (threadIdx.x == 0) {
+    // t < k <= n, so at least one row is unselected and i is a real row with v >= 0.
+    s.indices[t] = i;
+    s.radii[t] = sqrtf(v);
+    *s.ticket = 0u;  // ready for the next step (kernel boundaries order it)
+  }
+}
+
+// Full path, step t (1 <= t < k): fold in the row chosen at step t-1, then choose row t. One warp
+// per row.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     kcenter_step_kernel(const scalar_t* __restrict__ x, int64_t n, int64_t d, int64_t t,
@@ -116,37 +181,89 @@ __global__ void __launch_bounds__(kThreads)
       best_i = r;
     }
   }
-  block_best(best_v, best_i, sv, si);
+  finish_step(best_v, best_i, t, s, sv, si, &last_block);
+}
 
-  if (threadIdx.x == 0) {
-    s.block_v[blockIdx.x] = best_v;
-    s.block_i[blockIdx.x] = best_i;
-    __threadfence();  // this block's pair is visible device-wide before its ticket is
-    last_block = atomicAdd(s.ticket, 1u) == gridDim.x - 1;
-    if (last_block) __threadfence();  // acquire side: the other blocks' pairs are read after this
+// Pruned path, first launch of step t (t >= 2): centre_d[j] = squared distance of centre j to the
+// newest centre indices[t-1], for j < t-1. One warp per centre.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    kcenter_centre_distances_kernel(const scalar_t* __restrict__ x, int64_t d,
+                                    const int64_t* __restrict__ indices, int64_t t,
+                                    float* __restrict__ centre_d) {
+  const int lane = threadIdx.x % kWarp;
+  const scalar_t* crow = x + indices[t - 1] * d;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+       j < t - 1; j += warps) {
+    const float dist = warp_sq_dist(x + indices[j] * d, 1, crow, 1, d, lane);
+    if (lane == 0) centre_d[j] = dist;
   }
-  __syncthreads();
-  if (!last_block) return;
+}
 
-  // The last block: every other block's pair is written. __ldcg reads through L2, never a stale
-  // L1 line from an earlier step on this SM.
-  float v = kSelected - 1.0f;
-  int64_t i = kNoRow;
-  for (int64_t b = threadIdx.x; b < gridDim.x; b += kThreads) {
-    const float bv = __ldcg(s.block_v + b);
-    const int64_t bi = __ldcg(s.block_i + b);
-    if (better(bv, bi, v, i)) {
-      v = bv;
-      i = bi;
+// Pruned path, second launch of step t: one thread per row decides whether the new centre can
+// lower the row's distance; the warp then computes the distances its lanes asked for, one row at
+// a time, all 32 lanes on each (coalesced reads, the full path's summation order).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    kcenter_pruned_step_kernel(const scalar_t* __restrict__ x, int64_t n, int64_t d, int64_t t,
+                               StepState s, PruneState p) {
+  __shared__ float sv[kWarpsPerBlock];
+  __shared__ int64_t si[kWarpsPerBlock];
+  __shared__ bool last_block;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t chosen = s.indices[t - 1];
+  const scalar_t* crow = x + chosen * d;
+  const int32_t newest = static_cast<int32_t>(t - 1);  // the new centre's place in indices
+
+  float best_v = kSelected - 1.0f;
+  int64_t best_i = kNoRow;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  // A warp takes 32 consecutive rows at a time, so its loop count is warp-uniform.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads + (threadIdx.x / kWarp) * kWarp;
+       base < n; base += stride) {
+    const int64_t r = base + lane;
+    const bool mine = r < n;
+    float m = mine ? s.min_d[r] : kSelected;
+    bool needs_distance = false;
+    if (mine && m != kSelected) {
+      if (r == chosen) {
+        m = kSelected;
+        s.min_d[r] = kSelected;
+      } else {
+        // dist(r, new) >= dist(nearest, new) - dist(r, nearest): when the first is at least twice
+        // sqrt(m), the new centre is no nearer than the row's nearest one. A row still at +inf
+        // (no centre measured yet) always computes; a NaN centre distance fails the test too.
+        needs_distance = !(isfinite(m) && p.centre_d[p.assign[r]] > kPruneMargin * m);
+      }
+    }
+    for (unsigned todo = __ballot_sync(kFullMask, needs_distance); todo != 0u; todo &= todo - 1u) {
+      const int src = __ffs(todo) - 1;
+      const int64_t row = base + src;
+      float dist = warp_sq_dist(x + row * d, 1, crow, 1, d, lane);
+      if (isnan(dist)) dist = kInf;
+      if (lane == src && dist < m) {
+        m = dist;
+        s.min_d[row] = dist;
+        p.assign[row] = newest;
+      }
+    }
+    if (mine && better(m, r, best_v, best_i)) {
+      best_v = m;
+      best_i = r;
     }
   }
-  block_best(v, i, sv, si);
-  if (threadIdx.x == 0) {
-    // t < k <= n, so at least one row is unselected and i is a real row with v >= 0.
-    s.indices[t] = i;
-    s.radii[t] = sqrtf(v);
-    *s.ticket = 0u;  // ready for the next step (kernel boundaries order it)
-  }
+  finish_step(best_v, best_i, t, s, sv, si, &last_block);
+}
+
+// Whether this call takes the pruned path: FASTAD_KCENTER_CUDA_PATH unset, empty or "pruned";
+// "full" forces the full path; anything else raises, naming the choices.
+bool use_pruned_path() {
+  const char* env = std::getenv("FASTAD_KCENTER_CUDA_PATH");
+  const std::string path = env ? env : "";
+  TORCH_CHECK_VALUE(path.empty() || path == "pruned" || path == "full",
+                    "FASTAD_KCENTER_CUDA_PATH must be pruned or full, got '", path, "'");
+  return path != "full";
 }
 
 }  // namespace
@@ -165,10 +282,14 @@ std::tuple<at::Tensor, at::Tensor> kcenter_greedy_cuda(const at::Tensor& x_in, i
   at::Tensor radii = at::full({k}, kInf, opts.dtype(at::kFloat));
   if (k == 1) return {indices, radii};
 
+  // assign holds places in indices as int32: k above that takes the full path.
+  const bool pruned = use_pruned_path() && k <= std::numeric_limits<int32_t>::max();
+  // The full path's steps give each row a warp, the pruned path's a thread.
+  const int64_t rows_per_block = pruned ? kThreads : kWarpsPerBlock;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks =
       std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(sms) * kBlocksPerSm,
-                                             (n + kWarpsPerBlock - 1) / kWarpsPerBlock));
+                                             (n + rows_per_block - 1) / rows_per_block));
   at::Tensor min_d = at::full({n}, kInf, opts.dtype(at::kFloat));
   at::Tensor block_v = at::empty({blocks}, opts.dtype(at::kFloat));
   at::Tensor block_i = at::empty({blocks}, opts.dtype(at::kLong));
@@ -179,15 +300,36 @@ std::tuple<at::Tensor, at::Tensor> kcenter_greedy_cuda(const at::Tensor& x_in, i
                         block_v.mutable_data_ptr<float>(),
                         block_i.mutable_data_ptr<int64_t>(),
                         reinterpret_cast<unsigned int*>(ticket.mutable_data_ptr<int32_t>())};
+  // Zeros, not garbage: a row's assign and centre_d are read only once it has a finite distance,
+  // but nothing read is ever uninitialised memory.
+  at::Tensor assign = pruned ? at::zeros({n}, opts.dtype(at::kInt)) : at::Tensor();
+  at::Tensor centre_d = pruned ? at::zeros({k}, opts.dtype(at::kFloat)) : at::Tensor();
+  const PruneState prune{pruned ? assign.mutable_data_ptr<int32_t>() : nullptr,
+                         pruned ? centre_d.mutable_data_ptr<float>() : nullptr};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   // Only the dtypes the op accepts: no double kernel that could never run.
   AT_DISPATCH_V2(x.scalar_type(), "kcenter_greedy_cuda", AT_WRAP([&] {
                    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+                   const auto grid = static_cast<unsigned>(blocks);
                    for (int64_t t = 1; t < k; ++t) {
-                     kcenter_step_kernel<scalar_t>
-                         <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(xp, n, d, t,
-                                                                                  state);
+                     if (!pruned) {
+                       kcenter_step_kernel<scalar_t>
+                           <<<grid, kThreads, 0, stream>>>(xp, n, d, t, state);
+                       C10_CUDA_KERNEL_LAUNCH_CHECK();
+                       continue;
+                     }
+                     if (t >= 2) {  // the earlier centres' distances to the newest one
+                       const int64_t centre_blocks =
+                           std::min<int64_t>(static_cast<int64_t>(sms) * kBlocksPerSm,
+                                             (t - 1 + kWarpsPerBlock - 1) / kWarpsPerBlock);
+                       kcenter_centre_distances_kernel<scalar_t>
+                           <<<static_cast<unsigned>(centre_blocks), kThreads, 0, stream>>>(
+                               xp, d, state.indices, t, prune.centre_d);
+                       C10_CUDA_KERNEL_LAUNCH_CHECK();
+                     }
+                     kcenter_pruned_step_kernel<scalar_t>
+                         <<<grid, kThreads, 0, stream>>>(xp, n, d, t, state, prune);
                      C10_CUDA_KERNEL_LAUNCH_CHECK();
                    }
                  }),
