@@ -39,19 +39,17 @@ def _targets() -> tuple[list[SpeedTarget], list[tuple[str, str, float]]]:
     per_patch, wrn = mahalanobis.CASES[0], mahalanobis.CASES[3]
     speed = [
         SpeedTarget(
-            "k-center 200k x 128, k 2000",
-            kcenter.cuda_group(200_000, 2_000),
-            "fastad.ops.kcenter_greedy",
+            f"k-center {size}, {path}",
+            kcenter.cuda_group(n, k),
+            fastad_name,
             "anomalib KCenterGreedy loop",
             20.0,
-        ),
-        SpeedTarget(
-            "k-center 1M x 128, k 10000",
-            kcenter.cuda_group(1_000_000, 10_000),
-            "fastad.ops.kcenter_greedy",
-            "anomalib KCenterGreedy loop",
-            20.0,
-        ),
+        )
+        for n, k, size in ((200_000, 2_000, "200k x 128, k 2000"), (1_000_000, 10_000, "1M x 128, k 10000"))
+        for fastad_name, path in (
+            ("fastad.ops.kcenter_greedy", "full path (default)"),
+            ("fastad.ops.kcenter_greedy (pruned path)", "pruned path"),
+        )
     ]
     for case, label in ((per_patch, "D100"), (wrn, "D550")):
         for fastad_name, layout in (

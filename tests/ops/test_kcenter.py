@@ -82,19 +82,19 @@ def assert_matches_reference(x, k, start, idx, radii, msg=""):
         assert torch.equal(idx.cpu(), ref_idx), msg
 
 
-@pytest.fixture(params=["auto", "avx2", "portable", "cuda-full"])
+@pytest.fixture(params=["auto", "avx2", "portable", "cuda-pruned"])
 def kernel_path(request, device, monkeypatch):
     """Runs a case with each kernel path of its device: on the CPU the best distance kernels for
     this CPU and the AVX2 and portable ones forced (FASTAD_KCENTER_CPU_ISA); on CUDA the default
-    pruned path and the full one (FASTAD_KCENTER_CUDA_PATH=full)."""
+    full path and the pruned one (FASTAD_KCENTER_CUDA_PATH=pruned)."""
     if request.param in ("avx2", "portable"):
         if device != "cpu":
             pytest.skip("the instruction-set switch is a CPU kernel knob")
         monkeypatch.setenv("FASTAD_KCENTER_CPU_ISA", request.param)
-    elif request.param == "cuda-full":
+    elif request.param == "cuda-pruned":
         if device != "cuda":
             pytest.skip("the pruned / full switch is a CUDA kernel knob")
-        monkeypatch.setenv("FASTAD_KCENTER_CUDA_PATH", "full")
+        monkeypatch.setenv("FASTAD_KCENTER_CUDA_PATH", "pruned")
     return request.param
 
 
@@ -237,9 +237,9 @@ def test_the_pruned_cuda_path_selects_what_the_full_one_does_bit_for_bit(kind, d
         x, k = torch.rand(30000, 2, generator=rng), 2500
     x = x.contiguous().to(device)
     start = int(torch.randint(0, x.shape[0], (1,), generator=rng))
-    pruned = fastad.ops.kcenter_greedy(x, k, start=start)
-    monkeypatch.setenv("FASTAD_KCENTER_CUDA_PATH", "full")
     full = fastad.ops.kcenter_greedy(x, k, start=start)
+    monkeypatch.setenv("FASTAD_KCENTER_CUDA_PATH", "pruned")
+    pruned = fastad.ops.kcenter_greedy(x, k, start=start)
     assert torch.equal(pruned[0], full[0]), f"{kind}: the selections differ"
     assert torch.equal(pruned[1], full[1]), f"{kind}: the radii differ"
 

@@ -77,10 +77,10 @@ def test_the_summary_judges_each_figure_against_its_target(tmp_path):
     assert text.startswith("# GPU check: NVIDIA H200")
     assert "7 passed, 1 failed, 0 errors, 2 skipped" in text
     assert "ERROR SUMMARY: 0 errors; driver finished" in text
-    assert "**35.60x**" in lines["k-center 200k x 128, k 2000"] and lines["k-center 200k x 128, k 2000"].endswith(
-        "| met |"
-    )
-    assert "**2.42x**" in lines["k-center 1M x 128, k 10000"] and "**not met**" in lines["k-center 1M x 128, k 10000"]
+    small, large = "k-center 200k x 128, k 2000, full path (default)", "k-center 1M x 128, k 10000, full path (default)"
+    assert "**35.60x**" in lines[small] and lines[small].endswith("| met |")
+    assert "**2.42x**" in lines[large] and "**not met**" in lines[large]
+    assert lines["k-center 200k x 128, k 2000, pruned path"].endswith("| not measured |")
     assert "**25%** of TF32 GEMM" in lines["kNN 6272 x 65536 x 384, exact with TF32 allowed"]
     assert "**not met**" in lines["kNN 6272 x 65536 x 384, exact with TF32 allowed"]
     for missing in (
@@ -98,7 +98,7 @@ def test_the_summary_of_a_check_that_ran_nothing_lists_every_figure_as_not_measu
     text = (tmp_path / "summary.md").read_text()
     assert "CUDA tests: not run" in text and "compute-sanitizer memcheck: not run" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 10 and all(row.endswith("| not measured |") for row in rows)
+    assert len(rows) == 12 and all(row.endswith("| not measured |") for row in rows)
     assert gpu_summary.main([str(tmp_path / "missing")]) == 2
 
 

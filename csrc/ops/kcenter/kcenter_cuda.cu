@@ -12,7 +12,7 @@
 // All launches go on the current stream under a device guard; the host never waits.
 //
 // Two paths (FASTAD_KCENTER_CUDA_PATH, read on every call):
-//   pruned (default)  each row also keeps which chosen row is its nearest (assign) and, per step,
+//   pruned            each row also keeps which chosen row is its nearest (assign) and, per step,
 //                     a first launch measures the new centre's distance to every earlier centre.
 //                     By the triangle inequality a row whose nearest centre is at least twice its
 //                     distance away from the new centre cannot get nearer to it, so most rows
@@ -21,10 +21,11 @@
 //                     margin (kPruneMargin) far above float32 rounding, so a skipped row is one
 //                     whose computed distance would not have lowered its own: the selection and
 //                     radii equal the full path's bit for bit (tested).
-//   full              every row's distance to the new centre at every step (the path before
-//                     2026-12-07; verified on an H200 at 125d10d).
-// The pruned path was written without a GPU at hand: until a GPU run says otherwise it is
-// unverified (benchmarks/RESULTS.md, "Devices verified, per kernel").
+//   full (default)    every row's distance to the new centre at every step (verified on an H200
+//                     at 125d10d).
+// The pruned path was written without a GPU at hand (2026-12-07), so it is opt-in until a GPU run
+// verifies it (benchmarks/gpu_check.sh runs its tests and times it); then it should become the
+// default (benchmarks/RESULTS.md, "Devices verified, per kernel").
 //
 // Ties: (distance desc, index asc) everywhere, the same order as the CPU kernel. Distances are
 // squared until the radius is written. A NaN distance counts as +inf, so non-finite rows are
@@ -256,14 +257,14 @@ __global__ void __launch_bounds__(kThreads)
   finish_step(best_v, best_i, t, s, sv, si, &last_block);
 }
 
-// Whether this call takes the pruned path: FASTAD_KCENTER_CUDA_PATH unset, empty or "pruned";
-// "full" forces the full path; anything else raises, naming the choices.
+// Whether this call takes the pruned path: FASTAD_KCENTER_CUDA_PATH=pruned; unset, empty or
+// "full" is the full path; anything else raises, naming the choices.
 bool use_pruned_path() {
   const char* env = std::getenv("FASTAD_KCENTER_CUDA_PATH");
   const std::string path = env ? env : "";
   TORCH_CHECK_VALUE(path.empty() || path == "pruned" || path == "full",
                     "FASTAD_KCENTER_CUDA_PATH must be pruned or full, got '", path, "'");
-  return path != "full";
+  return path == "pruned";
 }
 
 }  // namespace
