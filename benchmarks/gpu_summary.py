@@ -73,13 +73,19 @@ def _targets() -> tuple[list[SpeedTarget], list[tuple[str, str, float]]]:
             "chunked matmul + topk",
             2.0,
         ),
+    ]
+    speed += [
         SpeedTarget(
-            "OMP 20000 x 512 x 64, s 5 (vs the CPU kernel on every core)",
+            f"OMP 20000 x 512 x 64, s 5, {path} (vs the CPU kernel on every core)",
             omp.cuda_group(omp.CASES[0]),
-            "fastad.ops.omp",
+            fastad_name,
             "fastad.ops.omp on the CPU (every core)",
             5.0,
-        ),
+        )
+        for fastad_name, path in (
+            ("fastad.ops.omp", "thread path (default)"),
+            ("fastad.ops.omp (warp path)", "warp path"),
+        )
     ]
     tf32 = [  # (what, group, at least this fraction of the TF32 GEMM rate)
         ("kNN 6272 x 65536 x 384, exact with TF32 allowed", knn.cuda_group(6272, 65536, 384, 9), 0.5),

@@ -86,6 +86,23 @@ def _on_every_core(fn):
     return run
 
 
+def _warp_path(fn):
+    """``fn`` run with FASTAD_OMP_CUDA_PATH=warp (one warp per signal), then the setting restored."""
+
+    def run(*args):
+        before = os.environ.get("FASTAD_OMP_CUDA_PATH")
+        os.environ["FASTAD_OMP_CUDA_PATH"] = "warp"
+        try:
+            return fn(*args)
+        finally:
+            if before is None:
+                del os.environ["FASTAD_OMP_CUDA_PATH"]
+            else:
+                os.environ["FASTAD_OMP_CUDA_PATH"] = before
+
+    return run
+
+
 def cuda_group(case: tuple[str, int, int, int, int, int]) -> str:
     """The summary group of a CUDA case (benchmarks/gpu_summary.py reads it)."""
     name, g, m, k, d, s = case
@@ -94,13 +111,18 @@ def cuda_group(case: tuple[str, int, int, int, int, int]) -> str:
 
 @pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and fastad's CUDA kernels")
 @pytest.mark.parametrize("case", CASES, ids=[c[0].replace(" ", "-") for c in CASES])
-@pytest.mark.parametrize("contender", ["fastad.ops.omp", "fastad.ops.omp on the CPU (every core)"])
+@pytest.mark.parametrize(
+    "contender", ["fastad.ops.omp", "fastad.ops.omp (warp path)", "fastad.ops.omp on the CPU (every core)"]
+)
 def test_omp_cuda(benchmark, record, contender, case):
     name, g, m, k, d, s = case
     x, dictionary = make_inputs(g, m, k, d)
     if contender == "fastad.ops.omp":
         x, dictionary = x.cuda(), dictionary.cuda()
         fn = cuda_synced(fastad.ops.omp)
+    elif contender == "fastad.ops.omp (warp path)":  # opt-in until a GPU run verifies it
+        x, dictionary = x.cuda(), dictionary.cuda()
+        fn = cuda_synced(_warp_path(fastad.ops.omp))
     else:
         fn = _on_every_core(fastad.ops.omp)
     benchmark.group = cuda_group(case)

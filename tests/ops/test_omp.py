@@ -251,3 +251,46 @@ def test_torch_compile_fullgraph(rng):
     indices, coefs = fastad.ops.omp(x, dictionary, 3)
     expected = (x - fastad.ops.omp_reconstruct(indices, coefs, dictionary)).square().sum(-1)
     torch.testing.assert_close(reconstruction_error(x, dictionary), expected)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["one-dictionary-K512", "per-position-K5", "shared-gram-K78", "duplicate-atoms", "early-stops", "s-equals-d"],
+)
+def test_the_warp_cuda_path_codes_what_the_thread_path_does_bit_for_bit(case, device, rng, monkeypatch):
+    """The warp path splits each signal's correlation update and argmax over 32 lanes; every
+    correlation is the same chain of fused multiply-adds and the first atom at the exact maximum
+    wins, so its codes must equal the thread path's exactly: with the Gram in global and in shared
+    memory, exact ties (duplicate atoms), early stops (a signal in the span of few atoms) and
+    s = d."""
+    if device != "cuda":
+        pytest.skip("the thread / warp switch is a CUDA kernel knob")
+    if case == "one-dictionary-K512":
+        dictionary, x, s = unit_atoms(1, 512, 64, rng), torch.randn(1, 3000, 64, generator=rng), 5
+    elif case == "per-position-K5":
+        dictionary, x, s = unit_atoms(300, 5, 64, rng), torch.randn(300, 121, 64, generator=rng), 3
+    elif case == "shared-gram-K78":
+        dictionary, x, s = unit_atoms(3, 78, 40, rng), torch.randn(3, 700, 40, generator=rng), 8
+    elif case == "duplicate-atoms":
+        base = unit_atoms(2, 40, 16, rng)
+        dictionary, x, s = torch.cat([base, base[:, :10]], 1), torch.randn(2, 500, 16, generator=rng), 6
+    elif case == "early-stops":
+        dictionary = unit_atoms(1, 50, 20, rng)
+        x, s = 3.0 * dictionary[:, torch.randint(0, 50, (400,), generator=rng)], 4  # one atom each
+    else:
+        dictionary, x, s = unit_atoms(2, 33, 7, rng), torch.randn(2, 257, 7, generator=rng), 7
+    x, dictionary = x.to(device), dictionary.to(device)
+    thread = fastad.ops.omp(x, dictionary, s)
+    monkeypatch.setenv("FASTAD_OMP_CUDA_PATH", "warp")
+    warp = fastad.ops.omp(x, dictionary, s)
+    assert torch.equal(thread[0], warp[0]), f"{case}: the supports differ"
+    assert torch.equal(thread[1], warp[1]), f"{case}: the coefficients differ"
+
+
+def test_an_unknown_omp_cuda_path_is_refused(device, rng, monkeypatch):
+    if device != "cuda":
+        pytest.skip("the thread / warp switch is a CUDA kernel knob")
+    monkeypatch.setenv("FASTAD_OMP_CUDA_PATH", "block")
+    dictionary = unit_atoms(1, 6, 4, rng).to(device)
+    with pytest.raises(ValueError, match="FASTAD_OMP_CUDA_PATH must be thread or warp, got 'block'"):
+        fastad.ops.omp(torch.randn(1, 3, 4, device=device), dictionary, 2)

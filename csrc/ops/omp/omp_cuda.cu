@@ -21,6 +21,13 @@
 //  * The unit-norm check of the atoms runs on the device from the Gram diagonal; its verdict (the
 //    first bad atom, or none) comes back in one 8-byte device-to-host read: the only host
 //    synchronisation of the op, so that a bad dictionary raises the same error as on the CPU.
+//  * A second path, one warp per signal (FASTAD_OMP_CUDA_PATH=warp, opt-in; written 2026-12-07
+//    without a GPU, so unverified until a GPU run, see benchmarks/RESULTS.md): the K-long
+//    correlation update and argmax are split over the warp's 32 lanes (32 times the parallelism
+//    of the thread path, whose 20,000 signals leave most of a GPU idle), and lane 0 runs the
+//    support update (omp_pursuit.h). Each alpha[i] is the same chain of fused multiply-adds, the
+//    maximum is exact in any order and the first index reaching it is taken, so its codes equal
+//    the thread path's bit for bit (tested).
 // Device guard, current stream, launch check, 64-bit offsets throughout.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -31,8 +38,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
+#include "fastad/cuda_warp.cuh"
 #include "omp.h"
 #include "omp_pursuit.h"
 
@@ -41,7 +51,8 @@ namespace {
 
 // Xy is computed this many floats at a time (16 MB): a tile, not the whole (G, M, K).
 constexpr int64_t kXyTileFloats = int64_t{1} << 22;
-constexpr int kMaxThreads = 128;  // threads (signals) per block
+constexpr int kMaxThreads = 128;                            // threads (signals) per block
+constexpr int64_t kWarpsPerOmpBlock = kMaxThreads / kWarp;  // the warp path's signals per block
 // Enough threads in flight to fill any current GPU; more only grows the scratch.
 constexpr int64_t kMaxTotalThreads = int64_t{1} << 18;
 // The per-thread scratch of all threads together stays below this (256 MB).
@@ -140,6 +151,104 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// The warp path's working memory of one signal: plain per-signal arrays (lanes read consecutive
+// alpha entries, so they are coalesced without interleaving).
+using WarpScratch = omp_detail::Pursuit<double*, int64_t*>;
+
+// omp_one for a whole warp: lanes split the K atoms for the correlation update and the argmax;
+// lane 0 runs the tie order and the support update; the support, gamma and n every lane needs
+// next are read after __syncwarp (global memory written by lane 0) and a broadcast.
+__device__ void omp_one_warp(const float* __restrict__ xy, const double* gram, int64_t K, int64_t s,
+                             const WarpScratch& sc, int64_t* __restrict__ indices,
+                             float* __restrict__ coefs, int lane) {
+  int64_t n = 0;
+  while (n < s) {
+    double m = 0.0;
+    int64_t first = K;  // this lane's first atom at the running maximum
+    for (int64_t i = lane; i < K; i += kWarp) {
+      double a = xy[i];
+      for (int64_t t = 0; t < n; ++t) a = fma(-sc.gamma[t], gram[sc.support[t] * K + i], a);
+      sc.alpha[i] = a;
+      m = fmax(m, fabs(a));  // as the thread path: a NaN is skipped
+    }
+    m = fmax(m, __shfl_xor_sync(kFullMask, m, 16));  // the exact maximum, whatever the order
+    m = fmax(m, __shfl_xor_sync(kFullMask, m, 8));
+    m = fmax(m, __shfl_xor_sync(kFullMask, m, 4));
+    m = fmax(m, __shfl_xor_sync(kFullMask, m, 2));
+    m = fmax(m, __shfl_xor_sync(kFullMask, m, 1));
+    int count = 0;
+    for (int64_t i = lane; i < K; i += kWarp)
+      if (fabs(sc.alpha[i]) == m) {
+        if (first == K) first = i;
+        ++count;
+      }
+    for (int off = kWarp / 2; off > 0; off /= 2) {
+      first = std::min<int64_t>(first, __shfl_xor_sync(kFullMask, first, off));
+      count += __shfl_xor_sync(kFullMask, count, off);
+    }
+    if (first == K) break;  // no atom compares equal to m (non-finite input): warp-uniform
+    __syncwarp();           // every lane's alpha is written before lane 0 may read them all
+    int added = 0;
+    if (lane == 0) {
+      const int64_t lam = count > 1 ? omp_detail::first_in_sklearn_order(sc, n, K, m) : first;
+      added = omp_detail::add_atom(sc, xy, gram, K, s, lam, m, n) ? 1 : 0;
+    }
+    added = __shfl_sync(kFullMask, added, 0);
+    n = __shfl_sync(kFullMask, n, 0);
+    __syncwarp();  // lane 0's support and gamma are visible to the lanes that read them next
+    if (!added) break;
+  }
+  if (lane == 0) omp_detail::write_codes(sc, n, s, indices, coefs);
+}
+
+// The warp path over one Xy tile (arguments as omp_kernel's). Warps stride over signals along x
+// and blocks over groups along y; dscratch / lscratch hold scratch_doubles / scratch_longs
+// entries for each of the gridDim.x * gridDim.y * kWarpsPerOmpBlock warps, one after another.
+__global__ void __launch_bounds__(kMaxThreads)
+    omp_warp_kernel(const float* __restrict__ xy, const double* __restrict__ gram_all,
+                    bool shared_gram, int64_t g0, int64_t gn, int64_t m0, int64_t mn, int64_t M,
+                    int64_t K, int64_t s, double* __restrict__ dscratch,
+                    int64_t* __restrict__ lscratch, int64_t* __restrict__ indices,
+                    float* __restrict__ coefs) {
+  extern __shared__ double staged_gram[];
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warp_in_block = threadIdx.x / kWarp;
+  const int64_t me =
+      (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kWarpsPerOmpBlock +
+      warp_in_block;
+  double* d = dscratch + me * scratch_doubles(K, s);
+  int64_t* l = lscratch + me * scratch_longs(K, s);
+  const WarpScratch sc{d, d + K, d + K + s * s, d + K + s * s + s, d + K + s * s + 2 * s,
+                       l, l + s, l + s + K};
+  const int64_t signal_stride = static_cast<int64_t>(gridDim.x) * kWarpsPerOmpBlock;
+  for (int64_t gl = blockIdx.y; gl < gn; gl += gridDim.y) {
+    const int64_t g = g0 + gl;
+    const double* gram = gram_all + g * K * K;
+    if (shared_gram) {
+      __syncthreads();  // every warp is done with the previous group's Gram
+      for (int64_t e = threadIdx.x; e < K * K; e += blockDim.x) staged_gram[e] = gram[e];
+      __syncthreads();
+      gram = staged_gram;
+    }
+    // The loop count depends on the warp only, so every lane takes part in the shuffles.
+    for (int64_t ml = static_cast<int64_t>(blockIdx.x) * kWarpsPerOmpBlock + warp_in_block; ml < mn;
+         ml += signal_stride) {
+      const int64_t out = (g * M + m0 + ml) * s;
+      omp_one_warp(xy + (gl * mn + ml) * K, gram, K, s, sc, indices + out, coefs + out, lane);
+    }
+  }
+}
+
+// Whether this call takes the warp path: FASTAD_OMP_CUDA_PATH=warp; unset, empty or "thread" is
+// the thread path; anything else raises, naming the choices.
+bool use_warp_path() {
+  const char* env = std::getenv("FASTAD_OMP_CUDA_PATH");
+  const std::string path = env ? env : "";
+  TORCH_CHECK_VALUE(path.empty() || path == "thread" || path == "warp",
+                    "FASTAD_OMP_CUDA_PATH must be thread or warp, got '", path, "'");
+  return path == "warp";
+}
+
 // Refuses dictionaries whose atoms are not of unit norm, from the Gram diagonals (float64), with
 // the CPU's message (check_unit_atom, omp.h). The verdict is computed on the device; reading
 // it is the op's one host sync.
@@ -154,12 +263,13 @@ void check_unit_atoms(const at::Tensor& gram) {
   check_unit_atom(norm, first_bad % K, first_bad / K);  // fails: the message of the CPU's check
 }
 
-// Launch shape for a tile of gn groups of mn signals, within the thread and scratch budgets.
-dim3 grid_for(int64_t gn, int64_t mn, int64_t block, int64_t max_threads) {
-  const int64_t max_blocks = std::max<int64_t>(1, max_threads / block);
+// Launch shape for a tile of gn groups of mn signals, per_block signals to a block, within the
+// budget of max_units signals in flight (threads or warps).
+dim3 grid_for(int64_t gn, int64_t mn, int64_t per_block, int64_t max_units) {
+  const int64_t max_blocks = std::max<int64_t>(1, max_units / per_block);
   const int64_t gy = std::min({gn, kMaxGridY, max_blocks});
-  const int64_t gx =
-      std::min({(mn + block - 1) / block, std::max<int64_t>(1, max_blocks / gy), kMaxGridX});
+  const int64_t gx = std::min(
+      {(mn + per_block - 1) / per_block, std::max<int64_t>(1, max_blocks / gy), kMaxGridX});
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
 }
 
@@ -189,19 +299,27 @@ std::tuple<at::Tensor, at::Tensor> omp_cuda(const at::Tensor& x, const at::Tenso
   const int64_t groups_per_tile = std::max<int64_t>(1, kXyTileFloats / group_floats);
   const int64_t signals_per_tile =
       groups_per_tile > 1 ? M : std::max<int64_t>(1, kXyTileFloats / K);
-  const int64_t block =
-      std::min<int64_t>(kMaxThreads, (std::min(M, signals_per_tile) + 31) / 32 * 32);
-  const int64_t thread_bytes = 8 * (scratch_doubles(K, s) + scratch_longs(K, s));
-  const int64_t max_threads =
-      std::min(kMaxTotalThreads, std::max<int64_t>(block, kScratchBytes / thread_bytes));
-  // Every tile's grid has gy <= its groups, gx <= its signal chunks and gx * gy <= max_threads /
-  // block (grid_for), so this many threads' scratch serves every launch.
-  const int64_t most_blocks = std::min(
-      std::max<int64_t>(1, max_threads / block),
-      std::min(groups_per_tile, groups) * ((std::min(signals_per_tile, M) + block - 1) / block));
-  const int64_t scratch_threads = most_blocks * block;
-  at::Tensor dscratch = at::empty({scratch_threads * scratch_doubles(K, s)}, gram.options());
-  at::Tensor lscratch = at::empty({scratch_threads * scratch_longs(K, s)}, indices.options());
+  // A unit of work is a signal: a thread's on the thread path, a warp's on the warp path.
+  // per_block: signals a block runs at once; threads: the block's threads.
+  const bool warp_path = use_warp_path();
+  const int64_t threads =
+      warp_path ? kMaxThreads
+                : std::min<int64_t>(kMaxThreads, (std::min(M, signals_per_tile) + 31) / 32 * 32);
+  const int64_t per_block = warp_path ? kWarpsPerOmpBlock : threads;
+  const int64_t unit_bytes = 8 * (scratch_doubles(K, s) + scratch_longs(K, s));
+  // The warp path keeps up to 8 times the thread path's threads in flight (a warp per signal).
+  const int64_t unit_cap = warp_path ? kMaxTotalThreads / 8 : kMaxTotalThreads;
+  const int64_t max_units =
+      std::min(unit_cap, std::max<int64_t>(per_block, kScratchBytes / unit_bytes));
+  // Every tile's grid has gy <= its groups, gx <= its signal chunks and gx * gy <= max_units /
+  // per_block (grid_for), so this many units' scratch serves every launch.
+  const int64_t most_blocks =
+      std::min(std::max<int64_t>(1, max_units / per_block),
+               std::min(groups_per_tile, groups) *
+                   ((std::min(signals_per_tile, M) + per_block - 1) / per_block));
+  const int64_t scratch_units = most_blocks * per_block;
+  at::Tensor dscratch = at::empty({scratch_units * scratch_doubles(K, s)}, gram.options());
+  at::Tensor lscratch = at::empty({scratch_units * scratch_longs(K, s)}, indices.options());
 
   const bool shared_gram = K * K * 8 <= kMaxSharedGramBytes;
   const size_t shared_bytes = shared_gram ? static_cast<size_t>(K * K * 8) : 0;
@@ -216,9 +334,10 @@ std::tuple<at::Tensor, at::Tensor> omp_cuda(const at::Tensor& x, const at::Tenso
       const at::Tensor xy =  // (gn, mn, K): every signal's correlations with its group's atoms
           at::matmul(x.narrow(0, g0, gn).narrow(1, m0, mn).contiguous(), atoms_t.narrow(0, g0, gn))
               .contiguous();
-      const dim3 grid = grid_for(gn, mn, block, max_threads);
-      TORCH_INTERNAL_ASSERT(static_cast<int64_t>(grid.x) * grid.y * block <= scratch_threads);
-      omp_kernel<<<grid, static_cast<unsigned>(block), shared_bytes, stream>>>(
+      const dim3 grid = grid_for(gn, mn, per_block, max_units);
+      TORCH_INTERNAL_ASSERT(static_cast<int64_t>(grid.x) * grid.y * per_block <= scratch_units);
+      const auto launch = warp_path ? omp_warp_kernel : omp_kernel;
+      launch<<<grid, static_cast<unsigned>(threads), shared_bytes, stream>>>(
           xy.const_data_ptr<float>(), gp, shared_gram, g0, gn, m0, mn, M, K, s,
           dscratch.mutable_data_ptr<double>(), lscratch.mutable_data_ptr<int64_t>(), ip, cp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
