@@ -14,11 +14,11 @@
 // Two paths (FASTAD_KCENTER_CUDA_PATH, read on every call):
 //   pruned            each row also keeps which chosen row is its nearest (assign) and, per step,
 //                     a first launch measures the new centre's distance to every earlier centre.
-//                     By the triangle inequality a row whose nearest centre is at least twice its
+//                     By the triangle inequality a row whose nearest centre is more than twice its
 //                     distance away from the new centre cannot get nearer to it, so most rows
 //                     cost 12 bytes of reads instead of a D-float distance once the selection has
 //                     spread out (as the CPU kernel's lazy bounds do). The test keeps a relative
-//                     margin (kPruneMargin) far above float32 rounding, so a skipped row is one
+//                     margin (prune_margin) above float32 rounding, so a skipped row is one
 //                     whose computed distance would not have lowered its own: the selection and
 //                     radii equal the full path's bit for bit (tested).
 //   full (default)    every row's distance to the new centre at every step (verified on an H200
@@ -38,6 +38,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -56,10 +57,21 @@ constexpr int kBlocksPerSm = 4;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kSelected = -1.0f;  // below every distance: a chosen row never wins again
 constexpr int64_t kNoRow = std::numeric_limits<int64_t>::max();
-// A row is skipped only when its nearest centre is more than 2 (1 + 0.5e-3) times its distance
-// away from the new centre (squared: 4 (1 + 1e-3)); float32 sums of D squares err by far less
-// than 1e-3 relative for any D this op meets, so the skip never hides a lower computed distance.
-constexpr float kPruneMargin = 4.0f * (1.0f + 1e-3f);
+// The pruning test and why it is exact. With C the computed squared distance of the row's nearest
+// centre to the new one, M the row's own and D the row's to the new centre, each with relative
+// error at most delta, the triangle inequality gives D >= M when C > 4 (1 + eps) M and
+// (2 rho - 1)^2 (1 - delta) / (1 + delta) >= 1, rho = sqrt((1 + eps) (1 - delta) / (1 + delta)):
+// that holds for delta up to about eps / 3. A warp's sum of D squares in float32 errs by at most
+// about (ceil(D / 32) + 7) 2^-24 relative, so eps = max(1e-3, 6 (ceil(D / 32) + 7) 2^-24) keeps
+// every skip exact (prune_margin). Relative error bounds fail for subnormal squares, so a row
+// whose distance is below kMinPrunable is always computed.
+constexpr float kMinPrunable = 1e-30f;
+
+// 4 (1 + eps) for rows of d features (see above).
+float prune_margin(int64_t d) {
+  const double rounding = 6.0 * static_cast<double>((d + 31) / 32 + 7) * std::ldexp(1.0, -24);
+  return static_cast<float>(4.0 * (1.0 + std::max(1e-3, rounding)));
+}
 
 // True when (va, ia) is the greedy's better choice: larger distance, ties to the lower index.
 __device__ __forceinline__ bool better(float va, int64_t ia, float vb, int64_t ib) {
@@ -103,9 +115,9 @@ struct StepState {
 
 // The pruned path's extra state.
 struct PruneState {
-  int32_t*
-      assign;  // (n) place in indices of each row's nearest chosen row (valid once min_d < inf)
+  int32_t* assign;  // (n) place in indices of each row's nearest chosen row (once min_d < inf)
   float* centre_d;  // (k) squared distance of each earlier centre to the newest one, this step
+  float margin;     // prune_margin(d)
 };
 
 // Steps 3 and 4 of a step: this thread's best pair into the block's, the block's into block_v /
@@ -232,10 +244,12 @@ __global__ void __launch_bounds__(kThreads)
         m = kSelected;
         s.min_d[r] = kSelected;
       } else {
-        // dist(r, new) >= dist(nearest, new) - dist(r, nearest): when the first is at least twice
-        // sqrt(m), the new centre is no nearer than the row's nearest one. A row still at +inf
-        // (no centre measured yet) always computes; a NaN centre distance fails the test too.
-        needs_distance = !(isfinite(m) && p.centre_d[p.assign[r]] > kPruneMargin * m);
+        // dist(r, new) >= dist(nearest, new) - dist(r, nearest): when the first is more than
+        // twice sqrt(m) (with the margin), the new centre is no nearer than the row's nearest
+        // one. A row still at +inf (no centre measured yet) or below kMinPrunable always
+        // computes; a NaN centre distance fails the test too.
+        needs_distance =
+            !(isfinite(m) && m >= kMinPrunable && p.centre_d[p.assign[r]] > p.margin * m);
       }
     }
     for (unsigned todo = __ballot_sync(kFullMask, needs_distance); todo != 0u; todo &= todo - 1u) {
@@ -306,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor> kcenter_greedy_cuda(const at::Tensor& x_in, i
   at::Tensor assign = pruned ? at::zeros({n}, opts.dtype(at::kInt)) : at::Tensor();
   at::Tensor centre_d = pruned ? at::zeros({k}, opts.dtype(at::kFloat)) : at::Tensor();
   const PruneState prune{pruned ? assign.mutable_data_ptr<int32_t>() : nullptr,
-                         pruned ? centre_d.mutable_data_ptr<float>() : nullptr};
+                         pruned ? centre_d.mutable_data_ptr<float>() : nullptr, prune_margin(d)};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   // Only the dtypes the op accepts: no double kernel that could never run.

@@ -41,12 +41,13 @@
 // Reconstruction: x_hat[g, m] = sum_t coefs[g, m, t] dictionary[g, indices[g, m, t]] over the slots
 // with indices >= 0 (fastad.ops.omp_reconstruct); the reconstruction error is ||x - x_hat||^2.
 //
-// Devices: CPU (omp_cpu.cpp) and CUDA (omp_cuda.cu), with the same rules; each CUDA thread runs one
-// signal's pursuit in float64 (scratch in global memory, the group's Gram in shared memory when
-// K <= 78). Xy comes from cuBLAS in float32 (TF32 only if the user allowed it for float32
-// matmuls), so near-ties may be decided differently from the CPU. On CUDA the unit-norm check runs
-// on the device and its verdict is read back once (8 bytes): the op's only host synchronisation,
-// there so that a bad dictionary raises the CPU's error (it also keeps the op out of CUDA graphs).
+// Devices: CPU (omp_cpu.cpp) and CUDA (omp_cuda.cu), with the same rules; on CUDA one thread runs
+// one signal's pursuit in float64 (scratch in global memory, the group's Gram in shared memory when
+// K <= 78), or with FASTAD_OMP_CUDA_PATH=warp one warp, its lanes splitting the atoms (same codes).
+// Xy comes from cuBLAS in float32 (TF32 only if the user allowed it for float32 matmuls), so
+// near-ties may be decided differently from the CPU. On CUDA the unit-norm check runs on the device
+// and its verdict is read back once (8 bytes): the op's only host synchronisation, there so that a
+// bad dictionary raises the CPU's error (it also keeps the op out of CUDA graphs).
 //
 // Which devices each path has run on, and when: the table "Devices verified, per kernel" in
 // benchmarks/RESULTS.md (one place for it).

@@ -307,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor> omp_cuda(const at::Tensor& x, const at::Tenso
                 : std::min<int64_t>(kMaxThreads, (std::min(M, signals_per_tile) + 31) / 32 * 32);
   const int64_t per_block = warp_path ? kWarpsPerOmpBlock : threads;
   const int64_t unit_bytes = 8 * (scratch_doubles(K, s) + scratch_longs(K, s));
-  // The warp path keeps up to 8 times the thread path's threads in flight (a warp per signal).
+  // The warp path keeps up to 4 times the thread path's threads in flight (a warp per signal).
   const int64_t unit_cap = warp_path ? kMaxTotalThreads / 8 : kMaxTotalThreads;
   const int64_t max_units =
       std::min(unit_cap, std::max<int64_t>(per_block, kScratchBytes / unit_bytes));
