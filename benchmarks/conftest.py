@@ -7,6 +7,7 @@ measured single-precision GEMM rate, and how many times slower than fastad it is
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections import defaultdict
@@ -44,6 +45,25 @@ def sgemm_rate(device: str = "cpu", precision: str = "highest") -> float:
         torch.set_float32_matmul_precision(before)
     _GEMM_RATE[key] = 2 * n**3 / best
     return _GEMM_RATE[key]
+
+
+def with_environment(fn, name: str, value: str):
+    """``fn`` run with the environment variable ``name`` set to ``value``, then restored: how the
+    benchmarks force one kernel path (FASTAD_*_CPU_ISA, FASTAD_*_CUDA_PATH), which the ops read on
+    every call."""
+
+    def run(*args):
+        before = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(*args)
+        finally:
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
+
+    return run
 
 
 def cuda_synced(fn):

@@ -22,7 +22,6 @@ Run with `make bench` (or `pytest benchmarks -k kcenter --benchmark-only`).
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ import fastad
 from fastad import reference
 
 from .baselines import anomalib_kcenter_greedy
-from .conftest import cuda_synced
+from .conftest import cuda_synced, with_environment
 
 N, D, K = 200_000, 128, 2_000
 REFERENCE_STEPS = 100
@@ -137,22 +136,12 @@ def test_kcenter_cpu_float64_reference_prefix(benchmark, record, request):
 CUDA_CASES = [(N, K), (1_000_000, 10_000)]
 
 
-def _pruned_cuda_path(x: torch.Tensor, k: int):
-    """fastad's CUDA k-center on its pruned path (opt-in until a GPU run verifies it)."""
-    before = os.environ.get("FASTAD_KCENTER_CUDA_PATH")
-    os.environ["FASTAD_KCENTER_CUDA_PATH"] = "pruned"
-    try:
-        return fastad.ops.kcenter_greedy(x, k)
-    finally:
-        if before is None:
-            del os.environ["FASTAD_KCENTER_CUDA_PATH"]
-        else:
-            os.environ["FASTAD_KCENTER_CUDA_PATH"] = before
-
-
 CUDA_CONTENDERS = {
     "fastad.ops.kcenter_greedy": fastad.ops.kcenter_greedy,
-    "fastad.ops.kcenter_greedy (pruned path)": _pruned_cuda_path,
+    # opt-in until a GPU run verifies it
+    "fastad.ops.kcenter_greedy (pruned path)": with_environment(
+        fastad.ops.kcenter_greedy, "FASTAD_KCENTER_CUDA_PATH", "pruned"
+    ),
     "anomalib KCenterGreedy loop": anomalib_kcenter_greedy,
 }
 

@@ -7,7 +7,6 @@ normal ("random") or clustered, non-negative features like a CNN's ("clustered")
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch
 import fastad
 
 from .baselines import cdist_topk, chunked_matmul_topk, faiss_flat_l2
-from .conftest import cuda_synced
+from .conftest import cuda_synced, with_environment
 
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
 CUDA_OK = fastad.build_info()["cuda"] and torch.cuda.is_available()
@@ -51,19 +50,7 @@ def make_inputs(kind, m, n, d, device="cpu"):
 
 def fastad_cpu_path(path):
     """fastad.ops.knn with its CPU path forced (FASTAD_KNN_CPU_ISA), to show each kernel."""
-
-    def run(q, b, k):
-        before = os.environ.get("FASTAD_KNN_CPU_ISA")
-        os.environ["FASTAD_KNN_CPU_ISA"] = path
-        try:
-            return fastad.ops.knn(q, b, k)
-        finally:
-            if before is None:
-                del os.environ["FASTAD_KNN_CPU_ISA"]
-            else:
-                os.environ["FASTAD_KNN_CPU_ISA"] = before
-
-    return run
+    return with_environment(fastad.ops.knn, "FASTAD_KNN_CPU_ISA", path)
 
 
 PREPARED = "fastad.ops.knn (prepared bank)"

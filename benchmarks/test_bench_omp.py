@@ -23,7 +23,7 @@ import torch
 import fastad
 
 from .baselines import sklearn_omp_gram, sklearn_sparse_coder_omp
-from .conftest import cuda_synced
+from .conftest import cuda_synced, with_environment
 
 CUDA_OK = fastad.build_info()["cuda"] and torch.cuda.is_available()
 
@@ -86,23 +86,6 @@ def _on_every_core(fn):
     return run
 
 
-def _warp_path(fn):
-    """``fn`` run with FASTAD_OMP_CUDA_PATH=warp (one warp per signal), then the setting restored."""
-
-    def run(*args):
-        before = os.environ.get("FASTAD_OMP_CUDA_PATH")
-        os.environ["FASTAD_OMP_CUDA_PATH"] = "warp"
-        try:
-            return fn(*args)
-        finally:
-            if before is None:
-                del os.environ["FASTAD_OMP_CUDA_PATH"]
-            else:
-                os.environ["FASTAD_OMP_CUDA_PATH"] = before
-
-    return run
-
-
 def cuda_group(case: tuple[str, int, int, int, int, int]) -> str:
     """The summary group of a CUDA case (benchmarks/gpu_summary.py reads it)."""
     name, g, m, k, d, s = case
@@ -122,7 +105,7 @@ def test_omp_cuda(benchmark, record, contender, case):
         fn = cuda_synced(fastad.ops.omp)
     elif contender == "fastad.ops.omp (warp path)":  # opt-in until a GPU run verifies it
         x, dictionary = x.cuda(), dictionary.cuda()
-        fn = cuda_synced(_warp_path(fastad.ops.omp))
+        fn = cuda_synced(with_environment(fastad.ops.omp, "FASTAD_OMP_CUDA_PATH", "warp"))
     else:
         fn = _on_every_core(fastad.ops.omp)
     benchmark.group = cuda_group(case)

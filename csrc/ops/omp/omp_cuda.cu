@@ -106,6 +106,17 @@ __device__ void omp_one(const float* __restrict__ xy, const double* gram, int64_
   omp_detail::write_codes(sc, n, s, indices, coefs);
 }
 
+// The Gram matrix a block reads for one group: staged into shared memory when it fits
+// (shared_gram), else the global one. Called by every thread of the block (it synchronises).
+__device__ __forceinline__ const double* group_gram(const double* gram, int64_t K, bool shared_gram,
+                                                    double* staged) {
+  if (!shared_gram) return gram;
+  __syncthreads();  // every thread is done with the previous group's Gram
+  for (int64_t e = threadIdx.x; e < K * K; e += blockDim.x) staged[e] = gram[e];
+  __syncthreads();
+  return staged;
+}
+
 // OMP of the signals of one Xy tile: groups g0 .. g0 + gn - 1, signals m0 .. m0 + mn - 1 of each.
 //   xy (gn, mn, K) contiguous float32; gram (G, K, K) contiguous float64;
 //   indices / coefs (G, M, s) contiguous; dscratch / lscratch: scratch_doubles / scratch_longs
@@ -136,13 +147,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t signal_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t gl = blockIdx.y; gl < gn; gl += gridDim.y) {
     const int64_t g = g0 + gl;
-    const double* gram = gram_all + g * K * K;
-    if (shared_gram) {
-      __syncthreads();  // every thread is done with the previous group's Gram
-      for (int64_t e = threadIdx.x; e < K * K; e += blockDim.x) staged_gram[e] = gram[e];
-      __syncthreads();
-      gram = staged_gram;
-    }
+    const double* gram = group_gram(gram_all + g * K * K, K, shared_gram, staged_gram);
     for (int64_t ml = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; ml < mn;
          ml += signal_stride) {
       const int64_t out = (g * M + m0 + ml) * s;
@@ -223,13 +228,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t signal_stride = static_cast<int64_t>(gridDim.x) * kWarpsPerOmpBlock;
   for (int64_t gl = blockIdx.y; gl < gn; gl += gridDim.y) {
     const int64_t g = g0 + gl;
-    const double* gram = gram_all + g * K * K;
-    if (shared_gram) {
-      __syncthreads();  // every warp is done with the previous group's Gram
-      for (int64_t e = threadIdx.x; e < K * K; e += blockDim.x) staged_gram[e] = gram[e];
-      __syncthreads();
-      gram = staged_gram;
-    }
+    const double* gram = group_gram(gram_all + g * K * K, K, shared_gram, staged_gram);
     // The loop count depends on the warp only, so every lane takes part in the shuffles.
     for (int64_t ml = static_cast<int64_t>(blockIdx.x) * kWarpsPerOmpBlock + warp_in_block; ml < mn;
          ml += signal_stride) {
