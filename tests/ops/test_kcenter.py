@@ -253,7 +253,7 @@ def test_an_unknown_cuda_path_is_refused(device, monkeypatch):
     if device != "cuda":
         pytest.skip("the pruned / full switch is a CUDA kernel knob")
     monkeypatch.setenv("FASTAD_KCENTER_CUDA_PATH", "fast")
-    with pytest.raises(ValueError, match="FASTAD_KCENTER_CUDA_PATH must be pruned or full, got 'fast'"):
+    with pytest.raises(ValueError, match="FASTAD_KCENTER_CUDA_PATH must be full or pruned, got 'fast'"):
         fastad.ops.kcenter_greedy(torch.randn(10, 3, device=device), 3)
 
 

@@ -9,9 +9,7 @@
 
 #include <c10/util/Exception.h>
 
-#include <cstdlib>
-#include <initializer_list>
-#include <string>
+#include "fastad/env_choice.h"
 
 #if defined(__linux__) && defined(__x86_64__)
 #include <cpuid.h>
@@ -21,7 +19,7 @@
 
 namespace fastad {
 
-enum class CpuIsa { kPortable, kAvx2, kAvx512 };  // in order: forced_isa_level's indices
+enum class CpuIsa { kPortable, kAvx2, kAvx512 };  // in order: env_choice's indices
 
 inline const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
@@ -49,32 +47,10 @@ inline bool cpu_supports(CpuIsa isa) {
   }
 }
 
-// The one override convention of the CPU kernels: FASTAD_<OP>_CPU_ISA names a level of an op's
-// kernels, `levels` listing them from the least to the best. Unset or empty means the best; any
-// other value raises, naming the choices best first. The variable is read on every call, so a
-// test can change it between calls. Returns the index of the level in `levels`.
-inline size_t forced_isa_level(const char* env_name, std::initializer_list<const char*> levels) {
-  const char* env = std::getenv(env_name);
-  const std::string forced = env ? env : "";
-  if (forced.empty()) return levels.size() - 1;
-  size_t index = 0;
-  for (const char* level : levels) {
-    if (forced == level) return index;
-    ++index;
-  }
-  std::string choices;  // "avx512, avx2 or portable"
-  for (size_t i = levels.size(); i-- > 0;) {
-    choices += levels.begin()[i];
-    choices += i > 1 ? ", " : (i == 1 ? " or " : "");
-  }
-  C10_THROW_ERROR(ValueError, c10::str(env_name, " must be ", choices, ", got '", forced, "'"));
-}
-
 // The vector set to use now: the best one, or the lesser one named by the environment variable
-// `env_name` (avx512, avx2 or portable; see forced_isa_level).
+// `env_name` (avx512, avx2 or portable; see env_choice).
 inline CpuIsa cpu_isa(const char* env_name) {
-  const auto wanted =
-      static_cast<CpuIsa>(forced_isa_level(env_name, {"portable", "avx2", "avx512"}));
+  const auto wanted = static_cast<CpuIsa>(env_choice(env_name, {"portable", "avx2", "avx512"}));
   if (wanted == CpuIsa::kAvx512 && cpu_supports(CpuIsa::kAvx512)) return CpuIsa::kAvx512;
   if (wanted != CpuIsa::kPortable && cpu_supports(CpuIsa::kAvx2)) return CpuIsa::kAvx2;
   return CpuIsa::kPortable;

@@ -40,12 +40,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
-#include <string>
 #include <tuple>
 
 #include "fastad/cuda_warp.cuh"
+#include "fastad/env_choice.h"
 #include "kcenter.h"
 
 namespace fastad {
@@ -271,15 +270,8 @@ __global__ void __launch_bounds__(kThreads)
   finish_step(best_v, best_i, t, s, sv, si, &last_block);
 }
 
-// Whether this call takes the pruned path: FASTAD_KCENTER_CUDA_PATH=pruned; unset, empty or
-// "full" is the full path; anything else raises, naming the choices.
-bool use_pruned_path() {
-  const char* env = std::getenv("FASTAD_KCENTER_CUDA_PATH");
-  const std::string path = env ? env : "";
-  TORCH_CHECK_VALUE(path.empty() || path == "pruned" || path == "full",
-                    "FASTAD_KCENTER_CUDA_PATH must be pruned or full, got '", path, "'");
-  return path == "pruned";
-}
+// Whether this call takes the pruned path: FASTAD_KCENTER_CUDA_PATH=pruned (full: the default).
+bool use_pruned_path() { return env_choice("FASTAD_KCENTER_CUDA_PATH", {"pruned", "full"}) == 0; }
 
 }  // namespace
 

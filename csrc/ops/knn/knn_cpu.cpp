@@ -151,7 +151,7 @@ bool prepares(int64_t d) {
   return cpu_supports(CpuIsa::kAvx2) && d >= kMinScreenDim && d <= knn_detail::kMaxScreenDim;
 }
 
-// FASTAD_KNN_CPU_ISA (the convention of fastad/cpu_isa.h) picks a lesser path than the best this
+// FASTAD_KNN_CPU_ISA (the convention of fastad/env_choice.h) picks a lesser path than the best this
 // CPU has, so that tests and benchmarks reach every kernel on one machine: portable (the float32
 // GEMM path), avx2, vnni or amx (the screen's micro-kernels). A kernel the CPU lacks falls back to
 // the next lesser one.
@@ -163,7 +163,7 @@ struct CpuPath {
 CpuPath cpu_path() {
   using knn_detail::ScreenKernel;
   enum Level : size_t { kGemm, kAvx2Screen, kVnniScreen, kAmxScreen };
-  const size_t level = forced_isa_level("FASTAD_KNN_CPU_ISA", {"portable", "avx2", "vnni", "amx"});
+  const size_t level = env_choice("FASTAD_KNN_CPU_ISA", {"portable", "avx2", "vnni", "amx"});
   ScreenKernel kernel = ScreenKernel::kAvx2;
   if (level >= kVnniScreen && cpu_avx512_vnni()) kernel = ScreenKernel::kVnni;
   if (level >= kAmxScreen && cpu_amx_int8_ready() && cpu_supports(CpuIsa::kAvx512))

@@ -38,11 +38,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 #include <tuple>
 
 #include "fastad/cuda_warp.cuh"
+#include "fastad/env_choice.h"
 #include "omp.h"
 #include "omp_pursuit.h"
 
@@ -238,15 +237,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// Whether this call takes the warp path: FASTAD_OMP_CUDA_PATH=warp; unset, empty or "thread" is
-// the thread path; anything else raises, naming the choices.
-bool use_warp_path() {
-  const char* env = std::getenv("FASTAD_OMP_CUDA_PATH");
-  const std::string path = env ? env : "";
-  TORCH_CHECK_VALUE(path.empty() || path == "thread" || path == "warp",
-                    "FASTAD_OMP_CUDA_PATH must be thread or warp, got '", path, "'");
-  return path == "warp";
-}
+// Whether this call takes the warp path: FASTAD_OMP_CUDA_PATH=warp (thread: the default).
+bool use_warp_path() { return env_choice("FASTAD_OMP_CUDA_PATH", {"warp", "thread"}) == 0; }
 
 // Refuses dictionaries whose atoms are not of unit norm, from the Gram diagonals (float64), with
 // the CPU's message (check_unit_atom, omp.h). The verdict is computed on the device; reading
