@@ -69,18 +69,37 @@ struct Strided {
   C10_HOST_DEVICE T& operator[](int64_t i) const { return base[i * stride]; }
 };
 
-// One thread's working memory (omp_pursuit.h's Pursuit), carved out of the shared scratch buffers.
-using ThreadScratch = omp_detail::Pursuit<Strided<double>, Strided<int64_t>>;
+// One signal's working memory (omp_pursuit.h's Pursuit) in the scratch buffers (carve_scratch).
+using SignalScratch = omp_detail::Pursuit<Strided<double>, Strided<int64_t>>;
 
-// Doubles and int64s of scratch per thread (see ThreadScratch).
+// Doubles and int64s of scratch per thread (see SignalScratch).
 constexpr int64_t scratch_doubles(int64_t K, int64_t s) { return K + s * s + 3 * s; }
 constexpr int64_t scratch_longs(int64_t K, int64_t s) { return s + 2 * K; }
+
+// One signal's Pursuit arrays carved out of scratch starting at d and l, element i of each array
+// at i * stride: the thread path interleaves its threads (stride = threads, so a warp's reads are
+// coalesced), the warp path gives each signal its own run (stride 1: the lanes read consecutive
+// entries). One layout and one type for both paths, so omp_pursuit.h's steps are compiled once
+// for CUDA and the two paths cannot round differently.
+__device__ __forceinline__ SignalScratch carve_scratch(double* d, int64_t* l, int64_t K, int64_t s,
+                                                       int64_t stride) {
+  return SignalScratch{
+      {d, stride},
+      {d + K * stride, stride},
+      {d + (K + s * s) * stride, stride},
+      {d + (K + s * s + s) * stride, stride},
+      {d + (K + s * s + 2 * s) * stride, stride},
+      {l, stride},
+      {l + s * stride, stride},
+      {l + (s + K) * stride, stride},
+  };
+}
 
 // OMP of one signal from its correlations xy (K floats) and the group's Gram (K x K doubles,
 // global or shared memory); writes s indices and coefficients. The correlation update is a fused
 // multiply-add, as in the CPU's AVX2 kernel; the steps after the argmax are omp_pursuit.h's.
 __device__ void omp_one(const float* __restrict__ xy, const double* gram, int64_t K, int64_t s,
-                        const ThreadScratch& sc, int64_t* __restrict__ indices,
+                        const SignalScratch& sc, int64_t* __restrict__ indices,
                         float* __restrict__ coefs) {
   int64_t n = 0;
   while (n < s) {
@@ -131,18 +150,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t threads = static_cast<int64_t>(gridDim.x) * gridDim.y * blockDim.x;
   const int64_t me =
       (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
-  double* d = dscratch + me;
-  int64_t* l = lscratch + me;
-  const ThreadScratch sc{
-      {d, threads},
-      {d + K * threads, threads},
-      {d + (K + s * s) * threads, threads},
-      {d + (K + s * s + s) * threads, threads},
-      {d + (K + s * s + 2 * s) * threads, threads},
-      {l, threads},
-      {l + s * threads, threads},
-      {l + (s + K) * threads, threads},
-  };
+  const SignalScratch sc = carve_scratch(dscratch + me, lscratch + me, K, s, threads);
   const int64_t signal_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t gl = blockIdx.y; gl < gn; gl += gridDim.y) {
     const int64_t g = g0 + gl;
@@ -155,15 +163,11 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// The warp path's working memory of one signal: plain per-signal arrays (lanes read consecutive
-// alpha entries, so they are coalesced without interleaving).
-using WarpScratch = omp_detail::Pursuit<double*, int64_t*>;
-
 // omp_one for a whole warp: lanes split the K atoms for the correlation update and the argmax;
 // lane 0 runs the tie order and the support update; the support, gamma and n every lane needs
 // next are read after __syncwarp (global memory written by lane 0) and a broadcast.
 __device__ void omp_one_warp(const float* __restrict__ xy, const double* gram, int64_t K, int64_t s,
-                             const WarpScratch& sc, int64_t* __restrict__ indices,
+                             const SignalScratch& sc, int64_t* __restrict__ indices,
                              float* __restrict__ coefs, int lane) {
   int64_t n = 0;
   while (n < s) {
@@ -220,10 +224,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t me =
       (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kWarpsPerOmpBlock +
       warp_in_block;
-  double* d = dscratch + me * scratch_doubles(K, s);
-  int64_t* l = lscratch + me * scratch_longs(K, s);
-  const WarpScratch sc{d, d + K, d + K + s * s, d + K + s * s + s, d + K + s * s + 2 * s,
-                       l, l + s, l + s + K};
+  const SignalScratch sc = carve_scratch(dscratch + me * scratch_doubles(K, s),
+                                         lscratch + me * scratch_longs(K, s), K, s, 1);
   const int64_t signal_stride = static_cast<int64_t>(gridDim.x) * kWarpsPerOmpBlock;
   for (int64_t gl = blockIdx.y; gl < gn; gl += gridDim.y) {
     const int64_t g = g0 + gl;
