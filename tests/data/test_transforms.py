@@ -91,6 +91,28 @@ def test_against_independent_references(np_rng: np.random.Generator, shape, resi
     assert out["label"] == 1 and out["path"] == "x.png"
 
 
+def _mixed_footprints(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """For each pixel of the resized grid, whether the input pixels its bilinear filter can reach
+    hold both mask values. The filter reaches max(1, scale) input pixels either side of the
+    output pixel's centre (antialiasing widens it when shrinking); the bound is taken generously
+    (whole pixels, inclusive), so a pixel called pure here is pure for certain."""
+    in_h, in_w = mask.shape
+
+    def reach(out_index: int, in_size: int, out_size: int) -> slice:
+        scale = in_size / out_size
+        centre = (out_index + 0.5) * scale - 0.5
+        radius = max(1.0, scale)
+        return slice(max(0, int(np.floor(centre - radius))), min(in_size, int(np.ceil(centre + radius)) + 1))
+
+    mixed = np.zeros(size, dtype=bool)
+    for i in range(size[0]):
+        rows = reach(i, in_h, size[0])
+        for j in range(size[1]):
+            footprint = mask[rows, reach(j, in_w, size[1])]
+            mixed[i, j] = footprint.any() and not footprint.all()
+    return mixed
+
+
 @pytest.mark.parametrize(("shape", "resize", "crop"), CASES)
 def test_image_and_mask_stay_aligned(np_rng: np.random.Generator, shape, resize, crop) -> None:
     item = _item(np_rng, shape)
@@ -98,12 +120,18 @@ def test_image_and_mask_stay_aligned(np_rng: np.random.Generator, shape, resize,
     out = ResizeCrop(resize, crop)(item)
     red_says = out["image"][0].numpy() > 0.5
     mask = out["mask"].numpy()
-    # They may disagree only where the mask changes within one pixel (the bilinear blend there).
-    square = np.ones((3, 3))
-    boundary = ndimage.binary_dilation(mask, square) & ~ndimage.binary_erosion(mask, square, border_value=1)
-    disagree = red_says != mask
-    assert not (disagree & ~boundary).any()
-    assert disagree.sum() <= 0.5 * boundary.sum()
+    size = _expected_size(shape, resize)
+    if size == shape:  # no resampling: the red channel is the mask, pixel for pixel
+        np.testing.assert_array_equal(red_says, mask)
+    else:
+        # Where every input pixel the filter reaches has one mask value, the blended red channel
+        # is that value and so is the nearest sample: the two must agree. Only pixels whose
+        # footprint straddles the mask's edge may disagree (thin features included, which a
+        # dilation of the output mask would not cover).
+        mixed = _centre(_mixed_footprints(item["mask"].numpy(), size), crop)
+        disagree = red_says != mask
+        assert not (disagree & ~mixed).any(), f"{int((disagree & ~mixed).sum())} pixels misaligned"
+        assert mixed.sum() < 0.75 * mask.size  # the check above is not vacuous (at most ~51 % mixed seen)
     for key, value in before.items():  # the input item is not modified
         assert torch.equal(item[key], value)
 
