@@ -10,12 +10,14 @@ pid is free again when the test looks for its leftovers.
 
 Commands: {"op": "setup", "a": path, "b": path, "named": bool}, {"op": "kill", "target": path},
 {"op": "fsize", "target": path, "limit": bytes}, {"op": "concurrent", "target": path, "seconds": s,
-"readers": n}, {"op": "quit"}.
+"readers": n, "min_loads": n, "min_saves": n, "overtime": s}, {"op": "quit"}.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import mmap
 import os
 import pickle
 import resource
@@ -162,21 +164,29 @@ def _same_model(model: AnomalyModel, key: str) -> bool:
 
 def concurrent(cmd: dict) -> None:
     """``readers`` children loading the model file and predicting with it, and one child
-    overwriting it with A and B in turn, for ``seconds``; each reader checks every model it loads
-    is exactly A or B (tensors, header and predictions)."""
+    overwriting it with A and B in turn; each reader checks every model it loads is exactly A or
+    B (tensors, header and predictions). They run for ``seconds``, and on until each reader has
+    loaded ``min_loads`` times and seen both models and the writer has saved ``min_saves`` times
+    (a loaded machine gets there late, not never), but no more than ``overtime`` seconds longer."""
     target, seconds = cmd["target"], cmd["seconds"]
     start_at = time.time() + 0.5  # all children start together, after the forks
+    deadline = start_at + seconds + cmd["overtime"]
+    readers_done = mmap.mmap(-1, cmd["readers"])  # anonymous and shared: one flag per reader, seen across the forks
+
+    def running(count: int, minimum: int, more: bool = False) -> bool:
+        now = time.time()
+        return now < deadline and (now < start_at + seconds or count < minimum or more)
 
     def writer(write):
         while time.time() < start_at:
             time.sleep(0.001)
         saves = 0
-        while time.time() < start_at + seconds:
+        while running(saves, cmd["min_saves"], more=0 in readers_done[:]):
             MODELS["ab"[saves % 2]].save(target)
             saves += 1
         write({"saves": saves})
 
-    def reader(write):
+    def reader(index: int, write):
         images = torch.Generator().manual_seed(7)
         x = torch.rand(2, 3, 32, 32, generator=images)
         expected = {key: MODELS[key].predict(x) for key in "ab"}
@@ -185,7 +195,7 @@ def concurrent(cmd: dict) -> None:
         seen = {"a": 0, "b": 0}
         bad: list[str] = []
         loads = 0
-        while time.time() < start_at + seconds:
+        while running(loads, cmd["min_loads"], more=0 in seen.values()):
             loads += 1
             try:
                 # the file as the reader sees it, and (read again) as a model: each must be A or B
@@ -208,9 +218,10 @@ def concurrent(cmd: dict) -> None:
                     seen[as_model[0]] += 1
             except Exception as exc:
                 bad.append(f"load {loads}: {type(exc).__name__}: {exc}")
+        readers_done[index] = 1
         write({"loads": loads, "seen": seen, "bad": bad[:10], "n_bad": len(bad)})
 
-    children = [_fork(writer)] + [_fork(reader) for _ in range(cmd["readers"])]
+    children = [_fork(writer)] + [_fork(functools.partial(reader, i)) for i in range(cmd["readers"])]
     results = [_collect(pid, r) for pid, r in children]
     _reply(writer=results[0][0], readers=[res for res, _ in results[1:]], statuses=[status for _, status in results])
 
