@@ -19,8 +19,9 @@ def images(n, gen, size=64, shift=0.0):
 
 
 @pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
+def gen(rng: torch.Generator) -> torch.Generator:
+    """The suite's fresh, printed seed (torch.seed() reseeded the global generator unprinted)."""
+    return rng
 
 
 def test_params_in_the_scikit_learn_manner():
