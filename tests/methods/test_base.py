@@ -14,14 +14,8 @@ from fastad.methods import AnomalyModel, Prediction, available_methods, get_meth
 from ..toy_method import ToyMean
 
 
-def images(n, gen, size=64, shift=0.0):
-    return (0.4 + 0.1 * torch.rand(n, 3, size, size, generator=gen) + shift).clamp(0, 1)
-
-
-@pytest.fixture
-def gen(rng: torch.Generator) -> torch.Generator:
-    """The suite's fresh, printed seed (torch.seed() reseeded the global generator unprinted)."""
-    return rng
+def images(n, rng, size=64, shift=0.0):
+    return (0.4 + 0.1 * torch.rand(n, 3, size, size, generator=rng) + shift).clamp(0, 1)
 
 
 def test_params_in_the_scikit_learn_manner():
@@ -50,8 +44,8 @@ def test_registry():
         register_method("not-a-model")(dict)
 
 
-def test_fit_streams_and_takes_the_threshold_from_held_back_normal_images(gen):
-    x = images(40, gen)
+def test_fit_streams_and_takes_the_threshold_from_held_back_normal_images(rng):
+    x = images(40, rng)
     model = ToyMean(holdout=0.1, batch_size=7, threshold_quantile=0.9)
     seen = []
     original = model._fit_batches
@@ -74,11 +68,11 @@ def test_fit_streams_and_takes_the_threshold_from_held_back_normal_images(gen):
     assert model.threshold_ == pytest.approx(expected, rel=1e-6)
 
 
-def test_held_back_images_are_capped(gen, monkeypatch):
+def test_held_back_images_are_capped(rng, monkeypatch):
     from fastad.methods import base
 
     monkeypatch.setattr(base, "MAX_HELD_BACK", 3)
-    x = images(40, gen)
+    x = images(40, rng)
     model = ToyMean(holdout=0.2, batch_size=6).fit(x)  # every 5th image until 3 are held
     assert model.n_train_images_ == 37
     fit_only = x[[i for i in range(40) if i not in (4, 9, 14)]]
@@ -87,15 +81,15 @@ def test_held_back_images_are_capped(gen, monkeypatch):
     assert model.threshold_ == pytest.approx(expected, rel=1e-6)
 
 
-def test_no_threshold_without_holdout(gen):
-    model = ToyMean(holdout=0.0).fit(images(8, gen))
+def test_no_threshold_without_holdout(rng):
+    model = ToyMean(holdout=0.0).fit(images(8, rng))
     assert model.threshold_ is None and model.n_train_images_ == 8
-    assert model.predict(images(2, gen)).is_anomalous is None
+    assert model.predict(images(2, rng)).is_anomalous is None
 
 
-def test_predict_maps_at_input_resolution_and_scores(gen):
-    model = ToyMean(holdout=0.0).fit(images(10, gen))
-    x = images(3, gen, size=64)
+def test_predict_maps_at_input_resolution_and_scores(rng):
+    model = ToyMean(holdout=0.0).fit(images(10, rng))
+    x = images(3, rng, size=64)
     x[1, :, 16:32, 16:32] = 1.0  # a bright defect
     pred = model.predict(x)
     assert isinstance(pred, Prediction)
@@ -112,10 +106,10 @@ def test_predict_maps_at_input_resolution_and_scores(gen):
     assert model.predict(x[0]).maps.shape == (1, 64, 64)
 
 
-def test_fit_accepts_datasets_and_dataloaders(gen):
+def test_fit_accepts_datasets_and_dataloaders(rng):
     from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-    x = images(12, gen)
+    x = images(12, rng)
 
     class Items(Dataset):
         def __len__(self):
@@ -149,8 +143,8 @@ def test_bad_images_raise_clear_errors(make, exc, message):
         ToyMean().fit(make())
 
 
-def test_fit_refuses_anomalous_images_and_bad_parameters(gen):
-    x = images(4, gen)
+def test_fit_refuses_anomalous_images_and_bad_parameters(rng):
+    x = images(4, rng)
     with pytest.raises(ValueError, match="normal images only"):
         ToyMean().fit([{"image": x, "label": torch.tensor([0, 1, 0, 0])}])
     with pytest.raises(ValueError, match="batch_size"):
@@ -165,18 +159,18 @@ def test_fit_refuses_anomalous_images_and_bad_parameters(gen):
 
 
 @pytest.fixture
-def fitted(gen):
-    return ToyMean(pool=4, holdout=0.25).fit(images(16, gen))
+def fitted(rng):
+    return ToyMean(pool=4, holdout=0.25).fit(images(16, rng))
 
 
-def test_save_load_round_trip(fitted, gen, tmp_path):
+def test_save_load_round_trip(fitted, rng, tmp_path):
     path = fitted.save(tmp_path / "m.safetensors")
     loaded = AnomalyModel.load(path)
     assert type(loaded) is ToyMean
     assert loaded.get_params() == fitted.get_params()
     assert loaded.spread_ == fitted.spread_ and loaded.threshold_ == fitted.threshold_
     assert torch.equal(loaded.mean_, fitted.mean_)
-    x = images(3, gen)
+    x = images(3, rng)
     a, b = fitted.predict(x), loaded.predict(x)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
     assert ToyMean.load(path).pool == 4
@@ -279,8 +273,8 @@ def test_save_needs_a_fitted_model_and_a_valid_path(fitted, tmp_path):
         fitted.save(tmp_path)
 
 
-def test_predict_takes_one_data_set_item(fitted, gen):
-    x = images(1, gen)[0]
+def test_predict_takes_one_data_set_item(fitted, rng):
+    x = images(1, rng)[0]
     item = {"image": x, "label": 1, "path": "a.png"}
     assert torch.equal(fitted.predict(item).scores, fitted.predict(x).scores)
 
@@ -299,10 +293,10 @@ def test_scalar_tensors_and_edited_headers(fitted, tmp_path):
         AnomalyModel.load(edited)
 
 
-def test_refit_that_fails_leaves_no_fitted_model(fitted, gen):
+def test_refit_that_fails_leaves_no_fitted_model(fitted, rng):
     with pytest.raises(ValueError):
         fitted.fit(torch.full((2, 3, 64, 64), float("nan")))
     with pytest.raises(RuntimeError, match="not fitted"):
-        fitted.predict(images(1, gen))
+        fitted.predict(images(1, rng))
     with pytest.raises(ValueError, match=r"holdout must be in \[0, 0.5\]"):
-        ToyMean(holdout=0.7).fit(images(4, gen))
+        ToyMean(holdout=0.7).fit(images(4, rng))

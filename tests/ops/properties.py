@@ -478,8 +478,7 @@ def run_omp_case(case: dict, device: str) -> None:
             error = float((ours_fit - atoms.T @ best).norm())
             # A float32 solve of the normal equations is off by about eps32 * cond(atoms)^2 of the
             # signal: nearly parallel atoms (s = d = k draws them) widen the bound with it.
-            singular = torch.linalg.svdvals(atoms)
-            cond = float(singular[0] / singular[-1]) if float(singular[-1]) > 0 else float("inf")
+            cond = float(torch.linalg.cond(atoms))
             bound = (1e-4 + 10 * torch.finfo(torch.float32).eps * cond**2) * float(signal.norm()) + 1e-5
             assert error <= bound, f"{context}: signal ({gi}, {mi}) fit off by {error} (bound {bound}, cond {cond:.3g})"
 
