@@ -391,12 +391,24 @@ def _close_if_opened(image: Any, reader: Any) -> None:
         reader.close()
 
 
-def measured_halo(fn, stride: int, align: int, device) -> int:
+# Measured halos by (key, stride, align, device): one measurement per process and pipeline, since
+# it costs tens of forward passes on probes of up to 2048 x 2048 (seconds to a minute on a CPU),
+# and every model loaded from the same file, or fitted with the same options, has the same field.
+_MEASURED_HALOS: dict[tuple, int] = {}
+
+
+def measured_halo(fn, stride: int, align: int, device, key: tuple) -> int:
     """The receptive-field radius of ``fn`` (3-channel input, output at ``stride``), measured on
     random inputs (:func:`fastad.tiling.receptive_field`), rounded up to ``align`` plus one
-    ``align`` of margin for dependences the probe could not see."""
-    field = tiling.receptive_field(fn, 3, stride_hint=stride, size=4 * align, max_size=2048, device=device)
-    return -(-field.radius // align) * align + align
+    ``align`` of margin for dependences the probe could not see.
+
+    ``key`` names everything the field of ``fn`` depends on (the method, its feature pipeline's
+    identity and its own options): the measurement is made once per process for each key."""
+    cache_key = (key, stride, align, str(device))
+    if cache_key not in _MEASURED_HALOS:
+        field = tiling.receptive_field(fn, 3, stride_hint=stride, size=4 * align, max_size=2048, device=device)
+        _MEASURED_HALOS[cache_key] = -(-field.radius // align) * align + align
+    return _MEASURED_HALOS[cache_key]
 
 
 def window_around(

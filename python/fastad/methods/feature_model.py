@@ -123,21 +123,27 @@ class FeatureModel(AnomalyModel):
         (e.g. ``input_pools``); values must be hashable after ``repr``."""
         return {}
 
-    def _cached_extractor(self) -> tuple[Any, dict[str, str]]:
-        """The :class:`~fastad.features.FeatureExtractor` for the current backbone, layers,
-        weights and device, and the record of its weights (source, SHA-256); built once and
-        rebuilt only when one of those changed."""
-        options = self._backbone_options()
-        key = (
+    def _feature_identity(self) -> tuple:
+        """Everything the extracted features depend on besides the images (backbone, layers,
+        weights, device, precision, options): the key of the cached extractor, and a part of the
+        key of what is derived from the features alone, such as a measured halo."""
+        return (
             self.backbone,
             tuple(self.feature_layers()),
             str(self.weights),
             self.device,
             bool(self.half),
             bool(self.channels_last),
-            tuple(sorted(options.items())),
+            tuple(sorted(self._backbone_options().items())),
             repr(self._extractor_options()),
         )
+
+    def _cached_extractor(self) -> tuple[Any, dict[str, str]]:
+        """The :class:`~fastad.features.FeatureExtractor` for the current backbone, layers,
+        weights and device, and the record of its weights (source, SHA-256); built once and
+        rebuilt only when one of those changed."""
+        options = self._backbone_options()
+        key = self._feature_identity()
         cached = self.__dict__.get("_extractor_cache")
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]

@@ -462,24 +462,11 @@ class MLFSC(FeatureModel):
             )
         stride = max(self._layer_strides().values())
         align = stride * self.patch_stride
-        key = (
-            self.backbone,
-            tuple(self.feature_layers()),
-            str(self.weights),
-            self.levels,
-            self.patch_size,
-            self.patch_stride,
-            self.cutoff,
-        )
-        cached = self.__dict__.get("_tile_geometry")
-        if cached is None or cached[0] != key:
-            field = measured_halo(self.raw_levels, stride, align, self.device)
-            reach = (self.patch_size + self.patch_stride + self.cutoff) * stride
-            halo = -(-(field + reach) // align) * align
-            same_padding = BACKBONES[self.backbone].same_padding
-            cached = (key, TileGeometry(stride=stride, align=align, halo=halo, same_padding=same_padding))
-            self.__dict__["_tile_geometry"] = cached
-        return cached[1]
+        key = (type(self).__name__, self._feature_identity(), self.levels)
+        field = measured_halo(self.raw_levels, stride, align, self.device, key)
+        reach = (self.patch_size + self.patch_stride + self.cutoff) * stride
+        halo = -(-(field + reach) // align) * align
+        return TileGeometry(stride=stride, align=align, halo=halo, same_padding=BACKBONES[self.backbone].same_padding)
 
     def _image_statistics(self, reader, geometry, tile: int, progress) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, C, 1, 1) mean and unbiased std of the whole image's cut grid, from one tiled pass of sums."""

@@ -203,30 +203,24 @@ class PatchCore(FeatureModel):
         """Patch map at the first layer's stride; windows aligned to the deepest layer's stride;
         the halo is the measured receptive field of the whole patch pipeline (backbone,
         neighbourhood averaging, upsampling), plus one aligned cell of margin. Measured once per
-        model on random inputs (a check of where outputs stop changing, see
-        ``fastad.tiling.receptive_field``) and cached."""
+        process and pipeline on random inputs (a check of where outputs stop changing, see
+        ``fastad.tiling.receptive_field`` and ``fastad.highres.measured_halo``)."""
         strides = self._layer_strides()
         stride, align = min(strides.values()), max(strides.values())
         key = (
-            self.backbone,
-            tuple(self.feature_layers()),
+            type(self).__name__,
+            self._feature_identity(),
             self.neighbourhood,
             self.embedding,
             self.layer_dim,
             self.embed_dim,
-            str(self.weights),
         )
-        cached = self.__dict__.get("_tile_geometry")
-        if cached is None or cached[0] != key:
 
-            def scores(images):
-                return self.patch_features(images).norm(dim=-1)[:, None]
+        def scores(images):
+            return self.patch_features(images).norm(dim=-1)[:, None]
 
-            halo = measured_halo(scores, stride, align, self.device)
-            same_padding = BACKBONES[self.backbone].same_padding
-            cached = (key, TileGeometry(stride=stride, align=align, halo=halo, same_padding=same_padding))
-            self.__dict__["_tile_geometry"] = cached
-        return cached[1]
+        halo = measured_halo(scores, stride, align, self.device, key)
+        return TileGeometry(stride=stride, align=align, halo=halo, same_padding=BACKBONES[self.backbone].same_padding)
 
     def _tiled_scorer(self, reader, geometry, tile, progress):
         return self._tile_outputs, lambda outputs, valid: self._tile_image_score(outputs, reader, geometry, valid)

@@ -222,22 +222,19 @@ class SPADE(FeatureModel):
 
     # -- native resolution (fastad.highres) ------------------------------------------------------
 
-    def _geometry_of(self, layers: list[str], fn, stride: int | None = None) -> Any:
-        """Tile geometry of ``fn`` (built on ``layers``): output ``stride`` (default the first
-        layer's), aligned to the deepest, halo measured once per backbone, layers, weights and
-        stride, and cached."""
+    def _geometry_of(self, probe: str, layers: list[str], fn, stride: int | None = None) -> Any:
+        """Tile geometry of ``fn`` (the ``probe`` named, built on ``layers``): output ``stride``
+        (default the first layer's), aligned to the deepest, halo measured once per process and
+        pipeline (``fastad.highres.measured_halo``)."""
         strides = self._layer_strides()
         stride, align = stride or strides[layers[0]], max(strides[layer] for layer in layers)
-        key = (self.backbone, tuple(layers), str(self.weights), stride)
-        cache = self.__dict__.setdefault("_tile_geometries", {})
-        if key not in cache:
-            cache[key] = TileGeometry(
-                stride=stride,
-                align=align,
-                halo=measured_halo(fn, stride, align, self.device),
-                same_padding=BACKBONES[self.backbone].same_padding,
-            )
-        return cache[key]
+        key = (type(self).__name__, self._feature_identity(), probe, tuple(layers), self.layer_maps)
+        return TileGeometry(
+            stride=stride,
+            align=align,
+            halo=measured_halo(fn, stride, align, self.device, key),
+            same_padding=BACKBONES[self.backbone].same_padding,
+        )
 
     def tile_geometry(self):
         """The pixel maps tile: the combined map at stride 1 (``"to_image"``) or the first map
@@ -251,13 +248,13 @@ class SPADE(FeatureModel):
             ]
 
         stride = 1 if self.layer_maps == "to_image" else None
-        return self._geometry_of(self.map_layers(), probe, stride)
+        return self._geometry_of("maps", self.map_layers(), probe, stride)
 
     def _pooled_geometry(self):
         def probe(images):
             return self._features(images)[self.image_layer()].sum(dim=1, keepdim=True)
 
-        return self._geometry_of([self.image_layer()], probe)
+        return self._geometry_of("pooled", [self.image_layer()], probe)
 
     def _fit_tiled(self, readers, tile, progress) -> int:
         """Native-resolution fit (``fastad.highres.fit_large``): each training image's map layers
@@ -304,7 +301,7 @@ class SPADE(FeatureModel):
         def probe(images):
             return self._features(images)[layer].sum(dim=1, keepdim=True)
 
-        return self._geometry_of([layer], probe)
+        return self._geometry_of("layer", [layer], probe)
 
     def _tiled_scorer(self, reader, geometry, tile, progress):
         """A first pass pools the image layer over the whole image (a sum over tiles, exact), picks

@@ -129,14 +129,20 @@ def _probe(fn, channels, n, stride_hint, trials, gen, device, dtype) -> tuple[in
                 return not torch.equal(fn(probe)[..., c[0], c[1]], reference)  # noqa: B023
 
             border = min(py, px, n - 1 - py, n - 1 - px)
-            if not changes(-1):
+            lo, hi = -1, border - 1  # to hold: changes(lo) is True, changes(hi) is False
+            if radius > 0:
+                # Only the largest radius is kept: a later draw searches above the one found so
+                # far, and one pass tells whether it reaches further at all (most draws end there).
+                if not changes(radius):
+                    continue
+                lo = radius
+            elif not changes(-1):
                 raise ValueError(
                     "receptive_field: the centre output did not change when the whole input was "
                     "replaced; it does not depend on the input (or every unit was inactive)"
                 )
             if changes(border - 1):
                 return None  # the field reaches the probe's outer ring, maybe beyond: probe larger
-            lo, hi = -1, border - 1  # changes(lo) is True, changes(hi) is False
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 if changes(mid):
