@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import socket
 import time
+import uuid
 
 import pytest
 import torch
@@ -36,8 +37,10 @@ def _free_port() -> int:
 def spawn(size: int, body: str, *args, tmp_path) -> list[dict]:
     """Runs ``workers.BODIES[body]`` on ``size`` ranks; returns each rank's saved result."""
     ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=workers.run, args=(r, size, port, str(tmp_path), body, args)) for r in range(size)]
+    rendezvous = str(tmp_path / f"group-{uuid.uuid4().hex}")
+    procs = [
+        ctx.Process(target=workers.run, args=(r, size, rendezvous, str(tmp_path), body, args)) for r in range(size)
+    ]
     for p in procs:
         p.start()
     end = time.monotonic() + DEADLINE

@@ -15,16 +15,19 @@ import torch.distributed as dist
 TIMEOUT = datetime.timedelta(seconds=60)
 
 
-def _join(rank: int, size: int, port: int) -> None:
+def _join(rank: int, size: int, rendezvous: str) -> None:
     torch.set_num_threads(1)  # the ranks share two cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=TIMEOUT)
+    # A rendezvous file rather than a TCP port: a port found free and released for the ranks to
+    # bind could be taken by another process in between.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size, timeout=TIMEOUT)
 
 
-def run(rank: int, size: int, port: int, out: str, body: str, args: tuple) -> None:
-    """Joins the group, runs ``BODIES[body](rank, size, *args)`` and saves its result."""
+def run(rank: int, size: int, rendezvous: str, out: str, body: str, args: tuple) -> None:
+    """Joins the group through the file ``rendezvous`` (new for each group), runs
+    ``BODIES[body](rank, size, *args)`` and saves its result."""
     result: object
     try:
-        _join(rank, size, port)
+        _join(rank, size, rendezvous)
         result = {"ok": BODIES[body](rank, size, *args)}
     except BaseException as exc:  # noqa: BLE001 - reported to the test, which decides
         result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}

@@ -109,6 +109,22 @@ def test_wide_resnet_on_random_weights(rng):
     assert_equals_untiled(model, scene(1024, 768, rng), tile=384)
 
 
+def test_the_halo_is_measured_once_per_pipeline(monkeypatch):
+    # Measuring takes tens of forward passes on probes up to 2048 px: once per process for each
+    # pipeline, whichever model instance asks; a pipeline with another reach is measured anew.
+    import fastad.highres as highres
+
+    calls = []
+    measure = highres.tiling.receptive_field
+    monkeypatch.setattr(highres.tiling, "receptive_field", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    monkeypatch.setattr(highres, "_MEASURED_HALOS", {})
+    params = dict(backbone="efficientnet_lite0", resize=None, crop=None)
+    first = fastad.PatchCore(**params).tile_geometry()
+    assert fastad.PatchCore(**params, coreset_ratio=0.5).tile_geometry() == first and len(calls) == 1
+    wider = fastad.PatchCore(**params, neighbourhood=7).tile_geometry()
+    assert len(calls) == 2 and wider.halo > first.halo
+
+
 def test_methods_that_do_not_tile_say_so(patchcore):
     gen = torch.Generator().manual_seed(5)
     padim = fastad.PaDiM(backbone="efficientnet_lite0", resize=None, crop=None, holdout=0, n_features=8)

@@ -145,13 +145,18 @@ def test_image_score_is_the_reweighted_worst_patch(rng):
     _, scores = m._score_batch(test)
     for i in range(3):
         d = torch.cdist(query[i], bank)
-        s, nearest = d.min(dim=1)
-        worst = int(s.argmax())
-        m_star = int(nearest[worst])
-        support = torch.cdist(bank[m_star][None], bank)[0].topk(4, largest=False).indices
-        dist = torch.cdist(query[i][worst][None], bank[support])[0]
-        weight = 1 - torch.exp(s[worst]) / torch.exp(dist).sum()
-        assert float(scores[i]) == pytest.approx(float(weight * s[worst]), rel=1e-4)
+        s = d.min(dim=1).values
+        # The worst patch and its nearest bank patch as float64 ranks them, or any within float32
+        # rounding of them: the kernel may take either side of a near-tie, and Eq. 7's weight
+        # differs between them by far more than rounding.
+        expected = []
+        for worst in torch.nonzero(s >= s.max() * (1 - 1e-5)).flatten().tolist():
+            for m_star in torch.nonzero(d[worst] <= s[worst] * (1 + 1e-5)).flatten().tolist():
+                support = torch.cdist(bank[m_star][None], bank)[0].topk(4, largest=False).indices
+                dist = torch.cdist(query[i][worst][None], bank[support])[0]
+                weight = 1 - torch.exp(s[worst]) / torch.exp(dist).sum()
+                expected.append(float(weight * s[worst]))
+        assert any(float(scores[i]) == pytest.approx(e, rel=1e-4) for e in expected), (float(scores[i]), expected)
 
 
 def test_a_defect_scores_higher_and_the_map_finds_it(rng):
