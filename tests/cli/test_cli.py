@@ -321,15 +321,20 @@ def test_an_output_path_that_is_a_file_is_named(option, dataset, toy_model_file,
     assert taken.read_text() == "keep me"
 
 
-def test_predict_tiled_writes_a_georeferenced_map(dataset, tmp_path, capsys):
+def test_predict_tiled_writes_a_georeferenced_map(tmp_path, capsys):
     # fit at native resolution (no resize, no crop), then a scene larger than any training image
     # scored in tiles: a GeoTIFF map with the scene's georeference, a quick-look, and scores.json.
     require_lite0()
     rasterio = pytest.importorskip("rasterio", reason="rasterio is not installed (pip install 'fastad[geo]')")
     from affine import Affine
 
-    from fastad.data import load_image
+    from fastad.data import load_image, make_synthetic_dataset
     from fastad.highres import predict_large
+
+    # Small images, few of them: two fits (one tile by tile) and two tiled predictions.
+    dataset = make_synthetic_dataset(
+        tmp_path / "grass", seed=5, size=128, n_train=4, n_test_good=2, n_test_per_defect=1
+    )
 
     model_path = tmp_path / "patchcore.safetensors"
     assert (

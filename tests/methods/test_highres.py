@@ -231,19 +231,21 @@ def test_mlfsc_native_resolution_fit_equals_fit(rng):
     torch.testing.assert_close(tiled, plain, rtol=1e-4, atol=1e-4)
 
 
-def test_spade_and_mlfsc_on_wide_resnet_random_weights(rng):
-    # The paper backbone's receptive field and symmetric padding, with a random initialisation
-    # (weights=None: an explicit opt-in for tests; nothing is downloaded). 768 x 512 px keep the
-    # suite quick; the 3 x 2 tiles of 256 still cut through every layer's receptive field.
+def test_spade_and_mlfsc_on_a_resnet_with_random_weights(rng):
+    # A ResNet's symmetric padding and max-pooled stem, through SPADE's pooled pass and MLF-SC's
+    # pooled inputs, with a random initialisation (weights=None: an explicit opt-in for tests;
+    # nothing is downloaded). ResNet-18 rather than the papers' Wide-ResNet-50-2 (PatchCore's test
+    # above has it): the same stages and strides at a tenth of the cost. The 3 x 2 tiles of 256
+    # cut through every layer's receptive field.
     torch.manual_seed(0)
     train = torch.stack([scene(256, 256, rng) for _ in range(2)])
-    spade = fastad.SPADE(backbone="wide_resnet50_2", weights=None, resize=None, crop=None, holdout=0, k_images=2).fit(
-        train
-    )
+    spade = fastad.SPADE(backbone="resnet18", weights=None, resize=None, crop=None, holdout=0, k_images=2).fit(train)
+    assert spade.map_layers() == ["layer1", "layer2", "layer3"] and spade.image_layer() == "layer4"
+    assert not spade.tile_geometry().same_padding
     assert_equals_untiled(spade, scene(768, 512, rng), tile=256)
-    # MLF-SC's levels on WRN: layer1 (stride 4) from the input max-pooled by 2, layer2 (stride 8).
+    # MLF-SC's levels on a ResNet: layer1 (stride 4) from the input max-pooled by 2, layer2 (stride 8).
     mlfsc = fastad.MLFSC(
-        backbone="wide_resnet50_2",
+        backbone="resnet18",
         layers=["layer1", "layer2"],
         weights=None,
         resize=None,

@@ -171,8 +171,8 @@ def _peak_growth(n_images: int) -> int:
 @pytest.mark.slow
 def test_fit_memory_does_not_grow_with_the_number_of_images():
     # 32 x 32 positions x 176 channels: each image's embedding is 0.7 MB in float32, so keeping
-    # 320 of them would add 230 MB; the float64 statistics (250 MB) are the same for any count.
-    few, many = _peak_growth(32), _peak_growth(320)
+    # 192 of them would add 138 MB; the float64 statistics (250 MB) are the same for any count.
+    few, many = _peak_growth(32), _peak_growth(192)
     assert many - few < 40 * 2**20, (
-        f"peak grew by {few / 2**20:.0f} MiB for 32 images and {many / 2**20:.0f} MiB for 320"
+        f"peak grew by {few / 2**20:.0f} MiB for 32 images and {many / 2**20:.0f} MiB for 192"
     )
