@@ -158,7 +158,7 @@ def run_predict_case(method: str, spec: dict) -> None:
     # complements (1 - x), in a batch of the same size and type. Not the image alone: oneDNN rounds by batch
     # size, and a rounding of 1e-7 can flip a near-tie (an OMP support, a nearest neighbour) and
     # so move a score by far more than any tolerance a real dependence would hide behind. (At one
-    # batch size the scores agreed to the bit in about 3,700 generated cases on Zen 3.)
+    # batch size the scores agreed to the bit in about 3,700 generated cases on Zen 4.)
     if n > 1:
         others = [1 - image for image in images[:-1]]
         swapped = torch.stack([*others, passed[-1]]) if isinstance(passed, torch.Tensor) else [*others, images[-1]]

@@ -24,6 +24,7 @@ from ..features import (
     layers_at_strides,
     load_backbone,
 )
+from ..highres import measured_halo
 from .base import AnomalyModel
 
 # Storage types a method may keep its training features in (``bank_dtype``); the ops widen them to
@@ -137,6 +138,12 @@ class FeatureModel(AnomalyModel):
             tuple(sorted(self._backbone_options().items())),
             repr(self._extractor_options()),
         )
+
+    def _measured_halo(self, fn, stride: int, align: int, *pipeline: Any) -> int:
+        """``fastad.highres.measured_halo`` of ``fn`` (a function of this model's features), kept
+        once per process for this method, feature identity and ``pipeline`` (the method's own
+        options that change the reach of ``fn``)."""
+        return measured_halo(fn, stride, align, self.device, (type(self).__name__, self._feature_identity(), *pipeline))
 
     def _cached_extractor(self) -> tuple[Any, dict[str, str]]:
         """The :class:`~fastad.features.FeatureExtractor` for the current backbone, layers,

@@ -57,7 +57,7 @@ from .. import distributed, ops
 from ..checks import check_int, check_state_tensor
 from ..dictionary import DictionaryLearner, SampledLassoDictionaries
 from ..features import BACKBONES
-from ..highres import TiledScorer, TileGeometry, measured_halo
+from ..highres import TiledScorer, TileGeometry
 from ..tiling import tile_windows, tiled_cores
 from .base import register_method
 from .feature_model import FeatureModel
@@ -462,8 +462,7 @@ class MLFSC(FeatureModel):
             )
         stride = max(self._layer_strides().values())
         align = stride * self.patch_stride
-        key = (type(self).__name__, self._feature_identity(), self.levels)
-        field = measured_halo(self.raw_levels, stride, align, self.device, key)
+        field = self._measured_halo(self.raw_levels, stride, align, self.levels)
         reach = (self.patch_size + self.patch_stride + self.cutoff) * stride
         halo = -(-(field + reach) // align) * align
         return TileGeometry(stride=stride, align=align, halo=halo, same_padding=BACKBONES[self.backbone].same_padding)

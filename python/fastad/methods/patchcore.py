@@ -25,7 +25,7 @@ from .. import distributed, ops
 from .._versions import in_place_version
 from ..checks import check_float, check_int, check_state_tensor
 from ..features import BACKBONES
-from ..highres import TileGeometry, measured_halo, window_around
+from ..highres import TileGeometry, window_around
 from ..tiling import tiled_apply
 from .base import register_method
 from .feature_model import BANK_DTYPES, FeatureModel, bank_dtype_of
@@ -207,19 +207,13 @@ class PatchCore(FeatureModel):
         ``fastad.tiling.receptive_field`` and ``fastad.highres.measured_halo``)."""
         strides = self._layer_strides()
         stride, align = min(strides.values()), max(strides.values())
-        key = (
-            type(self).__name__,
-            self._feature_identity(),
-            self.neighbourhood,
-            self.embedding,
-            self.layer_dim,
-            self.embed_dim,
-        )
 
         def scores(images):
             return self.patch_features(images).norm(dim=-1)[:, None]
 
-        halo = measured_halo(scores, stride, align, self.device, key)
+        halo = self._measured_halo(
+            scores, stride, align, self.neighbourhood, self.embedding, self.layer_dim, self.embed_dim
+        )
         return TileGeometry(stride=stride, align=align, halo=halo, same_padding=BACKBONES[self.backbone].same_padding)
 
     def _tiled_scorer(self, reader, geometry, tile, progress):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .. import distributed
 from ..checks import check_choice, check_int, check_state_tensor, keys_of
 from ..features import BACKBONES, layers_at_strides
-from ..highres import TileGeometry, measured_halo
+from ..highres import TileGeometry
 from ..ops import knn, knn_prepare
 from ..tiling import tiled_apply, tiled_sum
 from .base import register_method
@@ -228,11 +228,10 @@ class SPADE(FeatureModel):
         pipeline (``fastad.highres.measured_halo``)."""
         strides = self._layer_strides()
         stride, align = stride or strides[layers[0]], max(strides[layer] for layer in layers)
-        key = (type(self).__name__, self._feature_identity(), probe, tuple(layers), self.layer_maps)
         return TileGeometry(
             stride=stride,
             align=align,
-            halo=measured_halo(fn, stride, align, self.device, key),
+            halo=self._measured_halo(fn, stride, align, probe, tuple(layers), self.layer_maps),
             same_padding=BACKBONES[self.backbone].same_padding,
         )
 
